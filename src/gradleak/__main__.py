@@ -1,0 +1,3 @@
+from gradleak.cli import main
+
+main()

@@ -1,0 +1,175 @@
+"""The gradleak command line: ``gradleak --help`` lists the commands, each has its own ``--help``."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Sequence
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from gradleak.data.partition import ClientData
+from gradleak.errors import GradleakError
+
+app = typer.Typer(
+    help="gradleak: measure how much private training data leaks from federated-learning updates.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console(stderr=True)
+log = logging.getLogger("gradleak")
+
+
+def shipped_config(name: str) -> Path:
+    """A config that ships inside the package (``configs/NAME.yaml``)."""
+    return Path(str(resources.files("gradleak") / "configs" / f"{name}.yaml"))
+
+
+class ProgressDisplay:
+    """Rich progress bars for rounds and for the clients of the current round."""
+
+    def __init__(self, progress: Progress, rounds: int, first: int) -> None:
+        self.progress = progress
+        self.rounds = progress.add_task("rounds", total=rounds, completed=first - 1)
+        self.clients = progress.add_task("clients", total=1)
+
+    def round_started(self, round: int, clients: Sequence[ClientData]) -> None:
+        self.progress.update(self.clients, total=len(clients), completed=0,
+                             description=f"round {round} clients")  # fmt: skip
+
+    def client_done(self, result) -> None:  # noqa: ANN001
+        self.progress.advance(self.clients)
+
+    def round_done(self, result, state) -> None:  # noqa: ANN001
+        self.progress.update(self.clients, completed=len(result.clients))
+        self.progress.advance(self.rounds)
+
+
+def _setup_logging(verbose: bool) -> None:
+    if not any(isinstance(h, RichHandler) for h in log.handlers):
+        log.addHandler(RichHandler(console=console, show_path=False, markup=False))
+    log.setLevel(logging.DEBUG if verbose else logging.INFO)
+
+
+def _fail(exc: Exception) -> None:
+    console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+    raise typer.Exit(2)
+
+
+def _run(config_path: Path, out: Optional[Path], overrides: list[str], resume: bool,
+         quiet: bool) -> Path:  # fmt: skip
+    from gradleak.experiments import RunStore, load_config, run_experiment
+    from gradleak.report import build_run_report
+
+    config = load_config(config_path, overrides)
+    run_dir = out or Path("runs") / config.name
+    store = RunStore(run_dir)
+    first = len(store.rounds.read()) + 1 if resume and store.exists() else 1
+    try:
+        if quiet:
+            run_experiment(config, run_dir, resume=resume)
+        else:
+            columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                       TimeElapsedColumn())  # fmt: skip
+            with Progress(*columns, console=console, transient=False) as progress:
+                display = ProgressDisplay(progress, config.training.rounds, first)
+                run_experiment(config, run_dir, resume=resume, display=display)
+    except KeyboardInterrupt:
+        console.print(
+            f"interrupted; continue with: gradleak run {config_path} --out {run_dir} --resume"
+            + "".join(f" --set {o}" for o in overrides)
+        )
+        raise typer.Exit(130) from None
+    page = build_run_report(run_dir)
+    console.print(f"results: {run_dir / 'results.jsonl'}\nreport:  {page}")
+    return run_dir
+
+
+OutOpt = Annotated[Optional[Path], typer.Option("--out", "-o", help="Run directory (default runs/NAME).")]
+SetOpt = Annotated[
+    Optional[list[str]],
+    typer.Option("--set", "-s", help="Override a config key: --set training.rounds=2 (repeatable)."),
+]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
+VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Log every client.")]
+
+
+@app.command()
+def run(
+    config: Annotated[Path, typer.Argument(help="Experiment YAML file.")],
+    out: OutOpt = None,
+    set_: SetOpt = None,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue an interrupted run in --out.")
+    ] = False,
+    quiet: QuietOpt = False,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Run an experiment: train the federation, record every (round, client), write the report."""
+    _setup_logging(verbose)
+    try:
+        _run(config, out, set_ or [], resume, quiet)
+    except GradleakError as exc:
+        _fail(exc)
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Run directory.")] = Path("runs/demo"),
+    set_: SetOpt = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """The main job on bundled data: a small digits federation, its results and report.
+
+    Re-running continues (or re-reports) the run in --out.
+    """
+    _setup_logging(False)
+    try:
+        _run(shipped_config("demo"), out, set_ or [], resume=True, quiet=quiet)
+    except GradleakError as exc:
+        _fail(exc)
+
+
+@app.command()
+def report(run_dir: Annotated[Path, typer.Argument(help="A run directory.")]) -> None:
+    """Build (or rebuild) the HTML report of a run directory."""
+    from gradleak.report import build_run_report
+
+    try:
+        console.print(f"report: {build_run_report(run_dir)}")
+    except GradleakError as exc:
+        _fail(exc)
+
+
+@app.command("config-reference")
+def config_reference_cmd(
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write here instead of stdout.")] = None,
+) -> None:
+    """Print the reference of every config key (the source of docs/config.md)."""
+    from gradleak.experiments.reference import config_reference
+
+    text = config_reference()
+    if out:
+        out.write_text(text)
+    else:
+        sys.stdout.write(text)
+
+
+@app.command()
+def models() -> None:
+    """List the built-in models."""
+    from gradleak.models import MODELS
+
+    for name in MODELS.names():
+        typer.echo(name)
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,182 @@
+"""User data in standard on-disk formats.
+
+- an image folder: ``root/<class name>/<image files>``;
+- CIFAR-10 python batches: ``data_batch_1`` ... ``data_batch_5`` and ``test_batch``, read with a
+  restricted unpickler that refuses anything but plain containers and numpy arrays;
+- the COVID-19 Radiography Database with MONAI-style JSON split lists
+  (``{"training": [{"image": "COVID/images/COVID-1.png", "label": [1]}, ...], "testing": [...]}``),
+  each path relative to the data root.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from gradleak.errors import DataError
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+
+
+def read_image(path: Path, size: int, channels: int) -> np.ndarray:
+    """One image file as float32 C x size x size in [0, 1]."""
+    try:
+        with Image.open(path) as im:
+            im = im.convert("L" if channels == 1 else "RGB")
+            if im.size != (size, size):
+                im = im.resize((size, size), Image.Resampling.BILINEAR)
+            arr = np.asarray(im, dtype=np.float32) / 255.0
+    except FileNotFoundError:
+        raise DataError(f"image file not found: {path}") from None
+    except OSError as exc:
+        raise DataError(f"cannot read image {path}: {exc}") from None
+    return arr[None] if channels == 1 else arr.transpose(2, 0, 1)
+
+
+def _stack(paths: list[Path], size: int, channels: int) -> torch.Tensor:
+    if not paths:
+        return torch.zeros(0, channels, size, size)
+    return torch.from_numpy(np.stack([read_image(p, size, channels) for p in paths]))
+
+
+def load_image_folder(
+    root: Path, size: int, channels: int
+) -> tuple[torch.Tensor, torch.Tensor, tuple[str, ...]]:
+    """One sub-folder per class, classes in sorted order."""
+    if not root.is_dir():
+        raise DataError(f"data root {root} is not a directory")
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not classes:
+        raise DataError(f"data root {root} has no class sub-folders (expected root/<class>/<image>)")
+    paths, labels = [], []
+    for label, name in enumerate(classes):
+        files = sorted(p for p in (root / name).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        paths += files
+        labels += [label] * len(files)
+    if not paths:
+        raise DataError(f"no image files under {root}")
+    return _stack(paths, size, channels), torch.tensor(labels, dtype=torch.int64), tuple(classes)
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """Unpickles only builtin containers and numpy arrays: a crafted file cannot run code."""
+
+    ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"),
+        ("_codecs", "encode"),  # protocol-2 pickles carry array bytes as latin-1 text
+    }
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name}: not a plain array")
+
+
+def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    if not path.is_file():
+        raise DataError(f"CIFAR-10 batch not found: {path}")
+    try:
+        with path.open("rb") as f:
+            d = _ArrayUnpickler(f, encoding="bytes").load()
+    except (pickle.UnpicklingError, EOFError, ValueError) as exc:
+        raise DataError(f"{path} is not a CIFAR-10 python batch: {exc}") from None
+    d = {k.decode() if isinstance(k, bytes) else k: v for k, v in d.items()}
+    try:
+        data = np.asarray(d["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+        labels = np.asarray(d.get("labels", d.get("fine_labels")), dtype=np.int64)
+    except (KeyError, ValueError, TypeError) as exc:
+        raise DataError(f"{path} is not a CIFAR-10 python batch: {exc}") from None
+    return data, labels
+
+
+CIFAR10_CLASSES = (
+    "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
+)  # fmt: skip
+
+
+def load_cifar10(
+    root: Path,
+) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor], tuple[str, ...]]:
+    """(train, test, classes) from ``root`` holding the python batches (or their parent folder)."""
+    if (root / "cifar-10-batches-py").is_dir():
+        root = root / "cifar-10-batches-py"
+    if not root.is_dir():
+        raise DataError(f"data root {root} is not a directory")
+    train_files = sorted(root.glob("data_batch_*"))
+    if not train_files:
+        raise DataError(f"no data_batch_* files in {root}")
+    parts = [_read_cifar_batch(p) for p in train_files]
+    x_tr = np.concatenate([p[0] for p in parts])
+    y_tr = np.concatenate([p[1] for p in parts])
+    x_te, y_te = _read_cifar_batch(root / "test_batch")
+
+    def to_t(x: np.ndarray, y: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.from_numpy(x.astype(np.float32) / 255.0), torch.from_numpy(y)
+
+    return to_t(x_tr, y_tr), to_t(x_te, y_te), CIFAR10_CLASSES
+
+
+def _label_of(raw: Any, where: str) -> int:
+    """A MONAI-style label: an int, ``[k]`` (class index) or a one-hot list."""
+    if isinstance(raw, bool) or not isinstance(raw, (int, list)):
+        raise DataError(f"{where}: label must be an integer or a list, got {raw!r}")
+    if isinstance(raw, int):
+        return raw
+    if len(raw) == 1 and isinstance(raw[0], int):
+        return raw[0]
+    if raw and all(v in (0, 1) for v in raw) and sum(raw) == 1:
+        return raw.index(1)
+    raise DataError(f"{where}: cannot read label {raw!r} (use k, [k] or a one-hot list)")
+
+
+def read_split_list(split_file: Path, root: Path) -> dict[str, tuple[list[Path], list[int]]]:
+    """The JSON split lists as ``{split: (paths, labels)}``, paths resolved under ``root``."""
+    if not split_file.is_file():
+        raise DataError(f"split file not found: {split_file}")
+    try:
+        spec = json.loads(split_file.read_text())
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{split_file} is not valid JSON: {exc}") from None
+    if not isinstance(spec, dict):
+        raise DataError(f"{split_file}: expected an object with 'training' and 'testing' lists")
+    out = {}
+    for split, items in spec.items():
+        if not isinstance(items, list):
+            continue
+        paths, labels = [], []
+        for i, item in enumerate(items):
+            where = f"{split_file.name}: {split}[{i}]"
+            if not isinstance(item, dict) or "image" not in item or "label" not in item:
+                raise DataError(f"{where}: expected {{'image': path, 'label': [k]}}")
+            paths.append(root / item["image"])
+            labels.append(_label_of(item["label"], where))
+        out[split] = (paths, labels)
+    return out
+
+
+def load_split_list(
+    split_file: Path, root: Path, size: int, channels: int, test_split: str
+) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """(train, test) from the ``training`` list and the ``test_split`` list."""
+    if not root.is_dir():
+        raise DataError(f"data root {root} is not a directory")
+    splits = read_split_list(split_file, root)
+    for name in ("training", test_split):
+        if name not in splits or not splits[name][0]:
+            raise DataError(f"{split_file}: no '{name}' list (found: {', '.join(splits) or 'none'})")
+    (p_tr, y_tr), (p_te, y_te) = splits["training"], splits[test_split]
+    return (
+        (_stack(p_tr, size, channels), torch.tensor(y_tr, dtype=torch.int64)),
+        (_stack(p_te, size, channels), torch.tensor(y_te, dtype=torch.int64)),
+    )

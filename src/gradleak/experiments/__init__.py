@@ -1,0 +1,14 @@
+"""Experiments: the config schema, the runner and the results store."""
+
+from gradleak.experiments.config import ExperimentConfig, load_config
+from gradleak.experiments.runner import Scenario, build_scenario, run_experiment
+from gradleak.experiments.store import RunStore
+
+__all__ = [
+    "ExperimentConfig",
+    "RunStore",
+    "Scenario",
+    "build_scenario",
+    "load_config",
+    "run_experiment",
+]

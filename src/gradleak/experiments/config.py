@@ -1,0 +1,188 @@
+"""The experiment schema (pydantic) and loading a YAML file with ``--set key=value`` overrides.
+
+Every error names the dotted key and the problem on one line, before any work starts.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from gradleak.data.partition import Partition
+from gradleak.data.sources import DataSource
+from gradleak.errors import ConfigError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelConfig(_Section):
+    name: str = Field(
+        "lenet",
+        description="A built-in model (lenet, convnet, resnet18, resnet20, mlp) or "
+        "'package.module:factory' for your own.",
+    )
+    kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="Extra keyword arguments for the model factory."
+    )
+
+
+class TrainingConfig(_Section):
+    rounds: int = Field(10, gt=0, description="Number of FL rounds.")
+    local_epochs: int = Field(1, gt=0, description="Local epochs per round on each client.")
+    lr: float = Field(0.01, gt=0, description="Local SGD learning rate (a client may override it).")
+    momentum: float = Field(0.0, ge=0, lt=1, description="Local SGD momentum (reset every round).")
+    weight_decay: float = Field(0.0, ge=0, description="Local SGD weight decay.")
+    clients_per_round: float = Field(
+        1.0, gt=0, le=1, description="Fraction of clients drawn (seeded) to take part in each round."
+    )
+
+
+class AggregationConfig(_Section):
+    strategy: str = Field("fedavg", description="Server aggregation: fedavg.")
+
+    @field_validator("strategy")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        from gradleak.fl.server import STRATEGIES
+
+        if v not in STRATEGIES:
+            raise ValueError(f"unknown strategy {v!r} (known: {', '.join(STRATEGIES.names())})")
+        return v
+
+
+class CheckpointConfig(_Section):
+    keep_every: int = Field(
+        0, ge=0, description="Also keep every k-th round's global model; 0 keeps only the latest."
+    )
+
+
+class ExperimentConfig(_Section):
+    """One FL experiment: data, clients, model, training and aggregation."""
+
+    name: str = Field("experiment", description="A name for the run (used for its default directory).")
+    seed: int = Field(0, ge=0, description="Seed of every random choice; same seed, same results.")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="Where to compute: auto uses a GPU when there is one."
+    )
+    data: DataSource = Field(description="The data source, chosen by its 'source' key.")
+    partition: Partition = Field(description="How the training pool is split into clients.")
+    model: ModelConfig = Field(default_factory=ModelConfig, description="The model.")
+    training: TrainingConfig = Field(default_factory=TrainingConfig, description="Local training.")
+    aggregation: AggregationConfig = Field(
+        default_factory=AggregationConfig, description="Server aggregation."
+    )
+    checkpoints: CheckpointConfig = Field(
+        default_factory=CheckpointConfig, description="Which global models to keep."
+    )
+
+    def resolved(self) -> dict[str, Any]:
+        """Plain data (JSON types) with every default filled in: what the run directory records."""
+        return self.model_dump(mode="json")
+
+
+# Keys whose value selects a variant in a discriminated union, and the tag field of each.
+_TAGS = {"data": "source", "partition": "scheme"}
+
+
+def _tag_values(section: str) -> list[str]:
+    """The allowed values of a union section's tag, e.g. the data sources' names."""
+    union = get_args(ExperimentConfig.model_fields[section].annotation)
+    return [m.model_fields[_TAGS[section]].default for m in union]
+
+
+def _error_line(exc: ValidationError, raw: dict[str, Any]) -> ConfigError:
+    err = exc.errors()[0]
+    loc = list(err["loc"])
+    # Drop the union tag pydantic inserts, e.g. ('partition', 'explicit', 'clients', 0, ...).
+    if len(loc) > 1 and loc[0] in _TAGS and isinstance(raw.get(loc[0]), dict):
+        if loc[1] == raw[loc[0]].get(_TAGS[loc[0]]):
+            del loc[1]
+    msg = err["msg"]
+    if err["type"] in ("union_tag_invalid", "union_tag_not_found") and loc and loc[0] in _TAGS:
+        loc.append(_TAGS[loc[0]])
+        tags = ", ".join(_tag_values(loc[0]))
+        if err["type"] == "union_tag_not_found":
+            msg = f"required key is missing (one of {tags})"
+        else:
+            msg = f"{err['ctx']['tag']!r} is not one of {tags}"
+    key = ".".join(str(p) for p in loc)
+    if err["type"] == "extra_forbidden":
+        msg = "unknown key"
+    elif err["type"] == "missing":
+        msg = "required key is missing"
+    elif "input" in err and not isinstance(err["input"], dict | list):
+        msg += f" (got {err['input']!r})"
+    more = len(exc.errors()) - 1
+    if more:
+        msg += f" (and {more} more problem{'s' if more > 1 else ''})"
+    return ConfigError(key, msg)
+
+
+def _set(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set ``a.b.0.c`` in nested dicts and lists, creating dicts on the way."""
+    parts = dotted.split(".")
+    node: Any = tree
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError(dotted, f"{part!r} is not an index of a list of {len(node)}")
+            if last:
+                node[int(part)] = value
+            else:
+                node = node[int(part)]
+        else:
+            if last:
+                node[part] = value
+            else:
+                node = node.setdefault(part, {})
+                if not isinstance(node, dict | list):
+                    raise ConfigError(dotted, f"{'.'.join(parts[: i + 1])} is not a section")
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``key=value`` with the value read as YAML (``2`` is an int, ``[1, 2]`` a list)."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError("--set", f"expected key=value, got {text!r}")
+    try:
+        return key.strip(), yaml.safe_load(value)
+    except yaml.YAMLError as exc:
+        raise ConfigError(key.strip(), f"cannot read value {value!r}: {exc}") from None
+
+
+def validate_config(raw: dict[str, Any]) -> ExperimentConfig:
+    try:
+        return ExperimentConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise _error_line(exc, raw) from None
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError("", f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError("", f"{path} is not valid YAML: {exc}".replace("\n", " ")) from None
+    if not isinstance(raw, dict):
+        raise ConfigError("", f"{path} must hold a mapping of keys to values")
+    return raw
+
+
+def load_config(path: Path, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Read, override and validate an experiment file; relative data paths resolve from the CWD."""
+    raw = read_yaml(path)
+    for text in overrides or []:
+        _set(raw, *parse_override(text))
+    data = raw.get("data")
+    if isinstance(data, dict):
+        for k in ("root", "split_file"):
+            if isinstance(data.get(k), str):
+                data[k] = str(Path(data[k]).expanduser().resolve())
+    return validate_config(raw)

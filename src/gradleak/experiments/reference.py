@@ -1,0 +1,76 @@
+"""The config reference (every key, its type, default and meaning), generated from the schema."""
+
+from __future__ import annotations
+
+import types
+import typing
+from typing import Any, get_args, get_origin
+
+from pydantic import BaseModel
+from pydantic_core import PydanticUndefined
+
+from gradleak.experiments.config import ExperimentConfig
+
+
+def _variants(annotation: Any) -> list[type[BaseModel]]:
+    """The pydantic models inside a (possibly annotated) union, or [] when there are none."""
+    if get_origin(annotation) is typing.Annotated:
+        annotation = get_args(annotation)[0]
+    if get_origin(annotation) in (typing.Union, types.UnionType):
+        return [a for a in get_args(annotation) if isinstance(a, type) and issubclass(a, BaseModel)]
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return []
+
+
+def _type_name(annotation: Any) -> str:
+    text = getattr(annotation, "__name__", None) if get_origin(annotation) is None else None
+    text = text or str(annotation).replace("typing.", "").replace("pathlib.", "")
+    return text.replace("NoneType", "null").replace("|", "\\|")
+
+
+def _default(field: Any) -> str:
+    if field.default is PydanticUndefined:
+        return "required" if field.default_factory is None else "see below"
+    return f"`{field.default!r}`".replace("None", "null")
+
+
+def _section(model: type[BaseModel], prefix: str, title: str, out: list[str]) -> None:
+    rows, nested = [], []
+    for name, field in model.model_fields.items():
+        key = f"{prefix}{name}"
+        subs = _variants(field.annotation)
+        if subs:
+            nested.append((key, subs, field.description or ""))
+            continue
+        default = _default(field)
+        if field.default_factory is not None:
+            default = f"`{field.default_factory()!r}`"
+        rows.append(f"| `{key}` | {_type_name(field.annotation)} | {default} | {field.description or ''} |")
+    out += [f"## {title}", "", (model.__doc__ or "").strip().split("\n")[0], ""]
+    if rows:
+        out += ["| key | type | default | meaning |", "|---|---|---|---|", *rows, ""]
+    for key, subs, description in nested:
+        if len(subs) == 1:
+            _section(subs[0], f"{key}.", f"`{key}`: {description}", out)
+            continue
+        tag = next(k for k in subs[0].model_fields if k in ("source", "scheme"))
+        out += [f"## `{key}`: {description}", "", f"Chosen by `{key}.{tag}`:", ""]
+        for sub in subs:
+            value = sub.model_fields[tag].default
+            _section(sub, f"{key}.", f"`{key}.{tag}: {value}`", out)
+
+
+def config_reference() -> str:
+    """Markdown for docs/config.md."""
+    out = [
+        "# Experiment config reference",
+        "",
+        "Generated from the schema by `gradleak config-reference`; do not edit by hand.",
+        "An experiment is a YAML file; unknown keys are errors. Any key can be overridden on the",
+        "command line with `--set key=value` (the value is read as YAML; list items by index, e.g.",
+        "`--set partition.clients.0.batch_size=2`).",
+        "",
+    ]
+    _section(ExperimentConfig, "", "Top level", out)
+    return "\n".join(out).rstrip() + "\n"

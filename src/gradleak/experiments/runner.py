@@ -1,0 +1,175 @@
+"""Running one experiment into a run directory, resumable after any interruption."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from gradleak.data.dataset import DataBundle
+from gradleak.data.partition import ClientData
+from gradleak.errors import ConfigError, GradleakError
+from gradleak.experiments.config import ExperimentConfig
+from gradleak.experiments.store import RunStore
+from gradleak.fl.client import LocalTraining
+from gradleak.fl.server import STRATEGIES, Strategy
+from gradleak.fl.simulator import ClientResult, Hooks, RoundResult, Simulator
+from gradleak.models import build_model
+from gradleak.seeding import derive_seed
+
+log = logging.getLogger("gradleak")
+
+
+@dataclass
+class Scenario:
+    """Everything an experiment is made of, built (and checked) before any training."""
+
+    config: ExperimentConfig
+    data: DataBundle
+    clients: list[ClientData]
+    model: nn.Module
+    strategy: Strategy
+    device: torch.device
+
+    def initial_state(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
+
+    def simulator(self) -> Simulator:
+        t = self.config.training
+        return Simulator(
+            model=self.model, clients=self.clients, test=self.data.test,
+            mean=self.data.mean, std=self.data.std, strategy=self.strategy,
+            training=LocalTraining(t.local_epochs, t.lr, t.momentum, t.weight_decay),
+            seed=self.config.seed, clients_per_round=t.clients_per_round, device=self.device,
+        )  # fmt: skip
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device", "cuda was asked for but no GPU is available")
+    return torch.device(name)
+
+
+def build_scenario(config: ExperimentConfig) -> Scenario:
+    """Load the data, split the clients and build the model; fails early on impossible setups."""
+    data = config.data.load(config.seed)
+    config.partition.check(len(data.train))
+    clients = config.partition.split(data.train, config.seed)
+    torch.manual_seed(derive_seed(config.seed, "model"))
+    c, h, _ = data.shape
+    model = build_model(
+        config.model.name, channels=c, image_size=h, num_classes=data.num_classes,
+        kwargs=config.model.kwargs,
+    )  # fmt: skip
+    strategy = STRATEGIES.get(config.aggregation.strategy, key="aggregation.strategy")()
+    return Scenario(config, data, clients, model, strategy, resolve_device(config.device))
+
+
+def first_difference(a: Any, b: Any, prefix: str = "") -> str | None:
+    """The first dotted key where two config trees differ, or None."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in list(a) + [k for k in b if k not in a]:
+            d = first_difference(a.get(k), b.get(k), f"{prefix}{k}.")
+            if d:
+                return d
+        return None
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            d = first_difference(x, y, f"{prefix}{i}.")
+            if d:
+                return d
+        return None
+    return None if a == b else prefix.rstrip(".")
+
+
+class _StoreHooks:
+    def __init__(self, store: RunStore, keep_every: int, display: Hooks | None) -> None:
+        self.store, self.keep_every, self.display = store, keep_every, display
+
+    def round_started(self, round: int, clients: Sequence[ClientData]) -> None:
+        if self.display:
+            self.display.round_started(round, clients)
+
+    def client_done(self, result: ClientResult) -> None:
+        self.store.record_client(result)
+        m = result.update.meta
+        log.debug("round %d client %d: loss %.4f", m.round, m.client_id, result.train_loss)
+        if self.display:
+            self.display.client_done(result)
+
+    def round_done(self, result: RoundResult, state: dict[str, torch.Tensor]) -> None:
+        self.store.record_round(result.row(), state, self.keep_every)
+        log.info(
+            "round %d: test accuracy %.4f, loss %.4f (%d/%d updates aggregated)",
+            result.round, result.test_accuracy, result.test_loss, result.aggregated,
+            len(result.clients),
+        )  # fmt: skip
+        if self.display:
+            self.display.round_done(result, state)
+
+
+@contextmanager
+def _log_to(path: Path) -> Iterator[None]:
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    log.addHandler(handler)
+    if log.level == logging.NOTSET or log.level > logging.INFO:
+        log.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        log.removeHandler(handler)
+        handler.close()
+
+
+def run_experiment(
+    config: ExperimentConfig,
+    run_dir: Path,
+    *,
+    resume: bool = False,
+    display: Hooks | None = None,
+) -> list[dict[str, Any]]:
+    """Run (or continue) an experiment in ``run_dir``; return its round rows.
+
+    Without ``resume`` the directory must not hold a run yet. With it, the stored config must
+    equal ``config`` and the run continues after its last finished round, reusing the finished
+    clients of the interrupted round.
+    """
+    store = RunStore(run_dir)
+    resolved = config.resolved()
+    if store.exists() and not resume:
+        raise GradleakError(
+            f"{run_dir} already holds a run: pass --resume to continue it, or choose another --out"
+        )
+    if store.exists():
+        diff = first_difference(store.read_config(), resolved)
+        if diff:
+            raise ConfigError(diff, f"differs from the config of the run being resumed in {run_dir}")
+    scenario = build_scenario(config)
+    fresh = not store.exists()
+    store.write_config(resolved)
+    with _log_to(run_dir / "run.log"):
+        if fresh:
+            state, last, done = scenario.initial_state(), 0, {}
+            store.save_checkpoint(0, state)
+            log.info("started %s in %s", config.name, run_dir)
+        else:
+            last, done = store.resume_point()
+            state = store.load_checkpoint(last)
+            log.info("resuming %s after round %d (%d clients of round %d done)", config.name,
+                     last, len(done), last + 1)  # fmt: skip
+        if last < config.training.rounds:
+            scenario.simulator().run(
+                state, first_round=last + 1, last_round=config.training.rounds,
+                hooks=_StoreHooks(store, config.checkpoints.keep_every, display), done=done,
+            )  # fmt: skip
+        log.info("finished %s", config.name)
+    return store.rounds.read()

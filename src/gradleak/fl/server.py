@@ -1,0 +1,78 @@
+"""Server side: aggregation strategies (one overridable hook) and evaluation of the global model."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gradleak.data.dataset import ImageDataset, normalize
+from gradleak.fl.update import ClientUpdate
+from gradleak.registry import Registry
+
+
+class Strategy(ABC):
+    """Turns the round's client updates into the next global state."""
+
+    @abstractmethod
+    def aggregate(
+        self, global_state: dict[str, torch.Tensor], updates: Sequence[ClientUpdate]
+    ) -> dict[str, torch.Tensor]:
+        """Return the new global state (a new dict; ``global_state`` is not modified)."""
+
+
+STRATEGIES: Registry[type[Strategy]] = Registry("aggregation strategy")
+
+
+@STRATEGIES.register("fedavg")
+class FedAvg(Strategy):
+    """FedAvg (McMahan et al., 2017): the sample-count-weighted mean of the updates.
+
+    Applied to every entry, buffers included; integer buffers (batch-norm counters) get the
+    rounded weighted mean. With no updates (all withheld) the global state stays as it was.
+    """
+
+    def aggregate(
+        self, global_state: dict[str, torch.Tensor], updates: Sequence[ClientUpdate]
+    ) -> dict[str, torch.Tensor]:
+        if not updates:
+            return {k: v.clone() for k, v in global_state.items()}
+        weights = torch.tensor([u.meta.num_samples for u in updates], dtype=torch.float64)
+        weights = weights / weights.sum()
+        new = {}
+        for k, g in global_state.items():
+            stacked = torch.stack([u.delta[k].to(torch.float64) for u in updates])
+            mean = torch.tensordot(weights, stacked, dims=1)
+            if g.is_floating_point():
+                new[k] = (g.to(torch.float64) + mean).to(g.dtype)
+            else:
+                new[k] = g + torch.round(mean).to(g.dtype)
+        return new
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    state: dict[str, torch.Tensor],
+    test: ImageDataset,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    *,
+    batch_size: int = 512,
+    device: torch.device | str = "cpu",
+) -> tuple[float, float]:
+    """(accuracy, mean cross-entropy) of the model with ``state`` on the test split."""
+    model.load_state_dict(state)
+    model.to(device).eval()
+    correct, loss_sum = 0, 0.0
+    for start in range(0, len(test), batch_size):
+        x = normalize(test.images[start : start + batch_size], mean, std).to(device)
+        y = test.labels[start : start + batch_size].to(device)
+        logits = model(x)
+        loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
+        correct += int((logits.argmax(1) == y).sum())
+    n = max(len(test), 1)
+    return correct / n, loss_sum / n

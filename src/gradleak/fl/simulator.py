@@ -1,0 +1,172 @@
+"""The in-process FL simulator: R rounds over C clients, one process, no storage of its own.
+
+Persistence and display happen in hooks, so the runner (or a test) decides what is written where,
+and an engine adapter can replace this loop while reusing ``train_client`` and the strategy.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from gradleak.data.dataset import ImageDataset
+from gradleak.data.partition import ClientData
+from gradleak.fl.client import LocalTraining, train_client
+from gradleak.fl.filters import FilterContext, UpdateFilter, apply_filters
+from gradleak.fl.server import Strategy, evaluate
+from gradleak.fl.update import ClientUpdate
+from gradleak.seeding import numpy_rng
+
+
+@dataclass(frozen=True)
+class ClientResult:
+    """One client's work in one round, as the run records it."""
+
+    update: ClientUpdate  # as it left the client, after the filters
+    train_loss: float
+    withheld: bool
+    record: dict[str, Any]
+    seconds: float = 0.0
+
+    BASE_KEYS = (
+        "round", "client", "num_samples", "batch_size", "lr", "epochs", "steps",
+        "train_loss", "update_norm", "withheld",
+    )  # fmt: skip
+
+    def row(self) -> dict[str, Any]:
+        """The deterministic result row (wall-clock time is kept apart); filters add ``record``."""
+        m = self.update.meta
+        return {
+            "round": m.round,
+            "client": m.client_id,
+            "num_samples": m.num_samples,
+            "batch_size": m.batch_size,
+            "lr": m.lr,
+            "epochs": m.epochs,
+            "steps": m.steps,
+            "train_loss": self.train_loss,
+            "update_norm": self.update.l2_norm(),
+            "withheld": self.withheld,
+            **self.record,
+        }
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any], update: ClientUpdate) -> ClientResult:
+        """Rebuild a finished result from its row and its saved update (used on resume)."""
+        record = {k: v for k, v in row.items() if k not in cls.BASE_KEYS}
+        return cls(update, row["train_loss"], row["withheld"], record)
+
+
+@dataclass(frozen=True)
+class RoundResult:
+    round: int
+    clients: list[int]
+    aggregated: int
+    test_accuracy: float
+    test_loss: float
+
+    def row(self) -> dict[str, Any]:
+        return {
+            "round": self.round,
+            "clients": self.clients,
+            "aggregated": self.aggregated,
+            "test_accuracy": self.test_accuracy,
+            "test_loss": self.test_loss,
+        }
+
+
+class Hooks(Protocol):
+    def round_started(self, round: int, clients: Sequence[ClientData]) -> None: ...
+    def client_done(self, result: ClientResult) -> None: ...
+    def round_done(self, result: RoundResult, state: dict[str, torch.Tensor]) -> None: ...
+
+
+class Simulator:
+    """Runs rounds: sample clients, train each locally, filter, aggregate, evaluate."""
+
+    def __init__(
+        self,
+        *,
+        model: nn.Module,
+        clients: Sequence[ClientData],
+        test: ImageDataset,
+        mean: tuple[float, ...],
+        std: tuple[float, ...],
+        strategy: Strategy,
+        training: LocalTraining,
+        seed: int,
+        clients_per_round: float = 1.0,
+        filters: Sequence[UpdateFilter] = (),
+        device: torch.device | str = "cpu",
+    ) -> None:
+        self.model = model
+        self.clients = list(clients)
+        self.test = test
+        self.mean, self.std = mean, std
+        self.strategy = strategy
+        self.training = training
+        self.seed = seed
+        self.clients_per_round = clients_per_round
+        self.filters = list(filters)
+        self.device = device
+
+    def participants(self, round: int) -> list[ClientData]:
+        """The clients of a round: all, or a seeded random fraction (at least one)."""
+        if self.clients_per_round >= 1.0:
+            return self.clients
+        k = max(1, round_half_up(self.clients_per_round * len(self.clients)))
+        pick = numpy_rng(self.seed, "participants", round).choice(len(self.clients), k, replace=False)
+        return [self.clients[i] for i in sorted(pick)]
+
+    def run_client(
+        self, round: int, global_state: dict[str, torch.Tensor], client: ClientData
+    ) -> ClientResult:
+        start = time.perf_counter()
+        update, loss = train_client(
+            self.model, global_state, client, round=round, settings=self.training,
+            mean=self.mean, std=self.std, seed=self.seed, device=self.device,
+        )  # fmt: skip
+        ctx = FilterContext(round=round, client=client, global_state=global_state)
+        update = apply_filters(self.filters, update, ctx)
+        return ClientResult(update, loss, ctx.withheld, ctx.record, time.perf_counter() - start)
+
+    def run(
+        self,
+        state: dict[str, torch.Tensor],
+        *,
+        first_round: int,
+        last_round: int,
+        hooks: Hooks,
+        done: Mapping[int, ClientResult] | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Run rounds ``first_round..last_round`` from ``state``; return the final global state.
+
+        ``done`` holds results of ``first_round`` that an interrupted run already finished; those
+        clients are not trained again.
+        """
+        for r in range(first_round, last_round + 1):
+            chosen = self.participants(r)
+            hooks.round_started(r, chosen)
+            results = []
+            for client in chosen:
+                prior = (done or {}).get(client.client_id) if r == first_round else None
+                result = prior or self.run_client(r, state, client)
+                if prior is None:
+                    hooks.client_done(result)
+                results.append(result)
+            kept = [res.update for res in results if not res.withheld]
+            state = self.strategy.aggregate(state, kept)
+            acc, loss = evaluate(self.model, state, self.test, self.mean, self.std, device=self.device)
+            hooks.round_done(
+                RoundResult(r, [c.client_id for c in chosen], len(kept), acc, loss), state
+            )
+        return state
+
+
+def round_half_up(x: float) -> int:
+    return int(x + 0.5)
