@@ -65,22 +65,21 @@ def _fail(exc: Exception) -> None:
 
 def _run(config_path: Path, out: Optional[Path], overrides: list[str], resume: bool,
          quiet: bool) -> Path:  # fmt: skip
-    from gradleak.experiments import RunStore, load_config, run_experiment
+    from gradleak.experiments import Run, load_config
     from gradleak.report import build_run_report
 
     config = load_config(config_path, overrides)
     run_dir = out or Path("runs") / config.name
-    store = RunStore(run_dir)
-    first = len(store.rounds.read()) + 1 if resume and store.exists() else 1
+    prepared = Run(config, run_dir, resume=resume)
     try:
         if quiet:
-            run_experiment(config, run_dir, resume=resume)
+            prepared.execute()
         else:
             columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                        TimeElapsedColumn())  # fmt: skip
             with Progress(*columns, console=console, transient=False) as progress:
-                display = ProgressDisplay(progress, config.training.rounds, first)
-                run_experiment(config, run_dir, resume=resume, display=display)
+                display = ProgressDisplay(progress, config.training.rounds, prepared.first_round)
+                prepared.execute(display)
     except KeyboardInterrupt:
         console.print(
             f"interrupted; continue with: gradleak run {config_path} --out {run_dir} --resume"

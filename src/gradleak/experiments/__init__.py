@@ -1,11 +1,12 @@
 """Experiments: the config schema, the runner and the results store."""
 
 from gradleak.experiments.config import ExperimentConfig, load_config
-from gradleak.experiments.runner import Scenario, build_scenario, run_experiment
+from gradleak.experiments.runner import Run, Scenario, build_scenario, run_experiment
 from gradleak.experiments.store import RunStore
 
 __all__ = [
     "ExperimentConfig",
+    "Run",
     "RunStore",
     "Scenario",
     "build_scenario",

@@ -130,6 +130,49 @@ def _log_to(path: Path) -> Iterator[None]:
         handler.close()
 
 
+class Run:
+    """An experiment paired with its run directory. Every check happens on construction, so a
+    bad config, missing data or a clashing directory fails before anything is written."""
+
+    def __init__(self, config: ExperimentConfig, run_dir: Path, *, resume: bool = False) -> None:
+        self.config, self.run_dir = config, run_dir
+        self.store = RunStore(run_dir)
+        self.resolved = config.resolved()
+        if self.store.exists() and not resume:
+            raise GradleakError(
+                f"{run_dir} already holds a run: pass --resume to continue it, or choose another --out"
+            )
+        if self.store.exists():
+            diff = first_difference(self.store.read_config(), self.resolved)
+            if diff:
+                raise ConfigError(diff, f"differs from the config of the run being resumed in {run_dir}")
+        self.scenario = build_scenario(config)
+        self.first_round = len(self.store.rounds.read()) + 1 if self.store.exists() else 1
+
+    def execute(self, display: Hooks | None = None) -> list[dict[str, Any]]:
+        """Run (or continue) the experiment; return its round rows."""
+        config, store = self.config, self.store
+        fresh = not store.exists()
+        store.write_config(self.resolved)
+        with _log_to(self.run_dir / "run.log"):
+            if fresh:
+                state, last, done = self.scenario.initial_state(), 0, {}
+                store.save_checkpoint(0, state)
+                log.info("started %s in %s", config.name, self.run_dir)
+            else:
+                last, done = store.resume_point()
+                state = store.load_checkpoint(last)
+                log.info("resuming %s after round %d (%d clients of round %d done)", config.name,
+                         last, len(done), last + 1)  # fmt: skip
+            if last < config.training.rounds:
+                self.scenario.simulator().run(
+                    state, first_round=last + 1, last_round=config.training.rounds,
+                    hooks=_StoreHooks(store, config.checkpoints.keep_every, display), done=done,
+                )  # fmt: skip
+            log.info("finished %s", config.name)
+        return store.rounds.read()
+
+
 def run_experiment(
     config: ExperimentConfig,
     run_dir: Path,
@@ -143,33 +186,4 @@ def run_experiment(
     equal ``config`` and the run continues after its last finished round, reusing the finished
     clients of the interrupted round.
     """
-    store = RunStore(run_dir)
-    resolved = config.resolved()
-    if store.exists() and not resume:
-        raise GradleakError(
-            f"{run_dir} already holds a run: pass --resume to continue it, or choose another --out"
-        )
-    if store.exists():
-        diff = first_difference(store.read_config(), resolved)
-        if diff:
-            raise ConfigError(diff, f"differs from the config of the run being resumed in {run_dir}")
-    scenario = build_scenario(config)
-    fresh = not store.exists()
-    store.write_config(resolved)
-    with _log_to(run_dir / "run.log"):
-        if fresh:
-            state, last, done = scenario.initial_state(), 0, {}
-            store.save_checkpoint(0, state)
-            log.info("started %s in %s", config.name, run_dir)
-        else:
-            last, done = store.resume_point()
-            state = store.load_checkpoint(last)
-            log.info("resuming %s after round %d (%d clients of round %d done)", config.name,
-                     last, len(done), last + 1)  # fmt: skip
-        if last < config.training.rounds:
-            scenario.simulator().run(
-                state, first_round=last + 1, last_round=config.training.rounds,
-                hooks=_StoreHooks(store, config.checkpoints.keep_every, display), done=done,
-            )  # fmt: skip
-        log.info("finished %s", config.name)
-    return store.rounds.read()
+    return Run(config, run_dir, resume=resume).execute(display)

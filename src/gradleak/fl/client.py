@@ -72,7 +72,7 @@ def train_client(
             opt.step()
             losses.append(loss.detach())
     local = model.state_dict()
-    delta = {k: (local[k].detach().cpu() - global_state[k]).contiguous() for k in global_state}
+    delta = {k: (v.detach().cpu() - global_state[k]).contiguous() for k, v in local.items()}
     buffers = frozenset(name for name, _ in model.named_buffers())
     meta = UpdateMeta(
         client_id=client.client_id,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -40,9 +41,8 @@ class ClientUpdate:
         return {k: v for k, v in self.delta.items() if k not in self.buffers}
 
     def l2_norm(self) -> float:
-        """L2 norm over the trained parameters (buffers excluded)."""
-        sq = sum(float(v.double().pow(2).sum()) for v in self.parameters().values())
-        return sq**0.5
+        """L2 norm over the trained parameters (buffers excluded), independent of key order."""
+        return math.fsum(float(v.double().pow(2).sum()) for v in self.parameters().values()) ** 0.5
 
     def save(self, path: Path) -> None:
         """Write as safetensors, metadata in the header; atomic (write, then rename)."""

@@ -1,0 +1,99 @@
+"""The command line: the demo, errors as one line, help on every command, the report."""
+
+from __future__ import annotations
+
+import json
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from gradleak.cli import app
+
+runner = CliRunner()
+
+
+class _Page(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.images: list[str] = []
+        self.headings: list[str] = []
+        self._in_h = False
+
+    def handle_starttag(self, tag, attrs) -> None:  # noqa: ANN001
+        if tag == "img":
+            self.images.append(dict(attrs)["alt"])
+            assert dict(attrs)["src"].startswith("data:image/png;base64,")
+        self._in_h = tag in ("h1", "h2")
+
+    def handle_data(self, data) -> None:  # noqa: ANN001
+        if self._in_h:
+            self.headings.append(data)
+            self._in_h = False
+
+
+def test_demo_trains_to_90_percent_and_writes_a_report(tmp_path) -> None:
+    out = tmp_path / "demo"
+    result = runner.invoke(app, ["demo", "--out", str(out), "-q"])
+    assert result.exit_code == 0, result.output
+    rounds = [json.loads(line) for line in (out / "rounds.jsonl").read_text().splitlines()]
+    assert rounds[-1]["test_accuracy"] >= 0.90
+    results = (out / "results.jsonl").read_text().splitlines()
+    assert len(results) == len(rounds) * 5
+    page = _Page()
+    page.feed((out / "report/index.html").read_text())
+    assert page.images == ["test accuracy per round", "training loss per client"]
+    assert {"Training", "Rounds", "Clients per round", "Config"} <= set(page.headings)
+    assert (out / "report/accuracy.svg").exists()
+    # Running the demo again finds the finished run and only rebuilds the report.
+    again = runner.invoke(app, ["demo", "--out", str(out), "-q"])
+    assert again.exit_code == 0
+    assert (out / "results.jsonl").read_text().splitlines() == results
+
+
+def test_run_with_overrides_and_report(tmp_path) -> None:
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "run"
+    args = ["run", str(root / "configs/demo.yaml"), "--out", str(out), "--set", "training.rounds=1",
+            "--set", "model.name=mlp", "--set", "model.kwargs={}"]  # fmt: skip
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert yaml.safe_load((out / "config.yaml").read_text())["model"]["name"] == "mlp"
+    assert "round 1: test accuracy" in (out / "run.log").read_text()
+    (out / "report/index.html").unlink()
+    assert runner.invoke(app, ["report", str(out)]).exit_code == 0
+    assert (out / "report/index.html").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["run", "nowhere.yaml"], "error: config file not found: nowhere.yaml"),
+        (["run", "{demo}", "--set", "training.rounds=0"], "error: training.rounds: Input should be greater than 0"),
+        (["run", "{demo}", "--set", "data.source=image-folder", "--set", "data.root=/no/such/dir"],
+         "error: data.root: Path does not point to a directory"),
+        (["run", "{demo}", "--set", "partition.clients.2.size=5000"],
+         "error: partition.clients: the clients ask for 5809 training images but the data source has 1438"),
+        (["report", "{tmp}"], "is not a run directory"),
+    ],
+)
+def test_errors_are_one_line_with_status_2(tmp_path, args, message) -> None:
+    root = Path(__file__).resolve().parents[1]
+    args = [a.format(demo=root / "configs/demo.yaml", tmp=tmp_path) for a in args]
+    result = runner.invoke(app, [*args, "--out", str(tmp_path / "o")] if args[0] == "run" else args)
+    assert result.exit_code == 2
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and message in lines[0], result.output
+    assert not (tmp_path / "o").exists()  # nothing was started
+
+
+@pytest.mark.parametrize("command", ["run", "demo", "report", "config-reference", "models"])
+def test_every_command_has_help(command) -> None:
+    result = runner.invoke(app, [command, "--help"])
+    assert result.exit_code == 0 and "Usage" in result.output
+
+
+def test_models_lists_the_zoo() -> None:
+    assert runner.invoke(app, ["models"]).output.split() == ["convnet", "lenet", "mlp", "resnet18", "resnet20"]
