@@ -128,6 +128,8 @@ class RunStore:
         self.save_checkpoint(r, state)
         self.rounds.append(row)
         shutil.rmtree(self.pending / f"round_{r:04d}", ignore_errors=True)
+        if self.pending.is_dir() and not any(self.pending.iterdir()):
+            self.pending.rmdir()
         self.prune_checkpoints(r, keep_every)
 
     def resume_point(self) -> tuple[int, dict[int, ClientResult]]:
