@@ -1,0 +1,74 @@
+"""Recovering the client's labels from the classifier layer of its update.
+
+Rules (``g`` is the per-step average of the pseudo-gradient of the last linear layer):
+- one image (iDLG, Zhao et al. 2020): with non-negative features the true class's weight-gradient
+  row is the only one with a negative sum: ``argmin_c sum_j g_W[c, j]``;
+- a batch: the label set is the classes whose rows have a negative minimum;
+- label counts where the batch repeats a class: with a bias, ``g_b[c] = mean_n p_nc - n_c / N``,
+  so ``n_c = N (p_c - g_b[c])`` with ``p_c`` the model's mean softmax on probe images.
+When no rule applies (no classifier bias for counts, an empty or oversized set), the attack falls
+back to optimising soft labels jointly.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call
+
+from gradleak.attacks.view import ServerView
+
+
+def idlg_label(grad_weight: torch.Tensor) -> int:
+    """The iDLG label of a single image from the last layer's weight gradient (classes x features)."""
+    return int(grad_weight.sum(dim=1).argmin())
+
+
+def label_set(grad_weight: torch.Tensor) -> list[int]:
+    """Classes present in the batch: rows of the weight gradient with a negative minimum."""
+    return [int(c) for c in torch.nonzero(grad_weight.min(dim=1).values < 0).flatten()]
+
+
+def label_counts(grad_bias: torch.Tensor, mean_probs: torch.Tensor, n: int) -> list[int]:
+    """How many images of each class: ``N (p_c - g_b[c])``, rounded to sum to N (largest remainders)."""
+    est = (n * (mean_probs - grad_bias)).clamp_min(0).double()
+    counts = est.floor().long()
+    short = n - int(counts.sum())
+    if short > 0:
+        order = torch.argsort(est - counts, descending=True)
+        counts[order[:short]] += 1
+    elif short < 0:
+        order = torch.argsort(est - counts)
+        for c in order.tolist():
+            if short == 0:
+                break
+            if counts[c] > 0:
+                counts[c] -= 1
+                short += 1
+    return [c for c, k in enumerate(counts.tolist()) for _ in range(k)]
+
+
+def recover_labels(view: ServerView, probe: torch.Tensor) -> tuple[torch.Tensor | None, str]:
+    """(labels, strategy) from the update; labels None means 'optimise them jointly'.
+
+    ``probe`` holds normalised images fed to the global model to estimate its mean softmax.
+    """
+    if view.known_labels is not None:
+        return view.known_labels.clone(), "known"
+    w_name, b_name = view.classifier()
+    pg = view.pseudo_gradient()
+    g_w = pg[w_name] / view.meta.steps
+    n = view.num_images
+    if n == 1:
+        return torch.tensor([idlg_label(g_w)]), "idlg"
+    if b_name is not None:
+        params = {k: v.float() for k, v in view.global_state.items()}
+        with torch.no_grad():
+            probs = F.softmax(functional_call(view.model.eval(), params, (probe,)), dim=-1).mean(0)
+        view.model.train()
+        return torch.tensor(label_counts(pg[b_name] / view.meta.steps, probs, n)), "label-counts"
+    present = label_set(g_w)
+    if 0 < len(present) <= n:
+        labels = [present[i % len(present)] for i in range(n)]
+        return torch.tensor(sorted(labels)), "label-set"
+    return None, "optimize"

@@ -1,0 +1,85 @@
+"""Attack settings and the published attacks as named presets of the one engine."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from gradleak.registry import Registry
+
+
+class AttackSettings(BaseModel):
+    """Everything that distinguishes one gradient-inversion attack from another."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # objective
+    objective: Literal["l2", "cosine", "l1"] = Field("cosine", description="Distance between the simulated and the real update.")
+    layer_weights: Literal["equal", "linear"] = Field(
+        "equal", description="Per-tensor weights of the distance: equal, or linearly decreasing from the first layer to 0.1 at the last."
+    )
+    match_weight: float = Field(1.0, ge=0, description="Weight of the update-matching term (0 leaves only the priors).")
+    # priors
+    tv: float = Field(0.0, ge=0, description="Total-variation weight.")
+    tv_kind: Literal["l1", "l2"] = Field("l1", description="Anisotropic L1 or squared L2 total variation.")
+    l2: float = Field(0.0, ge=0, description="Weight of the mean squared (normalised) pixel value.")
+    bn: float = Field(0.0, ge=0, description="Weight of batch-norm statistics matching (needs batch-norm layers).")
+    init: Literal["noise", "uniform", "constant", "prior"] = Field(
+        "noise", description="Start from Gaussian noise around 0.5, uniform noise, the dataset mean colour, or a prior image."
+    )
+    init_noise: float = Field(
+        0.1, ge=0, description="Std of Gaussian noise (normalised units) added to constant and prior starts; "
+        "a flat start gives batch-norm layers no variance and the images no gradient."
+    )
+    # optimisation
+    optimizer: Literal["adam", "lbfgs"] = Field("adam", description="Optimiser of the images (and soft labels).")
+    lr: float = Field(0.1, gt=0, description="Learning rate.")
+    signed: bool = Field(False, description="Adam on the sign of the gradient (Inverting Gradients).")
+    iterations: int = Field(1000, gt=0, description="Optimisation steps (L-BFGS: outer steps).")
+    schedule: Literal["none", "step", "cosine"] = Field(
+        "none", description="step: x0.1 at 3/8, 5/8 and 7/8 of the iterations; cosine: decay to 0 after a warm-up."
+    )
+    warmup: int = Field(0, ge=0, description="Linear warm-up iterations of the cosine schedule.")
+    boxed: bool = Field(True, description="Keep pixels in [0, 1] after every step.")
+    restarts: int = Field(1, gt=0, description="Independent starts, run as one batch; the best matching loss wins.")
+    labels: Literal["known", "analytic", "optimize"] = Field(
+        "analytic",
+        description="known: the server knows the labels; analytic: recover them from the last layer; optimize: soft labels optimised jointly.",
+    )
+    unroll: Literal["auto", "always", "never"] = Field(
+        "auto", description="Simulate the client's local SGD steps (auto: when the update took more than one step)."
+    )
+
+
+PRESETS: Registry[AttackSettings] = Registry("attack preset")
+
+PRESETS.register("dlg")(AttackSettings(
+    objective="l2", optimizer="lbfgs", lr=1.0, iterations=300, labels="optimize", init="uniform",
+    boxed=False,
+))  # Zhu et al., "Deep Leakage from Gradients", NeurIPS 2019.
+PRESETS.register("idlg")(AttackSettings(
+    objective="l2", optimizer="lbfgs", lr=1.0, iterations=300, labels="analytic", init="uniform",
+    boxed=False,
+))  # Zhao et al., "iDLG: Improved Deep Leakage from Gradients", 2020: DLG with the analytic label.
+PRESETS.register("inverting-gradients")(AttackSettings(
+    objective="cosine", tv=1e-2, optimizer="adam", signed=True, lr=0.1, iterations=4800,
+    schedule="step", boxed=True, restarts=1, labels="analytic", init="noise",
+))  # Geiping et al., "Inverting Gradients", NeurIPS 2020 (their 'config 2': 4,800 steps, TV 1e-2).
+PRESETS.register("gradinversion")(AttackSettings(
+    objective="l2", bn=1e-2, tv=1e-4, l2=1e-5, optimizer="adam", lr=0.1, iterations=2000,
+    schedule="cosine", warmup=50, boxed=True, labels="analytic", init="prior",
+))  # Yin et al., "See through Gradients", CVPR 2021, as in NVFlare's GradInversion (Hatamizadeh et al.).
+
+PRESET_SOURCES = {
+    "dlg": "Zhu, Liu, Han: Deep Leakage from Gradients (NeurIPS 2019)",
+    "idlg": "Zhao, Mopuri, Bilen: iDLG: Improved Deep Leakage from Gradients (2020)",
+    "inverting-gradients": "Geiping, Bauermeister, Droege, Moeller: Inverting Gradients (NeurIPS 2020)",
+    "gradinversion": "Yin et al.: See through Gradients (CVPR 2021); NVFlare's GradInversion (Hatamizadeh et al., TMI 2023)",
+}
+
+
+def preset(name: str, **overrides: object) -> AttackSettings:
+    """A named preset, optionally with some settings changed."""
+    base = PRESETS.get(name, key="attack.preset")
+    return AttackSettings.model_validate({**base.model_dump(), **overrides}) if overrides else base

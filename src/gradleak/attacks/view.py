@@ -1,0 +1,108 @@
+"""What an honest-but-curious server sees of one client's round, and what an attack returns.
+
+``ServerView`` holds the architecture, the global weights, the update as it left the client and
+the protocol metadata. It has no field for client data: ground truth reaches only the metrics.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from gradleak.errors import GradleakError
+from gradleak.fl.update import ClientUpdate, UpdateMeta
+
+
+class UpdateMismatch(GradleakError):
+    """The update does not fit the model (a missing, extra or wrongly shaped tensor)."""
+
+
+def check_state(model: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
+    """Raise UpdateMismatch naming the first tensor of ``state`` that does not fit ``model``."""
+    expected = model.state_dict()
+    for name, ref in expected.items():
+        if name not in state:
+            raise UpdateMismatch(f"{what}: tensor {name!r} of the model is missing")
+        if tuple(state[name].shape) != tuple(ref.shape):
+            raise UpdateMismatch(
+                f"{what}: tensor {name!r} has shape {tuple(state[name].shape)}, "
+                f"the model expects {tuple(ref.shape)}"
+            )
+    for name in state:
+        if name not in expected:
+            raise UpdateMismatch(f"{what}: tensor {name!r} is not in the model")
+
+
+@dataclass(frozen=True)
+class ServerView:
+    """The server's side of one (round, client): no images, no labels unless the protocol sends them."""
+
+    model: nn.Module
+    global_state: dict[str, torch.Tensor]
+    update: dict[str, torch.Tensor]
+    meta: UpdateMeta
+    image_shape: tuple[int, int, int]
+    num_classes: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    known_labels: torch.Tensor | None = None  # only where the threat model says the server knows them
+
+    def __post_init__(self) -> None:
+        check_state(self.model, self.global_state, "global model")
+        check_state(self.model, self.update, "update")
+        if len(self.mean) != self.image_shape[0] or len(self.std) != self.image_shape[0]:
+            raise UpdateMismatch(
+                f"normalisation has {len(self.mean)} means and {len(self.std)} stds "
+                f"for {self.image_shape[0]}-channel images"
+            )
+
+    @classmethod
+    def of(cls, model: nn.Module, global_state: dict[str, torch.Tensor], update: ClientUpdate,
+           **kwargs) -> ServerView:  # fmt: skip
+        """The view of a simulated client's update (keyword arguments as the fields)."""
+        return cls(model=model, global_state=global_state, update=update.delta, meta=update.meta, **kwargs)
+
+    @property
+    def num_images(self) -> int:
+        return self.meta.num_samples
+
+    @property
+    def parameter_names(self) -> list[str]:
+        return [n for n, _ in self.model.named_parameters()]
+
+    @property
+    def buffer_names(self) -> list[str]:
+        return [n for n, _ in self.model.named_buffers()]
+
+    def pseudo_gradient(self) -> dict[str, torch.Tensor]:
+        """``-delta / lr`` per parameter: the gradient itself after one SGD step, the sum of the
+        step gradients after several (without momentum)."""
+        return {n: -self.update[n].float() / self.meta.lr for n in self.parameter_names}
+
+    def classifier(self) -> tuple[str, str | None]:
+        """Names of the last linear layer's weight and bias (the one with num_classes outputs)."""
+        last = None
+        for name, module in self.model.named_modules():
+            if isinstance(module, nn.Linear) and module.out_features == self.num_classes:
+                last = name
+        if last is None:
+            raise UpdateMismatch(f"the model has no linear layer with {self.num_classes} outputs")
+        prefix = f"{last}." if last else ""
+        bias = f"{prefix}bias" if getattr(self.model.get_submodule(last), "bias", None) is not None else None
+        return f"{prefix}weight", bias
+
+
+@dataclass
+class Reconstruction:
+    """An attack's result: images in [0, 1], labels, and how the optimisation went."""
+
+    images: torch.Tensor  # N x C x H x W in [0, 1]
+    labels: torch.Tensor  # N
+    label_strategy: str
+    prior: torch.Tensor  # the starting images of the chosen restart, N x C x H x W in [0, 1]
+    restart_scores: list[float]  # final matching loss of each restart; the lowest was chosen
+    trace: list[float] = field(default_factory=list)  # total loss of the chosen restart
+    iterations: int = 0
+    seconds: float = 0.0

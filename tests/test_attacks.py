@@ -1,0 +1,210 @@
+"""Attacks: label rules, analytic recovery, the differentiable replay, and the engine."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gradleak.attacks import GradientInversion, ServerView, UpdateMismatch, preset
+from gradleak.attacks.analytic import classifier_inputs, first_layer_images, linear_input
+from gradleak.attacks.labels import idlg_label, label_counts, recover_labels
+from gradleak.attacks.simulate import ClientReplay
+from gradleak.data.dataset import ImageDataset, normalize
+from gradleak.data.partition import ClientData
+from gradleak.errors import ConfigError
+from gradleak.fl import LocalTraining, train_client
+from gradleak.metrics import psnr, score
+from gradleak.models import build_model
+
+MEAN, STD = (0.45,), (0.25,)
+
+
+def _setup(model_name="lenet", n=1, bs=1, size=16, classes=10, epochs=1, lr=0.1, momentum=0.0,
+           seed=0, kwargs=None, labels=None):  # fmt: skip
+    """A model, a client with n smooth random images, and the server's view of its update."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.rand(n, 1, size // 4, size // 4, generator=g)
+    images = F.interpolate(base, size=(size, size), mode="bilinear", align_corners=False)
+    y = torch.as_tensor(labels) if labels is not None else torch.randint(0, classes, (n,), generator=g)
+    client = ClientData(1, ImageDataset(images.contiguous(), y), bs)
+    torch.manual_seed(seed)
+    model = build_model(model_name, channels=1, image_size=size, num_classes=classes, kwargs=kwargs or {})
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    update, _ = train_client(model, state, client, round=1, mean=MEAN, std=STD, seed=seed,
+                             settings=LocalTraining(epochs=epochs, lr=lr, momentum=momentum))  # fmt: skip
+    view = ServerView.of(model, state, update, image_shape=(1, size, size), num_classes=classes,
+                         mean=MEAN, std=STD)  # fmt: skip
+    return model, state, client, update, view
+
+
+# -- labels ---------------------------------------------------------------------------------------
+
+
+def test_idlg_rule_recovers_every_single_image_label() -> None:
+    hits = 0
+    for seed in range(40):
+        *_, client, _, view = _setup(seed=seed)
+        w, _ = view.classifier()
+        hits += idlg_label(view.pseudo_gradient()[w]) == int(client.data.labels[0])
+    assert hits == 40
+
+
+def test_label_counts_rounds_to_the_batch_size() -> None:
+    probs = torch.full((4,), 0.25)
+    # g_b = p - n_c / N with N = 6 and counts (3, 0, 1, 2)
+    g_b = probs - torch.tensor([3, 0, 1, 2]) / 6
+    assert label_counts(g_b, probs, 6) == [0, 0, 0, 2, 3, 3]
+
+
+def test_batch_labels_with_repeats_from_the_bias() -> None:
+    labels = [1, 1, 2, 5, 5, 5]
+    *_, view = _setup("convnet", n=6, bs=6, kwargs={"width": 8}, labels=labels)
+    probe = normalize(torch.rand(8, 1, 16, 16), MEAN, STD)
+    got, strategy = recover_labels(view, probe)
+    assert strategy == "label-counts"
+    assert got.tolist() == labels
+
+
+# -- analytic -------------------------------------------------------------------------------------
+
+
+def test_analytic_recovery_of_a_one_image_mlp_update_is_exact() -> None:
+    *_, client, _, view = _setup("mlp", kwargs={"hidden": [64]})
+    rec = first_layer_images(view)
+    assert (rec - client.data.images).abs().max() < 1e-5
+
+
+def test_linear_input_and_classifier_inputs() -> None:
+    g = torch.Generator().manual_seed(0)
+    x, delta = torch.randn(7, generator=g), torch.randn(4, generator=g)
+    assert torch.allclose(linear_input(torch.outer(delta, x), delta), x, atol=1e-6)
+    # Two samples of classes 0 and 2 whose error signals do not overlap: both inputs come back.
+    a, b = torch.randn(5, generator=g), torch.randn(5, generator=g)
+    d_a, d_b = torch.tensor([-0.7, 0.4, 0.0, 0.3]), torch.tensor([0.0, 0.5, -0.9, 0.4])
+    gw = torch.outer(d_a, a) + torch.outer(d_b, b)
+    got = classifier_inputs(gw, d_a + d_b, torch.tensor([0, 2]))
+    assert set(got) == {0, 2}
+    assert torch.allclose(got[0], a, atol=1e-6) and torch.allclose(got[2], b, atol=1e-6)
+
+
+# -- the replay -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("functional", [False, True])
+@pytest.mark.parametrize(("model_name", "kwargs"), [("convnet", {"width": 4}), ("lenet", {})])
+def test_unrolled_replay_equals_the_real_client_update(functional, model_name, kwargs) -> None:
+    # Full batches (batch order does not matter), 3 epochs, momentum: 3 local steps.
+    *_, client, update, view = _setup(model_name, n=3, bs=3, epochs=3, lr=0.05, momentum=0.5,
+                                      kwargs=kwargs, labels=[1, 4, 4])  # fmt: skip
+    replay = ClientReplay(view, unroll=True, functional=functional)
+    x = normalize(client.data.images, MEAN, STD)
+    sim, stats = replay.simulate(x, F.one_hot(client.data.labels, 10).float())
+    real = view.pseudo_gradient()
+    for name in view.parameter_names:
+        torch.testing.assert_close(sim[name], real[name], rtol=1e-4, atol=1e-5)
+    for key, delta in replay.running_stat_deltas(stats).items():
+        torch.testing.assert_close(delta, update.delta[key], rtol=1e-4, atol=1e-6)
+    assert len(stats) == 3
+
+
+def test_replay_takes_batches_in_order() -> None:
+    *_, client, update, view = _setup("mlp", n=4, bs=2, lr=0.1, kwargs={"hidden": [16]})
+    # Feed the images in the order the client drew them; the replay then matches exactly.
+    from gradleak.seeding import torch_generator
+
+    order = torch.randperm(4, generator=torch_generator(0, "client", 1, 1))
+    replay = ClientReplay(view, unroll=True, functional=False)
+    x = normalize(client.data.images[order], MEAN, STD)
+    sim, _ = replay.simulate(x, F.one_hot(client.data.labels[order], 10).float())
+    for name, g in view.pseudo_gradient().items():
+        torch.testing.assert_close(sim[name], g, rtol=1e-4, atol=1e-5)
+
+
+def test_revealed_batch_norm_statistics_of_one_step() -> None:
+    *_, client, _, view = _setup("convnet", n=2, bs=2, kwargs={"width": 4})
+    replay = ClientReplay(view, unroll=False, functional=False)
+    mean0, var0 = replay.revealed_bn_stats()[0]
+    x = normalize(client.data.images, MEAN, STD)
+    first_conv = view.model.features[0]
+    with torch.no_grad():
+        h = F.conv2d(x, view.global_state["features.0.weight"], None, first_conv.stride, first_conv.padding)
+    torch.testing.assert_close(mean0, h.mean((0, 2, 3)), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(var0, h.var((0, 2, 3), unbiased=True), rtol=1e-3, atol=1e-5)
+
+
+# -- the engine -----------------------------------------------------------------------------------
+
+
+def test_dlg_recovers_the_image_and_the_optimised_label() -> None:
+    *_, client, _, view = _setup(kwargs={"init": "uniform"}, seed=1)
+    rec = GradientInversion(preset("dlg", iterations=40)).run(view, seed=0)
+    assert rec.label_strategy == "optimize"
+    assert rec.labels.tolist() == client.data.labels.tolist()
+    s = score(rec.images, client.data.images, rec.labels, client.data.labels)
+    assert s.summary()["mse"] < 1e-3 and s.label_accuracy == 1.0
+
+
+def test_inverting_gradients_improves_on_its_start_and_uses_the_analytic_label() -> None:
+    *_, client, _, view = _setup(seed=2)
+    rec = GradientInversion(preset("inverting-gradients", iterations=300)).run(view, seed=0)
+    assert rec.label_strategy == "idlg" and rec.labels.tolist() == client.data.labels.tolist()
+    assert float(psnr(rec.images, client.data.images)) > float(psnr(rec.prior, client.data.images)) + 5
+    assert rec.trace[-1] < rec.trace[0]
+
+
+def test_the_matching_term_reaches_the_images_through_the_unrolled_steps() -> None:
+    # Three local SGD steps: the attack unrolls them; without the matching term only TV is left.
+    *_, client, _, view = _setup(n=1, bs=1, epochs=3, lr=0.05, seed=3)
+    assert view.meta.steps == 3
+    settings = dict(iterations=300)
+    full = GradientInversion(preset("inverting-gradients", **settings)).run(view, seed=0)
+    no_match = GradientInversion(preset("inverting-gradients", match_weight=0.0, **settings)).run(view, seed=0)
+    truth = client.data.images
+    assert (full.images - no_match.images).abs().mean() > 0.05
+    assert float(psnr(full.images, truth)) > float(psnr(no_match.images, truth)) + 3.0
+    assert float(psnr(full.images, truth)) > float(psnr(full.prior, truth)) + 5.0
+
+
+def test_restarts_run_batched_and_the_best_is_kept() -> None:
+    *_, client, _, view = _setup(seed=4)
+    rec = GradientInversion(preset("inverting-gradients", iterations=60, restarts=3)).run(view, seed=0)
+    assert len(rec.restart_scores) == 3
+    assert rec.restart_scores.index(min(rec.restart_scores)) is not None
+    assert rec.images.shape == client.data.images.shape
+
+
+def test_batches_of_images_are_reconstructed_and_matched() -> None:
+    *_, client, _, view = _setup(n=2, bs=2, seed=5, labels=[3, 7])
+    rec = GradientInversion(preset("inverting-gradients", iterations=400)).run(view, seed=0)
+    s = score(rec.images, client.data.images, rec.labels, client.data.labels)
+    assert rec.label_strategy == "label-counts" and s.label_accuracy == 1.0
+    assert float(s.psnr.mean()) > float(psnr(rec.prior, client.data.images).mean()) + 3
+
+
+# -- errors ---------------------------------------------------------------------------------------
+
+
+def test_mismatched_updates_name_the_tensor() -> None:
+    model, state, _, update, _ = _setup()
+    kw = dict(image_shape=(1, 16, 16), num_classes=10, mean=MEAN, std=STD)
+    bad = dict(update.delta)
+    bad["fc.weight"] = torch.zeros(3, 3)
+    with pytest.raises(UpdateMismatch, match=r"update: tensor 'fc.weight' has shape \(3, 3\), the model expects \(10, 192\)"):
+        ServerView(model=model, global_state=state, update=bad, meta=update.meta, **kw)
+    missing = {k: v for k, v in update.delta.items() if k != "body.0.bias"}
+    with pytest.raises(UpdateMismatch, match="update: tensor 'body.0.bias' of the model is missing"):
+        ServerView(model=model, global_state=state, update=missing, meta=update.meta, **kw)
+    extra = {**update.delta, "head.weight": torch.zeros(1)}
+    with pytest.raises(UpdateMismatch, match="'head.weight' is not in the model"):
+        ServerView(model=model, global_state=state, update=extra, meta=update.meta, **kw)
+
+
+def test_settings_that_do_not_fit_the_view() -> None:
+    *_, view = _setup()
+    with pytest.raises(ConfigError, match="attack.bn: batch-norm matching needs"):
+        GradientInversion(preset("gradinversion", iterations=1)).run(view)
+    with pytest.raises(ConfigError, match="attack.labels: 'known' labels need labels"):
+        GradientInversion(preset("inverting-gradients", iterations=1, labels="known")).run(view)
+    with pytest.raises(ConfigError, match="unknown attack preset 'dlgg'"):
+        preset("dlgg")
