@@ -96,6 +96,10 @@ SetOpt = Annotated[
     Optional[list[str]],
     typer.Option("--set", "-s", help="Override a config key: --set training.rounds=2 (repeatable)."),
 ]
+AttackSetOpt = Annotated[
+    Optional[list[str]],
+    typer.Option("--set", "-s", help="Change a preset setting: --set iterations=500 (repeatable)."),
+]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Log every client.")]
 
@@ -134,6 +138,48 @@ def demo(
         _run(shipped_config("demo"), out, set_ or [], resume=True, quiet=quiet)
     except GradleakError as exc:
         _fail(exc)
+
+
+@app.command()
+def attack(
+    model: Annotated[str, typer.Option("--model", help="Built-in model name or package.module:factory.")],
+    global_path: Annotated[Path, typer.Option("--global", help="Global model weights (.safetensors, .npz, .pt).")],
+    update_path: Annotated[Path, typer.Option("--update", help="The client's update: local minus global weights.")],
+    meta_path: Annotated[Path, typer.Option("--meta", help="JSON metadata: num_images, image_shape, num_classes, lr, ...")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output directory (reconstructions are private data).")],
+    preset_name: Annotated[str, typer.Option("--preset", help="dlg, idlg, inverting-gradients, gradinversion.")] = "inverting-gradients",
+    truth: Annotated[Optional[Path], typer.Option("--truth", help="npz with the true 'images' (and 'labels') for metrics.")] = None,
+    set_: AttackSetOpt = None,
+    seed: Annotated[int, typer.Option(help="Seed of the starting images.")] = 0,
+    quiet: QuietOpt = False,
+) -> None:
+    """Reconstruct a client's images from a saved update, as an honest-but-curious server would."""
+    from gradleak.attacks import preset
+    from gradleak.attacks.offline import attack_saved_update
+    from gradleak.experiments.config import parse_override
+
+    try:
+        settings = preset(preset_name, **dict(parse_override(o) for o in set_ or []))
+        kwargs = dict(model=model, global_path=global_path, update_path=update_path, meta_path=meta_path,
+                      settings=settings, out=out, truth_path=truth, seed=seed)  # fmt: skip
+        if quiet:
+            summary = attack_saved_update(**kwargs)
+        else:
+            columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                       TimeElapsedColumn(), TextColumn("loss {task.fields[loss]:.4g}"))  # fmt: skip
+            with Progress(*columns, console=console) as progress:
+                task = progress.add_task(preset_name, total=settings.iterations, loss=float("nan"))
+                summary = attack_saved_update(
+                    **kwargs, progress=lambda i, loss: progress.update(task, completed=i, loss=loss)
+                )
+    except GradleakError as exc:
+        _fail(exc)
+    line = f"labels {summary['labels']} ({summary['label_strategy']}), {summary['seconds']:.1f} s"
+    if "metrics" in summary:
+        m = summary["metrics"]
+        line += f"; PSNR {m['psnr']:.2f} dB, SSIM {m['ssim']:.3f}, label accuracy {m['label_accuracy']}"
+    console.print(line, highlight=False, soft_wrap=True)
+    console.print(f"written to {out}", highlight=False, soft_wrap=True)
 
 
 @app.command()

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from gradleak.errors import ConfigError
 
 from gradleak.registry import Registry
 
@@ -82,4 +84,12 @@ PRESET_SOURCES = {
 def preset(name: str, **overrides: object) -> AttackSettings:
     """A named preset, optionally with some settings changed."""
     base = PRESETS.get(name, key="attack.preset")
-    return AttackSettings.model_validate({**base.model_dump(), **overrides}) if overrides else base
+    if not overrides:
+        return base
+    try:
+        return AttackSettings.model_validate({**base.model_dump(), **overrides})
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        key = "attack." + ".".join(str(p) for p in err["loc"])
+        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+        raise ConfigError(key, f"{msg} (got {err.get('input')!r})") from None

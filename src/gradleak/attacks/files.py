@@ -1,0 +1,95 @@
+"""Bringing your own update: reading a global model, an update and its metadata from files.
+
+Tensors come from safetensors, npz (no pickles) or ``.pt`` files read with ``weights_only=True``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from gradleak.errors import ConfigError, DataError
+from gradleak.fl.update import UpdateMeta
+
+
+def load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """A name -> tensor mapping from .safetensors, .npz or .pt/.pth (weights only)."""
+    if not path.is_file():
+        raise DataError(f"file not found: {path}")
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path))
+        if suffix == ".npz":
+            with np.load(path, allow_pickle=False) as f:
+                return {k: torch.from_numpy(f[k].copy()) for k in f.files}
+        if suffix in (".pt", ".pth"):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+            if isinstance(obj, dict) and all(isinstance(v, torch.Tensor) for v in obj.values()):
+                return dict(obj)
+            raise DataError(f"{path} does not hold a mapping of names to tensors")
+    except DataError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any reader error becomes one clear line
+        raise DataError(f"cannot read {path}: {exc}".replace("\n", " ")) from None
+    raise DataError(f"{path}: unsupported tensor file (use .safetensors, .npz or .pt)")
+
+
+class UpdateMetadata(BaseModel):
+    """What the protocol sends with an update (the ``--meta`` JSON file)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    num_images: int = Field(gt=0, description="Images the client trained on this round.")
+    image_shape: tuple[int, int, int] = Field(description="Channels, height, width.")
+    num_classes: int = Field(gt=1, description="Outputs of the classifier.")
+    lr: float = Field(gt=0, description="The client's local learning rate.")
+    epochs: int | None = Field(None, gt=0, description="Local epochs (default 1).")
+    local_steps: int | None = Field(None, gt=0, description="Local SGD steps (alternative to epochs).")
+    batch_size: int | None = Field(None, gt=0, description="Local batch size (default: num_images).")
+    momentum: float = Field(0.0, ge=0, lt=1, description="Local SGD momentum.")
+    labels: list[int] | None = Field(None, description="The labels, where the threat model gives them to the server.")
+    mean: list[float] = Field(description="Per-channel normalisation mean of the client's input pipeline.")
+    std: list[float] = Field(description="Per-channel normalisation std.")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> UpdateMetadata:
+        c = self.image_shape[0]
+        if len(self.mean) != c or len(self.std) != c:
+            raise ValueError(f"mean and std need {c} values for {c}-channel images")
+        if self.labels is not None and len(self.labels) != self.num_images:
+            raise ValueError(f"{len(self.labels)} labels for {self.num_images} images")
+        if self.epochs is not None and self.local_steps is not None:
+            raise ValueError("give epochs or local_steps, not both")
+        per_epoch = math.ceil(self.num_images / (self.batch_size or self.num_images))
+        if self.local_steps is not None and self.local_steps % per_epoch:
+            raise ValueError(f"local_steps {self.local_steps} is not a whole number of epochs of {per_epoch} steps")
+        return self
+
+    def update_meta(self) -> UpdateMeta:
+        bs = self.batch_size or self.num_images
+        per_epoch = math.ceil(self.num_images / bs)
+        epochs = self.epochs or (self.local_steps // per_epoch if self.local_steps else 1)
+        return UpdateMeta(client_id=0, round=0, num_samples=self.num_images, lr=self.lr,
+                          epochs=epochs, steps=epochs * per_epoch, batch_size=bs, momentum=self.momentum)  # fmt: skip
+
+
+def load_metadata(path: Path) -> UpdateMetadata:
+    if not path.is_file():
+        raise DataError(f"metadata file not found: {path}")
+    try:
+        return UpdateMetadata.model_validate(json.loads(path.read_text()))
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path} is not valid JSON: {exc}") from None
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        key = ".".join(str(p) for p in err["loc"]) or "meta"
+        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+        raise ConfigError(f"{path.name}: {key}", msg) from None
