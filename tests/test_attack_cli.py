@@ -118,3 +118,18 @@ def test_pickled_code_in_a_pt_file_is_refused(user_files) -> None:
     torch.save({"head.weight": Evil()}, d / "update.pt")
     result = runner.invoke(app, _args(d))
     assert result.exit_code == 2 and "cannot read" in result.output and "pwned" not in result.output
+
+
+def test_prior_start_and_device_option(user_files) -> None:
+    d = user_files
+    from PIL import Image
+
+    Image.new("RGB", (30, 30), (200, 40, 40)).save(d / "prior.png")
+    args = _args(d, "--preset", "gradinversion", "--prior", str(d / "prior.png"), "--set", "bn=0",
+                 "--set", "iterations=5", "--set", "init_noise=0", "--device", "cpu")  # fmt: skip
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    start = np.load(d / "out/reconstruction.npz")["prior"]
+    assert np.allclose(start[0, :, 0, 0], [200 / 255, 40 / 255, 40 / 255], atol=1e-6)
+    bad = runner.invoke(app, _args(d, "--device", "gpu"))
+    assert bad.exit_code == 2 and "device: 'gpu' is not one of auto, cpu, cuda" in bad.output

@@ -138,7 +138,10 @@ def test_revealed_batch_norm_statistics_of_one_step() -> None:
 
 def test_dlg_recovers_the_image_and_the_optimised_label() -> None:
     *_, client, _, view = _setup(kwargs={"init": "uniform"}, seed=1)
+    before = {k: v.clone() for k, v in view.global_state.items()}
     rec = GradientInversion(preset("dlg", iterations=40)).run(view, seed=0)
+    # The attack leaves what it was shown untouched.
+    assert all(torch.equal(before[k], v) and not v.requires_grad for k, v in view.global_state.items())
     assert rec.label_strategy == "optimize"
     assert rec.labels.tolist() == client.data.labels.tolist()
     s = score(rec.images, client.data.images, rec.labels, client.data.labels)

@@ -66,7 +66,7 @@ def _fail(exc: Exception) -> None:
 def _run(config_path: Path, out: Optional[Path], overrides: list[str], resume: bool,
          quiet: bool) -> Path:  # fmt: skip
     from gradleak.experiments import Run, load_config
-    from gradleak.report import build_run_report
+    from gradleak.report.html import build_run_report
 
     config = load_config(config_path, overrides)
     run_dir = out or Path("runs") / config.name
@@ -149,8 +149,10 @@ def attack(
     out: Annotated[Path, typer.Option("--out", "-o", help="Output directory (reconstructions are private data).")],
     preset_name: Annotated[str, typer.Option("--preset", help="dlg, idlg, inverting-gradients, gradinversion.")] = "inverting-gradients",
     truth: Annotated[Optional[Path], typer.Option("--truth", help="npz with the true 'images' (and 'labels') for metrics.")] = None,
+    prior: Annotated[Optional[Path], typer.Option("--prior", help="Starting image for init=prior (an image file, or npz 'images').")] = None,
     set_: AttackSetOpt = None,
     seed: Annotated[int, typer.Option(help="Seed of the starting images.")] = 0,
+    device: Annotated[str, typer.Option(help="cpu, cuda, or auto (a GPU when there is one).")] = "cpu",
     quiet: QuietOpt = False,
 ) -> None:
     """Reconstruct a client's images from a saved update, as an honest-but-curious server would."""
@@ -160,8 +162,11 @@ def attack(
 
     try:
         settings = preset(preset_name, **dict(parse_override(o) for o in set_ or []))
+        from gradleak.experiments.runner import resolve_device
+
         kwargs = dict(model=model, global_path=global_path, update_path=update_path, meta_path=meta_path,
-                      settings=settings, out=out, truth_path=truth, seed=seed)  # fmt: skip
+                      settings=settings, out=out, truth_path=truth, prior_path=prior, seed=seed,
+                      device=resolve_device(device))  # fmt: skip
         if quiet:
             summary = attack_saved_update(**kwargs)
         else:
@@ -185,7 +190,7 @@ def attack(
 @app.command()
 def report(run_dir: Annotated[Path, typer.Argument(help="A run directory.")]) -> None:
     """Build (or rebuild) the HTML report of a run directory."""
-    from gradleak.report import build_run_report
+    from gradleak.report.html import build_run_report
 
     try:
         console.print(f"report: {build_run_report(run_dir)}")

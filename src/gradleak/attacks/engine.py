@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -116,25 +116,29 @@ class GradientInversion:
         seed: int = 0,
         prior: torch.Tensor | None = None,
         progress: Progress | None = None,
+        device: torch.device | str = "cpu",
     ) -> Reconstruction:
         """Attack one update. ``prior``: a 1 x C x H x W (or N x C x H x W) image in [0, 1] to
-        start from with ``init: prior`` (the dataset's mean colour when absent)."""
+        start from with ``init: prior`` (the dataset's mean colour when absent). Starting images
+        are drawn on the CPU, so a seed gives the same start on any ``device``."""
         s = self.settings
         start = time.perf_counter()
         unroll = {"always": True, "never": False, "auto": view.meta.steps > 1}[s.unroll]
         batched = s.restarts > 1
-        replay = ClientReplay(view, unroll=unroll, functional=batched)
+        dev = torch.device(device)
+        replay = ClientReplay(view, unroll=unroll, functional=batched, device=dev)
         if s.bn > 0 and not replay.bn_layers:
             raise ConfigError("attack.bn", "batch-norm matching needs a model with batch-norm layers")
         gen = torch.Generator().manual_seed(seed)
         c = view.image_shape[0]
         mean = torch.tensor(view.mean, dtype=torch.float32).view(1, 1, c, 1, 1)
         std = torch.tensor(view.std, dtype=torch.float32).view(1, 1, c, 1, 1)
-        lo, hi = (0 - mean) / std, (1 - mean) / std
         x0 = self._initial_images(view, prior, gen)
         if s.boxed:
             x0 = x0.clamp(0, 1)
-        z0 = ((x0 - mean) / std).contiguous()
+        mean, std = mean.to(dev), std.to(dev)
+        lo, hi = (0 - mean) / std, (1 - mean) / std
+        z0 = ((x0.to(dev) - mean) / std).contiguous()
         n, k = view.num_images, view.num_classes
 
         if s.labels == "known" and view.known_labels is None:
@@ -144,15 +148,16 @@ class GradientInversion:
             labels, strategy = recover_labels(view, z0[0])
         optimise_labels = labels is None
         y0 = (torch.randn(s.restarts, n, k, generator=gen) if optimise_labels
-              else F.one_hot(labels, k).float().expand(s.restarts, n, k).contiguous())  # fmt: skip
+              else F.one_hot(labels, k).float().expand(s.restarts, n, k).contiguous()).to(dev)  # fmt: skip
 
         names = view.parameter_names
         pg = view.pseudo_gradient()
         buf_keys = [f"{l.name}.{b}" for l in replay.bn_layers for b in ("running_mean", "running_var")]
         buf_keys = buf_keys if unroll else []
         target = torch.cat([pg[nm].flatten() for nm in names]
-                           + [view.update[b].float().flatten() / view.meta.lr for b in buf_keys])  # fmt: skip
+                           + [view.update[b].float().flatten() / view.meta.lr for b in buf_keys]).to(dev)  # fmt: skip
         weights = self._weights(names, view, sum(view.update[b].numel() for b in buf_keys))
+        weights = weights.to(dev) if weights is not None else None
         revealed = replay.revealed_bn_stats() if s.bn > 0 else []
 
         def objective(z: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -198,7 +203,7 @@ class GradientInversion:
             trace.append(totals.detach())
             return loss.detach()
 
-        with _without_onednn():
+        with _without_onednn() if dev.type == "cpu" else nullcontext():
             if s.optimizer == "lbfgs":
                 opt = torch.optim.LBFGS(variables, lr=s.lr, line_search_fn="strong_wolfe")
             else:
@@ -223,8 +228,8 @@ class GradientInversion:
         matches = matches.detach()
         scores = torch.where(torch.isfinite(matches), matches, torch.full_like(matches, math.inf))
         best = int(scores.argmin())
-        final_labels = labels if labels is not None else y.detach()[best].argmax(-1)
-        images = (z.detach()[best : best + 1] * std + mean)[0].clamp(0, 1)
+        final_labels = labels if labels is not None else y.detach()[best].argmax(-1).cpu()
+        images = (z.detach()[best : best + 1] * std + mean)[0].clamp(0, 1).cpu()
         return Reconstruction(
             images=images,
             labels=final_labels,

@@ -64,7 +64,7 @@ def recover_labels(view: ServerView, probe: torch.Tensor) -> tuple[torch.Tensor 
     if b_name is not None:
         params = {k: v.float() for k, v in view.global_state.items()}
         with torch.no_grad():
-            probs = F.softmax(functional_call(view.model.eval(), params, (probe,)), dim=-1).mean(0)
+            probs = F.softmax(functional_call(view.model.eval(), params, (probe.cpu(),)), dim=-1).mean(0)
         view.model.train()
         return torch.tensor(label_counts(pg[b_name] / view.meta.steps, probs, n)), "label-counts"
     present = label_set(g_w)

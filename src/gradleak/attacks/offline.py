@@ -33,6 +33,18 @@ def load_truth(path: Path, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.
     return images, t["labels"].long() if "labels" in t else None
 
 
+def load_prior(path: Path, shape: tuple[int, int, int]) -> torch.Tensor:
+    """A starting image (1 x C x H x W in [0, 1]) from an npz 'images' array or an image file."""
+    if path.suffix.lower() == ".npz":
+        images = load_tensors(path).get("images")
+        if images is None or tuple(images.shape[1:]) != shape:
+            raise DataError(f"{path}: expected 'images' of shape N x {shape[0]} x {shape[1]} x {shape[2]}")
+        return images.float()
+    from gradleak.data.formats import read_image
+
+    return torch.from_numpy(read_image(path, shape[1], shape[0]))[None]
+
+
 def attack_saved_update(
     *,
     model: str,
@@ -42,7 +54,9 @@ def attack_saved_update(
     settings: AttackSettings,
     out: Path,
     truth_path: Path | None = None,
+    prior_path: Path | None = None,
     seed: int = 0,
+    device: str = "cpu",
     progress: Progress | None = None,
 ) -> dict[str, Any]:
     """Run the attack on saved files and write ``out/reconstruction.npz``, ``out/reconstruction.png``,
@@ -62,7 +76,8 @@ def attack_saved_update(
         known_labels=torch.tensor(meta.labels) if meta.labels is not None else None,
     )
     truth = load_truth(truth_path, (meta.num_images, c, h, w)) if truth_path else None
-    rec = GradientInversion(settings).run(view, seed=seed, progress=progress)
+    prior = load_prior(prior_path, (c, h, w)) if prior_path else None
+    rec = GradientInversion(settings).run(view, seed=seed, prior=prior, progress=progress, device=device)
 
     out.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(out / "reconstruction.npz", images=rec.images.numpy().astype(np.float32),

@@ -28,7 +28,7 @@ class AttackSettings(BaseModel):
     l2: float = Field(0.0, ge=0, description="Weight of the mean squared (normalised) pixel value.")
     bn: float = Field(0.0, ge=0, description="Weight of batch-norm statistics matching (needs batch-norm layers).")
     init: Literal["noise", "uniform", "constant", "prior"] = Field(
-        "noise", description="Start from Gaussian noise around 0.5, uniform noise, the dataset mean colour, or a prior image."
+        "noise", description="Start from standard normal noise in the normalised space, uniform pixels, the dataset mean colour, or a prior image."
     )
     init_noise: float = Field(
         0.1, ge=0, description="Std of Gaussian noise (normalised units) added to constant and prior starts; "

@@ -30,7 +30,9 @@ class BatchNormLayer:
 class ClientReplay:
     """Simulates one client's round from the global weights on candidate (images, soft labels)."""
 
-    def __init__(self, view: ServerView, *, unroll: bool, functional: bool) -> None:
+    def __init__(
+        self, view: ServerView, *, unroll: bool, functional: bool, device: torch.device | str = "cpu"
+    ) -> None:
         """``functional``: gradients by ``torch.func.grad`` (needed under ``vmap``), else by
         ``torch.autograd.grad(create_graph=True)``, which has less overhead per operation."""
         self.view = view
@@ -46,9 +48,12 @@ class ClientReplay:
             if isinstance(module, nn.modules.batchnorm._BatchNorm):
                 module.register_forward_pre_hook(self._capture)
         replace_all_batch_norm_modules_(model)  # batch statistics only, no in-place buffer updates
-        self.model = model
+        self.model = model.to(device)
+        self.device = torch.device(device)
         self.params = {
-            n: view.global_state[n].float().requires_grad_(not functional) for n in view.parameter_names
+            # detach(): a new tensor, so the view's own weights are never marked or changed
+            n: view.global_state[n].detach().float().to(device).requires_grad_(not functional)
+            for n in view.parameter_names
         }
         self._stats: list[tuple[torch.Tensor, torch.Tensor]] | None = None
 
@@ -68,8 +73,9 @@ class ClientReplay:
             stats = []
             for buf in ("running_mean", "running_var"):
                 key = f"{layer.name}.{buf}"
-                g = self.view.global_state[key].float()
-                stats.append((g + self.view.update[key].float() - keep * g) / (1 - keep))
+                g = self.view.global_state[key].float().to(self.device)
+                u = self.view.update[key].float().to(self.device)
+                stats.append((g + u - keep * g) / (1 - keep))
             out.append((stats[0], stats[1]))
         return out
 
@@ -125,7 +131,7 @@ class ClientReplay:
         for i, layer in enumerate(self.bn_layers):
             for j, buf in enumerate(("running_mean", "running_var")):
                 key = f"{layer.name}.{buf}"
-                r0 = self.view.global_state[key].float()
+                r0 = self.view.global_state[key].float().to(self.device)
                 r = r0
                 for stats in all_stats:
                     r = (1 - layer.momentum) * r + layer.momentum * stats[i][j]

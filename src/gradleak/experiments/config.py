@@ -11,8 +11,10 @@ from typing import Any, Literal, get_args
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from gradleak.audit.config import AuditConfig
 from gradleak.data.partition import Partition
 from gradleak.data.sources import DataSource
+from gradleak.defenses import Defense
 from gradleak.errors import ConfigError
 
 
@@ -79,33 +81,84 @@ class ExperimentConfig(_Section):
     checkpoints: CheckpointConfig = Field(
         default_factory=CheckpointConfig, description="Which global models to keep."
     )
+    defenses: list[Defense] = Field(
+        default_factory=list,
+        description="Update filters applied in order on each client before its update leaves it.",
+    )
+    audit: AuditConfig | None = Field(
+        None, description="The leakage audit, run on each update after the defences; null: none."
+    )
+    sweep: dict[str, list[Any]] = Field(
+        default_factory=dict,
+        description="For `gradleak sweep`: values per dotted key, e.g. {defenses.0.sigma0: [0, 5, 10]}.",
+    )
+
+    def defense_summary(self) -> str:
+        """The defences in force, e.g. 'adaptive-gaussian(sigma0=5.0, percentile=95.0)'."""
+        parts = []
+        for d in self.defenses:
+            args = ", ".join(f"{k}={v}" for k, v in d.model_dump().items() if k != "name")
+            parts.append(f"{d.name}({args})")
+        return "; ".join(parts) or "none"
 
     def resolved(self) -> dict[str, Any]:
         """Plain data (JSON types) with every default filled in: what the run directory records."""
         return self.model_dump(mode="json")
 
 
-# Keys whose value selects a variant in a discriminated union, and the tag field of each.
-_TAGS = {"data": "source", "partition": "scheme"}
+# The keys whose value selects a variant in a tagged union (data.source, partition.scheme,
+# defenses.N.name).
+_TAG_KEYS = ("source", "scheme", "name")
 
 
 def _tag_values(section: str) -> list[str]:
     """The allowed values of a union section's tag, e.g. the data sources' names."""
-    union = get_args(ExperimentConfig.model_fields[section].annotation)
-    return [m.model_fields[_TAGS[section]].default for m in union]
+    annotation = ExperimentConfig.model_fields[section].annotation
+    if section == "defenses":
+        annotation = get_args(annotation)[0]
+    union = get_args(get_args(annotation)[0]) if get_args(annotation) and not hasattr(
+        get_args(annotation)[0], "model_fields") else get_args(annotation)  # fmt: skip
+    out = []
+    for m in union:
+        for tag in _TAG_KEYS:
+            if tag in getattr(m, "model_fields", {}):
+                out.append(m.model_fields[tag].default)
+                break
+    return out
+
+
+def _strip_tags(loc: list[Any], raw: Any) -> tuple[list[Any], str | None]:
+    """Drop the variant names pydantic inserts into error locations; also return the tag key
+    of the last tagged section passed (for 'unknown variant' errors)."""
+    out, node, tag_key = [], raw, None
+    i = 0
+    while i < len(loc):
+        part = loc[i]
+        out.append(part)
+        node = node[part] if isinstance(node, dict | list) and _has(node, part) else None
+        if isinstance(node, dict):
+            tag_key = next((t for t in _TAG_KEYS if t in node), tag_key)
+            if i + 1 < len(loc) and tag_key and loc[i + 1] == node.get(tag_key):
+                i += 1  # skip the variant name
+        i += 1
+    return out, tag_key
+
+
+def _has(node: Any, part: Any) -> bool:
+    if isinstance(node, dict):
+        return part in node
+    return isinstance(part, int) and 0 <= part < len(node)
 
 
 def _error_line(exc: ValidationError, raw: dict[str, Any]) -> ConfigError:
     err = exc.errors()[0]
-    loc = list(err["loc"])
-    # Drop the union tag pydantic inserts, e.g. ('partition', 'explicit', 'clients', 0, ...).
-    if len(loc) > 1 and loc[0] in _TAGS and isinstance(raw.get(loc[0]), dict):
-        if loc[1] == raw[loc[0]].get(_TAGS[loc[0]]):
-            del loc[1]
+    loc, _ = _strip_tags(list(err["loc"]), raw)
     msg = err["msg"]
-    if err["type"] in ("union_tag_invalid", "union_tag_not_found") and loc and loc[0] in _TAGS:
-        loc.append(_TAGS[loc[0]])
-        tags = ", ".join(_tag_values(loc[0]))
+    if err["type"] in ("union_tag_invalid", "union_tag_not_found"):
+        section = str(loc[0])
+        tag = {"data": "source", "partition": "scheme", "defenses": "name"}.get(section, "name")
+        loc.append(tag)
+        tags = ", ".join(_tag_values(section))
         if err["type"] == "union_tag_not_found":
             msg = f"required key is missing (one of {tags})"
         else:
@@ -161,6 +214,8 @@ def validate_config(raw: dict[str, Any]) -> ExperimentConfig:
         return ExperimentConfig.model_validate(raw)
     except ValidationError as exc:
         raise _error_line(exc, raw) from None
+    except ConfigError as exc:  # raised inside a validator (e.g. an attack setting of the audit)
+        raise ConfigError(f"audit.{exc.key}" if exc.key.startswith("attack") else exc.key, exc.problem) from None
 
 
 def read_yaml(path: Path) -> dict[str, Any]:

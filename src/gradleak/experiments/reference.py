@@ -9,11 +9,14 @@ from typing import Any, get_args, get_origin
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
+from gradleak.attacks.settings import PRESET_SOURCES, PRESETS, AttackSettings
 from gradleak.experiments.config import ExperimentConfig
 
 
 def _variants(annotation: Any) -> list[type[BaseModel]]:
-    """The pydantic models inside a (possibly annotated) union, or [] when there are none."""
+    """The pydantic models inside a (possibly annotated, possibly listed) union, or []."""
+    if get_origin(annotation) is list:
+        return _variants(get_args(annotation)[0])
     if get_origin(annotation) is typing.Annotated:
         annotation = get_args(annotation)[0]
     if get_origin(annotation) in (typing.Union, types.UnionType):
@@ -41,7 +44,8 @@ def _section(model: type[BaseModel], prefix: str, title: str, out: list[str]) ->
         key = f"{prefix}{name}"
         subs = _variants(field.annotation)
         if subs:
-            nested.append((key, subs, field.description or ""))
+            listed = get_origin(field.annotation) is list
+            nested.append((f"{key}.N" if listed else key, subs, field.description or ""))
             continue
         default = _default(field)
         if field.default_factory is not None:
@@ -54,7 +58,7 @@ def _section(model: type[BaseModel], prefix: str, title: str, out: list[str]) ->
         if len(subs) == 1:
             _section(subs[0], f"{key}.", f"`{key}`: {description}", out)
             continue
-        tag = next(k for k in subs[0].model_fields if k in ("source", "scheme"))
+        tag = next(k for k in subs[0].model_fields if k in ("source", "scheme", "name"))
         out += [f"## `{key}`: {description}", "", f"Chosen by `{key}.{tag}`:", ""]
         for sub in subs:
             value = sub.model_fields[tag].default
@@ -73,4 +77,18 @@ def config_reference() -> str:
         "",
     ]
     _section(ExperimentConfig, "", "Top level", out)
+    out += [
+        "# Attack settings",
+        "",
+        "Every preset (`dlg`, `idlg`, `inverting-gradients`, `gradinversion`) is a set of these values;",
+        "change any of them with `gradleak attack --preset NAME --set key=value`.",
+        "",
+    ]
+    _section(AttackSettings, "", "Settings", out)
+    out += ["## Presets", "", "| preset | source | settings that differ from the defaults |", "|---|---|---|"]
+    defaults = AttackSettings()
+    for name in PRESETS.names():
+        p = PRESETS.get(name)
+        diff = ", ".join(f"`{k}={v!r}`" for k, v in p.model_dump().items() if getattr(defaults, k) != v)
+        out.append(f"| `{name}` | {PRESET_SOURCES[name]} | {diff} |")
     return "\n".join(out).rstrip() + "\n"

@@ -12,12 +12,14 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
+from gradleak.audit.filter import LeakageAudit
 from gradleak.data.dataset import DataBundle
 from gradleak.data.partition import ClientData
 from gradleak.errors import ConfigError, GradleakError
 from gradleak.experiments.config import ExperimentConfig
 from gradleak.experiments.store import RunStore
 from gradleak.fl.client import LocalTraining
+from gradleak.fl.filters import UpdateFilter
 from gradleak.fl.server import STRATEGIES, Strategy
 from gradleak.fl.simulator import ClientResult, Hooks, RoundResult, Simulator
 from gradleak.models import build_model
@@ -40,20 +42,40 @@ class Scenario:
     def initial_state(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
 
-    def simulator(self) -> Simulator:
+    def filters(self, run_dir: Path | None = None) -> list[UpdateFilter]:
+        """The client-side filters in order: the defences, then the audit (which therefore
+        attacks exactly what the server receives)."""
+        cfg = self.config
+        rate = cfg.training.clients_per_round
+        out: list[UpdateFilter] = [d.build(index=i, sample_rate=rate) for i, d in enumerate(cfg.defenses)]
+        if cfg.audit is not None:
+            prior = self.data.test.images.mean(0, keepdim=True) if cfg.audit.prior == "mean-image" else None
+            out.append(LeakageAudit(
+                cfg.audit, model=self.model, image_shape=self.data.shape,
+                num_classes=self.data.num_classes, mean=self.data.mean, std=self.data.std,
+                prior=prior, out_dir=run_dir / "audit" if run_dir else None,
+                defenses=cfg.defense_summary(), device=self.device,
+            ))  # fmt: skip
+        return out
+
+    def simulator(self, run_dir: Path | None = None) -> Simulator:
         t = self.config.training
         return Simulator(
             model=self.model, clients=self.clients, test=self.data.test,
             mean=self.data.mean, std=self.data.std, strategy=self.strategy,
             training=LocalTraining(t.local_epochs, t.lr, t.momentum, t.weight_decay),
             seed=self.config.seed, clients_per_round=t.clients_per_round, device=self.device,
+            filters=self.filters(run_dir),
         )  # fmt: skip
 
 
 def resolve_device(name: str) -> torch.device:
+    """auto (a GPU when there is one), cpu, cuda or cuda:N."""
+    if name not in ("auto", "cpu", "cuda") and not name.startswith("cuda:"):
+        raise ConfigError("device", f"{name!r} is not one of auto, cpu, cuda, cuda:N")
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
+    if name.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError("device", "cuda was asked for but no GPU is available")
     return torch.device(name)
 
@@ -165,7 +187,7 @@ class Run:
                 log.info("resuming %s after round %d (%d clients of round %d done)", config.name,
                          last, len(done), last + 1)  # fmt: skip
             if last < config.training.rounds:
-                self.scenario.simulator().run(
+                self.scenario.simulator(self.run_dir).run(
                     state, first_round=last + 1, last_round=config.training.rounds,
                     hooks=_StoreHooks(store, config.checkpoints.keep_every, display), done=done,
                 )  # fmt: skip

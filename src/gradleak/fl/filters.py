@@ -24,6 +24,8 @@ class FilterContext:
     round: int
     client: ClientData
     global_state: dict[str, torch.Tensor]
+    seed: int = 0  # the experiment's seed, for filters that draw random numbers
+    participation: int = 1  # rounds this client has taken part in so far, this one included
     record: dict[str, Any] = field(default_factory=dict)
     withheld: bool = False
 

@@ -123,6 +123,12 @@ class Simulator:
         pick = numpy_rng(self.seed, "participants", round).choice(len(self.clients), k, replace=False)
         return [self.clients[i] for i in sorted(pick)]
 
+    def participation(self, round: int, client_id: int) -> int:
+        """In how many of rounds 1..round the client takes part (derived, so resumes agree)."""
+        if self.clients_per_round >= 1.0:
+            return round
+        return sum(any(c.client_id == client_id for c in self.participants(r)) for r in range(1, round + 1))
+
     def run_client(
         self, round: int, global_state: dict[str, torch.Tensor], client: ClientData
     ) -> ClientResult:
@@ -131,7 +137,8 @@ class Simulator:
             self.model, global_state, client, round=round, settings=self.training,
             mean=self.mean, std=self.std, seed=self.seed, device=self.device,
         )  # fmt: skip
-        ctx = FilterContext(round=round, client=client, global_state=global_state)
+        ctx = FilterContext(round=round, client=client, global_state=global_state, seed=self.seed,
+                            participation=self.participation(round, client.client_id))  # fmt: skip
         update = apply_filters(self.filters, update, ctx)
         return ClientResult(update, loss, ctx.withheld, ctx.record, time.perf_counter() - start)
 

@@ -1,5 +1,1 @@
-"""Plots and the HTML report."""
-
-from gradleak.report.html import build_run_report
-
-__all__ = ["build_run_report"]
+"""Plots, image grids and the HTML report (``gradleak.report.html.build_run_report``)."""

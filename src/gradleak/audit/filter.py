@@ -1,0 +1,83 @@
+"""The leakage audit as an update filter: it attacks the update exactly as the server would
+receive it (after the defences before it in the list), compares with the client's images, records
+the result row, and withholds the update when its RDLV passes the threshold."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from gradleak.attacks import GradientInversion, ServerView
+from gradleak.audit.config import AuditConfig
+from gradleak.audit.rdlv import rdlv
+from gradleak.fl.filters import FilterContext
+from gradleak.fl.update import ClientUpdate
+from gradleak.metrics import score
+from gradleak.report.images import save_grid
+from gradleak.seeding import derive_seed
+
+
+class LeakageAudit:
+    def __init__(
+        self,
+        config: AuditConfig,
+        *,
+        model: nn.Module,
+        image_shape: tuple[int, int, int],
+        num_classes: int,
+        mean: tuple[float, ...],
+        std: tuple[float, ...],
+        prior: torch.Tensor | None,
+        out_dir: Path | None,
+        defenses: str,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        self.config = config
+        self.settings = config.settings()
+        self.attack = GradientInversion(self.settings)
+        self.model = copy.deepcopy(model)
+        self.image_shape, self.num_classes, self.mean, self.std = image_shape, num_classes, mean, std
+        self.prior = prior
+        self.out_dir = out_dir
+        self.defenses = defenses
+        self.device = device
+
+    def __call__(self, update: ClientUpdate, ctx: FilterContext) -> ClientUpdate:
+        cid = ctx.client.client_id
+        if not self.config.applies(ctx.round, cid):
+            return update
+        truth, labels = ctx.client.data.images, ctx.client.data.labels
+        view = ServerView.of(
+            self.model, ctx.global_state, update, image_shape=self.image_shape,
+            num_classes=self.num_classes, mean=self.mean, std=self.std,
+            known_labels=labels.clone() if self.settings.labels == "known" else None,
+        )  # fmt: skip
+        rec = self.attack.run(view, seed=derive_seed(ctx.seed, "audit", ctx.round, cid),
+                              prior=self.prior, device=self.device)  # fmt: skip
+        leak = rdlv(rec.images, rec.prior, truth, metric=self.config.metric, reduce=self.config.reduce)
+        s = score(rec.images, truth, rec.labels, labels)
+        ctx.record.update(
+            audited=True, rdlv=leak.value, ssim=float(s.ssim.mean()), psnr=float(s.psnr.mean()),
+            mse=float(s.mse.mean()), label_accuracy=s.label_accuracy,
+            label_strategy=rec.label_strategy, attack=self.config.preset,
+            defenses=self.defenses, attack_seconds=rec.seconds,
+        )  # fmt: skip
+        if self.config.threshold is not None and leak.value > self.config.threshold:
+            ctx.withheld = True
+        if self.config.save_images and self.out_dir is not None:
+            self._save(ctx.round, cid, truth, rec.prior, rec.images, leak.best)
+        return update
+
+    def _save(self, round: int, cid: int, truth, prior, images, best: list[int]) -> None:
+        """Originals, starts and reconstructions; only inside the run directory."""
+        d = self.out_dir / f"round_{round:04d}"
+        d.mkdir(parents=True, exist_ok=True)
+        idx = torch.as_tensor(best)
+        np.savez_compressed(d / f"client_{cid}.npz", originals=truth.numpy(), priors=prior[idx].numpy(),
+                            reconstructions=images[idx].numpy())  # fmt: skip
+        save_grid([("original", truth), ("start", prior[idx]), ("reconstruction", images[idx])],
+                  d / f"client_{cid}.png")  # fmt: skip

@@ -1,0 +1,113 @@
+"""The leakage audit: the RDLV formula on hand-made images, the gate, and audited runs."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from skimage.metrics import structural_similarity
+
+from gradleak.audit import rdlv, rdlv_matrix
+from gradleak.experiments import RunStore, run_experiment
+from gradleak.experiments.config import validate_config
+
+
+def _ssim(a: torch.Tensor, b: torch.Tensor) -> float:
+    return structural_similarity(a[0].numpy().astype(np.float64), b[0].numpy().astype(np.float64),
+                                 data_range=1.0, gaussian_weights=True, sigma=1.5,
+                                 use_sample_covariance=False)  # fmt: skip
+
+
+def _images():
+    g = torch.Generator().manual_seed(0)
+    truth = torch.nn.functional.interpolate(torch.rand(2, 1, 4, 4, generator=g), size=(16, 16), mode="bilinear")
+    prior = (0.5 + 0.2 * torch.rand(2, 1, 16, 16, generator=g)).clamp(0, 1)
+    recon = torch.stack([(truth[1] + 0.05 * torch.randn(1, 16, 16, generator=g)).clamp(0, 1),
+                         (truth[0] + 0.15 * torch.randn(1, 16, 16, generator=g)).clamp(0, 1)])  # fmt: skip
+    return truth, prior, recon
+
+
+def test_rdlv_formula_on_hand_made_images() -> None:
+    truth, prior, recon = _images()
+    m = rdlv_matrix(recon, prior, truth, "ssim")
+    for r in range(2):
+        for i in range(2):
+            s, p = _ssim(recon[r], truth[i]), _ssim(prior[r], truth[i])
+            assert float(m[r, i]) == pytest.approx((s - p) / abs(p), rel=1e-6)
+    out = rdlv(recon, prior, truth)
+    # Reconstruction 0 is of image 1, reconstruction 1 of image 0.
+    assert out.best == [1, 0]
+    assert out.value == pytest.approx(max(float(m[1, 0]), float(m[0, 1])))
+    assert rdlv(recon, prior, truth, reduce="min").value == pytest.approx(min(float(m[1, 0]), float(m[0, 1])))
+
+
+def test_rdlv_is_zero_when_nothing_was_learned_and_mse_variant() -> None:
+    truth, prior, _ = _images()
+    assert rdlv(prior, prior, truth).value == pytest.approx(0.0, abs=1e-12)
+    m = rdlv_matrix(truth, prior, truth, "mse")
+    p = float(((prior[0] - truth[0]) ** 2).mean())
+    assert float(m[0, 0]) == pytest.approx((p - 0.0) / p)  # all the error removed: 1
+
+
+def _audited(threshold=None, clients=(1,), rounds=2, defenses=()):
+    return validate_config({
+        "name": "audited", "device": "cpu",
+        "data": {"source": "digits", "image_size": 8},
+        "partition": {"scheme": "explicit", "clients": [{"size": 1, "batch_size": 1}, {"size": 40, "batch_size": 8}]},
+        "model": {"name": "lenet"},
+        "training": {"rounds": rounds, "lr": 0.1},
+        "defenses": list(defenses),
+        "audit": {"clients": list(clients), "preset": "inverting-gradients", "attack": {"iterations": 150},
+                  "threshold": threshold},
+    })  # fmt: skip
+
+
+def test_audited_rows_carry_the_leakage(tmp_path) -> None:
+    run_experiment(_audited(), tmp_path)
+    rows = RunStore(tmp_path).results.read()
+    audited = [r for r in rows if r.get("audited")]
+    assert [(r["round"], r["client"]) for r in audited] == [(1, 1), (2, 1)]
+    for r in audited:
+        assert r["rdlv"] > 0.1 and r["label_accuracy"] == 1.0 and r["attack_seconds"] > 0
+        assert {"ssim", "psnr", "mse", "label_strategy", "defenses"} <= set(r)
+    assert all("rdlv" not in r for r in rows if r["client"] == 2)
+    saved = np.load(tmp_path / "audit/round_0001/client_1.npz")
+    assert saved["reconstructions"].shape == (1, 1, 8, 8)
+    assert (tmp_path / "audit/round_0002/client_1.png").exists()
+
+
+def test_the_threshold_withholds_leaking_updates_and_the_run_completes(tmp_path) -> None:
+    run_experiment(_audited(threshold=0.0), tmp_path)
+    store = RunStore(tmp_path)
+    rows = store.results.read()
+    assert all(r["withheld"] for r in rows if r["client"] == 1)
+    assert not any(r["withheld"] for r in rows if r["client"] == 2)
+    assert [r["aggregated"] for r in store.rounds.read()] == [1, 1]
+
+
+def test_defences_apply_before_the_audit(tmp_path) -> None:
+    noisy = _audited(rounds=1, defenses=[{"name": "gaussian", "sigma": 1.0}])
+    run_experiment(noisy, tmp_path / "noisy")
+    run_experiment(_audited(rounds=1), tmp_path / "clean")
+    leak = {name: RunStore(tmp_path / name).results.read()[0]["rdlv"] for name in ("noisy", "clean")}
+    assert leak["noisy"] < leak["clean"] - 0.2
+    row = RunStore(tmp_path / "noisy").results.read()[0]
+    assert row["defenses"] == "gaussian(sigma=1.0, include_buffers=False)" and row["noise_scale"] == 1.0
+
+
+def test_audit_config_errors_name_the_key() -> None:
+    from gradleak.errors import ConfigError
+
+    raw = json.loads(json.dumps(_audited().resolved()))
+    raw["audit"]["attack"] = {"iterations": 0}
+    with pytest.raises(ConfigError, match=r"^audit.attack.iterations: Input should be greater than 0"):
+        validate_config(raw)
+    raw["audit"]["attack"] = {}
+    raw["defenses"] = [{"name": "adaptive-gaussian", "sigma0": -1}]
+    with pytest.raises(ConfigError, match=r"^defenses.0.sigma0: Input should be greater than or equal to 0"):
+        validate_config(raw)
+    raw["defenses"] = [{"name": "blur"}]
+    with pytest.raises(ConfigError, match=r"^defenses.0.name: 'blur' is not one of adaptive-gaussian"):
+        validate_config(raw)
