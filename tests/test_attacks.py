@@ -57,6 +57,14 @@ def test_label_counts_rounds_to_the_batch_size() -> None:
     assert label_counts(g_b, probs, 6) == [0, 0, 0, 2, 3, 3]
 
 
+@pytest.mark.parametrize("seed", range(5))
+def test_label_counts_are_n_labels_even_from_noise(seed) -> None:
+    g = torch.Generator().manual_seed(seed)
+    noisy = 50 * torch.randn(10, generator=g)
+    assert len(label_counts(noisy, torch.full((10,), 0.1), 8)) == 8
+    assert len(label_counts(torch.full((10,), 5.0), torch.full((10,), 0.1), 3)) == 3  # all clamped
+
+
 def test_batch_labels_with_repeats_from_the_bias() -> None:
     labels = [1, 1, 2, 5, 5, 5]
     *_, view = _setup("convnet", n=6, bs=6, kwargs={"width": 8}, labels=labels)

@@ -37,7 +37,7 @@ def test_rdlv_formula_on_hand_made_images() -> None:
             s, p = _ssim(recon[r], truth[i]), _ssim(prior[r], truth[i])
             assert float(m[r, i]) == pytest.approx((s - p) / abs(p), rel=1e-6)
     out = rdlv(recon, prior, truth)
-    # Reconstruction 0 is of image 1, reconstruction 1 of image 0.
+    # Each image's best reconstruction is its most similar one: 0 is of image 1, 1 of image 0.
     assert out.best == [1, 0]
     assert out.value == pytest.approx(max(float(m[1, 0]), float(m[0, 1])))
     assert rdlv(recon, prior, truth, reduce="min").value == pytest.approx(min(float(m[1, 0]), float(m[0, 1])))

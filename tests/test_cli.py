@@ -34,7 +34,7 @@ class _Page(HTMLParser):
             self._in_h = False
 
 
-def test_demo_trains_to_90_percent_and_writes_a_report(tmp_path) -> None:
+def test_demo_trains_to_90_percent_audits_and_writes_a_report(tmp_path) -> None:
     out = tmp_path / "demo"
     result = runner.invoke(app, ["demo", "--out", str(out), "-q"])
     assert result.exit_code == 0, result.output
@@ -42,10 +42,16 @@ def test_demo_trains_to_90_percent_and_writes_a_report(tmp_path) -> None:
     assert rounds[-1]["test_accuracy"] >= 0.90
     results = (out / "results.jsonl").read_text().splitlines()
     assert len(results) == len(rounds) * 5
+    audited = [json.loads(r) for r in results if '"audited": true' in r]
+    assert {(r["round"], r["client"]) for r in audited} == {(k, c) for k in (1, 3, 5, 7, 9) for c in (1, 2)}
+    assert all(r["rdlv"] > 0 for r in audited if r["client"] == 1)  # the one-image client leaks
     page = _Page()
     page.feed((out / "report/index.html").read_text())
-    assert page.images == ["test accuracy per round", "training loss per client"]
-    assert {"Training", "Rounds", "Clients per round", "Config"} <= set(page.headings)
+    assert page.images == [
+        "test accuracy per round", "training loss per client", "RDLV per round",
+        "original, start and reconstruction of client 1", "original, start and reconstruction of client 2",
+    ]  # fmt: skip
+    assert {"Training", "Leakage audit", "Rounds", "Clients per round", "Config"} <= set(page.headings)
     assert (out / "report/accuracy.svg").exists()
     # Running the demo again finds the finished run and only rebuilds the report.
     again = runner.invoke(app, ["demo", "--out", str(out), "-q"])

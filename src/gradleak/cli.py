@@ -56,6 +56,7 @@ def _setup_logging(verbose: bool) -> None:
     if not any(isinstance(h, RichHandler) for h in log.handlers):
         log.addHandler(RichHandler(console=console, show_path=False, markup=False))
     log.setLevel(logging.DEBUG if verbose else logging.INFO)
+    log.propagate = False  # a library's root handler would print every line twice
 
 
 def _fail(exc: Exception) -> None:
@@ -187,13 +188,62 @@ def attack(
     console.print(f"written to {out}", highlight=False, soft_wrap=True)
 
 
+LevelOpt = Annotated[
+    float, typer.Option("--level", help="RDLV level a defence must bring every client under.")
+]
+
+
 @app.command()
-def report(run_dir: Annotated[Path, typer.Argument(help="A run directory.")]) -> None:
-    """Build (or rebuild) the HTML report of a run directory."""
-    from gradleak.report.html import build_run_report
+def sweep(
+    config: Annotated[Path, typer.Argument(help="Experiment YAML file (its sweep: section adds axes).")],
+    set_: Annotated[
+        Optional[list[str]],
+        typer.Option("--set", "-s", help="key=v1,v2,... sweeps a key; key=v fixes it (repeatable)."),
+    ] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Sweep directory (default runs/NAME-sweep).")] = None,
+    level: LevelOpt = 0.0,
+    quiet: QuietOpt = False,
+) -> None:
+    """Run one experiment per value (a grid for several keys), resumably; then report the curve."""
+    from gradleak.experiments.sweep import run_sweep
+    from gradleak.report.html import build_run_report, build_sweep_report
+
+    _setup_logging(False)
+
+    def execute(run) -> None:  # noqa: ANN001
+        log.info("sweep point %s", run.run_dir.name)
+        if quiet:
+            run.execute()
+        else:
+            columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+            with Progress(*columns, console=console) as progress:
+                run.execute(ProgressDisplay(progress, run.config.training.rounds, run.first_round))
+        build_run_report(run.run_dir)
 
     try:
-        console.print(f"report: {build_run_report(run_dir)}")
+        sweep_dir = run_sweep(config, set_ or [], out, execute=execute)
+        console.print(f"report: {build_sweep_report(sweep_dir, level)}", highlight=False, soft_wrap=True)
+    except KeyboardInterrupt:
+        console.print("interrupted; run the same command again to continue the sweep")
+        raise typer.Exit(130) from None
+    except GradleakError as exc:
+        _fail(exc)
+
+
+@app.command()
+def report(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory or a sweep directory.")],
+    level: LevelOpt = 0.0,
+) -> None:
+    """Build (or rebuild) the HTML report of a run or of a sweep."""
+    from gradleak.report.html import build_run_report, build_sweep_report
+
+    try:
+        if (run_dir / "sweep.json").exists():
+            page = build_sweep_report(run_dir, level)
+        else:
+            page = build_run_report(run_dir)
+        console.print(f"report: {page}", highlight=False, soft_wrap=True)
     except GradleakError as exc:
         _fail(exc)
 

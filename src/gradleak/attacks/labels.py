@@ -30,21 +30,15 @@ def label_set(grad_weight: torch.Tensor) -> list[int]:
 
 
 def label_counts(grad_bias: torch.Tensor, mean_probs: torch.Tensor, n: int) -> list[int]:
-    """How many images of each class: ``N (p_c - g_b[c])``, rounded to sum to N (largest remainders)."""
+    """How many images of each class: ``N (p_c - g_b[c])`` clamped at 0, scaled to sum to N and
+    rounded by largest remainders (always exactly N labels, however noisy the update)."""
     est = (n * (mean_probs - grad_bias)).clamp_min(0).double()
+    if float(est.sum()) <= 0:
+        est = torch.ones_like(est)
+    est = est * n / est.sum()
     counts = est.floor().long()
     short = n - int(counts.sum())
-    if short > 0:
-        order = torch.argsort(est - counts, descending=True)
-        counts[order[:short]] += 1
-    elif short < 0:
-        order = torch.argsort(est - counts)
-        for c in order.tolist():
-            if short == 0:
-                break
-            if counts[c] > 0:
-                counts[c] -= 1
-                short += 1
+    counts[torch.argsort(est - counts, descending=True, stable=True)[:short]] += 1
     return [c for c, k in enumerate(counts.tolist()) for _ in range(k)]
 
 

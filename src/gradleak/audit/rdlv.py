@@ -4,8 +4,8 @@ For training image i and reconstruction r started from prior p_r:
     RDLV_ir = (S(r, i) - S(p_r, i)) / S(p_r, i)
 with S a similarity (SSIM by default, or PSNR); for MSE, a distance, the relative reduction
 (D(p_r, i) - D(r, i)) / D(p_r, i). Positive: the reconstruction is closer to the image than the
-attack's start was. Each image takes its best reconstruction; the client's value for the round
-is the max (or min) over its images.
+attack's start was. Each image takes its best reconstruction (the most similar one, by S); the
+client's value for the round is the max (or min) over its images.
 """
 
 from __future__ import annotations
@@ -41,7 +41,9 @@ def rdlv_matrix(recon: torch.Tensor, prior: torch.Tensor, truth: torch.Tensor, m
 
 def rdlv(recon: torch.Tensor, prior: torch.Tensor, truth: torch.Tensor, *, metric: str = "ssim",
          reduce: str = "max") -> RDLV:  # fmt: skip
+    s = pairwise(metric, recon, truth)
+    best_idx = s.argmax(dim=0) if HIGHER_IS_BETTER[metric] else s.argmin(dim=0)
     m = rdlv_matrix(recon, prior, truth, metric)
-    best_val, best_idx = m.max(dim=0)
-    value = best_val.max() if reduce == "max" else best_val.min()
-    return RDLV(float(value), [float(v) for v in best_val], [int(i) for i in best_idx])
+    per_image = m[best_idx, torch.arange(len(truth))]
+    value = per_image.max() if reduce == "max" else per_image.min()
+    return RDLV(float(value), [float(v) for v in per_image], [int(i) for i in best_idx])

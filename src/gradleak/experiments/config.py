@@ -218,7 +218,17 @@ def validate_config(raw: dict[str, Any]) -> ExperimentConfig:
         raise ConfigError(f"audit.{exc.key}" if exc.key.startswith("attack") else exc.key, exc.problem) from None
 
 
-def read_yaml(path: Path) -> dict[str, Any]:
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """``over`` on top of ``base``: mappings merge key by key, anything else replaces."""
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def read_yaml(path: Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A config file as a mapping; ``base: other.yaml`` (relative to this file) is read first and
+    this file's keys are merged on top of it."""
     if not path.is_file():
         raise ConfigError("", f"config file not found: {path}")
     try:
@@ -227,6 +237,11 @@ def read_yaml(path: Path) -> dict[str, Any]:
         raise ConfigError("", f"{path} is not valid YAML: {exc}".replace("\n", " ")) from None
     if not isinstance(raw, dict):
         raise ConfigError("", f"{path} must hold a mapping of keys to values")
+    if "base" in raw:
+        base_path = (path.parent / str(raw.pop("base"))).resolve()
+        if base_path in _seen:
+            raise ConfigError("base", f"{path} includes itself through {base_path}")
+        raw = _merge(read_yaml(base_path, (*_seen, path.resolve())), raw)
     return raw
 
 

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import base64
 import html
+import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import yaml
 
 from gradleak.errors import GradleakError
@@ -61,6 +63,7 @@ def build_run_report(run_dir: Path) -> Path:
         figs.append(_img(figures.train_loss_per_client(results, out), "training loss per client"))
     final = f"{rounds[-1]['test_accuracy']:.4f} after round {rounds[-1]['round']}" if rounds else "none yet"
     name = html.escape(str(config.get("name", run_dir.name)))
+    audit = _audit_section(run_dir, results, out)
     page = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>gradleak report: {name}</title>
 <style>{STYLE}</style></head><body>
@@ -68,6 +71,7 @@ def build_run_report(run_dir: Path) -> Path:
 <p>Run directory: <code>{html.escape(str(run_dir))}</code>. Final test accuracy: {final}.</p>
 <h2>Training</h2>
 {''.join(figs)}
+{audit}
 <h2>Rounds</h2>
 {_table(rounds)}
 <h2>Clients per round</h2>
@@ -78,5 +82,101 @@ def build_run_report(run_dir: Path) -> Path:
 """
     path = out / "index.html"
     out.mkdir(parents=True, exist_ok=True)
+    path.write_text(page)
+    return path
+
+
+# Columns of the audited-row table, in this order.
+AUDIT_COLUMNS = ("round", "client", "num_samples", "batch_size", "rdlv", "ssim", "psnr", "mse",
+                 "label_accuracy", "label_strategy", "withheld", "defenses", "attack_seconds")  # fmt: skip
+# At most this many rounds per client in the image grids (evenly spaced, last included).
+GRID_ROUNDS = 8
+
+
+def _audit_section(run_dir: Path, results: list[dict[str, Any]], out: Path) -> str:
+    audited = [r for r in results if r.get("audited")]
+    if not audited:
+        return ""
+    parts = ["<h2>Leakage audit</h2>", _img(figures.rdlv_per_round(audited, out), "RDLV per round")]
+    for cid in sorted({r["client"] for r in audited}):
+        rows = [r for r in audited if r["client"] == cid]
+        pick = sorted({round(i * (len(rows) - 1) / max(1, GRID_ROUNDS - 1)) for i in range(GRID_ROUNDS)})
+        rows = [rows[i] for i in pick if i < len(rows)]
+        files = [run_dir / "audit" / f"round_{r['round']:04d}" / f"client_{cid}.npz" for r in rows]
+        kept = [(r, f) for r, f in zip(rows, files, strict=True) if f.exists()]
+        if kept:
+            images = [dict(np.load(f)) for _, f in kept]
+            grid = figures.audit_grid(cid, [r for r, _ in kept], images, out)
+            parts.append(_img(grid, f"original, start and reconstruction of client {cid}"))
+    table = [{k: r.get(k, "") for k in AUDIT_COLUMNS} for r in audited]
+    parts += ["<h3>Audited updates</h3>", _table(table)]
+    return "\n".join(parts)
+
+
+def sweep_summary(sweep_dir: Path, level: float = 0.0) -> dict[str, Any]:
+    """Per point: final accuracy and each audited client's worst RDLV; and the smallest value of
+    the (single, numeric) swept key that brings every client under ``level``."""
+    spec = json.loads((sweep_dir / "sweep.json").read_text())
+    points = []
+    for p in spec["points"]:
+        store = RunStore(sweep_dir / p["run_dir"])
+        rounds = store.rounds.read() if store.exists() else []
+        audited = [r for r in store.results.read() if r.get("audited")] if store.exists() else []
+        worst: dict[str, float] = {}
+        for r in audited:
+            worst[str(r["client"])] = max(worst.get(str(r["client"]), -np.inf), r["rdlv"])
+        points.append({"values": p["values"], "run_dir": p["run_dir"], "rounds": len(rounds),
+                       "accuracy": rounds[-1]["test_accuracy"] if rounds else float("nan"),
+                       "rdlv": worst})  # fmt: skip
+    out: dict[str, Any] = {"keys": spec["keys"], "level": level, "points": points}
+    if len(spec["keys"]) == 1 and all(isinstance(p["values"][spec["keys"][0]], int | float) for p in points):
+        key = spec["keys"][0]
+        ordered = sorted(points, key=lambda p: p["values"][key])
+        base = ordered[0]
+        safe = [p for p in ordered if p["rdlv"] and all(v <= level for v in p["rdlv"].values())]
+        if safe:
+            out["smallest_safe"] = {"value": safe[0]["values"][key], "accuracy": safe[0]["accuracy"],
+                                    "baseline_value": base["values"][key],
+                                    "baseline_accuracy": base["accuracy"],
+                                    "accuracy_cost": base["accuracy"] - safe[0]["accuracy"]}  # fmt: skip
+        out["points"] = ordered
+    return out
+
+
+def build_sweep_report(sweep_dir: Path, level: float = 0.0) -> Path:
+    """Write ``sweep_dir/report/index.html`` with the privacy/utility curve and summary table."""
+    summary = sweep_summary(sweep_dir, level)
+    out = sweep_dir / "report"
+    parts = []
+    if len(summary["keys"]) == 1 and "points" in summary:
+        key = summary["keys"][0]
+        if all(isinstance(p["values"][key], int | float) for p in summary["points"]):
+            parts.append(_img(figures.privacy_utility(summary["points"], key, out), "privacy utility"))
+    safe = summary.get("smallest_safe")
+    if safe:
+        verdict = (f"The smallest {html.escape(summary['keys'][0])} that brings every audited client's "
+                   f"RDLV to {level} or below is <b>{safe['value']}</b>: final test accuracy "
+                   f"{safe['accuracy']:.4f} against {safe['baseline_accuracy']:.4f} at "
+                   f"{safe['baseline_value']} (cost {safe['accuracy_cost']:+.4f}).")  # fmt: skip
+    else:
+        verdict = f"No swept value brings every audited client's RDLV to {level} or below."
+    rows = [{**{k: v for k, v in p["values"].items()}, "rounds": p["rounds"], "accuracy": p["accuracy"],
+             **{f"rdlv client {c}": v for c, v in p["rdlv"].items()}, "run": p["run_dir"]}
+            for p in summary["points"]]  # fmt: skip
+    page = f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>gradleak sweep: {html.escape(sweep_dir.name)}</title>
+<style>{STYLE}</style></head><body>
+<h1>gradleak sweep: {html.escape(sweep_dir.name)}</h1>
+<h2>Privacy / utility</h2>
+{''.join(parts)}
+<p>{verdict}</p>
+<h2>Points</h2>
+{_table(rows)}
+<p>Each run has its own report: <code>RUN/report/index.html</code>.</p>
+</body></html>
+"""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    path = out / "index.html"
     path.write_text(page)
     return path

@@ -1,0 +1,101 @@
+"""Sweeps: one experiment per combination of values, each in its own run directory, resumable.
+
+    gradleak sweep CONFIG --set defenses.0.sigma0=0,5,10 [--set training.lr=0.01,0.1]
+
+Values are comma-separated (read as YAML, so ``[1,2],[3]`` is two lists); several keys make a grid.
+The config's own ``sweep:`` section adds axes too. A finished run is skipped, an interrupted one
+continues where it stopped. ``sweep.json`` lists the points and their run directories.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from gradleak.errors import ConfigError
+from gradleak.experiments.config import load_config, read_yaml
+from gradleak.experiments.runner import Run
+from gradleak.experiments.store import RunStore
+
+
+@dataclass(frozen=True)
+class SweepPoint:
+    values: dict[str, Any]
+    run_dir: Path
+
+    def overrides(self) -> list[str]:
+        return [f"{k}={json.dumps(v)}" for k, v in self.values.items()]
+
+
+def split_values(text: str) -> tuple[str, list[Any]]:
+    """``key=v1,v2,...`` -> (key, [v1, v2, ...])."""
+    key, sep, values = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError("--set", f"expected key=value[,value...], got {text!r}")
+    try:
+        parsed = yaml.safe_load(f"[{values}]")
+    except yaml.YAMLError as exc:
+        raise ConfigError(key.strip(), f"cannot read values {values!r}: {exc}") from None
+    return key.strip(), parsed
+
+
+def _dir_name(values: dict[str, Any]) -> str:
+    text = "__".join(f"{k}={json.dumps(v, separators=(',', ':'))}" for k, v in values.items())
+    return re.sub(r"[^A-Za-z0-9_.=,+-]", "_", text) or "base"
+
+
+def plan(config_path: Path, sets: list[str], out: Path) -> tuple[list[str], list[SweepPoint]]:
+    """(fixed overrides, points). Single values in ``sets`` are fixed overrides; lists are axes."""
+    axes: dict[str, list[Any]] = dict(read_yaml(config_path).get("sweep") or {})
+    fixed = []
+    for text in sets:
+        key, values = split_values(text)
+        if len(values) == 1:
+            fixed.append(f"{key}={json.dumps(values[0])}")
+        else:
+            axes[key] = values
+    if not axes:
+        raise ConfigError("--set", "nothing to sweep: give a key with several values, e.g. --set a.b=1,2")
+    keys = list(axes)
+    points = [
+        SweepPoint(dict(zip(keys, combo, strict=True)), out / _dir_name(dict(zip(keys, combo, strict=True))))
+        for combo in itertools.product(*(axes[k] for k in keys))
+    ]
+    return fixed, points
+
+
+def run_sweep(
+    config_path: Path,
+    sets: list[str],
+    out: Path | None = None,
+    *,
+    execute: Callable[[Run], Any] | None = None,
+) -> Path:
+    """Run every point (skipping finished ones); return the sweep directory.
+
+    Every point's config is built and checked before the first run starts.
+    """
+    base = load_config(config_path)
+    out = out or Path("runs") / f"{base.name}-sweep"
+    fixed, points = plan(config_path, sets, out)
+    runs = []
+    for p in points:
+        config = load_config(config_path, [*fixed, *p.overrides(), "sweep={}"])
+        runs.append(Run(config, p.run_dir, resume=True))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "sweep.json").write_text(json.dumps({
+        "config": str(config_path), "fixed": fixed, "keys": list(points[0].values),
+        "points": [{"values": p.values, "run_dir": p.run_dir.name} for p in points],
+    }, indent=2))  # fmt: skip
+    for run in runs:
+        if RunStore(run.run_dir).exists() and run.first_round > run.config.training.rounds:
+            continue
+        (execute or (lambda r: r.execute()))(run)
+    return out
