@@ -83,7 +83,7 @@ def run_sweep(
     Every point's config is built and checked before the first run starts.
     """
     base = load_config(config_path)
-    out = out or Path("runs") / f"{base.name}-sweep"
+    out = out or Path("runs") / base.name
     fixed, points = plan(config_path, sets, out)
     runs = []
     for p in points:
