@@ -111,3 +111,15 @@ def test_audit_config_errors_name_the_key() -> None:
     raw["defenses"] = [{"name": "blur"}]
     with pytest.raises(ConfigError, match=r"^defenses.0.name: 'blur' is not one of adaptive-gaussian"):
         validate_config(raw)
+
+
+def test_a_diverged_update_is_recorded_not_attacked(tmp_path) -> None:
+    # Noise near float32's limit makes the update, then the global model, overflow.
+    cfg = _audited(rounds=3, defenses=[{"name": "gaussian", "sigma": 1e38}])
+    run_experiment(cfg, tmp_path)
+    rows = [r for r in RunStore(tmp_path).results.read() if r.get("audited")]
+    assert len(rows) == 3
+    assert rows[-1]["rdlv"] is None and "not finite" in rows[-1]["audit_note"]
+    from gradleak.report.html import build_run_report
+
+    assert build_run_report(tmp_path).exists()

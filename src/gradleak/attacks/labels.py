@@ -32,7 +32,7 @@ def label_set(grad_weight: torch.Tensor) -> list[int]:
 def label_counts(grad_bias: torch.Tensor, mean_probs: torch.Tensor, n: int) -> list[int]:
     """How many images of each class: ``N (p_c - g_b[c])`` clamped at 0, scaled to sum to N and
     rounded by largest remainders (always exactly N labels, however noisy the update)."""
-    est = (n * (mean_probs - grad_bias)).clamp_min(0).double()
+    est = torch.nan_to_num(n * (mean_probs - grad_bias).double(), nan=0.0, posinf=0.0).clamp_min(0)
     if float(est.sum()) <= 0:
         est = torch.ones_like(est)
     est = est * n / est.sum()
@@ -54,15 +54,16 @@ def recover_labels(view: ServerView, probe: torch.Tensor) -> tuple[torch.Tensor 
     g_w = pg[w_name] / view.meta.steps
     n = view.num_images
     if n == 1:
-        return torch.tensor([idlg_label(g_w)]), "idlg"
+        return torch.tensor([idlg_label(g_w)], dtype=torch.long), "idlg"
     if b_name is not None:
         params = {k: v.float() for k, v in view.global_state.items()}
         with torch.no_grad():
             probs = F.softmax(functional_call(view.model.eval(), params, (probe.cpu(),)), dim=-1).mean(0)
         view.model.train()
-        return torch.tensor(label_counts(pg[b_name] / view.meta.steps, probs, n)), "label-counts"
+        counts = label_counts(pg[b_name] / view.meta.steps, probs, n)
+        return torch.tensor(counts, dtype=torch.long), "label-counts"
     present = label_set(g_w)
     if 0 < len(present) <= n:
         labels = [present[i % len(present)] for i in range(n)]
-        return torch.tensor(sorted(labels)), "label-set"
+        return torch.tensor(sorted(labels), dtype=torch.long), "label-set"
     return None, "optimize"

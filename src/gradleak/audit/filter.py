@@ -51,6 +51,11 @@ class LeakageAudit:
         if not self.config.applies(ctx.round, cid):
             return update
         truth, labels = ctx.client.data.images, ctx.client.data.labels
+        if not all(torch.isfinite(v).all() for v in (*update.delta.values(), *ctx.global_state.values())):
+            # Training diverged (e.g. under heavy noise): there is nothing finite to invert.
+            ctx.record.update(audited=True, rdlv=None, attack=self.config.preset, defenses=self.defenses,
+                              audit_note="update or global model not finite; not attacked")  # fmt: skip
+            return update
         view = ServerView.of(
             self.model, ctx.global_state, update, image_shape=self.image_shape,
             num_classes=self.num_classes, mean=self.mean, std=self.std,

@@ -54,6 +54,7 @@ def train_loss_per_client(results: list[dict[str, Any]], out_dir: Path) -> Path:
 def rdlv_per_round(audited: list[dict[str, Any]], out_dir: Path) -> Path:
     """RDLV per round, one line per audited client; withheld updates marked with a cross."""
     fig, ax = plt.subplots(figsize=(6, 3.5))
+    audited = [r for r in audited if r.get("rdlv") is not None]
     for cid in sorted({r["client"] for r in audited}):
         rows = [r for r in audited if r["client"] == cid]
         (line,) = ax.plot([r["round"] for r in rows], [r["rdlv"] for r in rows], marker="o",
@@ -66,7 +67,8 @@ def rdlv_per_round(audited: list[dict[str, Any]], out_dir: Path) -> Path:
     ax.set_xlabel("round")
     ax.set_ylabel("RDLV")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize="small")
+    if audited:
+        ax.legend(fontsize="small")
     ax.set_title("Leakage per audited client (x: update withheld)")
     return save(fig, out_dir, "rdlv")
 

@@ -99,7 +99,9 @@ def _audit_section(run_dir: Path, results: list[dict[str, Any]], out: Path) -> s
         return ""
     parts = ["<h2>Leakage audit</h2>", _img(figures.rdlv_per_round(audited, out), "RDLV per round")]
     for cid in sorted({r["client"] for r in audited}):
-        rows = [r for r in audited if r["client"] == cid]
+        rows = [r for r in audited if r["client"] == cid and r.get("rdlv") is not None]
+        if not rows:
+            continue
         pick = sorted({round(i * (len(rows) - 1) / max(1, GRID_ROUNDS - 1)) for i in range(GRID_ROUNDS)})
         rows = [rows[i] for i in pick if i < len(rows)]
         files = [run_dir / "audit" / f"round_{r['round']:04d}" / f"client_{cid}.npz" for r in rows]
@@ -124,7 +126,8 @@ def sweep_summary(sweep_dir: Path, level: float = 0.0) -> dict[str, Any]:
         audited = [r for r in store.results.read() if r.get("audited")] if store.exists() else []
         worst: dict[str, float] = {}
         for r in audited:
-            worst[str(r["client"])] = max(worst.get(str(r["client"]), -np.inf), r["rdlv"])
+            if r.get("rdlv") is not None:  # None: the update was not finite, nothing was attacked
+                worst[str(r["client"])] = max(worst.get(str(r["client"]), -np.inf), r["rdlv"])
         points.append({"values": p["values"], "run_dir": p["run_dir"], "rounds": len(rounds),
                        "accuracy": rounds[-1]["test_accuracy"] if rounds else float("nan"),
                        "rdlv": worst})  # fmt: skip
