@@ -19,14 +19,12 @@ Results go to benchmarks/results/attack_CASE.json and stdout.
 
 from __future__ import annotations
 
-import json
-import os
 import sys
 import time
-from pathlib import Path
 from statistics import mean
 
 import torch
+from cases import run_cases
 
 from gradleak.attacks import GradientInversion, ServerView, preset
 from gradleak.attacks.analytic import first_layer_images
@@ -34,11 +32,9 @@ from gradleak.attacks.labels import idlg_label
 from gradleak.data.partition import ClientData
 from gradleak.data.sources import TilesSource
 from gradleak.fl import LocalTraining, train_client
-from gradleak.metrics import psnr, score, ssim
+from gradleak.metrics import psnr, score
 from gradleak.models import build_model
 
-ROOT = Path(__file__).resolve().parents[1]
-OUT = ROOT / "benchmarks/results"
 TILES = TilesSource(image_size=32).load(seed=0)
 
 
@@ -212,21 +208,7 @@ CASES = {
 
 
 def main() -> None:
-    names = sys.argv[1:] or ["--help"]
-    if names == ["all"]:
-        names = list(CASES)
-    if any(n not in CASES for n in names):
-        print(__doc__)
-        raise SystemExit(0 if names == ["--help"] else 2)
-    OUT.mkdir(parents=True, exist_ok=True)
-    for name in names:
-        t = time.perf_counter()
-        result = {"case": name, **CASES[name](), "wall_seconds": time.perf_counter() - t,
-                  "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-                  "cpu_count": os.cpu_count()}  # fmt: skip
-        text = json.dumps(result, indent=2)
-        (OUT / f"attack_{name}.json").write_text(text + "\n")
-        print(text)
+    run_cases(CASES, "attack", __doc__)
 
 
 if __name__ == "__main__":

@@ -13,18 +13,15 @@ Results go to benchmarks/results/disaggregation_CASE.json and stdout.
 
 from __future__ import annotations
 
-import json
-import os
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
+from cases import run_cases
 
 from gradleak.attacks.disaggregation import disaggregate, window_counts
 
-OUT = Path(__file__).resolve().parents[1] / "benchmarks/results"
 WINDOW = 10
 
 
@@ -105,20 +102,7 @@ CASES = {"reference": case_reference, "scale": case_scale, "noise": case_noise, 
 
 
 def main() -> None:
-    names = sys.argv[1:] or ["--help"]
-    if names == ["all"]:
-        names = list(CASES)
-    if any(n not in CASES for n in names):
-        print(__doc__)
-        raise SystemExit(0 if names == ["--help"] else 2)
-    OUT.mkdir(parents=True, exist_ok=True)
-    for name in names:
-        t = time.perf_counter()
-        result = {"case": name, **CASES[name](), "wall_seconds": time.perf_counter() - t,
-                  "cpu_count": os.cpu_count()}  # fmt: skip
-        text = json.dumps(result, indent=2)
-        (OUT / f"disaggregation_{name}.json").write_text(text + "\n")
-        print(text)
+    run_cases(CASES, "disaggregation", __doc__)
 
 
 if __name__ == "__main__":

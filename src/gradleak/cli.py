@@ -9,6 +9,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Annotated, Optional
 
+import numpy as np
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
@@ -248,9 +249,7 @@ def report(
         _fail(exc)
 
 
-def _read_matrix(path: Path, name: str) -> "np.ndarray":  # noqa: F821
-    import numpy as np
-
+def _read_matrix(path: Path, name: str) -> np.ndarray:
     from gradleak.errors import DataError
 
     if not path.is_file():
@@ -275,8 +274,6 @@ def disaggregate(
 ) -> None:
     """Recover who took part in which round, and each client's update, from secure-aggregation sums."""
     import json
-
-    import numpy as np
 
     from gradleak.attacks.disaggregation import disaggregate as run
 
