@@ -5,8 +5,10 @@ Every error names the dotted key and the problem on one line, before any work st
 
 from __future__ import annotations
 
+import types
+import typing
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, Literal, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -111,19 +113,25 @@ class ExperimentConfig(_Section):
 _TAG_KEYS = ("source", "scheme", "name")
 
 
-def _tag_values(section: str) -> list[str]:
-    """The allowed values of a union section's tag, e.g. the data sources' names."""
-    annotation = ExperimentConfig.model_fields[section].annotation
-    if section == "defenses":
+def model_variants(annotation: Any) -> list[type[BaseModel]]:
+    """The pydantic models inside a (possibly annotated, possibly listed) union, or []."""
+    if get_origin(annotation) is list:
+        return model_variants(get_args(annotation)[0])
+    if get_origin(annotation) is typing.Annotated:
         annotation = get_args(annotation)[0]
-    union = get_args(get_args(annotation)[0]) if get_args(annotation) and not hasattr(
-        get_args(annotation)[0], "model_fields") else get_args(annotation)  # fmt: skip
+    if get_origin(annotation) in (typing.Union, types.UnionType):
+        return [a for a in get_args(annotation) if isinstance(a, type) and issubclass(a, BaseModel)]
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return []
+
+
+def _tag_values(section: str) -> list[str]:
+    """The allowed values of a tagged section, e.g. the data sources' names."""
     out = []
-    for m in union:
-        for tag in _TAG_KEYS:
-            if tag in getattr(m, "model_fields", {}):
-                out.append(m.model_fields[tag].default)
-                break
+    for model in model_variants(ExperimentConfig.model_fields[section].annotation):
+        tag = next(t for t in _TAG_KEYS if t in model.model_fields)
+        out.append(model.model_fields[tag].default)
     return out
 
 

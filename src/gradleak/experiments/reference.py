@@ -2,28 +2,13 @@
 
 from __future__ import annotations
 
-import types
-import typing
-from typing import Any, get_args, get_origin
+from typing import Any, get_origin
 
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
 from gradleak.attacks.settings import PRESET_SOURCES, PRESETS, AttackSettings
-from gradleak.experiments.config import ExperimentConfig
-
-
-def _variants(annotation: Any) -> list[type[BaseModel]]:
-    """The pydantic models inside a (possibly annotated, possibly listed) union, or []."""
-    if get_origin(annotation) is list:
-        return _variants(get_args(annotation)[0])
-    if get_origin(annotation) is typing.Annotated:
-        annotation = get_args(annotation)[0]
-    if get_origin(annotation) in (typing.Union, types.UnionType):
-        return [a for a in get_args(annotation) if isinstance(a, type) and issubclass(a, BaseModel)]
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return [annotation]
-    return []
+from gradleak.experiments.config import ExperimentConfig, model_variants
 
 
 def _type_name(annotation: Any) -> str:
@@ -42,7 +27,7 @@ def _section(model: type[BaseModel], prefix: str, title: str, out: list[str]) ->
     rows, nested = [], []
     for name, field in model.model_fields.items():
         key = f"{prefix}{name}"
-        subs = _variants(field.annotation)
+        subs = model_variants(field.annotation)
         if subs:
             listed = get_origin(field.annotation) is list
             nested.append((f"{key}.N" if listed else key, subs, field.description or ""))
