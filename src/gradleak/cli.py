@@ -53,6 +53,21 @@ class ProgressDisplay:
         self.progress.advance(self.rounds)
 
 
+def _progress(*extra: TextColumn) -> Progress:
+    """The progress bar layout every long command uses."""
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TimeElapsedColumn(), *extra, console=console)  # fmt: skip
+
+
+def _execute(run, quiet: bool) -> None:  # noqa: ANN001  (a gradleak.experiments.Run)
+    """Run an experiment, with progress bars for its rounds and clients unless ``quiet``."""
+    if quiet:
+        run.execute()
+        return
+    with _progress() as progress:
+        run.execute(ProgressDisplay(progress, run.config.training.rounds, run.first_round))
+
+
 def _setup_logging(verbose: bool) -> None:
     if not any(isinstance(h, RichHandler) for h in log.handlers):
         log.addHandler(RichHandler(console=console, show_path=False, markup=False))
@@ -74,14 +89,7 @@ def _run(config_path: Path, out: Optional[Path], overrides: list[str], resume: b
     run_dir = out or Path("runs") / config.name
     prepared = Run(config, run_dir, resume=resume)
     try:
-        if quiet:
-            prepared.execute()
-        else:
-            columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                       TimeElapsedColumn())  # fmt: skip
-            with Progress(*columns, console=console, transient=False) as progress:
-                display = ProgressDisplay(progress, config.training.rounds, prepared.first_round)
-                prepared.execute(display)
+        _execute(prepared, quiet)
     except KeyboardInterrupt:
         console.print(
             f"interrupted; continue with: gradleak run {config_path} --out {run_dir} --resume"
@@ -172,9 +180,7 @@ def attack(
         if quiet:
             summary = attack_saved_update(**kwargs)
         else:
-            columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                       TimeElapsedColumn(), TextColumn("loss {task.fields[loss]:.4g}"))  # fmt: skip
-            with Progress(*columns, console=console) as progress:
+            with _progress(TextColumn("loss {task.fields[loss]:.4g}")) as progress:
                 task = progress.add_task(preset_name, total=settings.iterations, loss=float("nan"))
                 summary = attack_saved_update(
                     **kwargs, progress=lambda i, loss: progress.update(task, completed=i, loss=loss)
@@ -213,12 +219,7 @@ def sweep(
 
     def execute(run) -> None:  # noqa: ANN001
         log.info("sweep point %s", run.run_dir.name)
-        if quiet:
-            run.execute()
-        else:
-            columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-            with Progress(*columns, console=console) as progress:
-                run.execute(ProgressDisplay(progress, run.config.training.rounds, run.first_round))
+        _execute(run, quiet)
         build_run_report(run.run_dir)
 
     try:
