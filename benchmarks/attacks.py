@@ -3,7 +3,8 @@
     .venv/bin/python benchmarks/attacks.py CASE [CASE ...]     (or: all)
 
 Cases (natural-photo tiles are scikit-image's photographs cut to 32 x 32, one per photograph):
-  dlg                  DLG, DLG LeNet (U(-0.5, 0.5) init), one 32 x 32 tile, 300 L-BFGS steps, 10 seeds
+  dlg                  DLG, DLG LeNet (U(-0.5, 0.5) init) on unnormalised pixels as in the DLG code,
+                       one 32 x 32 tile, 300 L-BFGS steps, 10 seeds
   idlg-labels          the iDLG label rule on 200 one-image updates (random tile, label and init)
   inverting-gradients  Inverting Gradients (cosine, TV 1e-2, signed Adam 0.1, step decay), known
                        label, untrained sigmoid LeNet, 8 tiles, at 4,800 and 2,000 iterations
@@ -46,15 +47,18 @@ def tile(i: int) -> ClientData:
 
 
 def view_of(model_name: str, client: ClientData, *, seed: int, lr: float = 0.1, epochs: int = 1,
-            known: bool = False, kwargs: dict | None = None) -> ServerView:  # fmt: skip
+            known: bool = False, kwargs: dict | None = None, raw: bool = False) -> ServerView:  # fmt: skip
+    """The server's view of one client's update. ``raw``: the model sees unnormalised pixels in
+    [0, 1], as in the DLG code (no ``Normalize``); otherwise the tiles' own mean and std."""
+    mean, std = ((0.0,) * 3, (1.0,) * 3) if raw else (TILES.mean, TILES.std)
     torch.manual_seed(seed)
     model = build_model(model_name, channels=3, image_size=32, num_classes=TILES.num_classes,
                         kwargs=kwargs or {})  # fmt: skip
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     update, _ = train_client(model, state, client, round=1, settings=LocalTraining(epochs=epochs, lr=lr),
-                             mean=TILES.mean, std=TILES.std, seed=seed)  # fmt: skip
+                             mean=mean, std=std, seed=seed)  # fmt: skip
     return ServerView.of(model, state, update, image_shape=(3, 32, 32), num_classes=TILES.num_classes,
-                         mean=TILES.mean, std=TILES.std,
+                         mean=mean, std=std,
                          known_labels=client.data.labels.clone() if known else None)  # fmt: skip
 
 
@@ -67,7 +71,7 @@ def case_dlg() -> dict:
     runs = []
     for seed in range(10):
         client = tile(seed)
-        view = view_of("lenet", client, seed=seed, kwargs={"init": "uniform"})
+        view = view_of("lenet", client, seed=seed, kwargs={"init": "uniform"}, raw=True)
         rec = GradientInversion(preset("dlg")).run(view, seed=seed)
         runs.append({"seed": seed, **quality(rec, client)})
         print(runs[-1], file=sys.stderr)

@@ -22,6 +22,7 @@ from gradleak.data.sources import (
     TilesSource,
 )
 from gradleak.errors import ConfigError, DataError
+from gradleak.seeding import derive_seed
 
 
 def test_digits_are_sklearns_digits_split_by_class() -> None:
@@ -179,6 +180,24 @@ def test_explicit_partition_too_large() -> None:
         p.check(100)
     with pytest.raises(ConfigError, match=r"partition.clients.0.batch_size: batch size 9"):
         ExplicitPartition(clients=[{"size": 8, "batch_size": 9}]).check(100)
+
+
+def test_explicit_partition_classes_draw_from_those_classes_only() -> None:
+    p = ExplicitPartition(clients=[{"size": 5, "batch_size": 5, "classes": [2]},
+                                   {"size": 10, "batch_size": 2, "classes": [0, 3]},
+                                   {"size": 20, "batch_size": 4}])  # fmt: skip
+    clients = p.split(_pool(), seed=1)
+    assert set(clients[0].data.labels.tolist()) == {2}
+    assert set(clients[1].data.labels.tolist()) <= {0, 3}
+    assert [len(c.data) for c in clients] == [5, 10, 20]
+    sets = [_ids(c) for c in clients]
+    assert not (sets[0] & sets[1]) and not (sets[0] & sets[2]) and not (sets[1] & sets[2])
+    # without classes the split is the plain seeded one it always was
+    plain = ExplicitPartition(clients=[{"size": 8, "batch_size": 4}, {"size": 3, "batch_size": 1}])
+    order = np.random.default_rng(derive_seed(1, "partition")).permutation(100)
+    assert _ids(plain.split(_pool(), seed=1)[1]) == set(order[8:11].tolist())
+    with pytest.raises(ConfigError, match=r"partition.clients.0.size: 30 images asked for, but only 25"):
+        ExplicitPartition(clients=[{"size": 30, "batch_size": 1, "classes": [1]}]).split(_pool(), seed=0)
 
 
 def test_iid_partition_covers_pool() -> None:

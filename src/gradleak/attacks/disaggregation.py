@@ -84,7 +84,7 @@ def check_well_posed(sums: np.ndarray, counts: np.ndarray, window: int, rank_tol
 
 
 def _solve_client(args: tuple) -> tuple[int, np.ndarray, float]:
-    k, q, counts_k, window, time_limit = args
+    k, name, q, counts_k, window, time_limit = args
     t, n = q.shape
     # variables: p (t, binary) | a (n, free) | e (t, >= 0)
     c = np.concatenate([np.zeros(t), np.zeros(n), np.ones(t)])
@@ -109,7 +109,7 @@ def _solve_client(args: tuple) -> tuple[int, np.ndarray, float]:
     res = milp(c, constraints=LinearConstraint(a, lb, ub), integrality=integrality, bounds=bounds,
                options={"time_limit": time_limit, "disp": False})  # fmt: skip
     if res.status != 0 or res.x is None:
-        raise SolverFailure(f"client {k}, rounds 0-{t - 1}: HiGHS status {res.status}: {res.message}")
+        raise SolverFailure(f"client {name}, rounds 0-{t - 1}: HiGHS status {res.status}: {res.message}")
     return k, np.round(res.x[:t]).astype(np.int64), float(res.fun)
 
 
@@ -120,6 +120,7 @@ def disaggregate(
     *,
     time_limit: float = 60.0,
     workers: int | None = None,
+    client_ids: list[int] | None = None,
 ) -> Disaggregation:
     """Recover the participation matrix and every client's update from round sums and counts.
 
@@ -129,6 +130,7 @@ def disaggregate(
         window: rounds per window.
         time_limit: seconds HiGHS may spend on one client.
         workers: processes solving clients in parallel (default: the machine's cores).
+        client_ids: the clients' names in errors (default: their column index).
     """
     start = time.perf_counter()
     sums = np.asarray(sums, dtype=np.float64)
@@ -136,7 +138,8 @@ def disaggregate(
     s = check_well_posed(sums, counts, window)
     n = counts.shape[1]
     q, _ = column_space(sums, n)
-    jobs = [(k, q, counts[:, k].astype(float), window, time_limit) for k in range(n)]
+    names = client_ids or list(range(n))
+    jobs = [(k, names[k], q, counts[:, k].astype(float), window, time_limit) for k in range(n)]
     workers = min(workers or os.cpu_count() or 1, n)
     if workers > 1:
         with ProcessPoolExecutor(workers) as pool:

@@ -209,9 +209,16 @@ class GradientInversion:
             else:
                 opt = torch.optim.Adam(variables, lr=s.lr, fused=True)
             sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(s))
+            stalled, previous, done = 0, math.inf, 0
             for it in range(s.iterations):
+                done = it + 1
                 if s.optimizer == "lbfgs":
                     loss = opt.step(evaluate)
+                    # L-BFGS at its tolerance returns the same loss every step: stop instead
+                    stalled = stalled + 1 if float(loss) >= previous else 0
+                    previous = min(previous, float(loss))
+                    if stalled >= 3:
+                        break
                 else:
                     loss = evaluate()
                     opt.step()
@@ -237,6 +244,6 @@ class GradientInversion:
             prior=x0[best].clamp(0, 1),
             restart_scores=[float(v) for v in scores],
             trace=[float(t[best]) for t in trace],
-            iterations=s.iterations,
+            iterations=done,
             seconds=time.perf_counter() - start,
         )

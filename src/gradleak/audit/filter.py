@@ -61,21 +61,26 @@ class LeakageAudit:
             num_classes=self.num_classes, mean=self.mean, std=self.std,
             known_labels=labels.clone() if self.settings.labels == "known" else None,
         )  # fmt: skip
-        rec = self.attack.run(view, seed=derive_seed(ctx.seed, "audit", ctx.round, cid),
-                              prior=self.prior, device=self.device)  # fmt: skip
+        record = self.inspect(view, truth, labels, seed=derive_seed(ctx.seed, "audit", ctx.round, cid))
+        ctx.record.update(record)
+        if self.config.threshold is not None and record["rdlv"] > self.config.threshold:
+            ctx.withheld = True
+        return update
+
+    def inspect(self, view: ServerView, truth: torch.Tensor, labels: torch.Tensor, *, seed: int) -> dict:
+        """Attack one view, score it against the client's images, save the images (when enabled)
+        and return the audit record (RDLV, SSIM, PSNR, MSE, label accuracy, attack time)."""
+        rec = self.attack.run(view, seed=seed, prior=self.prior, device=self.device)
         leak = rdlv(rec.images, rec.prior, truth, metric=self.config.metric, reduce=self.config.reduce)
         s = score(rec.images, truth, rec.labels, labels)
-        ctx.record.update(
+        if self.config.save_images and self.out_dir is not None:
+            self._save(view.meta.round, view.meta.client_id, truth, rec.prior, rec.images, leak.best)
+        return dict(
             audited=True, rdlv=leak.value, ssim=float(s.ssim.mean()), psnr=float(s.psnr.mean()),
             mse=float(s.mse.mean()), label_accuracy=s.label_accuracy,
             label_strategy=rec.label_strategy, attack=self.config.preset,
             defenses=self.defenses, attack_seconds=rec.seconds,
         )  # fmt: skip
-        if self.config.threshold is not None and leak.value > self.config.threshold:
-            ctx.withheld = True
-        if self.config.save_images and self.out_dir is not None:
-            self._save(ctx.round, cid, truth, rec.prior, rec.images, leak.best)
-        return update
 
     def _save(self, round: int, cid: int, truth, prior, images, best: list[int]) -> None:
         """Originals, starts and reconstructions; only inside the run directory."""

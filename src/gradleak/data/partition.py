@@ -34,6 +34,10 @@ class ClientSpec(BaseModel):
     size: int = Field(gt=0, description="Number of training images of this client.")
     batch_size: int = Field(gt=0, description="Local mini-batch size.")
     lr: float | None = Field(None, gt=0, description="Local learning rate; null = training.lr.")
+    classes: list[int] | None = Field(
+        None, min_length=1, description="Draw this client's images only from these classes (label "
+        "skew by hand); null = any class.",
+    )
 
 
 class _Partition(BaseModel):
@@ -77,11 +81,19 @@ class ExplicitPartition(_Partition):
     def split(self, pool: ImageDataset, seed: int) -> list[ClientData]:
         self.check(len(pool))
         order = numpy_rng(seed, "partition").permutation(len(pool))
-        out, start = [], 0
+        labels, used, out = pool.labels.numpy(), np.zeros(len(pool), dtype=bool), []
         for i, c in enumerate(self.clients):
-            idx = np.sort(order[start : start + c.size])
-            start += c.size
-            out.append(ClientData(i + 1, pool.subset(idx), c.batch_size, c.lr))
+            free = order[~used[order]]  # unused images, in the seeded order
+            if c.classes is not None:
+                free = free[np.isin(labels[free], c.classes)]
+            if len(free) < c.size:
+                raise ConfigError(
+                    f"partition.clients.{i}.size",
+                    f"{c.size} images asked for, but only {len(free)} unused ones of classes {c.classes} are left",
+                )
+            pick = free[: c.size]
+            used[pick] = True
+            out.append(ClientData(i + 1, pool.subset(np.sort(pick)), c.batch_size, c.lr))
         return out
 
 

@@ -47,7 +47,11 @@ class TrainingConfig(_Section):
 
 
 class AggregationConfig(_Section):
-    strategy: str = Field("fedavg", description="Server aggregation: fedavg.")
+    strategy: str = Field(
+        "fedavg",
+        description="Server aggregation: fedavg (the server sees every update), or secure-sum (the "
+        "server sees only each round's sum of updates and steps by their mean, all clients weighing the same).",
+    )
 
     @field_validator("strategy")
     @classmethod
@@ -57,6 +61,21 @@ class AggregationConfig(_Section):
         if v not in STRATEGIES:
             raise ValueError(f"unknown strategy {v!r} (known: {', '.join(STRATEGIES.names())})")
         return v
+
+
+class DisaggregationConfig(_Section):
+    """The gradient-disaggregation attack on a secure-sum run, run once training has finished."""
+
+    window: int = Field(
+        10, gt=0, description="Rounds per window of the participation logs the server is given "
+        "(how often each client took part in each window).",
+    )
+    invert: list[int] = Field(
+        default_factory=list,
+        description="Clients whose recovered update is then attacked with the audit's attack and "
+        "scored like an audit row, as if there had been no secure aggregation (needs audit:).",
+    )
+    time_limit: float = Field(60.0, gt=0, description="Seconds the MILP solver may spend on one client.")
 
 
 class CheckpointConfig(_Section):
@@ -89,6 +108,10 @@ class ExperimentConfig(_Section):
     )
     audit: AuditConfig | None = Field(
         None, description="The leakage audit, run on each update after the defences; null: none."
+    )
+    disaggregation: DisaggregationConfig | None = Field(
+        None, description="With aggregation.strategy secure-sum: recover every client's participation "
+        "and update from the round sums, and invert chosen clients' updates; null: none.",
     )
     sweep: dict[str, list[Any]] = Field(
         default_factory=dict,

@@ -17,6 +17,8 @@ from gradleak.data.dataset import DataBundle
 from gradleak.data.partition import ClientData
 from gradleak.errors import ConfigError, GradleakError
 from gradleak.experiments.config import ExperimentConfig
+from gradleak.experiments.secure_sum import check_config as check_secure_sum
+from gradleak.experiments.secure_sum import run_disaggregation
 from gradleak.experiments.store import RunStore
 from gradleak.fl.client import LocalTraining
 from gradleak.fl.filters import UpdateFilter
@@ -48,15 +50,26 @@ class Scenario:
         cfg = self.config
         rate = cfg.training.clients_per_round
         out: list[UpdateFilter] = [d.build(index=i, sample_rate=rate) for i, d in enumerate(cfg.defenses)]
-        if cfg.audit is not None:
-            prior = self.data.test.images.mean(0, keepdim=True) if cfg.audit.prior == "mean-image" else None
-            out.append(LeakageAudit(
-                cfg.audit, model=self.model, image_shape=self.data.shape,
-                num_classes=self.data.num_classes, mean=self.data.mean, std=self.data.std,
-                prior=prior, out_dir=run_dir / "audit" if run_dir else None,
-                defenses=cfg.defense_summary(), device=self.device,
-            ))  # fmt: skip
-        return out
+        audit = self.audit(run_dir / "audit" if run_dir else None)
+        return out if audit is None else [*out, audit]
+
+    def audit(self, out_dir: Path | None) -> LeakageAudit | None:
+        """The configured audit (None without an ``audit:`` section), saving images in ``out_dir``."""
+        cfg = self.config
+        if cfg.audit is None:
+            return None
+        prior = self.data.test.images.mean(0, keepdim=True) if cfg.audit.prior == "mean-image" else None
+        return LeakageAudit(
+            cfg.audit, model=self.model, image_shape=self.data.shape,
+            num_classes=self.data.num_classes, mean=self.data.mean, std=self.data.std,
+            prior=prior, out_dir=out_dir, defenses=cfg.defense_summary(), device=self.device,
+        )  # fmt: skip
+
+    @property
+    def keep_every(self) -> int:
+        """Checkpoint spacing: every round when a disaggregation chain needs each round's model."""
+        d = self.config.disaggregation
+        return 1 if d is not None and d.invert else self.config.checkpoints.keep_every
 
     def simulator(self, run_dir: Path | None = None) -> Simulator:
         t = self.config.training
@@ -82,6 +95,7 @@ def resolve_device(name: str) -> torch.device:
 
 def build_scenario(config: ExperimentConfig) -> Scenario:
     """Load the data, split the clients and build the model; fails early on impossible setups."""
+    check_secure_sum(config)
     data = config.data.load(config.seed)
     config.partition.check(len(data.train))
     clients = config.partition.split(data.train, config.seed)
@@ -128,7 +142,7 @@ class _StoreHooks:
             self.display.client_done(result)
 
     def round_done(self, result: RoundResult, state: dict[str, torch.Tensor]) -> None:
-        self.store.record_round(result.row(), state, self.keep_every)
+        self.store.record_round(result.row(), state, self.keep_every, result.observed)
         log.info(
             "round %d: test accuracy %.4f, loss %.4f (%d/%d updates aggregated)",
             result.round, result.test_accuracy, result.test_loss, result.aggregated,
@@ -189,8 +203,10 @@ class Run:
             if last < config.training.rounds:
                 self.scenario.simulator(self.run_dir).run(
                     state, first_round=last + 1, last_round=config.training.rounds,
-                    hooks=_StoreHooks(store, config.checkpoints.keep_every, display), done=done,
+                    hooks=_StoreHooks(store, self.scenario.keep_every, display), done=done,
                 )  # fmt: skip
+            if config.disaggregation is not None:
+                run_disaggregation(self.scenario, store, self.scenario.audit(self.run_dir / "disaggregation"))
             log.info("finished %s", config.name)
         return store.rounds.read()
 

@@ -9,6 +9,9 @@ Layout::
                                       results are bitwise reproducible
     RUN/checkpoints/global_RRRR.safetensors   the global model after round R (0 = initial)
     RUN/pending/round_RRRR/client_C.safetensors  updates of the round in progress
+    RUN/secure_sum/round_RRRR.safetensors  under secure aggregation: the round's weighted sum of
+                                      updates, all that the server observes of the round
+    RUN/disaggregation/               the disaggregation attack on those sums (see experiments.chain)
     RUN/run.log                       the log
 
 Crash safety: a client's update is written (atomically) before its row, and a round's checkpoint
@@ -75,6 +78,7 @@ class RunStore:
         self.checkpoints = root / "checkpoints"
         self.pending = root / "pending"
         self.config_path = root / "config.yaml"
+        self.secure_sums = root / "secure_sum"
 
     def exists(self) -> bool:
         return self.config_path.exists()
@@ -111,6 +115,11 @@ class RunStore:
                 continue
             path.unlink()
 
+    def load_secure_sums(self) -> list[dict[str, torch.Tensor]]:
+        """The recorded round sums, round 1 first (empty dicts for rounds with nothing summed)."""
+        rounds = len(self.rounds.read())
+        return [load_file(str(self.secure_sums / f"round_{r:04d}.safetensors")) for r in range(1, rounds + 1)]
+
     # rows and pending updates ---------------------------------------------------------------
     def _pending_path(self, round: int, client: int) -> Path:
         return self.pending / f"round_{round:04d}" / f"client_{client}.safetensors"
@@ -123,8 +132,19 @@ class RunStore:
         self.results.append(result.row())
         self.timings.append({"round": m.round, "client": m.client_id, "seconds": result.seconds})
 
-    def record_round(self, row: dict[str, Any], state: dict[str, torch.Tensor], keep_every: int) -> None:
+    def record_round(
+        self,
+        row: dict[str, Any],
+        state: dict[str, torch.Tensor],
+        keep_every: int,
+        observed: dict[str, torch.Tensor] | None = None,
+    ) -> None:
         r = row["round"]
+        if observed is not None:
+            self.secure_sums.mkdir(exist_ok=True)
+            path = self.secure_sums / f"round_{r:04d}.safetensors"
+            save_file({k: v.contiguous() for k, v in observed.items()}, str(path.with_suffix(".tmp")))
+            path.with_suffix(".tmp").replace(path)
         self.save_checkpoint(r, state)
         self.rounds.append(row)
         shutil.rmtree(self.pending / f"round_{r:04d}", ignore_errors=True)

@@ -23,6 +23,11 @@ class Strategy(ABC):
     ) -> dict[str, torch.Tensor]:
         """Return the new global state (a new dict; ``global_state`` is not modified)."""
 
+    def observation(self, updates: Sequence[ClientUpdate]) -> dict[str, torch.Tensor] | None:
+        """What the server learns of the round when it cannot see the individual updates (the
+        run records it); None when it sees every update."""
+        return None
+
 
 STRATEGIES: Registry[type[Strategy]] = Registry("aggregation strategy")
 
@@ -42,15 +47,21 @@ class FedAvg(Strategy):
             return {k: v.clone() for k, v in global_state.items()}
         weights = torch.tensor([u.meta.num_samples for u in updates], dtype=torch.float64)
         weights = weights / weights.sum()
-        new = {}
-        for k, g in global_state.items():
-            stacked = torch.stack([u.delta[k].to(torch.float64) for u in updates])
-            mean = torch.tensordot(weights, stacked, dims=1)
-            if g.is_floating_point():
-                new[k] = (g.to(torch.float64) + mean).to(g.dtype)
-            else:
-                new[k] = g + torch.round(mean).to(g.dtype)
-        return new
+        mean = {k: torch.tensordot(weights, torch.stack([u.delta[k].to(torch.float64) for u in updates]), dims=1)
+                for k in global_state}  # fmt: skip
+        return step(global_state, mean)
+
+
+def step(global_state: dict[str, torch.Tensor], mean: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``global + mean`` per entry in float64, cast back; integer entries (batch-norm counters)
+    move by the rounded mean."""
+    new = {}
+    for k, g in global_state.items():
+        if g.is_floating_point():
+            new[k] = (g.to(torch.float64) + mean[k]).to(g.dtype)
+        else:
+            new[k] = g + torch.round(mean[k]).to(g.dtype)
+    return new
 
 
 @torch.no_grad()
@@ -76,3 +87,27 @@ def evaluate(
         correct += int((logits.argmax(1) == y).sum())
     n = max(len(test), 1)
     return correct / n, loss_sum / n
+
+
+@STRATEGIES.register("secure-sum")
+class SecureSum(Strategy):
+    """Aggregation behind secure aggregation: the server learns only the round's sum of updates.
+
+    Clients mask their updates so that only ``sum_k delta_k`` is revealed (which is recorded per
+    round as the server's observation); the server steps by the mean, ``sum / participants``, so
+    clients weigh equally (their sample counts stay hidden too). Gradient disaggregation
+    (``gradleak.attacks.disaggregation``) shows what these sums still reveal over many rounds.
+    """
+
+    def observation(self, updates: Sequence[ClientUpdate]) -> dict[str, torch.Tensor] | None:
+        if not updates:
+            return {}
+        return {k: torch.stack([u.delta[k].to(torch.float64) for u in updates]).sum(0) for k in updates[0].delta}
+
+    def aggregate(
+        self, global_state: dict[str, torch.Tensor], updates: Sequence[ClientUpdate]
+    ) -> dict[str, torch.Tensor]:
+        total = self.observation(updates)
+        if not total:
+            return {k: v.clone() for k, v in global_state.items()}
+        return step(global_state, {k: v / len(updates) for k, v in total.items()})

@@ -69,6 +69,7 @@ class RoundResult:
     aggregated: int
     test_accuracy: float
     test_loss: float
+    observed: dict[str, torch.Tensor] | None = None  # what a secure-sum server learns (not a row field)
 
     def row(self) -> dict[str, Any]:
         return {
@@ -169,8 +170,9 @@ class Simulator:
             kept = [res.update for res in results if not res.withheld]
             state = self.strategy.aggregate(state, kept)
             acc, loss = evaluate(self.model, state, self.test, self.mean, self.std, device=self.device)
+            observed = self.strategy.observation(kept)
             hooks.round_done(
-                RoundResult(r, [c.client_id for c in chosen], len(kept), acc, loss), state
+                RoundResult(r, [c.client_id for c in chosen], len(kept), acc, loss, observed), state
             )
         return state
 

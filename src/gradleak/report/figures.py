@@ -73,8 +73,10 @@ def rdlv_per_round(audited: list[dict[str, Any]], out_dir: Path) -> Path:
     return save(fig, out_dir, "rdlv")
 
 
-def audit_grid(cid: int, rows: list[dict[str, Any]], images: list[dict[str, Any]], out_dir: Path) -> Path:
-    """Original | start | best reconstruction for one client's audited rounds (first image)."""
+def audit_grid(cid: int, rows: list[dict[str, Any]], images: list[dict[str, Any]], out_dir: Path,
+               stem: str = "audit") -> Path:  # fmt: skip
+    """Original | start | best reconstruction for one client's audited rounds (first image);
+    written as ``STEM_client_CID``."""
     n = len(images)
     fig, axes = plt.subplots(n, 3, figsize=(4.2, 1.5 * n + 0.4), squeeze=False)
     for i, (row, img) in enumerate(zip(rows, images, strict=True)):
@@ -89,7 +91,7 @@ def audit_grid(cid: int, rows: list[dict[str, Any]], images: list[dict[str, Any]
         axes[i][0].set_ylabel(f"round {row['round']}", fontsize=8)
         axes[i][2].set_xlabel(f"SSIM {row['ssim']:.2f}, PSNR {row['psnr']:.1f}", fontsize=7)
     fig.suptitle(f"client {cid}", fontsize=9)
-    return save(fig, out_dir, f"audit_client_{cid}")
+    return save(fig, out_dir, f"{stem}_client_{cid}")
 
 
 def privacy_utility(points: list[dict[str, Any]], key: str, out_dir: Path) -> Path:

@@ -63,7 +63,7 @@ def build_run_report(run_dir: Path) -> Path:
         figs.append(_img(figures.train_loss_per_client(results, out), "training loss per client"))
     final = f"{rounds[-1]['test_accuracy']:.4f} after round {rounds[-1]['round']}" if rounds else "none yet"
     name = html.escape(str(config.get("name", run_dir.name)))
-    audit = _audit_section(run_dir, results, out)
+    audit = _audit_section(run_dir, results, out) + _disaggregation_section(run_dir, out)
     page = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>gradleak report: {name}</title>
 <style>{STYLE}</style></head><body>
@@ -112,6 +112,36 @@ def _audit_section(run_dir: Path, results: list[dict[str, Any]], out: Path) -> s
             parts.append(_img(grid, f"original, start and reconstruction of client {cid}"))
     table = [{k: r.get(k, "") for k in AUDIT_COLUMNS} for r in audited]
     parts += ["<h3>Audited updates</h3>", _table(table)]
+    return "\n".join(parts)
+
+
+def _disaggregation_section(run_dir: Path, out: Path) -> str:
+    """The secure-sum chain: participation recovered from the round sums, then the inversion of
+    chosen clients' recovered updates (``RUN/disaggregation/summary.json``)."""
+    path = run_dir / "disaggregation" / "summary.json"
+    if not path.exists():
+        return ""
+    s = json.loads(path.read_text())
+    verdict = ("recovered <b>exactly</b>" if s["participation_exact"]
+               else f"<b>not</b> recovered exactly ({s['wrong_entries']} wrong entries)")  # fmt: skip
+    parts = [
+        "<h2>Secure aggregation: gradient disaggregation</h2>",
+        f"<p>The server saw only the sum of each of {s['rounds']} rounds ({s['dimensions']} values) and, "
+        f"per window of {s['window']} rounds, how often each of the {s['clients']} clients took part. "
+        f"From these, the participation matrix was {verdict} ({s['clients_exact']} of {s['clients']} "
+        f"clients exact) in {s['seconds']:.1f} s, and each client's update by least squares.</p>",
+    ]
+    inverted = [r for r in s["inverted"] if "rdlv" in r]
+    if inverted:
+        parts.append("<p>Each inverted client's recovered update, attacked as if there had been no "
+                     "secure aggregation (global model of the middle round it took part in):</p>")
+        for r in inverted:
+            f = run_dir / "disaggregation" / f"round_{r['round']:04d}" / f"client_{r['client']}.npz"
+            if f.exists():
+                grid = figures.audit_grid(r["client"], [r], [dict(np.load(f))], out, stem="disaggregated")
+                parts.append(_img(grid, f"client {r['client']} from its disaggregated update"))
+        cols = ("client", "round", "rounds_taken_part", *AUDIT_COLUMNS[4:9], "attack_seconds")
+        parts.append(_table([{k: r.get(k, "") for k in cols} for r in inverted]))
     return "\n".join(parts)
 
 
