@@ -9,9 +9,12 @@ stacked sums. The attack:
 1. SVD of the T x d sums; the column space is spanned by the first n left singular vectors (n the
    number of clients: the right cut-off also for noisy sums, whose spectrum has no gap to find).
 2. For each client, a mixed-integer program over its T rounds: binary ``p`` with the logged count
-   in every window, as close as possible (L1) to the column space: ``min sum e`` subject to
-   ``-e <= p - Q a <= e`` with ``a`` free. Solved with HiGHS (``scipy.optimize.milp``), clients in
-   parallel processes.
+   in every window and in the column space. Exact sums (singular value n+1 numerically zero): a
+   feasibility problem, ``|p - Q a| <= 1e-6`` per round with ``a`` free, so the solver stops at
+   the first point it finds (50 clients/200 rounds: 3.5 s against 10 s for the L1 program).
+   Noisy sums: as close as possible (L1) to the column space, ``min sum e`` subject to
+   ``-e <= p - Q a <= e``. Solved with HiGHS (``scipy.optimize.milp``), clients in parallel
+   processes.
 3. The participation matrix, then every client's update by least squares on the sums.
 
 A solver failure or time-out raises with the client and rounds concerned; nothing is guessed.
@@ -45,7 +48,7 @@ class SolverFailure(GradleakError):
 class Disaggregation:
     participation: np.ndarray  # T x n, 0/1
     updates: np.ndarray  # n x d, least squares on the sums
-    residuals: np.ndarray  # n: the L1 distance of each recovered column to the column space
+    residuals: np.ndarray  # n: L1 norm of each recovered column minus its projection on the column space
     singular_values: np.ndarray  # of the sums, for inspecting the rank
     seconds: float
 
@@ -83,34 +86,49 @@ def check_well_posed(sums: np.ndarray, counts: np.ndarray, window: int, rank_tol
     return s
 
 
-def _solve_client(args: tuple) -> tuple[int, np.ndarray, float]:
-    k, name, q, counts_k, window, time_limit = args
-    t, n = q.shape
-    # variables: p (t, binary) | a (n, free) | e (t, >= 0)
-    c = np.concatenate([np.zeros(t), np.zeros(n), np.ones(t)])
-    eye = identity(t, format="csr")
-    qs = csr_matrix(q)
-    upper = hstack([eye, -qs, -eye])  # p - Q a - e <= 0
-    lower = hstack([-eye, qs, -eye])  # -p + Q a - e <= 0
+# Sums whose (n+1)-th singular value is below this fraction of the largest are exact (rank n).
+EXACT_RANK_TOL = 1e-9
+# In the exact case, how far (per round) a participation vector may lie from the column space.
+EXACT_TOL = 1e-6
+
+
+def _window_matrix(t: int, window: int) -> csr_matrix:
     rows = [(s, min(s + window, t)) for s in range(0, t, window)]
-    win = csr_matrix(
-        (np.ones(t), (np.repeat(np.arange(len(rows)), [b - a for a, b in rows]), np.arange(t))),
-        shape=(len(rows), t),
-    )
-    windows = hstack([win, csr_matrix((len(rows), n)), csr_matrix((len(rows), t))])
-    a = vstack([upper, lower, windows]).tocsr()
-    lb = np.concatenate([np.full(2 * t, -np.inf), counts_k])
-    ub = np.concatenate([np.zeros(2 * t), counts_k])
-    bounds = Bounds(
-        np.concatenate([np.zeros(t), np.full(n, -np.inf), np.zeros(t)]),
-        np.concatenate([np.ones(t), np.full(n, np.inf), np.full(t, np.inf)]),
-    )
-    integrality = np.concatenate([np.ones(t), np.zeros(n + t)])
+    sizes = [b - a for a, b in rows]
+    return csr_matrix((np.ones(t), (np.repeat(np.arange(len(rows)), sizes), np.arange(t))), shape=(len(rows), t))
+
+
+def _solve_client(args: tuple) -> tuple[int, np.ndarray]:
+    """One client's participation column. Exact sums: a feasibility problem (binary p with its
+    window counts and ``|p - Q a| <= EXACT_TOL`` per round), so HiGHS stops at the first point it
+    finds. Noisy sums: the binary p closest to the column space in L1 (``min sum e`` with
+    ``-e <= p - Q a <= e``), which HiGHS must prove optimal."""
+    k, name, q, counts_k, window, time_limit, exact = args
+    t, n = q.shape
+    win = _window_matrix(t, window)
+    w = win.shape[0]
+    eye, qs = identity(t, format="csr"), csr_matrix(q)
+    if exact:  # variables: p (t, binary) | a (n, free)
+        c = np.zeros(t + n)
+        a = vstack([hstack([eye, -qs]), hstack([win, csr_matrix((w, n))])]).tocsr()
+        lb = np.concatenate([np.full(t, -EXACT_TOL), counts_k])
+        ub = np.concatenate([np.full(t, EXACT_TOL), counts_k])
+        extra_lb, extra_ub = np.zeros(0), np.zeros(0)
+    else:  # variables: p (t, binary) | a (n, free) | e (t, >= 0)
+        c = np.concatenate([np.zeros(t + n), np.ones(t)])
+        a = vstack([hstack([eye, -qs, -eye]), hstack([-eye, qs, -eye]),
+                    hstack([win, csr_matrix((w, n + t))])]).tocsr()  # fmt: skip
+        lb = np.concatenate([np.full(2 * t, -np.inf), counts_k])
+        ub = np.concatenate([np.zeros(2 * t), counts_k])
+        extra_lb, extra_ub = np.zeros(t), np.full(t, np.inf)
+    bounds = Bounds(np.concatenate([np.zeros(t), np.full(n, -np.inf), extra_lb]),
+                    np.concatenate([np.ones(t), np.full(n, np.inf), extra_ub]))  # fmt: skip
+    integrality = np.concatenate([np.ones(t), np.zeros(len(c) - t)])
     res = milp(c, constraints=LinearConstraint(a, lb, ub), integrality=integrality, bounds=bounds,
                options={"time_limit": time_limit, "disp": False})  # fmt: skip
     if res.status != 0 or res.x is None:
         raise SolverFailure(f"client {name}, rounds 0-{t - 1}: HiGHS status {res.status}: {res.message}")
-    return k, np.round(res.x[:t]).astype(np.int64), float(res.fun)
+    return k, np.round(res.x[:t]).astype(np.int64)
 
 
 def disaggregate(
@@ -139,7 +157,8 @@ def disaggregate(
     n = counts.shape[1]
     q, _ = column_space(sums, n)
     names = client_ids or list(range(n))
-    jobs = [(k, names[k], q, counts[:, k].astype(float), window, time_limit) for k in range(n)]
+    exact = len(s) <= n or s[n] <= EXACT_RANK_TOL * s[0]
+    jobs = [(k, names[k], q, counts[:, k].astype(float), window, time_limit, exact) for k in range(n)]
     workers = min(workers or os.cpu_count() or 1, n)
     if workers > 1:
         with ProcessPoolExecutor(workers) as pool:
@@ -148,7 +167,8 @@ def disaggregate(
         results = [_solve_client(j) for j in jobs]
     p = np.zeros((sums.shape[0], n), dtype=np.int64)
     residuals = np.zeros(n)
-    for k, col, fun in results:
-        p[:, k], residuals[k] = col, fun
+    for k, col in results:
+        p[:, k] = col
+        residuals[k] = np.abs(col - q @ (q.T @ col)).sum()
     updates, *_ = np.linalg.lstsq(p.astype(np.float64), sums, rcond=None)
     return Disaggregation(p, updates, residuals, s, time.perf_counter() - start)
