@@ -60,7 +60,10 @@ def test_disaggregation_config_errors_name_the_key(tmp_path) -> None:
     no_audit = {k: v for k, v in CHAIN.items() if k != "audit"}
     with pytest.raises(ConfigError, match="disaggregation.invert: needs an audit"):
         run_experiment(validate_config(no_audit), tmp_path / "b")
-    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    unknown = {**CHAIN, "disaggregation": {"window": 5, "invert": [9]}}
+    with pytest.raises(ConfigError, match=r"disaggregation.invert: client 9 is not one of the run's clients \(1 to 5\)"):
+        run_experiment(validate_config(unknown), tmp_path / "c")
+    assert not any((tmp_path / d).exists() for d in ("a", "b", "c"))
 
 
 def test_chain_recovers_participation_and_the_one_image_client(tmp_path) -> None:

@@ -43,6 +43,10 @@ def check_config(config: Any) -> None:
         raise ConfigError("disaggregation", "needs aggregation.strategy: secure-sum (the server must see sums)")
     if d.invert and config.audit is None:
         raise ConfigError("disaggregation.invert", "needs an audit: section (its attack and metric are used)")
+    unknown = [c for c in d.invert if not 1 <= c <= config.partition.num_clients]
+    if unknown:
+        raise ConfigError("disaggregation.invert", f"client {unknown[0]} is not one of the run's clients "
+                          f"(1 to {config.partition.num_clients})")  # fmt: skip
 
 
 def participation_matrix(store: RunStore, client_ids: list[int]) -> np.ndarray:
@@ -97,8 +101,6 @@ def run_disaggregation(scenario: Any, store: RunStore, audit: LeakageAudit | Non
     }  # fmt: skip
     rows = store.results.read()
     for cid in cfg.invert:
-        if cid not in client_ids:
-            raise ConfigError("disaggregation.invert", f"client {cid} is not one of the run's clients")
         summary["inverted"].append(_invert(scenario, store, audit, result, client_ids.index(cid), keys, rows))
     out.mkdir(parents=True, exist_ok=True)
     (out / SUMMARY).write_text(json.dumps(summary, indent=2))
