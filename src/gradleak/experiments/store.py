@@ -9,9 +9,9 @@ Layout::
                                       results are bitwise reproducible
     RUN/checkpoints/global_RRRR.safetensors   the global model after round R (0 = initial)
     RUN/pending/round_RRRR/client_C.safetensors  updates of the round in progress
-    RUN/secure_sum/round_RRRR.safetensors  under secure aggregation: the round's weighted sum of
-                                      updates, all that the server observes of the round
-    RUN/disaggregation/               the disaggregation attack on those sums (see experiments.chain)
+    RUN/secure_sum/round_RRRR.safetensors  under secure aggregation: the round's sum of updates,
+                                      all that the server observes of the round
+    RUN/disaggregation/               the disaggregation attack on those sums (experiments.secure_sum)
     RUN/run.log                       the log
 
 Crash safety: a client's update is written (atomically) before its row, and a round's checkpoint
@@ -67,6 +67,13 @@ class JsonLines:
         tmp.replace(self.path)
 
 
+def _save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """Write safetensors atomically (write, then rename), so a killed run leaves no torn file."""
+    tmp = path.with_suffix(".tmp")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+    tmp.replace(path)
+
+
 class RunStore:
     """Reads and writes one run directory."""
 
@@ -99,10 +106,7 @@ class RunStore:
         return self.checkpoints / f"global_{round:04d}.safetensors"
 
     def save_checkpoint(self, round: int, state: dict[str, torch.Tensor]) -> None:
-        path = self.checkpoint_path(round)
-        tmp = path.with_suffix(".tmp")
-        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
-        tmp.replace(path)
+        _save_tensors(self.checkpoint_path(round), state)
 
     def load_checkpoint(self, round: int) -> dict[str, torch.Tensor]:
         return load_file(str(self.checkpoint_path(round)))
@@ -142,9 +146,7 @@ class RunStore:
         r = row["round"]
         if observed is not None:
             self.secure_sums.mkdir(exist_ok=True)
-            path = self.secure_sums / f"round_{r:04d}.safetensors"
-            save_file({k: v.contiguous() for k, v in observed.items()}, str(path.with_suffix(".tmp")))
-            path.with_suffix(".tmp").replace(path)
+            _save_tensors(self.secure_sums / f"round_{r:04d}.safetensors", observed)
         self.save_checkpoint(r, state)
         self.rounds.append(row)
         shutil.rmtree(self.pending / f"round_{r:04d}", ignore_errors=True)
