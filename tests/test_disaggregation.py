@@ -9,6 +9,7 @@ from gradleak.attacks.disaggregation import (
     IllPosed,
     SolverFailure,
     disaggregate,
+    participation_columns,
     window_counts,
 )
 
@@ -33,6 +34,15 @@ def test_exact_recovery_of_participation_and_updates() -> None:
     assert r.residuals.max() < 1e-6
 
 
+def test_a_subset_of_columns_is_solved_alone() -> None:
+    # Two of 40 clients: each column's program still spans the whole federation's column space.
+    p, _, sums = _case(n=40, t=160, d=60, seed=4)
+    cols = participation_columns(sums, window_counts(p, 10), 10, only=[3, 17], workers=2)
+    assert sorted(cols) == [3, 17]
+    for k, col in cols.items():
+        assert np.array_equal(col, p[:, k])
+
+
 def test_noisy_sums_are_recovered() -> None:
     p, u, sums = _case(n=8, t=80, d=100, seed=1)
     noisy = sums + np.random.default_rng(2).normal(scale=0.1, size=sums.shape)
@@ -46,6 +56,33 @@ def test_a_solver_time_out_is_an_error_naming_the_client() -> None:
     p, _, sums = _case(n=30, t=120, d=60, seed=3)
     with pytest.raises(SolverFailure, match=r"client \d+, rounds 0-119: HiGHS status"):
         disaggregate(sums, window_counts(p, 10), 10, time_limit=1e-9, workers=1)
+
+
+@pytest.mark.parametrize("solver", ["scip", "gurobi"])
+def test_optional_back_ends_recover_exact_and_noisy_sums(solver) -> None:
+    pytest.importorskip({"scip": "pyscipopt", "gurobi": "gurobipy"}[solver])  # installed by the test extra
+    p, u, sums = _case(n=6, t=40, d=30, seed=5)  # small: within Gurobi's bundled size-limited licence
+    r = disaggregate(sums, window_counts(p, 10), 10, workers=1, solver=solver)
+    assert np.array_equal(r.participation, p)
+    np.testing.assert_allclose(r.updates, u, atol=1e-8)
+    noisy = sums + np.random.default_rng(6).normal(scale=0.05, size=sums.shape)
+    assert np.array_equal(disaggregate(noisy, window_counts(p, 10), 10, workers=1, solver=solver).participation, p)
+    wrong = window_counts(p, 10)
+    wrong[0, 0] += 1 if wrong[0, 0] < 10 else -1  # no binary column of the sums has these counts
+    with pytest.raises(SolverFailure, match=r"client 4, rounds 0-39: (SCIP|Gurobi) status"):
+        disaggregate(sums, wrong, 10, workers=1, solver=solver, client_ids=[4, 5, 6, 7, 8, 9])
+
+
+def test_an_unknown_or_missing_solver_is_refused_by_name(monkeypatch) -> None:
+    from gradleak.attacks import milp
+    from gradleak.errors import ConfigError
+
+    p, _, sums = _case()
+    with pytest.raises(ConfigError, match="unknown solver 'cplex'"):
+        disaggregate(sums, window_counts(p, 10), 10, solver="cplex")
+    monkeypatch.setattr(milp.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ConfigError, match=r"needs the pyscipopt package: pip install 'gradleak\[scip\]'"):
+        disaggregate(sums, window_counts(p, 10), 10, solver="scip")
 
 
 def test_ill_posed_inputs_are_refused_before_solving() -> None:

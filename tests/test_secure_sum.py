@@ -63,7 +63,16 @@ def test_disaggregation_config_errors_name_the_key(tmp_path) -> None:
     unknown = {**CHAIN, "disaggregation": {"window": 5, "invert": [9]}}
     with pytest.raises(ConfigError, match=r"disaggregation.invert: client 9 is not one of the run's clients \(1 to 5\)"):
         run_experiment(validate_config(unknown), tmp_path / "c")
-    assert not any((tmp_path / d).exists() for d in ("a", "b", "c"))
+    with pytest.raises(ConfigError, match="disaggregation.solver: Input should be 'highs', 'scip' or 'gurobi'"):
+        validate_config({**CHAIN, "disaggregation": {"window": 5, "solver": "cplex"}})
+    from gradleak.attacks import milp
+
+    with pytest.MonkeyPatch.context() as mp:  # as on a machine without PySCIPOpt
+        mp.setattr(milp.importlib.util, "find_spec", lambda name: None)
+        scip = {**CHAIN, "disaggregation": {"window": 5, "solver": "scip"}}
+        with pytest.raises(ConfigError, match=r"disaggregation.solver: solver 'scip' needs the pyscipopt package"):
+            run_experiment(validate_config(scip), tmp_path / "d")
+    assert not any((tmp_path / d).exists() for d in ("a", "b", "c", "d"))
 
 
 def test_chain_recovers_participation_and_the_one_image_client(tmp_path) -> None:

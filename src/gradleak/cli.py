@@ -272,6 +272,7 @@ def disaggregate(
     window: Annotated[int, typer.Option("--window", min=1, help="Rounds per window of the counts.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output directory.")],
     time_limit: Annotated[float, typer.Option(help="Seconds the solver may spend on one client.")] = 60.0,
+    solver: Annotated[str, typer.Option(help="MILP back-end: highs (default), scip or gurobi (when installed).")] = "highs",
 ) -> None:
     """Recover who took part in which round, and each client's update, from secure-aggregation sums."""
     import json
@@ -280,7 +281,7 @@ def disaggregate(
 
     try:
         result = run(_read_matrix(sums, "sums"), _read_matrix(counts, "counts").astype(np.int64), window,
-                     time_limit=time_limit)  # fmt: skip
+                     time_limit=time_limit, solver=solver)  # fmt: skip
     except GradleakError as exc:
         _fail(exc)
     out.mkdir(parents=True, exist_ok=True)

@@ -76,6 +76,10 @@ class DisaggregationConfig(_Section):
         "scored like an audit row, as if there had been no secure aggregation (needs audit:).",
     )
     time_limit: float = Field(60.0, gt=0, description="Seconds the MILP solver may spend on one client.")
+    solver: Literal["highs", "scip", "gurobi"] = Field(
+        "highs", description="MILP back-end: HiGHS (scipy, always present), SCIP (pip install "
+        "'gradleak[scip]') or Gurobi (pip install 'gradleak[gurobi]'; its bundled licence is size-limited).",
+    )
 
 
 class CheckpointConfig(_Section):

@@ -23,6 +23,7 @@ import torch
 
 from gradleak.attacks import ServerView
 from gradleak.attacks.disaggregation import disaggregate, window_counts
+from gradleak.attacks.milp import check_solver
 from gradleak.audit.filter import LeakageAudit
 from gradleak.errors import ConfigError
 from gradleak.experiments.store import RunStore
@@ -47,6 +48,7 @@ def check_config(config: Any) -> None:
     if unknown:
         raise ConfigError("disaggregation.invert", f"client {unknown[0]} is not one of the run's clients "
                           f"(1 to {config.partition.num_clients})")  # fmt: skip
+    check_solver(d.solver)  # a missing back-end fails now, not after training
 
 
 def participation_matrix(store: RunStore, client_ids: list[int]) -> np.ndarray:
@@ -88,7 +90,7 @@ def run_disaggregation(scenario: Any, store: RunStore, audit: LeakageAudit | Non
     log.info("disaggregating %d round sums of %d clients (windows of %d rounds)", len(sums),
              len(client_ids), cfg.window)  # fmt: skip
     result = disaggregate(stacked_sums(sums, keys), counts, cfg.window, time_limit=cfg.time_limit,
-                          client_ids=client_ids)  # fmt: skip
+                          client_ids=client_ids, solver=cfg.solver)  # fmt: skip
     wrong = int((result.participation != truth).sum())
     summary: dict[str, Any] = {
         "rounds": len(sums), "clients": len(client_ids), "window": cfg.window,
