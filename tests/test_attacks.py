@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -9,7 +11,9 @@ import torch.nn.functional as F
 from gradleak.attacks import GradientInversion, ServerView, UpdateMismatch, preset
 from gradleak.attacks.analytic import classifier_inputs, first_layer_images, linear_input
 from gradleak.attacks.labels import idlg_label, label_counts, recover_labels
+from gradleak.attacks.engine import distance, match_factor
 from gradleak.attacks.simulate import ClientReplay
+from gradleak.attacks.surrogate import surrogate_relu
 from gradleak.data.dataset import ImageDataset, normalize
 from gradleak.data.partition import ClientData
 from gradleak.errors import ConfigError
@@ -141,6 +145,60 @@ def test_revealed_batch_norm_statistics_of_one_step() -> None:
     torch.testing.assert_close(var0, h.var((0, 2, 3), unbiased=True), rtol=1e-3, atol=1e-5)
 
 
+# -- the surrogate second derivative of ReLU --------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "relu", [F.relu, torch.relu, torch.Tensor.relu, torch.nn.ReLU(), torch.nn.ReLU(inplace=True)]
+)
+def test_surrogate_relu_keeps_the_gradient_and_smooths_only_its_derivative(relu) -> None:
+    beta = 3.0
+    g = torch.Generator().manual_seed(0)
+    u0 = torch.linspace(-2, 2, 41, dtype=torch.float64)
+    v, w = torch.randn(2, 41, dtype=torch.float64, generator=g)
+    hessian_terms = {}
+    for b in (0.0, beta):
+        u = u0.clone().requires_grad_()
+        with surrogate_relu(b):
+            y = relu(u * 1.0)
+        assert torch.equal(y, u0.clamp_min(0))
+        (grad_u,) = torch.autograd.grad((y * v).sum(), u, create_graph=True)
+        assert torch.equal(grad_u.detach(), v * (u0 > 0))  # the backward mask is exact
+        (hessian_terms[b],) = torch.autograd.grad((grad_u * w).sum(), u)
+    s = torch.sigmoid(beta * u0)
+    assert torch.count_nonzero(hessian_terms[0.0]) == 0  # autograd: the mask has no derivative
+    torch.testing.assert_close(hessian_terms[beta], w * v * beta * s * (1 - s))
+
+
+@pytest.mark.parametrize("functional", [False, True])
+def test_surrogate_replay_simulates_the_real_update_and_changes_the_image_gradient(functional) -> None:
+    *_, client, _, view = _setup("convnet", kwargs={"width": 4})
+    x = normalize(client.data.images, MEAN, STD)
+    y = F.one_hot(client.data.labels, 10).float()
+    real = view.pseudo_gradient()
+    image_grads = {}
+    for beta in (0.0, 3.0):
+        replay = ClientReplay(view, unroll=False, functional=functional, relu_beta=beta)
+        z = x.clone().requires_grad_()
+        sim, _ = replay.simulate(z, y)
+        for name in view.parameter_names:
+            torch.testing.assert_close(sim[name], real[name], rtol=1e-4, atol=1e-5)
+        loss = sum((sim[n] - 1.1 * real[n]).pow(2).sum() for n in view.parameter_names)
+        (image_grads[beta],) = torch.autograd.grad(loss, z)
+    assert (image_grads[3.0] - image_grads[0.0]).norm() > 0.01 * image_grads[0.0].norm()
+
+
+def test_gradinversion_runs_batched_restarts_with_the_surrogate_and_the_decaying_match() -> None:
+    *_, view = _setup("convnet", kwargs={"width": 4})
+    settings = preset("gradinversion", iterations=5, restarts=2)
+    assert settings.relu_surrogate > 0 and settings.match_schedule == "cosine"
+    rec = GradientInversion(settings).run(view, seed=0)
+    assert len(rec.restart_scores) == 2 and all(math.isfinite(v) for v in rec.restart_scores)
+    factor = match_factor(settings)
+    assert factor(0) == 1.0 and factor(5) == pytest.approx(0.0, abs=1e-12)
+    assert match_factor(preset("inverting-gradients"))(4000) == 1.0
+
+
 # -- the engine -----------------------------------------------------------------------------------
 
 
@@ -180,9 +238,16 @@ def test_the_matching_term_reaches_the_images_through_the_unrolled_steps() -> No
 def test_restarts_run_batched_and_the_best_is_kept() -> None:
     *_, client, _, view = _setup(seed=4)
     rec = GradientInversion(preset("inverting-gradients", iterations=60, restarts=3)).run(view, seed=0)
-    assert len(rec.restart_scores) == 3
-    assert rec.restart_scores.index(min(rec.restart_scores)) is not None
+    assert len(rec.restart_scores) == 3 and len(set(rec.restart_scores)) == 3
     assert rec.images.shape == client.data.images.shape
+    # The returned images are the restart with the lowest matching loss: recompute it.
+    replay = ClientReplay(view, unroll=False, functional=False)
+    sim, _ = replay.simulate(normalize(rec.images, MEAN, STD), F.one_hot(rec.labels, 10).float())
+    pg, names = view.pseudo_gradient(), view.parameter_names
+    kept = distance(torch.cat([sim[n].flatten() for n in names]),
+                    torch.cat([pg[n].flatten() for n in names]), None, "cosine")  # fmt: skip
+    best, second = sorted(rec.restart_scores)[:2]
+    assert abs(float(kept.detach()) - best) < min(1e-6, (second - best) / 2)  # float32 cosine: ~1e-7 noise
 
 
 def test_batches_of_images_are_reconstructed_and_matched() -> None:

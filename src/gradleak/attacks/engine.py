@@ -1,8 +1,9 @@
 """The one optimisation engine behind DLG, iDLG, Inverting Gradients and GradInversion.
 
-Per restart, the objective is ``match_weight * D(simulated update, real update) + priors``; all
-restarts run as one batch (``torch.func.vmap``) and their images are optimised together. The
-restart with the lowest final matching loss is returned.
+Per restart, the objective is ``match_weight * D(simulated update, real update) + priors`` (the
+weight optionally decaying over the iterations, ``match_schedule``); all restarts run as one batch
+(``torch.func.vmap``) and their images are optimised together. The restart with the lowest final
+matching loss is returned.
 """
 
 from __future__ import annotations
@@ -58,6 +59,13 @@ def lr_factor(settings: AttackSettings) -> Callable[[int], float]:
         return lambda t: (t + 1) / warm if t < warm else 0.5 * (
             1 + math.cos(math.pi * (t - warm) / max(1, t_max - warm))
         )  # fmt: skip
+    return lambda t: 1.0
+
+
+def match_factor(settings: AttackSettings) -> Callable[[int], float]:
+    """The matching weight's multiplier at each iteration (``match_schedule``)."""
+    if settings.match_schedule == "cosine":
+        return lambda t: 0.5 * (1 + math.cos(math.pi * t / settings.iterations))
     return lambda t: 1.0
 
 
@@ -128,7 +136,7 @@ class GradientInversion:
         unroll = {"always": True, "never": False, "auto": view.meta.steps > 1}[s.unroll]
         batched = s.restarts > 1
         dev = torch.device(device)
-        replay = ClientReplay(view, unroll=unroll, functional=batched, device=dev)
+        replay = ClientReplay(view, unroll=unroll, functional=batched, device=dev, relu_beta=s.relu_surrogate)
         if s.bn > 0 and not replay.bn_layers:
             raise ConfigError("attack.bn", "batch-norm matching needs a model with batch-norm layers")
         gen = torch.Generator().manual_seed(seed)
@@ -171,7 +179,7 @@ class GradientInversion:
                 deltas = replay.running_stat_deltas(stats)
                 parts += [deltas[b].flatten() / view.meta.lr for b in buf_keys]
             match = distance(torch.cat(parts), target, weights, s.objective)
-            total = s.match_weight * match
+            total = match_weight * match
             if s.tv:
                 total = total + s.tv * total_variation(z, s.tv_kind)
             if s.l2:
@@ -185,6 +193,7 @@ class GradientInversion:
                 total = total + s.bn * bn
             return total, match
 
+        match_weight, match_at = s.match_weight, match_factor(s)  # read by objective() when called
         z = z0.clone().requires_grad_(True)
         y = y0.clone().requires_grad_(optimise_labels)
         variables = [z, y] if optimise_labels else [z]
@@ -214,6 +223,7 @@ class GradientInversion:
             stalled, previous, done = 0, math.inf, 0
             for it in range(s.iterations):
                 done = it + 1
+                match_weight = s.match_weight * match_at(it)
                 if s.optimizer == "lbfgs":
                     loss = opt.step(evaluate)
                     # L-BFGS at its tolerance returns the same loss every step: stop instead

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, replace_all_batch_norm_modules_
 
+from gradleak.attacks.surrogate import surrogate_relu
 from gradleak.attacks.view import ServerView
 
 
@@ -31,11 +32,19 @@ class ClientReplay:
     """Simulates one client's round from the global weights on candidate (images, soft labels)."""
 
     def __init__(
-        self, view: ServerView, *, unroll: bool, functional: bool, device: torch.device | str = "cpu"
+        self,
+        view: ServerView,
+        *,
+        unroll: bool,
+        functional: bool,
+        device: torch.device | str = "cpu",
+        relu_beta: float = 0.0,
     ) -> None:
         """``functional``: gradients by ``torch.func.grad`` (needed under ``vmap``), else by
-        ``torch.autograd.grad(create_graph=True)``, which has less overhead per operation."""
+        ``torch.autograd.grad(create_graph=True)``, which has less overhead per operation.
+        ``relu_beta > 0``: ReLUs get a surrogate second derivative (``attacks.surrogate``)."""
         self.view = view
+        self.relu_beta = relu_beta
         self.unroll = unroll
         self.functional = functional
         model = copy.deepcopy(view.model).train()
@@ -82,7 +91,8 @@ class ClientReplay:
     # the replay ------------------------------------------------------------------------------
     def _loss(self, params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor):
         self._stats = []
-        logits = functional_call(self.model, params, (x,))
+        with surrogate_relu(self.relu_beta):
+            logits = functional_call(self.model, params, (x,))
         stats, self._stats = self._stats, None
         loss = -(y * F.log_softmax(logits, dim=-1)).sum(-1).mean()
         return loss, stats
