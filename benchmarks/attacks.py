@@ -13,14 +13,23 @@ Cases (natural-photo tiles are scikit-image's photographs cut to 32 x 32, one pe
                        iterations, 4 tiles
   gradinversion        GradInversion on an untrained convnet (width 16), one-image update: full vs
                        batch-norm prior off vs matching term off, one tile per photograph (8)
+  resnet               the bn-statistics preset on an untrained resnet18 (width 16), train-mode batch
+                       norm, one-image update, 8 tiles: full, and each ingredient changed alone
+                       (statistics off, update matching on, NVFlare's term, no scales, one
+                       restart, features on)
+  eval-bn              Inverting Gradients on a resnet20 update made with batch norm in eval mode
+                       (running statistics, as inversefed makes updates), 8 tiles, 2,000 iterations
   analytic             analytic recovery of one image through an MLP's first layer, 10 images
-  throughput           iterations per second, FLOPs of one iteration, and the fraction of the
-                       machine's measured matrix-multiply rate that this reaches
+  throughput           seconds per attack iteration, FLOPs of one iteration, and the fraction of
+                       the machine's measured matrix-multiply rate that this reaches, per model
+                       (LeNet and MLP with Inverting Gradients; resnet18 at widths 16 and 64 with
+                       GradInversion, with and without the update-matching term)
 Results go to benchmarks/results/attack_CASE.json and stdout.
 """
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from statistics import mean
@@ -34,7 +43,7 @@ from gradleak.attacks.labels import idlg_label
 from gradleak.data.partition import ClientData
 from gradleak.data.sources import TilesSource
 from gradleak.fl import LocalTraining, train_client
-from gradleak.metrics import psnr, score
+from gradleak.metrics import psnr, score, ssim
 from gradleak.models import build_model
 
 TILES = TilesSource(image_size=32).load(seed=0)
@@ -48,15 +57,17 @@ def tile(i: int) -> ClientData:
 
 
 def view_of(model_name: str, client: ClientData, *, seed: int, lr: float = 0.1, epochs: int = 1,
-            known: bool = False, kwargs: dict | None = None, raw: bool = False) -> ServerView:  # fmt: skip
+            known: bool = False, kwargs: dict | None = None, raw: bool = False,
+            batch_norm: str = "train") -> ServerView:  # fmt: skip
     """The server's view of one client's update. ``raw``: the model sees unnormalised pixels in
-    [0, 1], as in the DLG code (no ``Normalize``); otherwise the tiles' own mean and std."""
+    [0, 1], as in the DLG code (no ``Normalize``); otherwise the tiles' own mean and std.
+    ``batch_norm``: how the client runs batch-norm layers (train, or eval: running statistics)."""
     mean, std = ((0.0,) * 3, (1.0,) * 3) if raw else (TILES.mean, TILES.std)
     torch.manual_seed(seed)
     model = build_model(model_name, channels=3, image_size=32, num_classes=TILES.num_classes,
                         kwargs=kwargs or {})  # fmt: skip
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    update, _ = train_client(model, state, client, round=1, settings=LocalTraining(epochs=epochs, lr=lr),
+    update, _ = train_client(model, state, client, round=1, settings=LocalTraining(epochs=epochs, lr=lr, batch_norm=batch_norm),
                              mean=mean, std=std, seed=seed)  # fmt: skip
     return ServerView.of(model, state, update, image_shape=(3, 32, 32), num_classes=TILES.num_classes,
                          mean=mean, std=std,
@@ -152,29 +163,85 @@ def case_fedavg() -> dict:
             "seconds_per_image": mean(r["seconds"] for r in runs), "runs": runs}  # fmt: skip
 
 
-def case_gradinversion() -> dict:
-    variants = {"full": {}, "bn_prior_off": {"bn": 0.0}, "matching_off": {"match_weight": 0.0}}
-    out: dict = {"target": "the full attack beats both ablations (mean PSNR and SSIM)",
-                 "model": "convnet width 16, untrained", "tiles": "one per photograph (8)"}  # fmt: skip
+def _ablation(model: str, kwargs: dict, preset_name: str, variants: dict[str, dict], batch_norm: str = "train",
+              iterations: int | None = None) -> dict:  # fmt: skip
+    """Each variant of a preset on one tile per photograph (8); per-image and mean PSNR/SSIM,
+    with the start image's."""
+    out: dict = {}
     for name, kw in variants.items():
         runs = []
         for i in range(TILES.num_classes):
             client = tile(i)
-            view = view_of("convnet", client, seed=i, kwargs={"width": 16})
-            rec = GradientInversion(preset("gradinversion", **kw)).run(view, seed=i)
+            view = view_of(model, client, seed=i, kwargs=kwargs, batch_norm=batch_norm)
+            over = {**kw, **({"iterations": iterations} if iterations else {})}
+            rec = GradientInversion(preset(preset_name, **over)).run(view, seed=i)
             runs.append({"image": i, **quality(rec, client),
-                         "start_psnr": float(psnr(rec.prior, client.data.images))})  # fmt: skip
+                         "start_psnr": float(psnr(rec.prior, client.data.images)),
+                         "start_ssim": float(ssim(rec.prior, client.data.images).mean()),
+                         "final_match": rec.match_scores[int(torch.tensor(rec.restart_scores).argmin())]})  # fmt: skip
             print(name, runs[-1], file=sys.stderr)
-        out[name] = {"mean_psnr": mean(r["psnr"] for r in runs),
-                     "mean_ssim": mean(r["ssim"] for r in runs), "runs": runs}  # fmt: skip
+        out[name] = {"settings": kw, "mean_psnr": mean(r["psnr"] for r in runs),
+                     "mean_ssim": mean(r["ssim"] for r in runs),
+                     "mean_start_ssim": mean(r["start_ssim"] for r in runs),
+                     "seconds_per_image": mean(r["seconds"] for r in runs), "runs": runs}  # fmt: skip
+    return out
+
+
+def _wins(out: dict, full: str, others: list[str]) -> dict:
+    return {
+        f"{v}_{m}": sum(f[m] > r[m] for f, r in zip(out[full]["runs"], out[v]["runs"], strict=True))
+        for v in others for m in ("psnr", "ssim")
+    }  # fmt: skip
+
+
+def case_gradinversion() -> dict:
+    variants = {"full": {}, "bn_prior_off": {"bn": 0.0}, "matching_off": {"match_weight": 0.0}}
+    out: dict = {"target": "the full attack beats both ablations (mean PSNR and SSIM)",
+                 "model": "convnet width 16, untrained", "tiles": "one per photograph (8)",
+                 **_ablation("convnet", {"width": 16}, "gradinversion", variants)}  # fmt: skip
     out["full_beats_both"] = all(
         out["full"][m] > out[v][m] for v in ("bn_prior_off", "matching_off") for m in ("mean_psnr", "mean_ssim")
     )
-    out["full_wins_per_image"] = {
-        f"{v}_{m}": sum(f[m] > r[m] for f, r in zip(out["full"]["runs"], out[v]["runs"], strict=True))
-        for v in ("bn_prior_off", "matching_off") for m in ("psnr", "ssim")
-    }
+    out["full_wins_per_image"] = _wins(out, "full", ["bn_prior_off", "matching_off"])
     return out
+
+
+# The resnet18 case: the bn-statistics preset and, one at a time, each of its ingredients changed.
+RESNET_VARIANTS = {
+    "full": {},
+    "bn_prior_off": {"bn": 0.0},  # nothing but the image priors left
+    "matching_on": {"match_weight": 0.1, "objective": "cosine", "match_schedule": "cosine",
+                    "relu_surrogate": 3.0},  # GradInversion's matching term added, scale-free
+    "nvflare_bn_term": {"bn_normalize": False, "bn_layer_decay": 1.0},
+    "no_scales": {"scales": 0},
+    "one_restart": {"restarts": 1},
+    "features_on": {"features": 0.1},
+}
+
+
+def case_resnet() -> dict:
+    out: dict = {
+        "target": "resnet18 (width 16, 32 x 32, train-mode batch norm, one-image update, 8 tiles): the "
+                  "full attack beats both ablations in mean PSNR and SSIM, and its mean SSIM is at "
+                  "least 0.2 above the start image's",
+        "model": "resnet18 width 16, untrained", "preset": "bn-statistics",
+        **_ablation("resnet18", {"width": 16}, "bn-statistics", RESNET_VARIANTS),
+    }  # fmt: skip
+    full = out["full"]
+    out["ssim_gain_over_start"] = full["mean_ssim"] - full["mean_start_ssim"]
+    out["full_beats"] = {v: all(full[m] > out[v][m] for m in ("mean_psnr", "mean_ssim"))
+                         for v in RESNET_VARIANTS if v != "full"}  # fmt: skip
+    out["full_wins_per_image"] = _wins(out, "full", [v for v in RESNET_VARIANTS if v != "full"])
+    return out
+
+
+def case_eval_bn() -> dict:
+    """An update whose batch-norm layers ran in eval mode (running statistics), as inversefed makes
+    them: resnet20 (width 16), one image, Inverting Gradients; the replay must match it."""
+    out = _ablation("resnet20", {"width": 16}, "inverting-gradients", {"inverting-gradients": {}},
+                    batch_norm="eval", iterations=2000)["inverting-gradients"]  # fmt: skip
+    return {"target": "final 1 - cosine under 0.01", "model": "resnet20 width 16, batch norm in eval mode",
+            "max_final_1_minus_cosine": max(r["final_match"] for r in out["runs"]), **out}  # fmt: skip
 
 
 def case_analytic() -> dict:
@@ -187,36 +254,72 @@ def case_analytic() -> dict:
 
 
 def _matmul_gflops() -> float:
+    """The machine's float32 matrix-multiply rate: best of 7 timings of 20 products of 1024 x 1024
+    matrices (the best, because a shared machine only ever slows a timing down)."""
     a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
     for _ in range(3):
         a @ b
-    t, n = time.perf_counter(), 20
-    for _ in range(n):
-        a @ b
-    return 2 * 1024**3 * n / (time.perf_counter() - t) / 1e9
+    best = math.inf
+    for _ in range(7):
+        t = time.perf_counter()
+        for _ in range(20):
+            a @ b
+        best = min(best, time.perf_counter() - t)
+    return 2 * 1024**3 * 20 / best / 1e9
+
+
+def _iteration(view: ServerView, settings, iterations: int = 20) -> tuple[float, float]:
+    """(median seconds per iteration after two warm-up iterations, FLOPs per iteration)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    stamps: list[float] = []
+    GradientInversion(settings.model_copy(update={"iterations": iterations})).run(
+        view, seed=0, progress=lambda i, loss: stamps.append(time.perf_counter())
+    )
+    steps = sorted(b - a for a, b in zip(stamps[2:], stamps[3:]))
+    flops = []
+    for n in (1, 3):  # the difference removes set-up work (label recovery, the final evaluation)
+        counter = FlopCounterMode(display=False)
+        with counter:
+            GradientInversion(settings.model_copy(update={"iterations": n})).run(view, seed=0)
+        flops.append(counter.get_total_flops())
+    return steps[len(steps) // 2], (flops[1] - flops[0]) / 2
+
+
+# Models of the throughput case: (name, model, kwargs, preset, overrides)
+THROUGHPUT = [
+    ("lenet", "lenet", {}, "inverting-gradients", {"labels": "known"}),
+    ("mlp", "mlp", {}, "inverting-gradients", {"labels": "known"}),
+    ("resnet18-w16", "resnet18", {"width": 16}, "gradinversion", {"match_weight": 0.1}),
+    ("resnet18-w64", "resnet18", {"width": 64}, "gradinversion", {"match_weight": 0.1}),
+    ("resnet18-w64-no-matching", "resnet18", {"width": 64}, "gradinversion", {"match_weight": 0.0}),
+]
 
 
 def case_throughput() -> dict:
-    from torch.utils.flop_counter import FlopCounterMode
-
-    client = tile(0)
-    view = view_of("lenet", client, seed=0, known=True)
-    attack = GradientInversion(preset("inverting-gradients", iterations=500, labels="known"))
-    rec = attack.run(view, seed=0)
-    its = 500 / rec.seconds
-    counter = FlopCounterMode(display=False)
-    with counter:
-        GradientInversion(preset("inverting-gradients", iterations=1, labels="known")).run(view, seed=0)
-    flops = counter.get_total_flops()
     peak = _matmul_gflops()
-    return {"setup": "Inverting Gradients, LeNet, 1 image 32 x 32", "iterations_per_second": its,
-            "flops_per_iteration": flops, "achieved_gflops": flops * its / 1e9,
-            "matmul_gflops": peak, "fraction_of_matmul_rate": flops * its / 1e9 / peak}  # fmt: skip
+    out: dict = {"setup": "one 32 x 32 image, one local step; seconds per attack iteration (median after "
+                 "warm-up); FLOPs per iteration counted by torch's FlopCounterMode",
+                 "matmul_gflops": peak, "models": {}}  # fmt: skip
+    for label, name, kwargs, preset_name, overrides in THROUGHPUT:
+        view = view_of(name, tile(0), seed=0, known="labels" in overrides, kwargs=kwargs)
+        settings = preset(preset_name, **overrides)
+        seconds, flops = _iteration(view, settings)
+        out["models"][label] = {
+            "preset": preset_name, **overrides, "conv_backend": "onednn" if GradientInversion(settings)
+            .uses_onednn(view, torch.device("cpu")) else "native",
+            "seconds_per_iteration": seconds, "iterations_per_second": 1 / seconds,
+            "flops_per_iteration": flops, "achieved_gflops": flops / seconds / 1e9,
+            "fraction_of_matmul_rate": flops / seconds / 1e9 / peak,
+        }  # fmt: skip
+        print(label, out["models"][label], file=sys.stderr)
+    return out
 
 
 CASES = {
     "dlg": case_dlg, "idlg-labels": case_idlg_labels, "inverting-gradients": case_inverting_gradients,
     "restarts": case_restarts, "fedavg": case_fedavg, "gradinversion": case_gradinversion,
+    "resnet": case_resnet, "eval-bn": case_eval_bn,
     "analytic": case_analytic, "throughput": case_throughput,
 }  # fmt: skip
 

@@ -25,7 +25,7 @@ MEAN, STD = (0.45,), (0.25,)
 
 
 def _setup(model_name="lenet", n=1, bs=1, size=16, classes=10, epochs=1, lr=0.1, momentum=0.0,
-           seed=0, kwargs=None, labels=None):  # fmt: skip
+           seed=0, kwargs=None, labels=None, batch_norm="train"):  # fmt: skip
     """A model, a client with n smooth random images, and the server's view of its update."""
     g = torch.Generator().manual_seed(seed)
     base = torch.rand(n, 1, size // 4, size // 4, generator=g)
@@ -36,7 +36,8 @@ def _setup(model_name="lenet", n=1, bs=1, size=16, classes=10, epochs=1, lr=0.1,
     model = build_model(model_name, channels=1, image_size=size, num_classes=classes, kwargs=kwargs or {})
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     update, _ = train_client(model, state, client, round=1, mean=MEAN, std=STD, seed=seed,
-                             settings=LocalTraining(epochs=epochs, lr=lr, momentum=momentum))  # fmt: skip
+                             settings=LocalTraining(epochs=epochs, lr=lr, momentum=momentum,
+                                                    batch_norm=batch_norm))  # fmt: skip
     view = ServerView.of(model, state, update, image_shape=(1, size, size), num_classes=classes,
                          mean=MEAN, std=STD)  # fmt: skip
     return model, state, client, update, view
@@ -104,20 +105,28 @@ def test_linear_input_and_classifier_inputs() -> None:
 
 
 @pytest.mark.parametrize("functional", [False, True])
-@pytest.mark.parametrize(("model_name", "kwargs"), [("convnet", {"width": 4}), ("lenet", {})])
-def test_unrolled_replay_equals_the_real_client_update(functional, model_name, kwargs) -> None:
+@pytest.mark.parametrize(("model_name", "kwargs", "batch_norm"), [
+    ("convnet", {"width": 4}, "train"), ("convnet", {"width": 4}, "eval"), ("lenet", {}, "train"),
+])  # fmt: skip
+def test_unrolled_replay_equals_the_real_client_update(functional, model_name, kwargs, batch_norm) -> None:
     # Full batches (batch order does not matter), 3 epochs, momentum: 3 local steps.
     *_, client, update, view = _setup(model_name, n=3, bs=3, epochs=3, lr=0.05, momentum=0.5,
-                                      kwargs=kwargs, labels=[1, 4, 4])  # fmt: skip
+                                      kwargs=kwargs, labels=[1, 4, 4], batch_norm=batch_norm)  # fmt: skip
     replay = ClientReplay(view, unroll=True, functional=functional)
+    assert replay.bn_mode == batch_norm
     x = normalize(client.data.images, MEAN, STD)
-    sim, stats = replay.simulate(x, F.one_hot(client.data.labels, 10).float())
+    out = replay.simulate(x, F.one_hot(client.data.labels, 10).float())
     real = view.pseudo_gradient()
     for name in view.parameter_names:
-        torch.testing.assert_close(sim[name], real[name], rtol=1e-4, atol=1e-5)
-    for key, delta in replay.running_stat_deltas(stats).items():
+        torch.testing.assert_close(out.update[name], real[name], rtol=1e-4, atol=1e-5)
+    if batch_norm == "eval":  # running statistics normalise, nothing is captured or updated
+        assert all(not s for s in out.stats)
+        assert all(not bool(update.delta[f"{l.name}.running_var"].any()) for l in replay.bn_layers)
+        return
+    deltas = replay.running_stat_deltas(out.stats)
+    assert len(deltas) == 2 * len(replay.bn_layers) and len(out.stats) == 3
+    for key, delta in deltas.items():
         torch.testing.assert_close(delta, update.delta[key], rtol=1e-4, atol=1e-6)
-    assert len(stats) == 3
 
 
 def test_replay_takes_batches_in_order() -> None:
@@ -128,15 +137,57 @@ def test_replay_takes_batches_in_order() -> None:
     order = torch.randperm(4, generator=torch_generator(0, "client", 1, 1))
     replay = ClientReplay(view, unroll=True, functional=False)
     x = normalize(client.data.images[order], MEAN, STD)
-    sim, _ = replay.simulate(x, F.one_hot(client.data.labels[order], 10).float())
+    sim = replay.simulate(x, F.one_hot(client.data.labels[order], 10).float()).update
     for name, g in view.pseudo_gradient().items():
         torch.testing.assert_close(sim[name], g, rtol=1e-4, atol=1e-5)
+
+
+def test_the_batch_norm_mode_comes_from_the_metadata_or_from_the_buffers() -> None:
+    import dataclasses
+
+    for mode in ("train", "eval"):
+        *_, update, view = _setup("convnet", kwargs={"width": 4}, batch_norm=mode)
+        assert view.meta.bn_mode == mode and view.bn_mode == mode
+        unsent = dataclasses.replace(view, meta=dataclasses.replace(view.meta, bn_mode=None))
+        assert unsent.bn_mode == mode  # inferred: eval leaves every running statistic unchanged
+    # The metadata wins over the buffers, and a model without batch norm reports train.
+    *_, update, view = _setup("convnet", kwargs={"width": 4}, batch_norm="eval")
+    assert dataclasses.replace(view, meta=dataclasses.replace(view.meta, bn_mode="train")).bn_mode == "train"
+    assert _setup("lenet")[-1].bn_mode == "train"
+    with pytest.raises(UpdateMismatch, match="bn_mode must be 'train' or 'eval'"):
+        dataclasses.replace(view, meta=dataclasses.replace(view.meta, bn_mode="frozen"))
+
+
+def test_revealed_statistics_of_several_steps_are_the_momentum_weighted_mean() -> None:
+    # 4 images in batches of 2, one epoch: 2 steps, fed in the client's order so the replay is exact.
+    from gradleak.seeding import torch_generator
+
+    *_, client, update, view = _setup("convnet", n=4, bs=2, lr=0.05, kwargs={"width": 4})
+    order = torch.randperm(4, generator=torch_generator(0, "client", 1, 1))
+    x = normalize(client.data.images[order], MEAN, STD)
+    y = F.one_hot(client.data.labels[order], 10).float()
+    replay = ClientReplay(view, unroll=True, functional=False)
+    steps = replay.simulate(x, y).stats
+    assert len(steps) == 2
+    m = 0.1  # BatchNorm2d's momentum: running_2 = 0.81 running_0 + 0.09 s_1 + 0.1 s_2
+    weights, keep = replay._step_weights(replay.bn_layers[0])
+    assert weights == pytest.approx([m * (1 - m), m]) and keep == pytest.approx((1 - m) ** 2)
+    revealed, replayed = replay.revealed_bn_stats(), replay.weighted_bn_stats(steps)
+    for name, (mean, var) in revealed.items():
+        by_hand = [(m * (1 - m) * steps[0][name][j] + m * steps[1][name][j]) / (1 - keep) for j in (0, 1)]
+        torch.testing.assert_close(mean, by_hand[0], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(var, by_hand[1], rtol=1e-3, atol=1e-5)
+        torch.testing.assert_close(replayed[name][0], mean, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(replayed[name][1], var, rtol=1e-3, atol=1e-5)
+    # Other images do not reproduce them: the term is informative.
+    other = replay.weighted_bn_stats(replay.simulate(x.flip(-1), y).stats)
+    assert any((other[n][1] - v).abs().max() > 1e-3 for n, (_, v) in revealed.items())
 
 
 def test_revealed_batch_norm_statistics_of_one_step() -> None:
     *_, client, _, view = _setup("convnet", n=2, bs=2, kwargs={"width": 4})
     replay = ClientReplay(view, unroll=False, functional=False)
-    mean0, var0 = replay.revealed_bn_stats()[0]
+    mean0, var0 = replay.revealed_bn_stats()["features.1"]
     x = normalize(client.data.images, MEAN, STD)
     first_conv = view.model.features[0]
     with torch.no_grad():
@@ -180,7 +231,7 @@ def test_surrogate_replay_simulates_the_real_update_and_changes_the_image_gradie
     for beta in (0.0, 3.0):
         replay = ClientReplay(view, unroll=False, functional=functional, relu_beta=beta)
         z = x.clone().requires_grad_()
-        sim, _ = replay.simulate(z, y)
+        sim = replay.simulate(z, y).update
         for name in view.parameter_names:
             torch.testing.assert_close(sim[name], real[name], rtol=1e-4, atol=1e-5)
         loss = sum((sim[n] - 1.1 * real[n]).pow(2).sum() for n in view.parameter_names)
@@ -242,12 +293,16 @@ def test_restarts_run_batched_and_the_best_is_kept() -> None:
     assert rec.images.shape == client.data.images.shape
     # The returned images are the restart with the lowest matching loss: recompute it.
     replay = ClientReplay(view, unroll=False, functional=False)
-    sim, _ = replay.simulate(normalize(rec.images, MEAN, STD), F.one_hot(rec.labels, 10).float())
+    z = normalize(rec.images, MEAN, STD)
+    sim = {k: v.detach() for k, v in replay.simulate(z, F.one_hot(rec.labels, 10).float()).update.items()}
     pg, names = view.pseudo_gradient(), view.parameter_names
-    kept = distance(torch.cat([sim[n].flatten() for n in names]),
-                    torch.cat([pg[n].flatten() for n in names]), None, "cosine")  # fmt: skip
+    cosine = 1 - sum(float((sim[n] * pg[n]).sum()) for n in names) / math.sqrt(
+        sum(float(sim[n].pow(2).sum()) for n in names) * sum(float(pg[n].pow(2).sum()) for n in names))
+    tv = float((z[..., :, 1:] - z[..., :, :-1]).abs().mean() + (z[..., 1:, :] - z[..., :-1, :]).abs().mean())
+    objective = cosine + preset("inverting-gradients").tv * tv  # the images are boxed: no clamp loss
     best, second = sorted(rec.restart_scores)[:2]
-    assert abs(float(kept.detach()) - best) < min(1e-6, (second - best) / 2)  # float32 cosine: ~1e-7 noise
+    assert rec.restart_scores.index(best) == rec.restart_scores.index(min(rec.restart_scores))
+    assert abs(objective - best) < min(1e-5, (second - best) / 2)
 
 
 def test_batches_of_images_are_reconstructed_and_matched() -> None:
@@ -256,6 +311,46 @@ def test_batches_of_images_are_reconstructed_and_matched() -> None:
     s = score(rec.images, client.data.images, rec.labels, client.data.labels)
     assert rec.label_strategy == "label-counts" and s.label_accuracy == 1.0
     assert float(s.psnr.mean()) > float(psnr(rec.prior, client.data.images).mean()) + 3
+
+
+# -- the update distance and the convolution back end ---------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["l2", "l1", "cosine"])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_update_distance_equals_the_flat_formula(kind, weighted, monkeypatch) -> None:
+    import gradleak.attacks.engine as engine
+
+    monkeypatch.setattr(engine, "CHUNK_ELEMENTS", 50)  # several chunks, some tensors concatenated
+    g = torch.Generator().manual_seed(1)
+    shapes = [(3, 4), (70,), (2, 2, 2), (5,), (40,)]
+    sim = [torch.randn(sh, generator=g, dtype=torch.float64) for sh in shapes]
+    target = [torch.randn(sh, generator=g, dtype=torch.float64) for sh in shapes]
+    weights = [1.0, 0.5, 2.0, 0.1, 3.0] if weighted else None
+    w = torch.cat([torch.full((t.numel(),), wi) for t, wi in zip(target, weights or [1.0] * 5)]).double()
+    s, t = torch.cat([x.flatten() for x in sim]), torch.cat([x.flatten() for x in target])
+    expected = {
+        "l2": (w * (s - t) ** 2).sum(),
+        "l1": (w * (s - t).abs()).sum(),
+        "cosine": 1 - (w * s * t).sum() / ((w * s * s).sum().sqrt() * (w * t * t).sum().sqrt()),
+    }[kind]
+    torch.testing.assert_close(distance(sim, target, weights, kind), expected, rtol=1e-10, atol=1e-12)
+    assert [c.numel() for c in engine.chunks(sim)] == [12 + 70, 8 + 5 + 40]  # closed at >= 50 elements
+
+
+def test_the_convolution_back_end_follows_the_model_size() -> None:
+    from gradleak.attacks.engine import ONEDNN_MIN_MACS, conv_macs
+
+    one_conv = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, stride=2, padding=1), torch.nn.Flatten())
+    assert conv_macs(one_conv, (3, 32, 32)) == 8 * 16 * 16 * 3 * 3 * 3  # outputs x inputs per output
+    views = {name: _setup(name, size=32, kwargs=kw)[-1]
+             for name, kw in (("lenet", {}), ("resnet18", {"width": 16}))}  # fmt: skip
+    assert conv_macs(views["lenet"].model, (1, 32, 32)) < ONEDNN_MIN_MACS
+    auto = GradientInversion(preset("inverting-gradients"))
+    assert not auto.uses_onednn(views["lenet"], torch.device("cpu"))
+    assert auto.uses_onednn(views["resnet18"], torch.device("cpu"))
+    forced = GradientInversion(preset("inverting-gradients", conv_backend="native"))
+    assert not forced.uses_onednn(views["resnet18"], torch.device("cpu"))
 
 
 # -- errors ---------------------------------------------------------------------------------------

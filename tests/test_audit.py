@@ -111,6 +111,14 @@ def test_audit_config_errors_name_the_key() -> None:
     raw["defenses"] = [{"name": "blur"}]
     with pytest.raises(ConfigError, match=r"^defenses.0.name: 'blur' is not one of adaptive-gaussian"):
         validate_config(raw)
+    # Clients that freeze batch norm reveal no statistics: an attack made of them alone is refused.
+    raw["defenses"] = []
+    raw["training"]["batch_norm"] = "eval"
+    raw["audit"]["preset"] = "bn-statistics"
+    with pytest.raises(ConfigError, match=r"^audit.preset: bn-statistics: the client ran its batch-norm layers in eval"):
+        validate_config(raw)
+    raw["audit"]["preset"] = "gradinversion"  # it also matches the update: allowed
+    assert validate_config(raw).training.batch_norm == "eval"
 
 
 def test_a_diverged_update_is_recorded_not_attacked(tmp_path) -> None:

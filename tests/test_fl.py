@@ -49,7 +49,7 @@ def test_one_full_batch_step_is_minus_lr_times_the_gradient() -> None:
         torch.testing.assert_close(update.delta[name], -0.1 * g, rtol=1e-4, atol=1e-6)
     assert loss == pytest.approx(float(ce.detach()), rel=1e-5)
     assert update.meta == UpdateMeta(client_id=1, round=1, num_samples=12, lr=0.1, epochs=1,
-                                     steps=1, batch_size=12, momentum=0.0)  # fmt: skip
+                                     steps=1, batch_size=12, momentum=0.0, bn_mode="train")  # fmt: skip
 
 
 def test_several_epochs_and_steps_follow_sgd() -> None:

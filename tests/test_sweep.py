@@ -12,6 +12,7 @@ from gradleak.errors import ConfigError
 from gradleak.experiments.store import RunStore
 from gradleak.experiments.sweep import plan, run_sweep, split_values
 from gradleak.report.html import build_sweep_report, sweep_summary
+from gradleak.report.recommend import recommend
 
 CONFIG = {
     "name": "tiny", "device": "cpu",
@@ -70,14 +71,17 @@ def test_sweep_resumes_and_skips_finished_points(config, tmp_path) -> None:
     assert (first / "results.jsonl").read_bytes() == before
     assert all(len(RunStore(out / d).rounds.read()) == 2 for d in ("defenses.0.sigma=0", "defenses.0.sigma=10"))
 
-    summary = sweep_summary(out, level=0.0)
+    summary = sweep_summary(out, level=0.0, budget=1.0)
     by_sigma = {p["values"]["defenses.0.sigma"]: p for p in summary["points"]}
     assert by_sigma[0]["rdlv"]["1"] > 0.3  # the one-image client leaks without noise
     assert by_sigma[10]["rdlv"]["1"] <= 0.0  # and not behind heavy noise
-    assert summary["smallest_safe"]["value"] == 10
-    assert summary["smallest_safe"]["accuracy_cost"] == pytest.approx(by_sigma[0]["accuracy"] - by_sigma[10]["accuracy"])
+    rec = summary["recommendation"]
+    assert rec["value"] == 10 and rec["baseline_value"] == 0
+    assert rec["accuracy_cost"] == pytest.approx(by_sigma[0]["accuracy"] - by_sigma[10]["accuracy"])
+    # The budget comes from the config's recommendation section unless given.
+    assert sweep_summary(out)["accuracy_budget"] == 0.05
 
-    page = build_sweep_report(out)
+    page = build_sweep_report(out, budget=1.0)
 
     class Page(HTMLParser):
         images: list = []
@@ -89,5 +93,31 @@ def test_sweep_resumes_and_skips_finished_points(config, tmp_path) -> None:
     parser = Page()
     parser.feed(page.read_text())
     assert parser.images == ["privacy utility"]
-    assert "The smallest defenses.0.sigma that brings every audited client" in page.read_text()
-    assert json.loads((out / "report/summary.json").read_text())["smallest_safe"]["value"] == 10
+    assert "Recommended: defenses.0.sigma = 10, the smallest value" in page.read_text()
+    assert json.loads((out / "report/summary.json").read_text())["recommendation"]["value"] == 10
+
+
+def _point(value, accuracy, **rdlv):
+    return {"values": {"sigma0": value}, "accuracy": accuracy, "rdlv": rdlv}
+
+
+def test_the_recommendation_meets_the_leakage_level_within_the_accuracy_budget() -> None:
+    points = [_point(0, 0.98, c9=2.9, c1=1.4), _point(1, 0.975, c9=0.5, c1=0.2),
+              _point(3, 0.95, c9=-0.1, c1=-0.2), _point(5, 0.10, c9=-0.3, c1=-0.2),
+              _point(4, 0.84, c9=-0.2, c1=-0.1)]  # fmt: skip
+    rec = recommend(points, "sigma0", level=0.0, budget=0.05)
+    assert (rec.value, rec.accuracy, rec.baseline_value) == (3, 0.95, 0)
+    assert rec.accuracy_cost == pytest.approx(0.03)
+    assert rec.verdict().startswith("Recommended: sigma0 = 3, the smallest value")
+    # A tighter budget: the private points all cost too much; say so, and name the first private one.
+    tight = recommend(points, "sigma0", level=0.0, budget=0.02)
+    assert tight.value is None and tight.smallest_private == {"value": 3, "accuracy": 0.95}
+    assert tight.verdict().startswith("No recommendation: no swept value has both")
+    # A diverged point (accuracy 0.10, or not finite) is never recommended for its low leakage.
+    diverged = [_point(0, 0.98, c9=2.0), _point(5, 0.10, c9=-0.3), _point(10, float("nan"), c9=-0.5)]
+    assert recommend(diverged, "sigma0", level=0.0, budget=0.05).value is None
+    # No point meets the leakage level at all.
+    leaky = recommend([_point(0, 0.98, c9=2.0), _point(1, 0.97, c9=0.4)], "sigma0", level=0.0, budget=0.05)
+    assert leaky.value is None and leaky.smallest_private is None
+    assert leaky.verdict() == ("No recommendation: no swept value reaches every audited client's RDLV at 0 "
+                               "or below in every audited round.")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from collections.abc import Sequence
@@ -196,7 +197,13 @@ def attack(
 
 
 LevelOpt = Annotated[
-    float, typer.Option("--level", help="RDLV level a defence must bring every client under.")
+    Optional[float],
+    typer.Option("--level", help="RDLV a defence must bring every audited client to (default: the config's recommendation.level, 0)."),
+]
+BudgetOpt = Annotated[
+    Optional[float],
+    typer.Option("--accuracy-budget", min=0, max=1, help="Accuracy a recommended defence may cost, as a fraction "
+                 "(default: the config's recommendation.accuracy_budget, 0.05)."),
 ]
 
 
@@ -208,10 +215,12 @@ def sweep(
         typer.Option("--set", "-s", help="key=v1,v2,... sweeps a key; key=v fixes it (repeatable)."),
     ] = None,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Sweep directory (default runs/NAME).")] = None,
-    level: LevelOpt = 0.0,
+    level: LevelOpt = None,
+    accuracy_budget: BudgetOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
-    """Run one experiment per value (a grid for several keys), resumably; then report the curve."""
+    """Run one experiment per value (a grid for several keys), resumably; then report the curve and
+    the recommended strength (the smallest meeting the leakage level within the accuracy budget)."""
     from gradleak.experiments.sweep import run_sweep
     from gradleak.report.html import build_run_report, build_sweep_report
 
@@ -224,7 +233,11 @@ def sweep(
 
     try:
         sweep_dir = run_sweep(config, set_ or [], out, execute=execute)
-        console.print(f"report: {build_sweep_report(sweep_dir, level)}", highlight=False, soft_wrap=True)
+        page = build_sweep_report(sweep_dir, level, accuracy_budget)
+        verdict = json.loads((page.parent / "summary.json").read_text()).get("recommendation", {}).get("verdict")
+        if verdict:
+            console.print(verdict, highlight=False, soft_wrap=True, markup=False)
+        console.print(f"report: {page}", highlight=False, soft_wrap=True)
     except KeyboardInterrupt:
         console.print("interrupted; run the same command again to continue the sweep")
         raise typer.Exit(130) from None
@@ -235,14 +248,15 @@ def sweep(
 @app.command()
 def report(
     run_dir: Annotated[Path, typer.Argument(help="A run directory or a sweep directory.")],
-    level: LevelOpt = 0.0,
+    level: LevelOpt = None,
+    accuracy_budget: BudgetOpt = None,
 ) -> None:
     """Build (or rebuild) the HTML report of a run or of a sweep."""
     from gradleak.report.html import build_run_report, build_sweep_report
 
     try:
         if (run_dir / "sweep.json").exists():
-            page = build_sweep_report(run_dir, level)
+            page = build_sweep_report(run_dir, level, accuracy_budget)
         else:
             page = build_run_report(run_dir)
         console.print(f"report: {page}", highlight=False, soft_wrap=True)
@@ -275,8 +289,6 @@ def disaggregate(
     solver: Annotated[str, typer.Option(help="MILP back-end: highs (default), scip or gurobi (when installed).")] = "highs",
 ) -> None:
     """Recover who took part in which round, and each client's update, from secure-aggregation sums."""
-    import json
-
     from gradleak.attacks.disaggregation import disaggregate as run
 
     try:

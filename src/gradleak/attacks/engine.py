@@ -1,9 +1,10 @@
 """The one optimisation engine behind DLG, iDLG, Inverting Gradients and GradInversion.
 
-Per restart, the objective is ``match_weight * D(simulated update, real update) + priors`` (the
-weight optionally decaying over the iterations, ``match_schedule``); all restarts run as one batch
-(``torch.func.vmap``) and their images are optimised together. The restart with the lowest final
-matching loss is returned.
+Per restart, the objective is ``match_weight * D(simulated update, real update)`` (the weight
+optionally decaying over the iterations, ``match_schedule``) plus what else the server knows: the
+batch-norm statistics the buffers reveal, the classifier's input where the update reveals it, and
+image priors. All restarts run as one batch (``torch.func.vmap``); the restart with the lowest
+final objective is returned.
 """
 
 from __future__ import annotations
@@ -15,11 +16,13 @@ from contextlib import contextmanager, nullcontext
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.func import vmap
 
+from gradleak.attacks.analytic import linear_input
 from gradleak.attacks.labels import recover_labels
 from gradleak.attacks.settings import AttackSettings
-from gradleak.attacks.simulate import ClientReplay
+from gradleak.attacks.simulate import ClientReplay, Replayed
 from gradleak.attacks.view import Reconstruction, ServerView
 from gradleak.errors import ConfigError
 
@@ -35,18 +38,63 @@ def total_variation(x: torch.Tensor, kind: str) -> torch.Tensor:
     return dx.pow(2).mean() + dy.pow(2).mean()
 
 
-def distance(
-    sim: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None, kind: str
-) -> torch.Tensor:
-    """Distance of two flattened updates, optionally weighted per element (None: all ones)."""
-    w = weights if weights is not None else 1.0
-    if kind == "l2":
-        return (w * (sim - target).pow(2)).sum()
-    if kind == "l1":
-        return (w * (sim - target).abs()).sum()
-    dot = (w * sim * target).sum()
-    norms = (w * sim.pow(2)).sum().sqrt() * (w * target.pow(2)).sum().sqrt()
-    return 1 - dot / norms.clamp_min(1e-12)
+# Updates are compared in chunks of at least this many elements: consecutive small tensors are
+# concatenated (one fused kernel instead of many small ones: LeNet's update is one chunk), large
+# ones stand alone (on an 11M-parameter ResNet-18, concatenating the whole update cost a third of an
+# iteration; benchmarks/attacks.py throughput).
+CHUNK_ELEMENTS = 1 << 20
+
+
+def chunks(tensors: list[torch.Tensor], weights: list[float] | None = None) -> list[torch.Tensor]:
+    """Flat chunks of the tensors, in order, each tensor scaled by its weight (None: all 1)."""
+    out: list[torch.Tensor] = []
+    run: list[torch.Tensor] = []
+    size = 0
+    for i, t in enumerate(tensors):
+        flat = t.reshape(-1)
+        run.append(flat if weights is None else flat * weights[i])
+        size += flat.numel()
+        if size >= CHUNK_ELEMENTS:
+            out.append(torch.cat(run) if len(run) > 1 else run[0])
+            run, size = [], 0
+    if run:
+        out.append(torch.cat(run) if len(run) > 1 else run[0])
+    return out
+
+
+class UpdateDistance:
+    """Distance of simulated updates to one real update, both given tensor by tensor, tensor k
+    weighted by ``weights[k]`` (None: all 1):
+
+    - ``l2``: ``sum_k w_k |s_k - t_k|^2``;  ``l1``: ``sum_k w_k |s_k - t_k|_1``;
+    - ``cosine``: ``1 - <s, t>_w / (|s|_w |t|_w)`` with ``<s, t>_w = sum_k w_k <s_k, t_k>``.
+
+    The target's chunks (and its norm) are prepared once; each call chunks the simulated update.
+    """
+
+    def __init__(self, target: list[torch.Tensor], weights: list[float] | None, kind: str) -> None:
+        self.kind = kind
+        # fold the weights into the tensors: their square roots for the quadratic forms
+        self.scale = None if weights is None else (weights if kind == "l1" else [math.sqrt(w) for w in weights])
+        self.target = chunks([t.detach() for t in target], self.scale)
+        self.target_norm = math.sqrt(sum(float(torch.dot(t, t)) for t in self.target))
+
+    def __call__(self, sim: list[torch.Tensor]) -> torch.Tensor:
+        parts = zip(chunks(sim, self.scale), self.target, strict=True)
+        if self.kind == "l2":
+            return sum(F.mse_loss(s, t, reduction="sum") for s, t in parts)
+        if self.kind == "l1":
+            return sum(F.l1_loss(s, t, reduction="sum") for s, t in parts)
+        dot, ss = 0.0, 0.0
+        for s, t in parts:
+            dot, ss = dot + torch.dot(s, t), ss + torch.dot(s, s)
+        return 1 - dot / (ss.sqrt() * self.target_norm).clamp_min(1e-12)
+
+
+def distance(sim: list[torch.Tensor], target: list[torch.Tensor], weights: list[float] | None,
+             kind: str) -> torch.Tensor:  # fmt: skip
+    """``UpdateDistance(target, weights, kind)(sim)``, for a single comparison."""
+    return UpdateDistance(target, weights, kind)(sim)
 
 
 def lr_factor(settings: AttackSettings) -> Callable[[int], float]:
@@ -69,17 +117,160 @@ def match_factor(settings: AttackSettings) -> Callable[[int], float]:
     return lambda t: 1.0
 
 
+EVAL_MODE_PROBLEM = (
+    "the client ran its batch-norm layers in eval mode, so its update reveals no batch statistics, and "
+    "match_weight is 0: nothing ties the images to the update (use inverting-gradients or gradinversion)"
+)
+
+
+# -- CPU convolution back end ------------------------------------------------------------------------
+
+# oneDNN costs ~0.2 ms per convolution call whatever its size, several times PyTorch's native
+# kernels on tiny inputs, but it is 2x faster on ResNet-sized ones (benchmarks/attacks.py
+# throughput). With ``conv_backend: auto`` it is on when the model's convolutions take more than
+# this many multiply-adds per image (the sigmoid LeNet at 32 x 32: 0.7 M; the width-16 convnet:
+# 2.8 M; resnet18 at width 16: 35 M). The rule reads only shapes, so results never depend on timing.
+ONEDNN_MIN_MACS = 10_000_000
+
+
+def conv_macs(model: nn.Module, image_shape: tuple[int, int, int]) -> int:
+    """Multiply-adds of the model's ``nn.Conv*`` layers for one image (a forward pass on zeros)."""
+    total = 0
+
+    def count(module: nn.Module, _: tuple, out: torch.Tensor) -> None:
+        nonlocal total
+        per_output = module.in_channels // module.groups * math.prod(module.kernel_size)
+        total += out.numel() * per_output
+
+    convs = [m for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd)]
+    handles = [m.register_forward_hook(count) for m in convs]
+    was_training = model.training
+    try:
+        if convs:
+            with torch.no_grad():
+                model.eval()(torch.zeros(1, *image_shape, device=next(model.parameters()).device))
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    return total
+
+
 @contextmanager
-def _without_onednn() -> Iterator[None]:
-    """oneDNN's convolutions cost ~0.2 ms a call on tiny inputs, several times the plain kernels.
-    Batched restarts (vmap) keep it: there the inputs are larger and oneDNN is faster (LeNet, 8
-    restarts: 3.3 s with it, 3.8 s without; one restart: 1.5 s with it, 1.2 s without)."""
+def _onednn(enabled: bool) -> Iterator[None]:
     before = torch.backends.mkldnn.enabled
-    torch.backends.mkldnn.enabled = False
+    torch.backends.mkldnn.enabled = enabled
     try:
         yield
     finally:
         torch.backends.mkldnn.enabled = before
+
+
+# -- the image parameterisation ----------------------------------------------------------------------
+
+
+class _Images:
+    """The optimised variables and the images they make: a full-resolution image plus ``scales``
+    coarser levels (1/2, 1/4, ... resolution) upsampled bilinearly; all R x N x C x H x W."""
+
+    def __init__(self, z0: torch.Tensor, scales: int, lo: torch.Tensor, hi: torch.Tensor) -> None:
+        self.base = z0.clone().requires_grad_(True)
+        r, n, c, h, w = z0.shape
+        self.levels = [
+            torch.zeros(r, n, c, max(1, h >> k), max(1, w >> k), device=z0.device, requires_grad=True)
+            for k in range(1, scales + 1)
+        ]
+        self.lo, self.hi = lo, hi
+
+    @property
+    def variables(self) -> list[torch.Tensor]:
+        return [self.base, *self.levels]
+
+    def _coarse(self) -> torch.Tensor | float:
+        r, n, c, h, w = self.base.shape
+        out: torch.Tensor | float = 0.0
+        for level in self.levels:
+            up = F.interpolate(level.reshape(r * n, c, *level.shape[-2:]), size=(h, w), mode="bilinear",
+                               align_corners=False)  # fmt: skip
+            out = out + up.reshape(r, n, c, h, w)
+        return out
+
+    def images(self) -> torch.Tensor:
+        return self.base + self._coarse() if self.levels else self.base
+
+    @torch.no_grad()
+    def project(self) -> None:
+        """Keep every image inside the box: clamp the full-resolution part around the coarse ones."""
+        if not self.levels:
+            self.base.clamp_(min=self.lo, max=self.hi)
+            return
+        coarse = self._coarse()
+        self.base.copy_(torch.maximum(torch.minimum(self.base, self.hi - coarse), self.lo - coarse))
+
+
+# -- the objective ---------------------------------------------------------------------------------
+
+
+class _Objective:
+    """The objective of one restart, ``(images, labels) -> (total, matching term)``, vmap-able."""
+
+    def __init__(self, s: AttackSettings, view: ServerView, replay: ClientReplay, dev: torch.device) -> None:
+        self.s, self.replay = s, replay
+        self.match_weight = s.match_weight  # the current (scheduled) weight, set by the loop
+        self.names = view.parameter_names
+        self.matching = s.match_weight > 0
+        if self.matching:
+            pg = view.pseudo_gradient()
+            target = [pg[n].to(dev) for n in self.names]
+            self.distance = UpdateDistance(target, self._layer_weights(len(self.names)), s.objective)
+        # batch-norm statistics: what the buffers reveal, per layer, with its scale and weight
+        self.bn: list[tuple[str, torch.Tensor, torch.Tensor, float, float, float]] = []
+        if s.bn > 0 and replay.bn_mode == "train":
+            for i, (name, (mean, var)) in enumerate(replay.revealed_bn_stats().items()):
+                scale_m, scale_v = 1.0, 1.0
+                if s.bn_normalize:
+                    scale_m = float(var.clamp_min(0).sqrt().norm().clamp_min(1e-12))
+                    scale_v = float(var.norm().clamp_min(1e-12))
+                self.bn.append((name, mean, var, scale_m, scale_v, s.bn_layer_decay**i))
+        # feature inversion: the classifier's input, exact for one image in one step
+        self.feature_target: torch.Tensor | None = None
+        if s.features > 0 and replay.captures_features:
+            w_name, b_name = view.classifier()
+            pg = view.pseudo_gradient()
+            self.feature_target = linear_input(pg[w_name], pg[b_name]).to(dev)
+            self.feature_scale = float(self.feature_target.pow(2).sum().clamp_min(1e-24))
+
+    def _layer_weights(self, count: int) -> list[float] | None:
+        """Per-tensor weights of the distance (None when all are equal)."""
+        if self.s.layer_weights == "equal" or count < 2:
+            return None
+        return [1 - 0.9 * i / (count - 1) for i in range(count)]
+
+    def __call__(self, z: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(total, matching term) of one restart: z normalised images, y label distributions."""
+        s = self.s
+        out: Replayed = self.replay.simulate(z, y, update=self.matching)
+        total = z.new_zeros(())
+        match = z.new_zeros(())
+        if self.matching:
+            match = self.distance([out.update[n] for n in self.names])
+            total = total + self.match_weight * match
+        if s.tv:
+            total = total + s.tv * total_variation(z, s.tv_kind)
+        if s.l2:
+            total = total + s.l2 * z.pow(2).mean()
+        if self.bn:
+            stats = self.replay.weighted_bn_stats(out.stats)
+            bn = z.new_zeros(())
+            for name, mean_t, var_t, scale_m, scale_v, w in self.bn:
+                mean, var = stats[name]
+                bn = bn + w * (torch.linalg.vector_norm(mean - mean_t) / scale_m
+                               + torch.linalg.vector_norm(var - var_t) / scale_v)  # fmt: skip
+            total = total + s.bn * bn
+        if self.feature_target is not None and out.features is not None:
+            diff = out.features.reshape(-1) - self.feature_target
+            total = total + s.features * diff.pow(2).sum() / self.feature_scale
+        return total, match
 
 
 class GradientInversion:
@@ -93,7 +284,6 @@ class GradientInversion:
     def __init__(self, settings: AttackSettings) -> None:
         self.settings = settings
 
-    # set-up ------------------------------------------------------------------------------------
     def _initial_images(
         self, view: ServerView, prior: torch.Tensor | None, gen: torch.Generator
     ) -> torch.Tensor:
@@ -109,16 +299,14 @@ class GradientInversion:
         base = mean.expand(shape) if (s.init == "constant" or prior is None) else prior.expand(shape)
         return base.float() + s.init_noise * std * torch.randn(shape, generator=gen)
 
-    def _weights(self, names: list[str], view: ServerView, extra: int) -> torch.Tensor | None:
-        """Per-element weights of the distance (None when all are equal)."""
-        sizes = [view.global_state[n].numel() for n in names]
-        if self.settings.layer_weights == "equal" or len(sizes) < 2:
-            return None
-        per = [1 - 0.9 * i / (len(sizes) - 1) for i in range(len(sizes))]
-        parts = [torch.full((n,), w) for n, w in zip(sizes, per, strict=True)]
-        return torch.cat([*parts, torch.ones(extra)])
+    def uses_onednn(self, view: ServerView, device: torch.device) -> bool:
+        """Whether CPU convolutions run on oneDNN (``conv_backend``; auto: by the model's size)."""
+        if device.type != "cpu" or self.settings.conv_backend == "native":
+            return False
+        if self.settings.conv_backend == "onednn":
+            return True
+        return conv_macs(view.model, view.image_shape) >= ONEDNN_MIN_MACS
 
-    # the attack ----------------------------------------------------------------------------------
     def run(
         self,
         view: ServerView,
@@ -136,9 +324,16 @@ class GradientInversion:
         unroll = {"always": True, "never": False, "auto": view.meta.steps > 1}[s.unroll]
         batched = s.restarts > 1
         dev = torch.device(device)
-        replay = ClientReplay(view, unroll=unroll, functional=batched, device=dev, relu_beta=s.relu_surrogate)
+        exact_features = view.num_images == 1 and view.meta.steps == 1 and view.classifier()[1] is not None
+        replay = ClientReplay(view, unroll=unroll, functional=batched, device=dev,
+                              relu_beta=s.relu_surrogate if s.match_weight > 0 else 0.0,
+                              features=s.features > 0 and exact_features)  # fmt: skip
         if s.bn > 0 and not replay.bn_layers:
             raise ConfigError("attack.bn", "batch-norm matching needs a model with batch-norm layers")
+        if s.bn > 0 and s.match_weight == 0 and replay.bn_mode == "eval":
+            raise ConfigError("attack.bn", EVAL_MODE_PROBLEM)
+        if s.labels == "known" and view.known_labels is None:
+            raise ConfigError("attack.labels", "'known' labels need labels in the server's view")
         gen = torch.Generator().manual_seed(seed)
         c = view.image_shape[0]
         mean = torch.tensor(view.mean, dtype=torch.float32).view(1, 1, c, 1, 1)
@@ -151,8 +346,6 @@ class GradientInversion:
         z0 = ((x0.to(dev) - mean) / std).contiguous()
         n, k = view.num_images, view.num_classes
 
-        if s.labels == "known" and view.known_labels is None:
-            raise ConfigError("attack.labels", "'known' labels need labels in the server's view")
         labels, strategy = (None, "optimize")
         if s.labels != "optimize":
             labels, strategy = recover_labels(view, z0[0])
@@ -160,49 +353,24 @@ class GradientInversion:
         y0 = (torch.randn(s.restarts, n, k, generator=gen) if optimise_labels
               else F.one_hot(labels, k).float().expand(s.restarts, n, k).contiguous()).to(dev)  # fmt: skip
 
-        names = view.parameter_names
-        pg = view.pseudo_gradient()
-        buf_keys = [f"{l.name}.{b}" for l in replay.bn_layers for b in ("running_mean", "running_var")]
-        buf_keys = buf_keys if unroll else []
-        target = torch.cat([pg[nm].flatten() for nm in names]
-                           + [view.update[b].float().flatten() / view.meta.lr for b in buf_keys]).to(dev)  # fmt: skip
-        weights = self._weights(names, view, sum(view.update[b].numel() for b in buf_keys))
-        weights = weights.to(dev) if weights is not None else None
-        revealed = replay.revealed_bn_stats() if s.bn > 0 else []
+        objective = _Objective(s, view, replay, dev)
 
-        def objective(z: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            """(total, matching term) of one restart: z normalised images, y label logits/one-hot."""
-            y_dist = F.softmax(y, dim=-1) if optimise_labels else y
-            sim, stats = replay.simulate(z, y_dist)
-            parts = [sim[nm].flatten() for nm in names]
-            if buf_keys:
-                deltas = replay.running_stat_deltas(stats)
-                parts += [deltas[b].flatten() / view.meta.lr for b in buf_keys]
-            match = distance(torch.cat(parts), target, weights, s.objective)
-            total = match_weight * match
-            if s.tv:
-                total = total + s.tv * total_variation(z, s.tv_kind)
-            if s.l2:
-                total = total + s.l2 * z.pow(2).mean()
-            if s.bn:
-                bn = 0.0
-                for i, (mu_t, var_t) in enumerate(revealed):
-                    mu = torch.stack([st[i][0] for st in stats]).mean(0)
-                    var = torch.stack([st[i][1] for st in stats]).mean(0)
-                    bn = bn + (mu - mu_t).norm() + (var - var_t).norm()
-                total = total + s.bn * bn
-            return total, match
+        def as_labels(y: torch.Tensor) -> torch.Tensor:
+            return F.softmax(y, dim=-1) if optimise_labels else y
 
-        match_weight, match_at = s.match_weight, match_factor(s)  # read by objective() when called
-        z = z0.clone().requires_grad_(True)
+        def per_restart(z: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return objective(z, as_labels(y))
+
+        images = _Images(z0, s.scales, lo, hi)
         y = y0.clone().requires_grad_(optimise_labels)
-        variables = [z, y] if optimise_labels else [z]
+        variables = images.variables + ([y] if optimise_labels else [])
         trace: list[torch.Tensor] = []
 
         def terms() -> tuple[torch.Tensor, torch.Tensor]:
+            z = images.images()
             if batched:
-                return vmap(objective)(z, y)
-            total, match = objective(z[0], y[0])
+                return vmap(per_restart)(z, y)
+            total, match = per_restart(z[0], y[0])
             return total[None], match[None]
 
         def evaluate() -> torch.Tensor:
@@ -210,20 +378,21 @@ class GradientInversion:
             loss = totals.sum()
             grads = torch.autograd.grad(loss, variables)
             for v, g in zip(variables, grads, strict=True):
-                v.grad = g.sign() if (s.signed and v is z) else g
+                v.grad = g.sign() if (s.signed and v is not y) else g
             trace.append(totals.detach())
             return loss.detach()
 
-        with _without_onednn() if dev.type == "cpu" and not batched else nullcontext():
+        with _onednn(self.uses_onednn(view, dev)) if dev.type == "cpu" else nullcontext():
             if s.optimizer == "lbfgs":
                 opt = torch.optim.LBFGS(variables, lr=s.lr, line_search_fn="strong_wolfe")
             else:
                 opt = torch.optim.Adam(variables, lr=s.lr, fused=True)
             sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(s))
+            match_at = match_factor(s)
             stalled, previous, done = 0, math.inf, 0
             for it in range(s.iterations):
                 done = it + 1
-                match_weight = s.match_weight * match_at(it)
+                objective.match_weight = s.match_weight * match_at(it)
                 if s.optimizer == "lbfgs":
                     loss = opt.step(evaluate)
                     # L-BFGS at its tolerance returns the same loss every step: stop instead
@@ -236,25 +405,27 @@ class GradientInversion:
                     opt.step()
                 sched.step()
                 if s.boxed:
-                    with torch.no_grad():
-                        z.clamp_(min=lo, max=hi)
+                    images.project()
                 if progress is not None:
                     progress(it + 1, float(loss))
                 if not math.isfinite(float(loss)):
                     break
-            _, matches = terms()
+            objective.match_weight = s.match_weight * match_at(s.iterations)
+            totals, matches = terms()
 
-        matches = matches.detach()
-        scores = torch.where(torch.isfinite(matches), matches, torch.full_like(matches, math.inf))
+        totals = totals.detach()
+        scores = torch.where(torch.isfinite(totals), totals, torch.full_like(totals, math.inf))
         best = int(scores.argmin())
         final_labels = labels if labels is not None else y.detach()[best].argmax(-1).cpu()
-        images = (z.detach()[best : best + 1] * std + mean)[0].clamp(0, 1).cpu()
+        z = images.images().detach()
+        out = (z[best : best + 1] * std + mean)[0].clamp(0, 1).cpu()
         return Reconstruction(
-            images=images,
+            images=out,
             labels=final_labels,
             label_strategy=strategy,
             prior=x0[best].clamp(0, 1),
             restart_scores=[float(v) for v in scores],
+            match_scores=[float(v) for v in matches.detach()],
             trace=[float(t[best]) for t in trace],
             iterations=done,
             seconds=time.perf_counter() - start,

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -55,6 +56,11 @@ class UpdateMetadata(BaseModel):
     local_steps: int | None = Field(None, gt=0, description="Local SGD steps (alternative to epochs).")
     batch_size: int | None = Field(None, gt=0, description="Local batch size (default: num_images).")
     momentum: float = Field(0.0, ge=0, lt=1, description="Local SGD momentum.")
+    batch_norm: Literal["train", "eval", "auto"] = Field(
+        "auto", description="How the client ran batch-norm layers: train (batch statistics, running "
+        "statistics updated), eval (running statistics, buffers unchanged), or auto: eval when every "
+        "running mean and variance in the update is unchanged, else train.",
+    )
     labels: list[int] | None = Field(None, description="The labels, where the threat model gives them to the server.")
     mean: list[float] = Field(description="Per-channel normalisation mean of the client's input pipeline.")
     std: list[float] = Field(description="Per-channel normalisation std.")
@@ -78,7 +84,8 @@ class UpdateMetadata(BaseModel):
         per_epoch = math.ceil(self.num_images / bs)
         epochs = self.epochs or (self.local_steps // per_epoch if self.local_steps else 1)
         return UpdateMeta(client_id=0, round=0, num_samples=self.num_images, lr=self.lr,
-                          epochs=epochs, steps=epochs * per_epoch, batch_size=bs, momentum=self.momentum)  # fmt: skip
+                          epochs=epochs, steps=epochs * per_epoch, batch_size=bs, momentum=self.momentum,
+                          bn_mode=None if self.batch_norm == "auto" else self.batch_norm)  # fmt: skip
 
 
 def load_metadata(path: Path) -> UpdateMetadata:

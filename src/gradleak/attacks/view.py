@@ -52,6 +52,8 @@ class ServerView:
     def __post_init__(self) -> None:
         check_state(self.model, self.global_state, "global model")
         check_state(self.model, self.update, "update")
+        if self.meta.bn_mode not in (None, "train", "eval"):
+            raise UpdateMismatch(f"bn_mode must be 'train' or 'eval', got {self.meta.bn_mode!r}")
         if len(self.mean) != self.image_shape[0] or len(self.std) != self.image_shape[0]:
             raise UpdateMismatch(
                 f"normalisation has {len(self.mean)} means and {len(self.std)} stds "
@@ -75,6 +77,21 @@ class ServerView:
     @property
     def buffer_names(self) -> list[str]:
         return [n for n, _ in self.model.named_buffers()]
+
+    @property
+    def bn_mode(self) -> str:
+        """How the client's batch-norm layers ran: "train" or "eval" (running statistics).
+
+        The metadata's ``bn_mode`` when the protocol sent it; otherwise inferred from the update:
+        "eval" when every running mean and variance is unchanged (a layer in train mode always
+        moves them), else "train". A model without batch norm reports "train".
+        """
+        if self.meta.bn_mode is not None:
+            return self.meta.bn_mode
+        stats = [n for n in self.buffer_names if n.endswith((".running_mean", ".running_var"))]
+        if stats and all(not bool(self.update[n].any()) for n in stats):
+            return "eval"
+        return "train"
 
     def pseudo_gradient(self) -> dict[str, torch.Tensor]:
         """``-delta / lr`` per parameter: the gradient itself after one SGD step, the sum of the
@@ -102,7 +119,8 @@ class Reconstruction:
     labels: torch.Tensor  # N
     label_strategy: str
     prior: torch.Tensor  # the starting images of the chosen restart, N x C x H x W in [0, 1]
-    restart_scores: list[float]  # final matching loss of each restart; the lowest was chosen
+    restart_scores: list[float]  # final objective of each restart; the lowest was chosen
+    match_scores: list[float] = field(default_factory=list)  # final matching term of each restart
     trace: list[float] = field(default_factory=list)  # total loss of the chosen restart
     iterations: int = 0
     seconds: float = 0.0

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from gradleak.audit.config import AuditConfig
 from gradleak.data.partition import Partition
@@ -43,6 +43,11 @@ class TrainingConfig(_Section):
     weight_decay: float = Field(0.0, ge=0, description="Local SGD weight decay.")
     clients_per_round: float = Field(
         1.0, gt=0, le=1, description="Fraction of clients drawn (seeded) to take part in each round."
+    )
+    batch_norm: Literal["train", "eval"] = Field(
+        "train", description="How clients run batch-norm layers: train (batch statistics, running "
+        "statistics updated and sent) or eval (frozen running statistics, as in fine-tuning with "
+        "batch norm frozen). Sent with each update; the attack's replay follows it.",
     )
 
 
@@ -82,6 +87,20 @@ class DisaggregationConfig(_Section):
     )
 
 
+class RecommendationConfig(_Section):
+    """How a sweep's report picks the defence strength it recommends."""
+
+    level: float = Field(
+        0.0, description="RDLV that every audited client must reach or go below in every audited "
+        "round (`gradleak sweep/report --level` overrides it).",
+    )
+    accuracy_budget: float = Field(
+        0.05, ge=0, le=1, description="Final test accuracy a defence may cost against the sweep's "
+        "baseline (its smallest swept value), as a fraction: 0.05 is 5 points "
+        "(`--accuracy-budget` overrides it).",
+    )
+
+
 class CheckpointConfig(_Section):
     keep_every: int = Field(
         0, ge=0, description="Also keep every k-th round's global model; 0 keeps only the latest."
@@ -117,10 +136,24 @@ class ExperimentConfig(_Section):
         None, description="With aggregation.strategy secure-sum: recover every client's participation "
         "and update from the round sums, and invert chosen clients' updates; null: none.",
     )
+    recommendation: RecommendationConfig = Field(
+        default_factory=RecommendationConfig,
+        description="For `gradleak sweep`: the leakage target and accuracy budget of the recommendation.",
+    )
     sweep: dict[str, list[Any]] = Field(
         default_factory=dict,
         description="For `gradleak sweep`: values per dotted key, e.g. {defenses.0.sigma0: [0, 5, 10]}.",
     )
+
+    @model_validator(mode="after")
+    def _attack_fits_the_training(self) -> ExperimentConfig:
+        from gradleak.attacks.engine import EVAL_MODE_PROBLEM
+
+        if self.audit is not None and self.training.batch_norm == "eval":
+            s = self.audit.settings()
+            if s.bn > 0 and s.match_weight == 0:
+                raise ConfigError("audit.preset", f"{self.audit.preset}: {EVAL_MODE_PROBLEM}")
+        return self
 
     def defense_summary(self) -> str:
         """The defences in force, e.g. 'adaptive-gaussian(sigma0=5.0, percentile=95.0)'."""

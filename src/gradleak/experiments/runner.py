@@ -76,7 +76,7 @@ class Scenario:
         return Simulator(
             model=self.model, clients=self.clients, test=self.data.test,
             mean=self.data.mean, std=self.data.std, strategy=self.strategy,
-            training=LocalTraining(t.local_epochs, t.lr, t.momentum, t.weight_decay),
+            training=LocalTraining(t.local_epochs, t.lr, t.momentum, t.weight_decay, t.batch_norm),
             seed=self.config.seed, clients_per_round=t.clients_per_round, device=self.device,
             filters=self.filters(run_dir),
         )  # fmt: skip

@@ -26,6 +26,16 @@ class LocalTraining:
     lr: float = 0.01
     momentum: float = 0.0
     weight_decay: float = 0.0
+    batch_norm: str = "train"  # "train": batch statistics, buffers updated; "eval": frozen running statistics
+
+
+def set_batch_norm_mode(model: nn.Module, mode: str) -> None:
+    """Put every batch-norm layer in ``mode`` ("train" or "eval"), the rest of the model unchanged."""
+    if mode not in ("train", "eval"):
+        raise ValueError(f"batch-norm mode must be 'train' or 'eval', got {mode!r}")
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.train(mode == "train")
 
 
 def steps_per_epoch(num_samples: int, batch_size: int) -> int:
@@ -53,6 +63,7 @@ def train_client(
     device = torch.device(device)
     model.load_state_dict(global_state)
     model.to(device).train()
+    set_batch_norm_mode(model, settings.batch_norm)
     lr = client.lr if client.lr is not None else settings.lr
     opt = torch.optim.SGD(
         model.parameters(), lr=lr, momentum=settings.momentum, weight_decay=settings.weight_decay
@@ -83,5 +94,6 @@ def train_client(
         steps=settings.epochs * steps_per_epoch(n, bs),
         batch_size=bs,
         momentum=settings.momentum,
+        bn_mode=settings.batch_norm,
     )
     return ClientUpdate(delta, meta, buffers), float(torch.stack(losses).mean())

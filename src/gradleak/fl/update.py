@@ -23,6 +23,10 @@ class UpdateMeta:
     steps: int
     batch_size: int
     momentum: float = 0.0
+    # How the client's batch-norm layers ran: "train" (batch statistics, running statistics
+    # updated) or "eval" (running statistics, buffers unchanged); None: not sent, so a server
+    # infers it from the update (``ServerView.bn_mode``).
+    bn_mode: str | None = None
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import html
 import json
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ import yaml
 from gradleak.errors import GradleakError
 from gradleak.experiments.store import RunStore
 from gradleak.report import figures
+from gradleak.report.recommend import recommend
 
 
 def _img(png: Path, alt: str) -> str:
@@ -145,15 +147,18 @@ def _disaggregation_section(run_dir: Path, out: Path) -> str:
     return "\n".join(parts)
 
 
-def sweep_summary(sweep_dir: Path, level: float = 0.0) -> dict[str, Any]:
-    """Per point: final accuracy and each audited client's worst RDLV; and the smallest value of
-    the (single, numeric) swept key that brings every client under ``level``."""
+def sweep_summary(sweep_dir: Path, level: float | None = None, budget: float | None = None) -> dict[str, Any]:
+    """Per point: final accuracy and each audited client's worst RDLV; and, for a single numeric
+    swept key, the recommended value (``report.recommend``). ``level`` and ``budget`` default to
+    the sweep config's ``recommendation:`` section."""
     spec = json.loads((sweep_dir / "sweep.json").read_text())
-    points = []
+    points, settings = [], {}
     for p in spec["points"]:
         store = RunStore(sweep_dir / p["run_dir"])
         rounds = store.rounds.read() if store.exists() else []
         audited = [r for r in store.results.read() if r.get("audited")] if store.exists() else []
+        if store.exists() and not settings:
+            settings = store.read_config().get("recommendation") or {}
         worst: dict[str, float] = {}
         for r in audited:
             if r.get("rdlv") is not None:  # None: the update was not finite, nothing was attacked
@@ -161,38 +166,29 @@ def sweep_summary(sweep_dir: Path, level: float = 0.0) -> dict[str, Any]:
         points.append({"values": p["values"], "run_dir": p["run_dir"], "rounds": len(rounds),
                        "accuracy": rounds[-1]["test_accuracy"] if rounds else float("nan"),
                        "rdlv": worst})  # fmt: skip
-    out: dict[str, Any] = {"keys": spec["keys"], "level": level, "points": points}
+    level = settings.get("level", 0.0) if level is None else level
+    budget = settings.get("accuracy_budget", 0.05) if budget is None else budget
+    out: dict[str, Any] = {"keys": spec["keys"], "level": level, "accuracy_budget": budget, "points": points}
     if len(spec["keys"]) == 1 and all(isinstance(p["values"][spec["keys"][0]], int | float) for p in points):
         key = spec["keys"][0]
-        ordered = sorted(points, key=lambda p: p["values"][key])
-        base = ordered[0]
-        safe = [p for p in ordered if p["rdlv"] and all(v <= level for v in p["rdlv"].values())]
-        if safe:
-            out["smallest_safe"] = {"value": safe[0]["values"][key], "accuracy": safe[0]["accuracy"],
-                                    "baseline_value": base["values"][key],
-                                    "baseline_accuracy": base["accuracy"],
-                                    "accuracy_cost": base["accuracy"] - safe[0]["accuracy"]}  # fmt: skip
-        out["points"] = ordered
+        rec = recommend(points, key, level=level, budget=budget)
+        out["recommendation"] = {**asdict(rec), "accuracy_cost": rec.accuracy_cost, "verdict": rec.verdict()}
+        out["points"] = sorted(points, key=lambda p: p["values"][key])
     return out
 
 
-def build_sweep_report(sweep_dir: Path, level: float = 0.0) -> Path:
+def build_sweep_report(sweep_dir: Path, level: float | None = None, budget: float | None = None) -> Path:
     """Write ``sweep_dir/report/index.html`` with the privacy/utility curve and summary table."""
-    summary = sweep_summary(sweep_dir, level)
+    summary = sweep_summary(sweep_dir, level, budget)
     out = sweep_dir / "report"
     parts = []
     if len(summary["keys"]) == 1 and "points" in summary:
         key = summary["keys"][0]
         if all(isinstance(p["values"][key], int | float) for p in summary["points"]):
             parts.append(_img(figures.privacy_utility(summary["points"], key, out), "privacy utility"))
-    safe = summary.get("smallest_safe")
-    if safe:
-        verdict = (f"The smallest {html.escape(summary['keys'][0])} that brings every audited client's "
-                   f"RDLV to {level} or below is <b>{safe['value']}</b>: final test accuracy "
-                   f"{safe['accuracy']:.4f} against {safe['baseline_accuracy']:.4f} at "
-                   f"{safe['baseline_value']} (cost {safe['accuracy_cost']:+.4f}).")  # fmt: skip
-    else:
-        verdict = f"No swept value brings every audited client's RDLV to {level} or below."
+    rec = summary.get("recommendation")
+    verdict = (html.escape(rec["verdict"]) if rec else
+               "No recommendation: it needs a single swept key with numeric values.")  # fmt: skip
     rows = [{**{k: v for k, v in p["values"].items()}, "rounds": p["rounds"], "accuracy": p["accuracy"],
              **{f"rdlv client {c}": v for c, v in p["rdlv"].items()}, "run": p["run_dir"]}
             for p in summary["points"]]  # fmt: skip

@@ -1,0 +1,162 @@
+"""The attack on batch-norm networks: the statistics a train-mode update reveals, each ingredient of
+the ``bn-statistics`` preset in its intended direction, and eval-mode updates."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gradleak.attacks import GradientInversion, preset
+from gradleak.attacks.simulate import ClientReplay
+from gradleak.data.dataset import ImageDataset, normalize
+from gradleak.data.partition import ClientData
+from gradleak.errors import ConfigError
+from gradleak.fl import LocalTraining, train_client
+from gradleak.attacks.view import ServerView
+from gradleak.metrics import psnr, ssim
+from gradleak.models import build_model
+
+MEAN, STD = (0.45, 0.45, 0.45), (0.25, 0.25, 0.25)
+
+
+def _view(seed=0, size=16, width=8, batch_norm="train", model="resnet20", n=1, bs=1):
+    """A one-image (or n-image) update of a small untrained ResNet on a smooth random RGB image."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.rand(n, 3, 4, 4, generator=g)
+    images = F.interpolate(base, size=(size, size), mode="bilinear", align_corners=False).contiguous()
+    client = ClientData(1, ImageDataset(images, torch.randint(0, 10, (n,), generator=g)), bs)
+    torch.manual_seed(seed)
+    net = build_model(model, channels=3, image_size=size, num_classes=10, kwargs={"width": width})
+    state = {k: v.detach().clone() for k, v in net.state_dict().items()}
+    update, _ = train_client(net, state, client, round=1, mean=MEAN, std=STD, seed=seed,
+                             settings=LocalTraining(lr=0.1, batch_norm=batch_norm))  # fmt: skip
+    view = ServerView.of(net, state, update, image_shape=(3, size, size), num_classes=10, mean=MEAN, std=STD)
+    return client, view
+
+
+def _quality(rec, client) -> tuple[float, float]:
+    truth = client.data.images
+    return float(psnr(rec.images, truth)), float(ssim(rec.images, truth))
+
+
+def _tile_view(i=0, batch_norm="train", model="resnet18", width=16):
+    """A one-image update of an untrained ResNet on a 32 x 32 tile of a bundled photograph."""
+    from gradleak.data.sources import TilesSource
+
+    tiles = TilesSource(image_size=32).load(seed=0)
+    idx = int(torch.nonzero(tiles.test.labels == i % tiles.num_classes).flatten()[0])
+    client = ClientData(1, tiles.test.subset([idx]), 1)
+    torch.manual_seed(i)
+    net = build_model(model, channels=3, image_size=32, num_classes=tiles.num_classes, kwargs={"width": width})
+    state = {k: v.detach().clone() for k, v in net.state_dict().items()}
+    update, _ = train_client(net, state, client, round=1, mean=tiles.mean, std=tiles.std, seed=i,
+                             settings=LocalTraining(lr=0.1, batch_norm=batch_norm))  # fmt: skip
+    view = ServerView.of(net, state, update, image_shape=(3, 32, 32), num_classes=tiles.num_classes,
+                         mean=tiles.mean, std=tiles.std)  # fmt: skip
+    return client, view
+
+
+@pytest.fixture(scope="module")
+def photo():
+    return _tile_view(0)
+
+
+def test_the_revealed_statistics_recover_a_one_image_resnet18_update(photo) -> None:
+    client, view = photo
+    fast = dict(iterations=300, restarts=1)
+    rec = GradientInversion(preset("bn-statistics", **fast)).run(view, seed=0)
+    start = float(psnr(rec.prior, client.data.images))
+    got, got_ssim = _quality(rec, client)
+    assert got > start + 15 and got_ssim > 0.6
+    # The statistics are what moves the image: without them only the priors act.
+    off = GradientInversion(preset("bn-statistics", bn=0.0, **fast)).run(view, seed=0)
+    assert abs(_quality(off, client)[0] - start) < 1.0
+
+
+def test_per_layer_normalisation_and_decay_beat_nvflares_plain_sum(photo) -> None:
+    client, view = photo
+    fast = dict(iterations=300, restarts=1)
+    ours = GradientInversion(preset("bn-statistics", **fast)).run(view, seed=0)
+    plain = GradientInversion(preset("bn-statistics", bn_normalize=False, bn_layer_decay=1.0, **fast)).run(view, seed=0)
+    assert _quality(ours, client)[0] > _quality(plain, client)[0] + 8
+
+
+def test_the_batch_norm_term_weighs_layers_by_decay_and_scale(photo) -> None:
+    from gradleak.attacks.engine import _Objective
+
+    _, view = photo
+    replay = ClientReplay(view, unroll=False, functional=False)
+    settings = preset("bn-statistics")
+    terms = _Objective(settings, view, replay, torch.device("cpu")).bn
+    assert len(terms) == 20  # resnet18: stem, 16 in the blocks, 3 shortcuts
+    assert [w for *_, w in terms] == pytest.approx([0.85**i for i in range(20)])
+    revealed = replay.revealed_bn_stats()
+    for name, _, var, scale_m, scale_v, _ in terms:
+        assert scale_m == pytest.approx(float(revealed[name][1].sqrt().norm()), rel=1e-6)
+        assert scale_v == pytest.approx(float(revealed[name][1].norm()), rel=1e-6)
+    plain = _Objective(preset("gradinversion"), view, replay, torch.device("cpu")).bn
+    assert all(sm == sv == w == 1.0 for *_, sm, sv, w in plain)  # NVFlare's term: a plain sum
+
+
+def test_coarse_scales_move_the_low_frequencies_further_per_step(photo) -> None:
+    _, view = photo
+
+    def first_step(scales: int) -> torch.Tensor:
+        rec = GradientInversion(preset("bn-statistics", scales=scales, iterations=1, restarts=1,
+                                       warmup=0, schedule="none")).run(view, seed=0)  # fmt: skip
+        return rec.images - rec.prior
+
+    low = {k: F.avg_pool2d(first_step(k), 8).norm() for k in (0, 3)}
+    assert low[3] > 2 * low[0]
+
+
+def test_feature_inversion_brings_the_classifier_input_to_the_revealed_one(photo) -> None:
+    from gradleak.attacks.analytic import linear_input
+
+    client, view = photo
+    w, b = view.classifier()
+    pg = view.pseudo_gradient()
+    target = linear_input(pg[w], pg[b])
+    replay = ClientReplay(view, unroll=False, functional=False, features=True)
+
+    def feature_error(weight: float) -> float:
+        rec = GradientInversion(preset("bn-statistics", features=weight, bn=0.0, iterations=100,
+                                       restarts=1)).run(view, seed=0)  # fmt: skip
+        x = normalize(rec.images, view.mean, view.std)
+        with torch.no_grad():
+            f = replay.simulate(x, torch.zeros(1, 8), update=False).features
+        return float((f.flatten() - target).norm() / target.norm())
+
+    assert feature_error(1.0) < 0.5 * feature_error(0.0)
+
+
+def test_the_forward_only_replay_gives_the_same_statistics(photo) -> None:
+    client, view = photo
+    replay = ClientReplay(view, unroll=False, functional=False, features=True)
+    x = normalize(client.data.images, view.mean, view.std)
+    y = F.one_hot(client.data.labels, 8).float()
+    full, light = replay.simulate(x, y), replay.simulate(x, y, update=False)
+    assert light.update is None and full.update is not None
+    for name, (mean, var) in full.stats[0].items():
+        assert torch.equal(light.stats[0][name][0], mean) and torch.equal(light.stats[0][name][1], var)
+    assert torch.equal(light.features, full.features)
+
+
+def test_an_eval_mode_update_is_matched_by_inverting_gradients() -> None:
+    client, view = _view(seed=1, width=8, batch_norm="eval")
+    assert view.bn_mode == "eval"
+    rec = GradientInversion(preset("inverting-gradients", iterations=300)).run(view, seed=0)
+    assert rec.match_scores[0] < 0.01  # final 1 - cosine: the replay normalises as the client did
+    # The train-mode replay of the same update cannot match it.
+    import dataclasses
+
+    forced = dataclasses.replace(view, meta=dataclasses.replace(view.meta, bn_mode="train"))
+    wrong = GradientInversion(preset("inverting-gradients", iterations=300)).run(forced, seed=0)
+    assert wrong.match_scores[0] > 10 * rec.match_scores[0]
+
+
+def test_bn_statistics_refuse_an_eval_mode_update_before_any_work() -> None:
+    _, view = _view(batch_norm="eval")
+    with pytest.raises(ConfigError, match="attack.bn: the client ran its batch-norm layers in eval mode"):
+        GradientInversion(preset("bn-statistics")).run(view)
