@@ -30,6 +30,7 @@ Results go to benchmarks/results/attack_CASE.json and stdout.
 from __future__ import annotations
 
 import math
+import os
 import sys
 import time
 from statistics import mean
@@ -47,6 +48,8 @@ from gradleak.metrics import psnr, score, ssim
 from gradleak.models import build_model
 
 TILES = TilesSource(image_size=32).load(seed=0)
+# Where the attacks run: GRADLEAK_BENCH_DEVICE=cuda measures the same cases on a GPU.
+DEVICE = torch.device(os.environ.get("GRADLEAK_BENCH_DEVICE", "cpu"))
 
 
 def tile(i: int) -> ClientData:
@@ -84,7 +87,7 @@ def case_dlg() -> dict:
     for seed in range(10):
         client = tile(seed)
         view = view_of("lenet", client, seed=seed, kwargs={"init": "uniform"}, raw=True)
-        rec = GradientInversion(preset("dlg")).run(view, seed=seed)
+        rec = GradientInversion(preset("dlg")).run(view, device=DEVICE, seed=seed)
         runs.append({"seed": seed, **quality(rec, client)})
         print(runs[-1], file=sys.stderr)
     return {
@@ -114,7 +117,7 @@ def _ig(iterations: int, images: int = 8, **overrides) -> dict:
         client = tile(i)
         view = view_of("lenet", client, seed=i, known=True)
         rec = GradientInversion(preset("inverting-gradients", iterations=iterations, labels="known",
-                                       **overrides)).run(view, seed=i)  # fmt: skip
+                                       **overrides)).run(view, device=DEVICE, seed=i)  # fmt: skip
         runs.append({"image": i, **quality(rec, client)})
         print(iterations, runs[-1], file=sys.stderr)
     return {
@@ -144,7 +147,7 @@ def case_restarts() -> dict:
     times = {}
     for r in (1, 8):
         rec = GradientInversion(preset("inverting-gradients", iterations=200, restarts=r,
-                                       labels="known")).run(view, seed=0)  # fmt: skip
+                                       labels="known")).run(view, device=DEVICE, seed=0)  # fmt: skip
         times[r] = rec.seconds
     return {"target": "8 restarts in at most 3 x the time of one", "seconds_1": times[1],
             "seconds_8": times[8], "ratio": times[8] / times[1]}  # fmt: skip
@@ -155,7 +158,8 @@ def case_fedavg() -> dict:
     for i in range(4):
         client = tile(i)
         view = view_of("lenet", client, seed=i, lr=1e-4, epochs=5)
-        rec = GradientInversion(preset("inverting-gradients", iterations=1500)).run(view, seed=i)
+        settings = preset("inverting-gradients", iterations=1500)
+        rec = GradientInversion(settings).run(view, device=DEVICE, seed=i)
         runs.append({"image": i, "steps": view.meta.steps, **quality(rec, client)})
         print(runs[-1], file=sys.stderr)
     return {"reference": "about 27 dB in 81 s", "target": "same quality in half the time",
@@ -174,7 +178,7 @@ def _ablation(model: str, kwargs: dict, preset_name: str, variants: dict[str, di
             client = tile(i)
             view = view_of(model, client, seed=i, kwargs=kwargs, batch_norm=batch_norm)
             over = {**kw, **({"iterations": iterations} if iterations else {})}
-            rec = GradientInversion(preset(preset_name, **over)).run(view, seed=i)
+            rec = GradientInversion(preset(preset_name, **over)).run(view, device=DEVICE, seed=i)
             runs.append({"image": i, **quality(rec, client),
                          "start_psnr": float(psnr(rec.prior, client.data.images)),
                          "start_ssim": float(ssim(rec.prior, client.data.images).mean()),
@@ -254,18 +258,27 @@ def case_analytic() -> dict:
 
 
 def _matmul_gflops() -> float:
-    """The machine's float32 matrix-multiply rate: best of 7 timings of 20 products of 1024 x 1024
-    matrices (the best, because a shared machine only ever slows a timing down)."""
-    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+    """The device's float32 matrix-multiply rate: best of 7 timings of 20 products of n x n matrices
+    (n = 1024 on a CPU, 8192 on a GPU; the best, because a shared machine only ever slows a timing
+    down)."""
+    n = 8192 if DEVICE.type == "cuda" else 1024
+    a, b = torch.randn(n, n, device=DEVICE), torch.randn(n, n, device=DEVICE)
     for _ in range(3):
         a @ b
     best = math.inf
     for _ in range(7):
+        _sync()
         t = time.perf_counter()
         for _ in range(20):
             a @ b
+        _sync()
         best = min(best, time.perf_counter() - t)
-    return 2 * 1024**3 * 20 / best / 1e9
+    return 2 * n**3 * 20 / best / 1e9
+
+
+def _sync() -> None:
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
 
 
 def _iteration(view: ServerView, settings, iterations: int = 20) -> tuple[float, float]:
@@ -274,14 +287,15 @@ def _iteration(view: ServerView, settings, iterations: int = 20) -> tuple[float,
 
     stamps: list[float] = []
     GradientInversion(settings.model_copy(update={"iterations": iterations})).run(
-        view, seed=0, progress=lambda i, loss: stamps.append(time.perf_counter())
+        view, device=DEVICE, seed=0, progress=lambda i, loss: stamps.append(time.perf_counter())
     )
     steps = sorted(b - a for a, b in zip(stamps[2:], stamps[3:]))
     flops = []
     for n in (1, 3):  # the difference removes set-up work (label recovery, the final evaluation)
         counter = FlopCounterMode(display=False)
         with counter:
-            GradientInversion(settings.model_copy(update={"iterations": n})).run(view, seed=0)
+            GradientInversion(settings.model_copy(update={"iterations": n})).run(
+                view, device=DEVICE, seed=0)
         flops.append(counter.get_total_flops())
     return steps[len(steps) // 2], (flops[1] - flops[0]) / 2
 
@@ -298,8 +312,10 @@ THROUGHPUT = [
 
 def case_throughput() -> dict:
     peak = _matmul_gflops()
-    out: dict = {"setup": "one 32 x 32 image, one local step; seconds per attack iteration (median after "
-                 "warm-up); FLOPs per iteration counted by torch's FlopCounterMode",
+    gpu = torch.cuda.get_device_name() if DEVICE.type == "cuda" else "cpu"
+    out: dict = {"device": str(DEVICE), "device_name": gpu,
+                 "setup": "one 32 x 32 image, one local step; seconds per attack iteration (median "
+                 "after warm-up); FLOPs per iteration counted by torch's FlopCounterMode",
                  "matmul_gflops": peak, "models": {}}  # fmt: skip
     for label, name, kwargs, preset_name, overrides in THROUGHPUT:
         view = view_of(name, tile(0), seed=0, known="labels" in overrides, kwargs=kwargs)
@@ -307,7 +323,7 @@ def case_throughput() -> dict:
         seconds, flops = _iteration(view, settings)
         out["models"][label] = {
             "preset": preset_name, **overrides, "conv_backend": "onednn" if GradientInversion(settings)
-            .uses_onednn(view, torch.device("cpu")) else "native",
+            .uses_onednn(view, DEVICE) else "native",
             "seconds_per_iteration": seconds, "iterations_per_second": 1 / seconds,
             "flops_per_iteration": flops, "achieved_gflops": flops / seconds / 1e9,
             "fraction_of_matmul_rate": flops / seconds / 1e9 / peak,

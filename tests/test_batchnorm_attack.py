@@ -143,6 +143,26 @@ def test_the_forward_only_replay_gives_the_same_statistics(photo) -> None:
     assert torch.equal(light.features, full.features)
 
 
+def test_unrolled_steps_without_matching_keep_every_statistic_exact() -> None:
+    # 4 images in batches of 2: the second step runs at the weights the first one left.
+    client, view = _view(n=4, bs=2, width=4, model="resnet20")
+    replay = ClientReplay(view, unroll=True, functional=False)
+    x = normalize(client.data.images, MEAN, STD).requires_grad_()
+    y = F.one_hot(client.data.labels, 10).float()
+    full, light = replay.simulate(x, y), replay.simulate(x, y, update=False)
+    assert light.update is None and len(light.stats) == len(full.stats) == 2
+    for a, b in zip(full.stats, light.stats, strict=True):
+        for name in a:
+            torch.testing.assert_close(b[name][0], a[name][0], rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(b[name][1], a[name][1], rtol=1e-5, atol=1e-6)
+    # Both still reach the images; only the path through the first step's weight change differs.
+    name = next(iter(light.stats[1]))
+    (g_light,) = torch.autograd.grad(light.stats[1][name][1].sum(), x, retain_graph=True)
+    (g_full,) = torch.autograd.grad(full.stats[1][name][1].sum(), x)
+    assert g_light[2:].abs().sum() > 0 and torch.count_nonzero(g_light[:2]) == 0  # batch 2's own images
+    assert torch.count_nonzero(g_full[:2]) > 0  # the full replay also sees batch 1 through the weights
+
+
 def test_an_eval_mode_update_is_matched_by_inverting_gradients() -> None:
     client, view = _view(seed=1, width=8, batch_norm="eval")
     assert view.bn_mode == "eval"

@@ -96,7 +96,7 @@ def test_ill_posed_inputs_are_refused_before_solving() -> None:
         disaggregate(twins @ np.random.default_rng(0).normal(size=(6, 40)), window_counts(twins, 10), 10)
     with pytest.raises(IllPosed, match="counts have 3 windows"):
         disaggregate(sums, np.zeros((3, 6), dtype=np.int64), 10)  # 60 rounds make 6 windows of 10
-    with pytest.raises(IllPosed, match="larger than its window"):
+    with pytest.raises(IllPosed, match=r"client 0: a participation count of \d+ in rounds 0-9 is negative or larger than its interval"):
         disaggregate(sums, window_counts(p, 10) + 20, 10)
 
 
@@ -116,3 +116,108 @@ def test_cli_on_csv_and_npz_files(tmp_path) -> None:
     bad = CliRunner().invoke(app, ["disaggregate", "--sums", str(tmp_path / "sums.csv"), "--counts",
                                    str(tmp_path / "counts.npz"), "--window", "7", "--out", str(tmp_path / "o")])  # fmt: skip
     assert bad.exit_code == 2 and "counts have 6 windows" in bad.output
+
+
+# -- noisy sums, chunks, per-client intervals, certainty, fail-fast -------------------------------
+
+from gradleak.attacks.disaggregation import Interval, ParticipationLog, UncertainColumns  # noqa: E402
+
+
+def test_noisy_sums_at_std_half_are_recovered_exactly_and_certain() -> None:
+    p, u, sums = _case(n=20, t=200, d=200, seed=0)
+    noisy = sums + np.random.default_rng(1).normal(scale=0.5, size=sums.shape)
+    r = disaggregate(noisy, window_counts(p, 10), 10, workers=2)
+    assert np.array_equal(r.participation, p)
+    assert r.certain.all() and min(c.margin for c in r.confidence) > 1.5
+    assert all(m.startswith("search") for c in r.confidence for m in c.methods)  # no solver needed
+
+
+def test_updates_that_drift_are_solved_in_chunks_and_tracked_per_chunk() -> None:
+    # 12 clients, 240 rounds; every 80 rounds every update changes (as Lam et al.'s test_recover_grad).
+    rng = np.random.default_rng(3)
+    p = (rng.random((240, 12)) < 0.5).astype(np.int64)
+    base = rng.normal(1, 0.1, size=(12, 50))
+    periods = [base + rng.normal(0, 0.3, size=base.shape) for _ in range(3)]
+    sums = np.concatenate([p[80 * i : 80 * (i + 1)] @ periods[i] for i in range(3)])
+    r = disaggregate(sums, window_counts(p, 10), 10, workers=2)
+    assert r.chunks == [(0, 80), (80, 160), (160, 240)]  # chosen from the spectrum: exact chunks
+    assert np.array_equal(r.participation, p) and r.certain.all()
+    for i in range(3):
+        np.testing.assert_allclose(r.chunk_updates[i], periods[i], atol=1e-8)
+    np.testing.assert_allclose(r.updates, np.mean(periods, axis=0), atol=1e-8)
+    # Solved as one span the sums have no 12-dimensional column space: nothing may come back certain.
+    whole = disaggregate(sums, window_counts(p, 10), 10, chunk=0, workers=2)
+    wrong = [k for k in range(12) if not np.array_equal(whole.participation[:, k], p[:, k])]
+    assert wrong and not any(whole.certain[k] for k in wrong)
+
+
+def test_per_client_intervals_of_any_shape(tmp_path) -> None:
+    p, u, sums = _case(n=6, t=80, d=40, seed=6)
+    rng = np.random.default_rng(0)
+    rows = []
+    for k in range(6):  # each client its own intervals: random cut points, some rounds uncounted
+        cuts = np.sort(rng.choice(np.arange(5, 75), size=5, replace=False))
+        edges = [0, *cuts.tolist(), 80]
+        for a, b in zip(edges, edges[1:]):
+            if rng.random() < 0.85:
+                rows.append((k, a, b, int(p[a:b, k].sum())))
+    table = tmp_path / "counts.csv"
+    table.write_text("client,start,end,count\n" + "".join(f"{k},{a},{b},{c}\n" for k, a, b, c in rows))
+    plog = ParticipationLog.load(table, rounds=80)
+    assert [(k, iv.start, iv.end, iv.count) for k, ivs in enumerate(plog.intervals) for iv in ivs] == sorted(rows)
+    assert any(sum(iv.end - iv.start for iv in ivs) < 80 for ivs in plog.intervals)  # some rounds uncounted
+    r = disaggregate(sums, plog, workers=2)
+    assert np.array_equal(r.participation, p)
+    np.testing.assert_allclose(r.updates, u, atol=1e-8)
+    arrays = tmp_path / "counts.npz"
+    np.savez(arrays, **{name: np.array([row[i] for row in rows]) for i, name in enumerate(("client", "start", "end", "count"))})
+    assert ParticipationLog.load(arrays, rounds=80) == plog
+    with pytest.raises(IllPosed, match=r"client 2: intervals 3-9 and 8-11 overlap"):
+        ParticipationLog(20, ((), (), (Interval(3, 10, 2), Interval(8, 12, 1))))
+
+
+def test_an_ambiguous_column_is_never_returned_as_certain() -> None:
+    p, _, sums = _case(n=6, t=60, d=40, seed=2)
+    # Two clients with the same counts in every window: the sums cannot say which column is whose.
+    twin = p.copy()
+    twin[:, 1] = twin[:, 0]
+    twin[:10, 1] = np.roll(twin[:10, 0], 1)  # a different column with the same window counts
+    sums = twin @ np.random.default_rng(1).normal(size=(6, 40))
+    r = disaggregate(sums, window_counts(twin, 10), 10, workers=1)
+    assert not r.certain[0] and not r.certain[1] and "has the same counts" in r.confidence[0].reason
+    assert r.certain[2:].all()
+    with pytest.raises(UncertainColumns, match=r"2 of 6 clients' columns are not certain: client 0:"):
+        disaggregate(sums, window_counts(twin, 10), 10, workers=1, on_uncertain="fail")
+
+
+def test_noise_beyond_the_spectral_gap_flags_every_wrong_column() -> None:
+    p, _, sums = _case(n=20, t=200, d=200, seed=0)
+    noisy = sums + np.random.default_rng(1).normal(scale=2.0, size=sums.shape)
+    r = disaggregate(noisy, window_counts(p, 10), 10, workers=2)
+    wrong = [k for k in range(20) if not np.array_equal(r.participation[:, k], p[:, k])]
+    assert wrong  # std 2: the recovery is no longer exact ...
+    assert not any(r.certain[k] for k in wrong)  # ... and says so for every wrong client
+
+
+def _slow_unless_first(job):  # noqa: ANN001
+    import time as _time
+
+    from gradleak.attacks.disaggregation import core
+
+    if job[1] == 0:
+        raise core.SolverFailure("client 0, rounds 0-59: HiGHS status 1: Time limit reached")
+    _time.sleep(30)
+    return job
+
+
+def test_the_first_failure_stops_the_other_clients_at_once(monkeypatch) -> None:
+    import time as _time
+
+    from gradleak.attacks.disaggregation import core
+
+    p, _, sums = _case(n=6, t=60, d=40)
+    monkeypatch.setattr(core, "_column", _slow_unless_first, raising=True)
+    start = _time.perf_counter()
+    with pytest.raises(SolverFailure, match="client 0, rounds 0-59"):
+        core._run_jobs([(0, k, 1, None) for k in range(6)], {"chunks": []}, 2, None)
+    assert _time.perf_counter() - start < 15  # not after the other clients' 30 s each

@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import numpy as np
 import typer
@@ -16,8 +16,10 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from gradleak.data.partition import ClientData
 from gradleak.errors import GradleakError
+
+if TYPE_CHECKING:  # torch loads only with the commands that need it: `gradleak --help` starts fast
+    from gradleak.data.partition import ClientData
 
 app = typer.Typer(
     help="gradleak: measure how much private training data leaks from federated-learning updates.",
@@ -282,29 +284,47 @@ def _read_matrix(path: Path, name: str) -> np.ndarray:
 @app.command()
 def disaggregate(
     sums: Annotated[Path, typer.Option("--sums", help="Round sums, T x d (npz 'sums' or CSV).")],
-    counts: Annotated[Path, typer.Option("--counts", help="Participations per window, W x n (npz 'counts' or CSV).")],
-    window: Annotated[int, typer.Option("--window", min=1, help="Rounds per window of the counts.")],
+    counts: Annotated[Path, typer.Option("--counts", help="Participation counts: a windows x clients matrix "
+                      "(with --window), or a table client,start,end,count (CSV with that header, or npz arrays).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output directory.")],
-    time_limit: Annotated[float, typer.Option(help="Seconds the solver may spend on one client.")] = 60.0,
+    window: Annotated[Optional[int], typer.Option("--window", min=1, help="Rounds per window of a count matrix.")] = None,
+    chunk: Annotated[Optional[int], typer.Option("--chunk", min=0, help="Rounds per chunk (default: chosen from "
+                     "the sums' spectrum; 0: all rounds at once).")] = None,
+    workers: Annotated[Optional[int], typer.Option("--workers", min=1, help="Processes solving clients in parallel "
+                       "(default: the machine's cores).")] = None,
+    time_limit: Annotated[float, typer.Option(help="Seconds a solver may spend on one client's program.")] = 60.0,
     solver: Annotated[str, typer.Option(help="MILP back-end: highs (default), scip or gurobi (when installed).")] = "highs",
+    margin: Annotated[float, typer.Option(min=1.0, help="How many times worse the best alternative column must fit "
+                      "for a column to be certain.")] = 1.5,
+    on_uncertain: Annotated[str, typer.Option(help="warn: report uncertain clients; fail: exit with an error.")] = "warn",
+    quiet: QuietOpt = False,
 ) -> None:
     """Recover who took part in which round, and each client's update, from secure-aggregation sums."""
+    from gradleak.attacks.disaggregation import ParticipationLog
     from gradleak.attacks.disaggregation import disaggregate as run
 
+    _setup_logging(False)
     try:
-        result = run(_read_matrix(sums, "sums"), _read_matrix(counts, "counts").astype(np.int64), window,
-                     time_limit=time_limit, solver=solver)  # fmt: skip
+        if on_uncertain not in ("warn", "fail"):
+            raise GradleakError(f"--on-uncertain: {on_uncertain!r} is not one of warn, fail")
+        s = _read_matrix(sums, "sums")
+        plog = ParticipationLog.load(counts, rounds=s.shape[0], window=window)
+        kwargs = dict(chunk=chunk, workers=workers, time_limit=time_limit, solver=solver, margin=margin,
+                      on_uncertain=on_uncertain)  # fmt: skip
+        if quiet:
+            result = run(s, plog, **kwargs)
+        else:
+            with _progress() as progress:
+                task = progress.add_task("columns", total=None)
+                result = run(s, plog, **kwargs, progress=lambda i, n: progress.update(task, completed=i, total=n))
     except GradleakError as exc:
         _fail(exc)
-    out.mkdir(parents=True, exist_ok=True)
-    np.savetxt(out / "participation.csv", result.participation, fmt="%d", delimiter=",")
-    np.savez_compressed(out / "updates.npz", updates=result.updates)
-    (out / "disaggregation.json").write_text(json.dumps({
-        "rounds": int(result.participation.shape[0]), "clients": int(result.participation.shape[1]),
-        "residuals": result.residuals.tolist(), "singular_values": result.singular_values[: result.participation.shape[1] + 5].tolist(),
-        "seconds": result.seconds}, indent=2))  # fmt: skip
-    console.print(f"recovered {result.participation.shape[1]} clients over {result.participation.shape[0]} "
-                  f"rounds in {result.seconds:.1f} s; written to {out}", highlight=False, soft_wrap=True)  # fmt: skip
+    result.save(out)
+    certain = int(result.certain.sum())
+    n = result.participation.shape[1]
+    console.print(f"recovered {n} clients over {result.participation.shape[0]} rounds in {len(result.chunks)} "
+                  f"chunk(s) in {result.seconds:.1f} s; {certain} of {n} certain; written to {out}",
+                  highlight=False, soft_wrap=True, markup=False)  # fmt: skip
 
 
 @app.command("config-reference")

@@ -171,11 +171,20 @@ class ClientReplay:
         loss = -(y * F.log_softmax(logits, dim=-1)).sum(-1).mean()
         return loss, stats
 
-    def _step_grad(self, params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor):
+    def _step_grad(self, params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor,
+                   keep_graph: bool = True):  # fmt: skip
+        """(gradient of the step's loss per parameter, the step's statistics). ``keep_graph``:
+        the gradient stays a differentiable function of the images; else it is a constant."""
         if self.functional:
-            return grad(self._loss, has_aux=True)(params, x, y)
-        loss, stats = self._loss(params, x, y)
-        grads = torch.autograd.grad(loss, list(params.values()), create_graph=True)
+            g, stats = grad(self._loss, has_aux=True)(params, x, y)
+            return (g if keep_graph else {k: v.detach() for k, v in g.items()}), stats
+        if keep_graph:
+            loss, stats = self._loss(params, x, y)
+            grads = torch.autograd.grad(loss, list(params.values()), create_graph=True)
+        else:  # first order: fresh leaves, and the graph kept for the statistics' backward
+            leaves = {k: v.detach().requires_grad_() for k, v in params.items()}
+            loss, stats = self._loss(leaves, x, y)
+            grads = [g.detach() for g in torch.autograd.grad(loss, list(leaves.values()), retain_graph=True)]
         return dict(zip(params, grads, strict=True)), stats
 
     def simulate(self, x: torch.Tensor, y: torch.Tensor, *, update: bool = True) -> Replayed:
@@ -184,8 +193,14 @@ class ClientReplay:
 
         Without unrolling, one gradient on all images. Unrolled: the client's SGD steps (its
         learning rate, momentum, batch size and epochs, batches taken in order), and the
-        pseudo-gradient ``-(w_K - w_0) / lr``. ``update=False`` (one step only): a forward pass
-        for the statistics and features alone, without any gradient.
+        pseudo-gradient ``-(w_K - w_0) / lr``.
+
+        ``update=False`` (when nothing matches the update): no pseudo-gradient. One step is then a
+        forward pass for the statistics and features alone. Unrolled steps still move the weights
+        exactly as the client's did, but each step's weight change is taken as a constant of the
+        images: every step's statistics stay exact functions of its own batch, and only their
+        second-order dependence on earlier batches (through lr x gradient) is left out of the
+        attack's derivative, which saves the double backward.
         """
         self._features = [] if self.captures_features else None
         try:
@@ -200,7 +215,7 @@ class ClientReplay:
             n, bs = len(x), meta.batch_size
             for _ in range(meta.epochs):
                 for s in range(0, n, bs):
-                    g, stats = self._step_grad(p, x[s : s + bs], y[s : s + bs])
+                    g, stats = self._step_grad(p, x[s : s + bs], y[s : s + bs], keep_graph=update)
                     all_stats.append(stats)
                     if meta.momentum:
                         velocity = g if velocity is None else {
@@ -208,7 +223,7 @@ class ClientReplay:
                         }  # fmt: skip
                         g = velocity
                     p = {k: p[k] - meta.lr * g[k] for k in p}
-            pseudo = {k: (self.params[k] - p[k]) / meta.lr for k in p}
+            pseudo = {k: (self.params[k] - p[k]) / meta.lr for k in p} if update else None
             return Replayed(pseudo, all_stats, self._first_features())
         finally:
             self._features = None

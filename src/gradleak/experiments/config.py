@@ -80,7 +80,20 @@ class DisaggregationConfig(_Section):
         description="Clients whose recovered update is then attacked with the audit's attack and "
         "scored like an audit row, as if there had been no secure aggregation (needs audit:).",
     )
-    time_limit: float = Field(60.0, gt=0, description="Seconds the MILP solver may spend on one client.")
+    time_limit: float = Field(60.0, gt=0, description="Seconds the MILP solver may spend on one client's program.")
+    chunk: int | None = Field(
+        None, ge=0, description="Rounds per chunk of the attack (the updates must be nearly constant within "
+        "one); null: chosen from the sums' spectrum; 0: all rounds at once.",
+    )
+    margin: float = Field(
+        1.5, ge=1, description="A recovered column is certain when the best other column found fits at "
+        "least this many times worse (and the spectrum has a clear gap).",
+    )
+    on_uncertain: Literal["warn", "fail"] = Field(
+        "warn", description="When some column is not certain: warn (log it, mark it in the summary) or "
+        "fail (stop with an error naming the clients).",
+    )
+    workers: int | None = Field(None, gt=0, description="Processes solving clients in parallel (null: the cores).")
     solver: Literal["highs", "scip", "gurobi"] = Field(
         "highs", description="MILP back-end: HiGHS (scipy, always present), SCIP (pip install "
         "'gradleak[scip]') or Gurobi (pip install 'gradleak[gurobi]'; its bundled licence is size-limited).",

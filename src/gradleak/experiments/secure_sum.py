@@ -90,7 +90,8 @@ def run_disaggregation(scenario: Any, store: RunStore, audit: LeakageAudit | Non
     log.info("disaggregating %d round sums of %d clients (windows of %d rounds)", len(sums),
              len(client_ids), cfg.window)  # fmt: skip
     result = disaggregate(stacked_sums(sums, keys), counts, cfg.window, time_limit=cfg.time_limit,
-                          client_ids=client_ids, solver=cfg.solver)  # fmt: skip
+                          client_ids=client_ids, solver=cfg.solver, chunk=cfg.chunk, margin=cfg.margin,
+                          on_uncertain=cfg.on_uncertain, workers=cfg.workers)  # fmt: skip
     wrong = int((result.participation != truth).sum())
     summary: dict[str, Any] = {
         "rounds": len(sums), "clients": len(client_ids), "window": cfg.window,
@@ -99,6 +100,11 @@ def run_disaggregation(scenario: Any, store: RunStore, audit: LeakageAudit | Non
         "clients_exact": int((result.participation == truth).all(0).sum()),
         "seconds": result.seconds,
         "singular_values": [float(v) for v in result.singular_values[: len(client_ids) + 2]],
+        "chunks": [list(c) for c in result.chunks],
+        "certain_clients": int(result.certain.sum()),
+        "per_client": [{**row, "client": client_ids[row["client"]],
+                        "exact": bool((result.participation[:, i] == truth[:, i]).all())}
+                       for i, row in enumerate(result.per_client())],
         "inverted": [],
     }  # fmt: skip
     rows = store.results.read()

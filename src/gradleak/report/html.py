@@ -133,6 +133,11 @@ def _disaggregation_section(run_dir: Path, out: Path) -> str:
         f"From these, the participation matrix was {verdict} ({s['clients_exact']} of {s['clients']} "
         f"clients exact) in {s['seconds']:.1f} s, and each client's update by least squares.</p>",
     ]
+    if "per_client" in s:  # the attack's own verdict, which it reaches without the truth
+        parts.append(f"<p>The attack declared {s['certain_clients']} of {s['clients']} columns certain "
+                     f"({len(s['chunks'])} chunk(s) of rounds). Per client:</p>")
+        cols = ("client", "exact", "certain", "margin", "gap_ratio", "rounds_taken_part", "methods", "reason")
+        parts.append(_table([{k: r.get(k, "") for k in cols} for r in s["per_client"]]))
     inverted = [r for r in s["inverted"] if "rdlv" in r]
     if inverted:
         parts.append("<p>Each inverted client's recovered update, attacked as if there had been no "

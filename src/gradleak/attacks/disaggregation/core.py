@@ -1,0 +1,373 @@
+"""Gradient disaggregation (Lam et al., ICML 2021): individual updates from secure sums.
+
+Under secure aggregation the server sees, for each round t, only ``S_t = sum_k P[t, k] U_k``
+(P the 0/1 participation matrix, U_k client k's update), plus how often each client took part in
+some intervals of rounds (``ParticipationLog``), as a deployment's analytics give. The attack:
+
+1. Chunks of rounds (``subspace.plan_chunks``, or a fixed length), each with the column space of
+   its sums: the leading n left singular vectors (n: the clients that may take part in it).
+2. Per client and chunk, its participation column: exact sums, the binary feasibility program in
+   the column space (``programs.exact_program``); noisy sums, the local search of ``search``, then
+   for clients it could not place (a residual far above the chunk's median) a search from the LP
+   relaxation, then the L1 program. Clients run in parallel processes; the first failure stops
+   them all.
+3. Evidence per column: the runner-up, the best other count-feasible vector found, and how much
+   worse it fits (``Column.margin``). A client is *certain* when in every chunk the spectrum has a
+   clear gap at n (``GAP_MAX``), the runner-up fits at least ``margin`` times worse, and no other
+   client has the same counts. Uncertain clients are reported (``on_uncertain="warn"``) or stop
+   the attack (``"fail"``). This is evidence from the search, not a proof: an alternative the
+   search did not reach is not ruled out, which is why a weak spectral gap alone denies certainty.
+4. Each chunk's updates by least squares on its sums; a client's update is their mean over the
+   chunks it took part in (all are reported).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing as mp
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from gradleak.attacks.disaggregation.constraints import IllPosed, ParticipationLog
+from gradleak.attacks.disaggregation.programs import exact_program, l1_program, pivot_map
+from gradleak.attacks.disaggregation.search import Column, ColumnSearch
+from gradleak.attacks.disaggregation.subspace import basis, even_chunks, gap_ratio, is_exact, plan_chunks
+from gradleak.attacks.milp import check_solver, solve
+from gradleak.errors import GradleakError
+
+log = logging.getLogger("gradleak")
+
+# A chunk whose gap ratio s[n]/s[n-1] is above this has no clear n-dimensional column space: its
+# columns are never certain. (Measured: recovery exact at ratios up to 0.42; the FedAvg runs whose
+# model trains between rounds, where the search returns wrong columns, at 0.90 and 0.95.)
+GAP_MAX = 0.6
+# Phase 2: a client whose residual is this many times the chunk's median gets the harder search.
+OUTLIER = 4.0
+
+
+class SolverFailure(GradleakError):
+    """The solver did not prove a solution for a client: no matrix is returned."""
+
+
+class UncertainColumns(GradleakError):
+    """Some clients' columns are not shown to be unique (with ``on_uncertain="fail"``)."""
+
+
+@dataclass(frozen=True)
+class Confidence:
+    """The evidence for one client's recovered column, over all its chunks."""
+
+    certain: bool
+    margin: float  # smallest runner-up/residual ratio over the chunks (inf: no alternative found)
+    runner_up_distance: int  # rounds in which that runner-up differs
+    gap_ratio: float  # largest s[n]/s[n-1] over the client's chunks
+    methods: list[str]  # how each chunk's column was found
+    reason: str = ""  # why it is not certain
+
+
+@dataclass(frozen=True)
+class Disaggregation:
+    participation: np.ndarray  # T x n, 0/1
+    updates: np.ndarray  # n x d: each client's mean over the chunks it took part in (NaN: none)
+    chunk_updates: np.ndarray  # C x n x d: least squares per chunk (NaN where a client took no part)
+    chunks: list[tuple[int, int]]  # rounds [start, end) of each chunk
+    residuals: np.ndarray  # n: largest squared distance of a column to its chunk's column space
+    singular_values: np.ndarray  # of the first chunk's sums
+    confidence: list[Confidence] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def certain(self) -> np.ndarray:
+        return np.array([c.certain for c in self.confidence], dtype=bool)
+
+    def per_client(self) -> list[dict]:
+        """One JSON-ready row per client: its verdict, the evidence, and how often it took part."""
+        return [
+            {"client": k, "certain": c.certain, "margin": c.margin if np.isfinite(c.margin) else None,
+             "runner_up_distance": c.runner_up_distance, "gap_ratio": c.gap_ratio, "methods": c.methods,
+             "residual": float(self.residuals[k]), "rounds_taken_part": int(self.participation[:, k].sum()),
+             "reason": c.reason}
+            for k, c in enumerate(self.confidence)
+        ]  # fmt: skip
+
+    def save(self, out: Path) -> None:
+        """``participation.csv``, ``updates.npz`` (``updates``, ``chunk_updates``, ``chunks``) and
+        ``disaggregation.json`` (chunks, time, the spectrum's head, per-client evidence)."""
+        out.mkdir(parents=True, exist_ok=True)
+        np.savetxt(out / "participation.csv", self.participation, fmt="%d", delimiter=",")
+        np.savez_compressed(out / "updates.npz", updates=self.updates, chunk_updates=self.chunk_updates,
+                            chunks=np.array(self.chunks, dtype=np.int64))  # fmt: skip
+        t, n = self.participation.shape
+        (out / "disaggregation.json").write_text(json.dumps({
+            "rounds": int(t), "clients": int(n), "chunks": [list(c) for c in self.chunks],
+            "seconds": self.seconds, "certain_clients": int(self.certain.sum()), "per_client": self.per_client(),
+            "singular_values": self.singular_values[: n + 5].tolist(),
+        }, indent=2))  # fmt: skip
+
+
+# -- the worker side ---------------------------------------------------------------------------------
+
+_STATE: dict | None = None  # this process's chunks, bases and constraints (set once per process)
+
+
+def _use_state(state: dict) -> None:
+    global _STATE
+    _STATE = state
+    try:  # one BLAS thread per worker: the parallelism is across clients
+        from threadpoolctl import threadpool_limits
+
+        threadpool_limits(1)
+    except ImportError:  # pragma: no cover - threadpoolctl comes with scikit-learn
+        pass
+
+
+def _column(job: tuple) -> tuple[int, int, Column]:
+    """One (chunk, client) column. ``job``: (chunk index, column index, phase, previous column)."""
+    assert _STATE is not None, "_use_state must run first"
+    c, k, phase, previous = job
+    st = _STATE
+    chunk = st["chunks"][c]
+    sub: ParticipationLog = chunk["log"]
+    a_rows, counts = sub.matrix(k)
+    gid, gcounts = sub.groups(k)
+    search = ColumnSearch(chunk["q"], gid, gcounts)
+    seed = 1000 * c + k
+    name, (lo, hi) = st["names"][k], chunk["rounds"]
+    if chunk["exact"]:
+        prog = exact_program(hi - lo, *chunk["pivots"], a_rows, counts)
+        out = solve(prog, solver=st["solver"], time_limit=st["time_limit"])
+        if out.x is None:
+            raise SolverFailure(f"client {name}, rounds {lo}-{hi - 1}: {out.status}")
+        given = ("exact-milp", np.round(out.x).astype(np.int64))
+        return c, k, search.solve(starts=st["starts"], seed=seed, a_rows=a_rows, counts=counts, given=given)
+    if phase == 1:
+        return c, k, search.solve(starts=st["starts"], seed=seed, a_rows=a_rows, counts=counts)
+    # phase 2: a client the search could not place: the LP start and more starts, then the L1 program
+    col = search.solve(starts=4 * st["starts"], seed=seed + 1, a_rows=a_rows, counts=counts, lp=True,
+                       given=(previous.method, previous.p))  # fmt: skip
+    if col.residual > st["outlier"][c]:
+        out = solve(l1_program(chunk["q"], a_rows, counts), solver=st["solver"], time_limit=st["time_limit"])
+        if out.x is not None:
+            given = ("l1-milp", np.round(out.x[: hi - lo]).astype(np.int64))
+            col = search.solve(starts=st["starts"], seed=seed + 2, a_rows=a_rows, counts=counts, given=given)
+    return c, k, col
+
+
+def _run_jobs(jobs: list[tuple], state: dict, workers: int,
+              progress: Callable[[int, int], None] | None) -> list[tuple[int, int, Column]]:  # fmt: skip
+    """Run the jobs, in worker processes when ``workers > 1``; the first failure stops them all."""
+    out: list[tuple[int, int, Column]] = []
+    if workers <= 1 or len(jobs) <= 1:
+        _use_state(state)
+        for job in jobs:
+            out.append(_column(job))
+            if progress:
+                progress(len(out), len(jobs))
+        return out
+    ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context()
+    pool = ctx.Pool(workers, initializer=_use_state, initargs=(state,))
+    try:
+        for res in pool.imap_unordered(_column, jobs):
+            out.append(res)
+            if progress:
+                progress(len(out), len(jobs))
+    except BaseException:
+        pool.terminate()  # stop the other clients now, not after their own time limits
+        raise
+    else:
+        pool.close()
+    finally:
+        pool.join()
+    return out
+
+
+# -- the attack ----------------------------------------------------------------------------------
+
+
+def _chunks(sums: np.ndarray, plog: ParticipationLog, chunk: int | None, step: int) -> list[tuple[int, int]]:
+    t = sums.shape[0]
+    if chunk is None:
+        return plan_chunks(sums, plog.clients, step)
+    if chunk <= 0 or chunk >= t:
+        return [(0, t)]
+    return even_chunks(t, chunk, 1, chunk // 2)
+
+
+def _step(plog: ParticipationLog) -> int:
+    """The grain of chunk boundaries: the typical counted interval (the window, for windows)."""
+    lengths = [iv.end - iv.start for ivs in plog.intervals for iv in ivs]
+    return max(1, int(np.median(lengths))) if lengths else 1
+
+
+def disaggregate(
+    sums: np.ndarray,
+    counts: np.ndarray | ParticipationLog,
+    window: int | None = None,
+    *,
+    chunk: int | None = None,
+    time_limit: float = 60.0,
+    workers: int | None = None,
+    client_ids: list | None = None,
+    solver: str = "highs",
+    margin: float = 1.5,
+    on_uncertain: Literal["warn", "fail"] = "warn",
+    starts: int = 8,
+    only: list[int] | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> Disaggregation:
+    """Recover the participation matrix and every client's update from round sums and counts.
+
+    Args:
+        sums: T x d, one row per round (the flattened sum of the round's updates).
+        counts: a ``ParticipationLog``, or W x n counts per window of ``window`` rounds.
+        window: rounds per window (with a count matrix).
+        chunk: rounds per chunk; None chooses from the spectrum, 0 solves all rounds at once.
+        time_limit: seconds a solver may spend on one client's program.
+        workers: processes solving clients in parallel (default: the machine's cores).
+        client_ids: the clients' names in messages (default: their column index).
+        solver: "highs" (scipy, the default), "scip" or "gurobi" (when installed).
+        margin: how many times worse the runner-up must fit for a column to be certain.
+        on_uncertain: "warn" (report it) or "fail" (raise UncertainColumns).
+        starts: random starts of the search per column (phase 2 uses four times as many).
+        only: solve these columns only (e.g. to time large federations); the others stay 0 and
+            no updates are computed.
+        progress: called with (columns done, columns to do).
+    """
+    start = time.perf_counter()
+    check_solver(solver, key="solver")
+    if on_uncertain not in ("warn", "fail"):
+        raise GradleakError(f"on_uncertain must be 'warn' or 'fail', got {on_uncertain!r}")
+    sums = np.asarray(sums, dtype=np.float64)
+    if sums.ndim != 2:
+        raise IllPosed(f"sums must be rounds x dimensions, got shape {sums.shape}")
+    if not np.all(np.isfinite(sums)):
+        raise IllPosed("the sums hold NaN or infinite values")
+    t = sums.shape[0]
+    plog = counts if isinstance(counts, ParticipationLog) else ParticipationLog.from_windows(
+        np.asarray(counts), window or 0, t) if window else None  # fmt: skip
+    if plog is None:
+        raise IllPosed("a count matrix needs its window (rounds per window)")
+    if plog.rounds != t:
+        raise IllPosed(f"the participation log covers {plog.rounds} rounds, the sums {t}")
+    n = plog.clients
+    names = list(client_ids) if client_ids is not None else list(range(n))
+    if t < n:
+        raise IllPosed(f"{t} rounds for {n} clients: need at least as many rounds as clients")
+    chunks = _chunks(sums, plog, chunk, _step(plog))
+    todo = list(range(n)) if only is None else list(only)
+
+    # each chunk: the clients that may take part, its basis, exactness and gap
+    state: dict = {"names": names, "solver": solver, "time_limit": time_limit, "starts": starts,
+                   "chunks": [], "outlier": {}}  # fmt: skip
+    spectra = []
+    for lo, hi in chunks:
+        sub = plog.within(lo, hi)
+        active = [k for k in range(n) if not sub.known_absent(k)]
+        if hi - lo < len(active):
+            raise IllPosed(f"rounds {lo}-{hi - 1}: {hi - lo} rounds for {len(active)} clients that may take part")
+        q, s = basis(sums[lo:hi], len(active))
+        spectra.append(s)
+        m = len(active)
+        if m and (len(s) < m or s[m - 1] <= 1e-8 * s[0]):
+            raise IllPosed(
+                f"rounds {lo}-{hi - 1}: the sums have rank below {m} (singular value {m}: "
+                f"{s[m - 1] if len(s) >= m else 0:.3g}, largest {s[0]:.3g}): some clients' participation "
+                "is not identifiable"
+            )
+        exact = is_exact(s, m)
+        state["chunks"].append({
+            "rounds": (lo, hi), "log": sub, "q": q, "active": active, "exact": exact,
+            "gap": 0.0 if exact else gap_ratio(s, m), "pivots": pivot_map(q) if exact and m else None,
+        })  # fmt: skip
+    workers = max(1, min(workers or os.cpu_count() or 1, n * len(chunks)))
+    log.info("disaggregating %d rounds of %d clients in %d chunk(s) of %s rounds, %d worker(s)",
+             t, n, len(chunks), "/".join(str(b - a) for a, b in chunks[:3]), workers)  # fmt: skip
+
+    jobs = [(c, k, 1, None) for c, ch in enumerate(state["chunks"]) for k in ch["active"] if k in todo]
+    columns = {(c, k): col for c, k, col in _run_jobs(jobs, state, workers, progress)}
+    # phase 2: clients far above their chunk's median residual
+    retry = []
+    for c, ch in enumerate(state["chunks"]):
+        res = [columns[(c, k)].residual for k in ch["active"] if (c, k) in columns]
+        if ch["exact"] or not res:
+            continue
+        state["outlier"][c] = OUTLIER * float(np.median(res))
+        retry += [(c, k, 2, columns[(c, k)]) for k in ch["active"]
+                  if (c, k) in columns and columns[(c, k)].residual > state["outlier"][c]]  # fmt: skip
+    if retry:
+        log.info("searching harder for %d column(s) far from their chunk's column space", len(retry))
+        columns.update({(c, k): col for c, k, col in _run_jobs(retry, state, workers, None)})
+
+    participation = np.zeros((t, n), dtype=np.int64)
+    for (c, k), col in columns.items():
+        lo, hi = chunks[c]
+        participation[lo:hi, k] = col.p
+    confidence = _confidence(state, columns, n, todo, margin, names)
+    d = sums.shape[1]
+    chunk_updates = np.full((len(chunks), n, d), np.nan)
+    if only is None:
+        for c, ch in enumerate(state["chunks"]):
+            lo, hi = ch["rounds"]
+            act = [k for k in ch["active"] if participation[lo:hi, k].any()]
+            if act:
+                chunk_updates[c, act] = np.linalg.lstsq(participation[lo:hi, act].astype(np.float64),
+                                                        sums[lo:hi], rcond=None)[0]  # fmt: skip
+    with np.errstate(invalid="ignore"):
+        updates = np.nanmean(chunk_updates, axis=0) if len(chunks) > 1 else chunk_updates[0]
+    residuals = np.zeros(n)
+    for (c, k), col in columns.items():
+        residuals[k] = max(residuals[k], col.residual)
+    result = Disaggregation(participation, updates, chunk_updates, chunks, residuals, spectra[0],
+                            confidence, time.perf_counter() - start)  # fmt: skip
+    uncertain = [(names[k], conf.reason) for k, conf in enumerate(confidence) if k in todo and not conf.certain]
+    if uncertain:
+        text = "; ".join(f"client {name}: {why}" for name, why in uncertain[:5])
+        more = f" (and {len(uncertain) - 5} more)" if len(uncertain) > 5 else ""
+        if on_uncertain == "fail":
+            raise UncertainColumns(f"{len(uncertain)} of {len(todo)} clients' columns are not certain: {text}{more}")
+        log.warning("%d of %d clients' columns are not certain: %s%s", len(uncertain), len(todo), text, more)
+    return result
+
+
+def _confidence(state: dict, columns: dict, n: int, todo: list[int], margin: float,
+                names: list) -> list[Confidence]:  # fmt: skip
+    """Each client's evidence over its chunks, and the verdict."""
+    out = []
+    for k in range(n):
+        mine = [(c, columns[(c, k)]) for c in range(len(state["chunks"])) if (c, k) in columns]
+        if k not in todo:
+            out.append(Confidence(False, float("nan"), 0, 0.0, [], "not solved (only)"))
+            continue
+        if not mine:  # its counts are 0 in every round: it never took part
+            out.append(Confidence(True, float("inf"), 0, 0.0, ["counts"]))
+            continue
+        reasons = []
+        for c, col in mine:
+            ch = state["chunks"][c]
+            lo, hi = ch["rounds"]
+            where = f"rounds {lo}-{hi - 1}"
+            if ch["gap"] > GAP_MAX:
+                reasons.append(f"{where}: no clear column space (gap ratio {ch['gap']:.2f} > {GAP_MAX})")
+            elif col.margin < margin:
+                reasons.append(f"{where}: a vector {col.runner_up_distance} rounds away fits within "
+                               f"{col.margin:.2f}x (margin {margin})")  # fmt: skip
+            elif c in state["outlier"] and col.residual > state["outlier"][c]:
+                reasons.append(f"{where}: its column is {col.residual:.3g} from the column space, far above "
+                               "the other clients'")  # fmt: skip
+            twins = [j for a, b in ch["log"].twins() for j in (a, b) if k in (a, b) and j != k]
+            if twins:
+                reasons.append(f"{where}: client {names[twins[0]]} has the same counts (their columns can be exchanged)")
+        worst = min(mine, key=lambda cc: cc[1].margin)[1]
+        out.append(Confidence(
+            certain=not reasons, margin=worst.margin, runner_up_distance=worst.runner_up_distance,
+            gap_ratio=max(state["chunks"][c]["gap"] for c, _ in mine),
+            methods=[col.method for _, col in mine], reason="; ".join(reasons),
+        ))  # fmt: skip
+    return out
