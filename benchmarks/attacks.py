@@ -168,13 +168,13 @@ def case_fedavg() -> dict:
 
 
 def _ablation(model: str, kwargs: dict, preset_name: str, variants: dict[str, dict], batch_norm: str = "train",
-              iterations: int | None = None) -> dict:  # fmt: skip
-    """Each variant of a preset on one tile per photograph (8); per-image and mean PSNR/SSIM,
-    with the start image's."""
+              iterations: int | None = None, images: list[int] | None = None) -> dict:  # fmt: skip
+    """Each variant of a preset on one tile per photograph (8, or the ``images`` named); per-image
+    and mean PSNR/SSIM, with the start image's."""
     out: dict = {}
     for name, kw in variants.items():
         runs = []
-        for i in range(TILES.num_classes):
+        for i in images if images is not None else range(TILES.num_classes):
             client = tile(i)
             view = view_of(model, client, seed=i, kwargs=kwargs, batch_norm=batch_norm)
             over = {**kw, **({"iterations": iterations} if iterations else {})}

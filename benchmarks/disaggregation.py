@@ -46,7 +46,9 @@ def _verdict(p: np.ndarray, r) -> dict:  # noqa: ANN001
             "wrong_but_certain": [k for k in wrong if certain[k]],  # must stay empty
             "chunks": len(r.chunks), "chunk_rounds": sorted({b - a for a, b in r.chunks}),
             "methods": sorted({m for c in r.confidence for m in c.methods}),
-            "smallest_margin": float(min(c.margin for c in r.confidence)),
+            "separation_right": float(min((c.separation for k, c in enumerate(r.confidence) if k not in wrong),
+                                          default=np.inf)),  # smallest among right columns
+            "separation_wrong": float(max((r.confidence[k].separation for k in wrong), default=-np.inf)),
             "largest_gap_ratio": float(max(c.gap_ratio for c in r.confidence))}  # fmt: skip
 
 
@@ -292,7 +294,8 @@ def case_fedavg() -> dict:
             "test_accuracy_first_round": rounds[0]["test_accuracy"],
             "test_accuracy_last_round": rounds[-1]["test_accuracy"],
             **{k: summary[k] for k in ("rounds", "clients", "window", "participation_exact", "wrong_entries",
-                                       "clients_exact", "seconds", "singular_values")},
+                                       "clients_exact", "certain_clients", "chunks", "seconds",
+                                       "singular_values")},
             "inverted_from_recovered_update": summary["inverted"],
             "audit_of_real_update": audited}  # fmt: skip
 

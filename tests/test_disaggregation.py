@@ -128,7 +128,7 @@ def test_noisy_sums_at_std_half_are_recovered_exactly_and_certain() -> None:
     noisy = sums + np.random.default_rng(1).normal(scale=0.5, size=sums.shape)
     r = disaggregate(noisy, window_counts(p, 10), 10, workers=2)
     assert np.array_equal(r.participation, p)
-    assert r.certain.all() and min(c.margin for c in r.confidence) > 1.5
+    assert r.certain.all() and min(c.separation for c in r.confidence) > 0.5
     assert all(m.startswith("search") for c in r.confidence for m in c.methods)  # no solver needed
 
 

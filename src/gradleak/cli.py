@@ -294,8 +294,9 @@ def disaggregate(
                        "(default: the machine's cores).")] = None,
     time_limit: Annotated[float, typer.Option(help="Seconds a solver may spend on one client's program.")] = 60.0,
     solver: Annotated[str, typer.Option(help="MILP back-end: highs (default), scip or gurobi (when installed).")] = "highs",
-    margin: Annotated[float, typer.Option(min=1.0, help="How many times worse the best alternative column must fit "
-                      "for a column to be certain.")] = 1.5,
+    separation: Annotated[float, typer.Option(min=0.0, max=1.0, help="How much worse the best alternative "
+                          "column must fit, per round it changes, as a fraction of what a change costs on "
+                          "exact sums, for a column to be certain.")] = 0.25,
     on_uncertain: Annotated[str, typer.Option(help="warn: report uncertain clients; fail: exit with an error.")] = "warn",
     quiet: QuietOpt = False,
 ) -> None:
@@ -309,7 +310,7 @@ def disaggregate(
             raise GradleakError(f"--on-uncertain: {on_uncertain!r} is not one of warn, fail")
         s = _read_matrix(sums, "sums")
         plog = ParticipationLog.load(counts, rounds=s.shape[0], window=window)
-        kwargs = dict(chunk=chunk, workers=workers, time_limit=time_limit, solver=solver, margin=margin,
+        kwargs = dict(chunk=chunk, workers=workers, time_limit=time_limit, solver=solver, separation=separation,
                       on_uncertain=on_uncertain)  # fmt: skip
         if quiet:
             result = run(s, plog, **kwargs)

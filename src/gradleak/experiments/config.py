@@ -85,9 +85,11 @@ class DisaggregationConfig(_Section):
         None, ge=0, description="Rounds per chunk of the attack (the updates must be nearly constant within "
         "one); null: chosen from the sums' spectrum; 0: all rounds at once.",
     )
-    margin: float = Field(
-        1.5, ge=1, description="A recovered column is certain when the best other column found fits at "
-        "least this many times worse (and the spectrum has a clear gap).",
+    separation: float = Field(
+        0.25, ge=0, le=1, description="A recovered column is certain when the best other column found fits "
+        "worse by at least this fraction of what each round it changes costs on exact sums (1: the data "
+        "pins the column; 0: the alternative fits as well), the spectrum has a clear gap, and no other "
+        "client has the same counts.",
     )
     on_uncertain: Literal["warn", "fail"] = Field(
         "warn", description="When some column is not certain: warn (log it, mark it in the summary) or "

@@ -90,7 +90,7 @@ def run_disaggregation(scenario: Any, store: RunStore, audit: LeakageAudit | Non
     log.info("disaggregating %d round sums of %d clients (windows of %d rounds)", len(sums),
              len(client_ids), cfg.window)  # fmt: skip
     result = disaggregate(stacked_sums(sums, keys), counts, cfg.window, time_limit=cfg.time_limit,
-                          client_ids=client_ids, solver=cfg.solver, chunk=cfg.chunk, margin=cfg.margin,
+                          client_ids=client_ids, solver=cfg.solver, chunk=cfg.chunk, separation=cfg.separation,
                           on_uncertain=cfg.on_uncertain, workers=cfg.workers)  # fmt: skip
     wrong = int((result.participation != truth).sum())
     summary: dict[str, Any] = {

@@ -136,7 +136,7 @@ def _disaggregation_section(run_dir: Path, out: Path) -> str:
     if "per_client" in s:  # the attack's own verdict, which it reaches without the truth
         parts.append(f"<p>The attack declared {s['certain_clients']} of {s['clients']} columns certain "
                      f"({len(s['chunks'])} chunk(s) of rounds). Per client:</p>")
-        cols = ("client", "exact", "certain", "margin", "gap_ratio", "rounds_taken_part", "methods", "reason")
+        cols = ("client", "exact", "certain", "separation", "gap_ratio", "rounds_taken_part", "methods", "reason")
         parts.append(_table([{k: r.get(k, "") for k in cols} for r in s["per_client"]]))
     inverted = [r for r in s["inverted"] if "rdlv" in r]
     if inverted:

@@ -14,7 +14,7 @@ objective of Lam et al.'s binary quadratic program), over count-feasible binary 
 
 The best local minimum is the column; the runner-up, the best count-feasible vector other than it
 among the distinct minima found and the column's whole swap-and-flip neighbourhood, is the
-evidence of how unique it is (``Column.margin``).
+evidence of how unique it is (``Column.separation``).
 """
 
 from __future__ import annotations
@@ -34,12 +34,17 @@ class Column:
     runner_up: float  # f of the best other count-feasible vector found
     runner_up_distance: int  # rounds in which the runner-up differs
     method: str  # how p was found
+    flip_cost: float = 1.0  # 1 - n/T: what changing one round costs on exact sums
 
     @property
-    def margin(self) -> float:
-        """``runner_up / residual``: how much worse the best alternative fits (inf: none, or exact)."""
-        floor = 1e-12 * max(1.0, float(self.p.sum()))
-        return float(self.runner_up / max(self.residual, floor))
+    def separation(self) -> float:
+        """How much worse the runner-up fits per round it changes, as a fraction of what a change
+        costs on exact sums (``1 - n/T``, the mean of ``diag(I - Q Q^T)``): about 1 for a column
+        the data pins, 0 for one the runner-up fits as well (inf: no alternative found). A ratio of
+        the two fits would shrink as a chunk's noise residual grows with its length; this does not."""
+        if not np.isfinite(self.runner_up) or self.runner_up_distance == 0:
+            return float("inf")
+        return float((self.runner_up - self.residual) / (self.runner_up_distance * self.flip_cost))
 
 
 class ColumnSearch:
@@ -164,4 +169,4 @@ class ColumnSearch:
         step, move = self._moves(best, best - self.q @ (self.q.T @ best))
         if move and f1 + step < runner:
             runner, dist = f1 + step, len(move)
-        return Column(best.astype(np.int64), f1, float(runner), dist, how)
+        return Column(best.astype(np.int64), f1, float(runner), dist, how, float(self.diag.mean()))
