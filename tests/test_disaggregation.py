@@ -132,6 +132,19 @@ def test_noisy_sums_at_std_half_are_recovered_exactly_and_certain() -> None:
     assert all(m.startswith("search") for c in r.confidence for m in c.methods)  # no solver needed
 
 
+def test_certainty_does_not_fade_with_the_length_of_a_noisy_chunk() -> None:
+    # Per-round noise leaves a residual that grows with the rounds of a chunk; the evidence must
+    # not shrink with it (a ratio of the runner-up's fit to the column's did, to "uncertain").
+    p, _, sums = _case(n=10, t=3000, d=100, seed=2)
+    noisy = sums + np.random.default_rng(3).normal(scale=0.3, size=sums.shape)
+    seps = {}
+    for t in (100, 3000):
+        r = disaggregate(noisy[:t], window_counts(p[:t], 10), 10, chunk=0, workers=1)
+        assert np.array_equal(r.participation, p[:t]) and r.certain.all()
+        seps[t] = min(c.separation for c in r.confidence)
+    assert seps[3000] > 0.5 * seps[100]
+
+
 def test_updates_that_drift_are_solved_in_chunks_and_tracked_per_chunk() -> None:
     # 12 clients, 240 rounds; every 80 rounds every update changes (as Lam et al.'s test_recover_grad).
     rng = np.random.default_rng(3)

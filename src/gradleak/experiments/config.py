@@ -116,6 +116,22 @@ class RecommendationConfig(_Section):
     )
 
 
+class EngineConfig(_Section):
+    name: Literal["inprocess", "flower"] = Field(
+        "inprocess", description="What runs the federation: inprocess (this process, the default) or "
+        "flower (Flower's simulation on Ray: each client a ClientApp, the defences and the audit a mod; "
+        "pip install -c constraints.txt 'gradleak[flower]').",
+    )
+    threads: int | None = Field(
+        None, gt=0, description="Torch threads of each client's work (in-process: of the whole run); "
+        "null: torch's default. Results are identical across engines only at equal thread counts.",
+    )
+    cpus_per_client: float = Field(
+        1.0, gt=0, description="flower: CPUs Ray reserves for each client (so clients run in parallel "
+        "up to the machine's CPUs divided by this).",
+    )
+
+
 class CheckpointConfig(_Section):
     keep_every: int = Field(
         0, ge=0, description="Also keep every k-th round's global model; 0 keeps only the latest."
@@ -140,6 +156,7 @@ class ExperimentConfig(_Section):
     checkpoints: CheckpointConfig = Field(
         default_factory=CheckpointConfig, description="Which global models to keep."
     )
+    engine: EngineConfig = Field(default_factory=EngineConfig, description="What runs the federation.")
     defenses: list[Defense] = Field(
         default_factory=list,
         description="Update filters applied in order on each client before its update leaves it.",

@@ -15,6 +15,7 @@ from torch import nn
 from gradleak.audit.filter import LeakageAudit
 from gradleak.data.dataset import DataBundle
 from gradleak.data.partition import ClientData
+from gradleak.engines import check_config as check_engine
 from gradleak.errors import ConfigError, GradleakError
 from gradleak.experiments.config import ExperimentConfig
 from gradleak.experiments.secure_sum import check_config as check_secure_sum
@@ -71,15 +72,24 @@ class Scenario:
         d = self.config.disaggregation
         return 1 if d is not None and d.invert else self.config.checkpoints.keep_every
 
-    def simulator(self, run_dir: Path | None = None) -> Simulator:
-        t = self.config.training
-        return Simulator(
+    def simulator(self, run_dir: Path | None = None, engine: str | None = None) -> Simulator:
+        """The federation's loop on ``engine`` (default: the config's ``engine.name``)."""
+        t, e = self.config.training, self.config.engine
+        kwargs: dict[str, Any] = dict(
             model=self.model, clients=self.clients, test=self.data.test,
             mean=self.data.mean, std=self.data.std, strategy=self.strategy,
             training=LocalTraining(t.local_epochs, t.lr, t.momentum, t.weight_decay, t.batch_norm),
             seed=self.config.seed, clients_per_round=t.clients_per_round, device=self.device,
             filters=self.filters(run_dir),
         )  # fmt: skip
+        if (engine or e.name) == "flower":
+            from gradleak.engines.flower import FlowerSimulator
+
+            if run_dir is None:
+                raise GradleakError("the flower engine needs a run directory")
+            return FlowerSimulator(config_json=self.config.model_dump_json(), run_dir=run_dir,
+                                   cpus_per_client=e.cpus_per_client, **kwargs)  # fmt: skip
+        return Simulator(**kwargs)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -96,6 +106,9 @@ def resolve_device(name: str) -> torch.device:
 def build_scenario(config: ExperimentConfig) -> Scenario:
     """Load the data, split the clients and build the model; fails early on impossible setups."""
     check_secure_sum(config)
+    check_engine(config)
+    if config.engine.threads:
+        torch.set_num_threads(config.engine.threads)
     data = config.data.load(config.seed)
     config.partition.check(len(data.train))
     clients = config.partition.split(data.train, config.seed)

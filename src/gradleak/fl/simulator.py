@@ -7,7 +7,7 @@ and an engine adapter can replace this loop while reusing ``train_client`` and t
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -32,6 +32,9 @@ class ClientResult:
     withheld: bool
     record: dict[str, Any]
     seconds: float = 0.0
+    # The update's norm when the update itself did not reach the server (withheld on an engine
+    # whose clients send an error instead); None: computed from ``update``.
+    norm: float | None = None
 
     BASE_KEYS = (
         "round", "client", "num_samples", "batch_size", "lr", "epochs", "steps",
@@ -50,7 +53,7 @@ class ClientResult:
             "epochs": m.epochs,
             "steps": m.steps,
             "train_loss": self.train_loss,
-            "update_norm": self.update.l2_norm(),
+            "update_norm": self.update.l2_norm() if self.norm is None else self.norm,
             "withheld": self.withheld,
             **self.record,
         }
@@ -143,6 +146,14 @@ class Simulator:
         update = apply_filters(self.filters, update, ctx)
         return ClientResult(update, loss, ctx.withheld, ctx.record, time.perf_counter() - start)
 
+    def run_clients(
+        self, round: int, global_state: dict[str, torch.Tensor], clients: Sequence[ClientData]
+    ) -> Iterator[ClientResult]:
+        """The round's work of ``clients``, yielded in their order as each finishes (so the
+        caller records each at once). An engine adapter overrides this to dispatch the work."""
+        for client in clients:
+            yield self.run_client(round, global_state, client)
+
     def run(
         self,
         state: dict[str, torch.Tensor],
@@ -160,11 +171,13 @@ class Simulator:
         for r in range(first_round, last_round + 1):
             chosen = self.participants(r)
             hooks.round_started(r, chosen)
+            prior = dict(done or {}) if r == first_round else {}
+            fresh = self.run_clients(r, state, [c for c in chosen if c.client_id not in prior])
             results = []
             for client in chosen:
-                prior = (done or {}).get(client.client_id) if r == first_round else None
-                result = prior or self.run_client(r, state, client)
-                if prior is None:
+                result = prior.get(client.client_id)
+                if result is None:
+                    result = next(fresh)
                     hooks.client_done(result)
                 results.append(result)
             kept = [res.update for res in results if not res.withheld]

@@ -1,0 +1,76 @@
+"""Engine start-up and round time: the same small federation in-process and on Flower; JSON output.
+
+    .venv/bin/python benchmarks/engines.py CASE [CASE ...]     (or: all)
+
+Cases:
+  startup   digits 8 x 8, an MLP (hidden 32), 3 clients, 5 rounds, no audit, torch threads 1:
+            seconds from the start to the end of round 1, and per round after it, per engine
+Results go to benchmarks/results/engines_CASE.json and stdout.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import tempfile
+import time
+from pathlib import Path
+
+from cases import run_cases
+
+from gradleak.experiments import run_experiment
+from gradleak.experiments.config import validate_config
+
+CONFIG = {
+    "name": "engines", "device": "cpu", "data": {"source": "digits", "image_size": 8},
+    "partition": {"scheme": "explicit", "clients": [
+        {"size": 1, "batch_size": 1}, {"size": 20, "batch_size": 4}, {"size": 30, "batch_size": 8},
+    ]},
+    "model": {"name": "mlp", "kwargs": {"hidden": [32]}},
+    "training": {"rounds": 5, "lr": 0.1, "momentum": 0.5},
+}  # fmt: skip
+
+
+class _Clock:
+    """Display hooks that stamp the end of every round."""
+
+    def __init__(self) -> None:
+        self.start, self.ends = time.perf_counter(), []
+
+    def round_started(self, round, clients) -> None:  # noqa: ANN001
+        pass
+
+    def client_done(self, result) -> None:  # noqa: ANN001
+        pass
+
+    def round_done(self, result, state) -> None:  # noqa: ANN001
+        self.ends.append(time.perf_counter())
+
+
+def _timed(engine: str) -> dict:
+    clock = _Clock()
+    with tempfile.TemporaryDirectory() as tmp:
+        config = validate_config({**CONFIG, "engine": {"name": engine, "threads": 1}})
+        run_experiment(config, Path(tmp) / "run", display=clock)
+    total = time.perf_counter() - clock.start
+    per_round = [b - a for a, b in zip(clock.ends, clock.ends[1:])]
+    return {"seconds_to_first_round_end": clock.ends[0] - clock.start,
+            "seconds_per_round_after": sum(per_round) / len(per_round), "total_seconds": total}  # fmt: skip
+
+
+def case_startup() -> dict:
+    out = {"setup": "3 clients, MLP on digits 8 x 8, 5 rounds, no audit, torch threads 1",
+           "inprocess": _timed("inprocess")}  # fmt: skip
+    if importlib.util.find_spec("flwr") is not None:
+        out["flower"] = _timed("flower")
+    return out
+
+
+CASES = {"startup": case_startup}
+
+
+def main() -> None:
+    run_cases(CASES, "engines", __doc__)
+
+
+if __name__ == "__main__":
+    main()
