@@ -72,15 +72,27 @@ def _find(sim: Simulator, client_id: int) -> ClientData:
     raise GradleakError(f"no client {client_id} in this experiment")
 
 
-def _result_fields(update: ClientUpdate, train_loss: float, seconds: float) -> dict[str, Any]:
-    return {"meta": asdict(update.meta), "buffers": sorted(update.buffers), "train_loss": train_loss,
-            "seconds": seconds}  # fmt: skip
+def _update_reply(update: ClientUpdate, fields: dict[str, Any], to: Any) -> Any:
+    """The reply to a train message: the update's tensors, and its metadata and row as JSON."""
+    from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+
+    fields = {**fields, "meta": asdict(update.meta), "buffers": sorted(update.buffers)}
+    return Message(RecordDict({UPDATE: ArrayRecord(torch_state_dict=update.delta),
+                               RESULT: ConfigRecord({"json": json.dumps(fields)})}), reply_to=to)  # fmt: skip
+
+
+def _read_update(reply: Any) -> tuple[ClientUpdate, dict[str, Any]]:
+    """(the update, the other fields) of a train reply made by ``_update_reply``."""
+    fields = json.loads(reply.content[RESULT]["json"])
+    update = ClientUpdate(reply.content[UPDATE].to_torch_state_dict(), UpdateMeta(**fields["meta"]),
+                          frozenset(fields["buffers"]))  # fmt: skip
+    return update, fields
 
 
 def client_app(config_json: str, run_dir: str) -> Any:
     """The ClientApp: ``query`` answers with the node's client id, ``train`` trains it locally;
     ``filters_mod`` applies the experiment's update filters to every train reply."""
-    from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, RecordDict
+    from flwr.app import ConfigRecord, Context, Error, Message, RecordDict
     from flwr.clientapp import ClientApp
 
     def filters_mod(msg: Message, context: Context, call_next: Any) -> Message:
@@ -89,9 +101,7 @@ def client_app(config_json: str, run_dir: str) -> Any:
             return reply
         start = time.perf_counter()
         sim = _client_side(config_json, run_dir)
-        fields = json.loads(reply.content[RESULT]["json"])
-        update = ClientUpdate(reply.content[UPDATE].to_torch_state_dict(), UpdateMeta(**fields["meta"]),
-                              frozenset(fields["buffers"]))  # fmt: skip
+        update, fields = _read_update(reply)
         m = update.meta
         ctx = FilterContext(round=m.round, client=_find(sim, m.client_id),
                             global_state=msg.content[GLOBAL].to_torch_state_dict(), seed=sim.seed,
@@ -101,8 +111,7 @@ def client_app(config_json: str, run_dir: str) -> Any:
                       seconds=fields["seconds"] + time.perf_counter() - start)  # fmt: skip
         if ctx.withheld:  # the update stays on the client; the server learns only the row
             return Message(Error(code=0, reason=json.dumps(fields)), reply_to=msg)
-        return Message(RecordDict({UPDATE: ArrayRecord(torch_state_dict=update.delta),
-                                   RESULT: ConfigRecord({"json": json.dumps(fields)})}), reply_to=msg)  # fmt: skip
+        return _update_reply(update, fields, msg)
 
     app = ClientApp(mods=[filters_mod])
 
@@ -121,9 +130,7 @@ def client_app(config_json: str, run_dir: str) -> Any:
             round=int(task["round"]), settings=sim.training, mean=sim.mean, std=sim.std, seed=sim.seed,
             device=sim.device,
         )  # fmt: skip
-        fields = _result_fields(update, loss, time.perf_counter() - start)
-        return Message(RecordDict({UPDATE: ArrayRecord(torch_state_dict=update.delta),
-                                   RESULT: ConfigRecord({"json": json.dumps(fields)})}), reply_to=msg)  # fmt: skip
+        return _update_reply(update, {"train_loss": loss, "seconds": time.perf_counter() - start}, msg)
 
     return app
 
@@ -215,9 +222,7 @@ def _decode(reply: Any, round: int, client_id: int) -> ClientResult:
             raise GradleakError(f"round {round}: client {client_id} failed: {reply.error.reason}") from None
         update = ClientUpdate({}, UpdateMeta(**fields["meta"]), frozenset(fields["buffers"]))
         return ClientResult(update, fields["train_loss"], True, fields["record"], fields["seconds"], fields["norm"])
-    fields = json.loads(reply.content[RESULT]["json"])
-    update = ClientUpdate(reply.content[UPDATE].to_torch_state_dict(), UpdateMeta(**fields["meta"]),
-                          frozenset(fields["buffers"]))  # fmt: skip
+    update, fields = _read_update(reply)
     return ClientResult(update, fields["train_loss"], fields["withheld"], fields["record"], fields["seconds"])
 
 

@@ -107,8 +107,6 @@ def build_scenario(config: ExperimentConfig) -> Scenario:
     """Load the data, split the clients and build the model; fails early on impossible setups."""
     check_secure_sum(config)
     check_engine(config)
-    if config.engine.threads:
-        torch.set_num_threads(config.engine.threads)
     data = config.data.load(config.seed)
     config.partition.check(len(data.train))
     clients = config.partition.split(data.train, config.seed)
@@ -166,6 +164,18 @@ class _StoreHooks:
 
 
 @contextmanager
+def _threads(n: int | None) -> Iterator[None]:
+    """Torch's thread count pinned to ``n`` for the block (None: left as it is)."""
+    before = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@contextmanager
 def _log_to(path: Path) -> Iterator[None]:
     handler = logging.FileHandler(path)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
@@ -203,7 +213,7 @@ class Run:
         config, store = self.config, self.store
         fresh = not store.exists()
         store.write_config(self.resolved)
-        with _log_to(self.run_dir / "run.log"):
+        with _log_to(self.run_dir / "run.log"), _threads(config.engine.threads):
             if fresh:
                 state, last, done = self.scenario.initial_state(), 0, {}
                 store.save_checkpoint(0, state)
