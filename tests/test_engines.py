@@ -47,21 +47,36 @@ def test_secure_sum_and_missing_extras_are_refused_before_training(monkeypatch, 
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
-@pytest.mark.engines
-def test_flower_gives_the_in_process_results_exactly(tmp_path) -> None:
-    pytest.importorskip("flwr")
-    local, flower = tmp_path / "inprocess", tmp_path / "flower"
-    run_experiment(validate_config(CONFIG), local)
-    run_experiment(validate_config({**CONFIG, "engine": {"name": "flower", "threads": 1}}), flower)
-
-    a, b = _rows(local / "results.jsonl"), _rows(flower / "results.jsonl")
+def _same_run(local: Path, other: Path) -> None:
+    """Every field of results.jsonl but wall-clock ones, rounds.jsonl, the final checkpoint and the
+    audit files are the same."""
+    a, b = _rows(local / "results.jsonl"), _rows(other / "results.jsonl")
     assert [(r["round"], r["client"]) for r in a] == [(r["round"], r["client"]) for r in b]
     assert any(r.get("withheld") for r in a) and any(r.get("audited") for r in a)  # both paths crossed
     drop = {"attack_seconds"}  # wall-clock fields
     assert [{k: v for k, v in r.items() if k not in drop} for r in a] == \
         [{k: v for k, v in r.items() if k not in drop} for r in b]  # fmt: skip
-    assert (local / "rounds.jsonl").read_bytes() == (flower / "rounds.jsonl").read_bytes()
+    assert (local / "rounds.jsonl").read_bytes() == (other / "rounds.jsonl").read_bytes()
     final = "checkpoints/global_0003.safetensors"
-    sa, sb = load_file(local / final), load_file(flower / final)
+    sa, sb = load_file(local / final), load_file(other / final)
     assert sa.keys() == sb.keys() and all((sa[k] == sb[k]).all() for k in sa)
-    assert sorted(p.name for p in (local / "audit").rglob("*")) == sorted(p.name for p in (flower / "audit").rglob("*"))
+    assert sorted(p.name for p in (local / "audit").rglob("*")) == sorted(p.name for p in (other / "audit").rglob("*"))
+
+
+@pytest.fixture(scope="module")
+def sequential(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("engines") / "inprocess"
+    run_experiment(validate_config(CONFIG), out)
+    return out
+
+
+def test_a_pool_of_workers_gives_the_sequential_results_exactly(sequential, tmp_path) -> None:
+    run_experiment(validate_config({**CONFIG, "engine": {"threads": 1, "workers": 2}}), tmp_path / "pool")
+    _same_run(sequential, tmp_path / "pool")
+
+
+@pytest.mark.engines
+def test_flower_gives_the_in_process_results_exactly(sequential, tmp_path) -> None:
+    pytest.importorskip("flwr")
+    run_experiment(validate_config({**CONFIG, "engine": {"name": "flower", "threads": 1}}), tmp_path / "flower")
+    _same_run(sequential, tmp_path / "flower")

@@ -10,7 +10,8 @@ update the audit withholds leaves the client as an error reply that carries only
 
 Engine facts this relies on (flwr 1.41, ray 2.55): ``run_simulation`` runs in this process with
 one Ray actor per concurrent client; node ids are random, so the server first asks every node
-which partition (client) it holds; each actor process builds the experiment once from its config.
+which partition (client) it holds; each actor process builds the experiment once from its config
+(``client_side.client_simulator``).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from typing import Any
 import torch
 
 from gradleak.data.partition import ClientData
+from gradleak.engines.client_side import client_simulator, find_client
 from gradleak.errors import GradleakError
 from gradleak.fl.client import train_client
 from gradleak.fl.filters import FilterContext, apply_filters
@@ -46,31 +48,6 @@ def _environment() -> None:
 
 
 # -- the client side (runs in Ray's actor processes) ------------------------------------------------
-
-_SIDES: dict[tuple[str, str], Simulator] = {}
-
-
-def _client_side(config_json: str, run_dir: str) -> Simulator:
-    """The experiment as a client process sees it (built once per process): its clients' data,
-    the model, the local-training settings and the filters (the audit writing under ``run_dir``)."""
-    key = (config_json, run_dir)
-    if key not in _SIDES:
-        from gradleak.experiments.config import ExperimentConfig
-        from gradleak.experiments.runner import build_scenario
-
-        config = ExperimentConfig.model_validate(json.loads(config_json))
-        if config.engine.threads:
-            torch.set_num_threads(config.engine.threads)
-        _SIDES[key] = build_scenario(config).simulator(Path(run_dir), engine="inprocess")
-    return _SIDES[key]
-
-
-def _find(sim: Simulator, client_id: int) -> ClientData:
-    for c in sim.clients:
-        if c.client_id == client_id:
-            return c
-    raise GradleakError(f"no client {client_id} in this experiment")
-
 
 def _update_reply(update: ClientUpdate, fields: dict[str, Any], to: Any) -> Any:
     """The reply to a train message: the update's tensors, and its metadata and row as JSON."""
@@ -100,10 +77,10 @@ def client_app(config_json: str, run_dir: str) -> Any:
         if msg.metadata.message_type != "train" or reply.has_error():
             return reply
         start = time.perf_counter()
-        sim = _client_side(config_json, run_dir)
+        sim = client_simulator(config_json, run_dir)
         update, fields = _read_update(reply)
         m = update.meta
-        ctx = FilterContext(round=m.round, client=_find(sim, m.client_id),
+        ctx = FilterContext(round=m.round, client=find_client(sim, m.client_id),
                             global_state=msg.content[GLOBAL].to_torch_state_dict(), seed=sim.seed,
                             participation=sim.participation(m.round, m.client_id))  # fmt: skip
         update = apply_filters(sim.filters, update, ctx)
@@ -123,10 +100,10 @@ def client_app(config_json: str, run_dir: str) -> Any:
     @app.train()
     def train(msg: Message, context: Context) -> Message:
         start = time.perf_counter()
-        sim = _client_side(config_json, run_dir)
+        sim = client_simulator(config_json, run_dir)
         task = msg.content[TASK]
         update, loss = train_client(
-            sim.model, msg.content[GLOBAL].to_torch_state_dict(), _find(sim, int(task["client"])),
+            sim.model, msg.content[GLOBAL].to_torch_state_dict(), find_client(sim, int(task["client"])),
             round=int(task["round"]), settings=sim.training, mean=sim.mean, std=sim.std, seed=sim.seed,
             device=sim.device,
         )  # fmt: skip

@@ -126,6 +126,10 @@ class EngineConfig(_Section):
         None, gt=0, description="Torch threads of each client's work (in-process: of the whole run); "
         "null: torch's default. Results are identical across engines only at equal thread counts.",
     )
+    workers: int | None = Field(
+        None, gt=0, description="inprocess: processes that run a round's clients (their training, defences "
+        "and audit) in parallel, with the sequential run's results; null or 1: this process only.",
+    )
     cpus_per_client: float = Field(
         1.0, gt=0, description="flower: CPUs Ray reserves for each client (so clients run in parallel "
         "up to the machine's CPUs divided by this).",

@@ -73,7 +73,8 @@ class Scenario:
         return 1 if d is not None and d.invert else self.config.checkpoints.keep_every
 
     def simulator(self, run_dir: Path | None = None, engine: str | None = None) -> Simulator:
-        """The federation's loop on ``engine`` (default: the config's ``engine.name``)."""
+        """The federation's loop on ``engine`` (default: the config's ``engine.name``; ``local``:
+        this process only, whatever the config says, as an engine's client processes need)."""
         t, e = self.config.training, self.config.engine
         kwargs: dict[str, Any] = dict(
             model=self.model, clients=self.clients, test=self.data.test,
@@ -82,14 +83,20 @@ class Scenario:
             seed=self.config.seed, clients_per_round=t.clients_per_round, device=self.device,
             filters=self.filters(run_dir),
         )  # fmt: skip
-        if (engine or e.name) == "flower":
+        engine = engine or e.name
+        if engine == "local" or (engine == "inprocess" and (e.workers or 1) == 1):
+            return Simulator(**kwargs)
+        if run_dir is None:
+            raise GradleakError(f"the {engine} engine needs a run directory")
+        if engine == "flower":
             from gradleak.engines.flower import FlowerSimulator
 
-            if run_dir is None:
-                raise GradleakError("the flower engine needs a run directory")
             return FlowerSimulator(config_json=self.config.model_dump_json(), run_dir=run_dir,
                                    cpus_per_client=e.cpus_per_client, **kwargs)  # fmt: skip
-        return Simulator(**kwargs)
+        from gradleak.engines.pool import PoolSimulator
+
+        return PoolSimulator(config_json=self.config.model_dump_json(), run_dir=run_dir, workers=e.workers,
+                             **kwargs)  # fmt: skip
 
 
 def resolve_device(name: str) -> torch.device:
