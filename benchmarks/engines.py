@@ -5,6 +5,8 @@
 Cases:
   startup   digits 8 x 8, an MLP (hidden 32), 3 clients, 5 rounds, no audit, torch threads 1:
             seconds from the start to the end of round 1, and per round after it, per engine
+  audits    configs/demo.yaml with clients 1 and 2 audited every round (6 rounds), torch threads 1:
+            seconds sequentially and with engine.workers 2, and whether the results are the same
 Results go to benchmarks/results/engines_CASE.json and stdout.
 """
 
@@ -65,7 +67,30 @@ def case_startup() -> dict:
     return out
 
 
-CASES = {"startup": case_startup}
+def case_audits() -> dict:
+    import json
+
+    from gradleak.experiments.config import load_config
+
+    base = load_config(Path(__file__).resolve().parents[1] / "configs" / "demo.yaml").resolved()
+    base["training"]["rounds"] = 6
+    base["audit"]["frequency"] = 1
+    out: dict = {"setup": "configs/demo.yaml, 6 rounds, clients 1 and 2 audited every round, torch threads 1"}
+    rows = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for label, workers in (("sequential", None), ("workers_2", 2)):
+            config = validate_config({**base, "engine": {"threads": 1, "workers": workers}})
+            start = time.perf_counter()
+            run_experiment(config, Path(tmp) / label)
+            out[f"{label}_seconds"] = time.perf_counter() - start
+            lines = (Path(tmp) / label / "results.jsonl").read_text().splitlines()
+            rows[label] = [{k: v for k, v in json.loads(x).items() if k != "attack_seconds"} for x in lines]
+    out["speedup"] = out["sequential_seconds"] / out["workers_2_seconds"]
+    out["same_results"] = rows["sequential"] == rows["workers_2"]
+    return out
+
+
+CASES = {"startup": case_startup, "audits": case_audits}
 
 
 def main() -> None:

@@ -103,3 +103,11 @@ def test_every_command_has_help(command) -> None:
 
 def test_models_lists_the_zoo() -> None:
     assert runner.invoke(app, ["models"]).output.split() == ["convnet", "lenet", "mlp", "resnet18", "resnet20"]
+
+
+def test_error_text_is_never_read_as_markup(tmp_path) -> None:
+    demo = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+    result = runner.invoke(app, ["run", str(demo), "--out", str(tmp_path / "r"), "-q",
+                                 "--set", "model.name=no_such_model[k]"])  # fmt: skip
+    assert result.exit_code == 2
+    assert "no_such_model[k]" in result.output, result.output

@@ -40,6 +40,10 @@ def _write(tmp_path: Path, cfg: dict) -> Path:
         ("data.root=/nonexistent", "data.root: unknown key"),
         ("partition.clients.5.size=3", "partition.clients.5.size: '5' is not an index of a list of 1"),
         ("nokey", "--set: expected key=value, got 'nokey'"),
+        ("training.lr=.inf", "training.lr: Input should be a finite number"),
+        ("defenses=[{name: gaussian, sigma: .nan}]", "defenses.0.sigma: Input should be a finite number"),
+        ("audit={clients: [1], threshold: .nan}", "audit.threshold: Input should be a finite number"),
+        ("engine.workers=0", "engine.workers: Input should be greater than 0"),
     ],
 )
 def test_bad_values_name_the_key(tmp_path, override, message) -> None:

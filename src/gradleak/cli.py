@@ -79,7 +79,10 @@ def _setup_logging(verbose: bool) -> None:
 
 
 def _fail(exc: Exception) -> None:
-    console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+    from rich.markup import escape
+
+    # The message is the user's text (keys, paths, values): never read as markup.
+    console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
     raise typer.Exit(2)
 
 
@@ -100,7 +103,7 @@ def _run(config_path: Path, out: Optional[Path], overrides: list[str], resume: b
         )
         raise typer.Exit(130) from None
     page = build_run_report(run_dir)
-    console.print(f"results: {run_dir / 'results.jsonl'}\nreport:  {page}")
+    console.print(f"results: {run_dir / 'results.jsonl'}\nreport:  {page}", markup=False, highlight=False)
     return run_dir
 
 
@@ -194,8 +197,8 @@ def attack(
     if "metrics" in summary:
         m = summary["metrics"]
         line += f"; PSNR {m['psnr']:.2f} dB, SSIM {m['ssim']:.3f}, label accuracy {m['label_accuracy']}"
-    console.print(line, highlight=False, soft_wrap=True)
-    console.print(f"written to {out}", highlight=False, soft_wrap=True)
+    console.print(line, highlight=False, soft_wrap=True, markup=False)
+    console.print(f"written to {out}", highlight=False, soft_wrap=True, markup=False)
 
 
 LevelOpt = Annotated[
@@ -239,7 +242,7 @@ def sweep(
         verdict = json.loads((page.parent / "summary.json").read_text()).get("recommendation", {}).get("verdict")
         if verdict:
             console.print(verdict, highlight=False, soft_wrap=True, markup=False)
-        console.print(f"report: {page}", highlight=False, soft_wrap=True)
+        console.print(f"report: {page}", highlight=False, soft_wrap=True, markup=False)
     except KeyboardInterrupt:
         console.print("interrupted; run the same command again to continue the sweep")
         raise typer.Exit(130) from None
@@ -261,7 +264,7 @@ def report(
             page = build_sweep_report(run_dir, level, accuracy_budget)
         else:
             page = build_run_report(run_dir)
-        console.print(f"report: {page}", highlight=False, soft_wrap=True)
+        console.print(f"report: {page}", highlight=False, soft_wrap=True, markup=False)
     except GradleakError as exc:
         _fail(exc)
 

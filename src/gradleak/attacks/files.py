@@ -12,10 +12,11 @@ from typing import Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from gradleak.errors import ConfigError, DataError
 from gradleak.fl.update import UpdateMeta
+from gradleak.schema import SECTION
 
 
 def load_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -46,7 +47,7 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
 class UpdateMetadata(BaseModel):
     """What the protocol sends with an update (the ``--meta`` JSON file)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = SECTION
 
     num_images: int = Field(gt=0, description="Images the client trained on this round.")
     image_shape: tuple[int, int, int] = Field(description="Channels, height, width.")

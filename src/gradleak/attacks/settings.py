@@ -4,17 +4,18 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, Field, ValidationError
 
 from gradleak.errors import ConfigError
 
 from gradleak.registry import Registry
+from gradleak.schema import SECTION
 
 
 class AttackSettings(BaseModel):
     """Everything that distinguishes one gradient-inversion attack from another."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = SECTION
 
     # objective
     objective: Literal["l2", "cosine", "l1"] = Field("cosine", description="Distance between the simulated and the real update.")

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, Field, model_validator
 
 from gradleak.attacks.settings import AttackSettings, preset
+from gradleak.schema import SECTION
 
 
 class AuditConfig(BaseModel):
     """Attack the updates an honest-but-curious server receives, measure RDLV, optionally gate."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = SECTION
 
     clients: list[int] | Literal["all"] = Field("all", description="Client ids to audit, or all.")
     start_round: int = Field(1, gt=0, description="First audited round.")

@@ -9,10 +9,11 @@ from dataclasses import dataclass
 from typing import Annotated, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
 from gradleak.data.dataset import ImageDataset
 from gradleak.errors import ConfigError
+from gradleak.schema import SECTION
 from gradleak.seeding import numpy_rng
 
 
@@ -29,7 +30,7 @@ class ClientData:
 class ClientSpec(BaseModel):
     """One row of an explicit partition table."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = SECTION
 
     size: int = Field(gt=0, description="Number of training images of this client.")
     batch_size: int = Field(gt=0, description="Local mini-batch size.")
@@ -41,7 +42,7 @@ class ClientSpec(BaseModel):
 
 
 class _Partition(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = SECTION
 
     def check(self, pool_size: int) -> None:
         """Raise ConfigError when the pool cannot serve this partition."""

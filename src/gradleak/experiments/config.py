@@ -11,17 +11,18 @@ from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from gradleak.audit.config import AuditConfig
 from gradleak.data.partition import Partition
 from gradleak.data.sources import DataSource
 from gradleak.defenses import Defense
 from gradleak.errors import ConfigError
+from gradleak.schema import SECTION
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = SECTION
 
 
 class ModelConfig(_Section):
