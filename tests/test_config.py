@@ -44,6 +44,8 @@ def _write(tmp_path: Path, cfg: dict) -> Path:
         ("defenses=[{name: gaussian, sigma: .nan}]", "defenses.0.sigma: Input should be a finite number"),
         ("audit={clients: [1], threshold: .nan}", "audit.threshold: Input should be a finite number"),
         ("engine.workers=0", "engine.workers: Input should be greater than 0"),
+        ("audit={clients: [7]}", "audit.clients: client 7 is not one of the run's clients (1 to 1)"),
+        ("audit={clients: []}", "audit.clients: is empty"),
     ],
 )
 def test_bad_values_name_the_key(tmp_path, override, message) -> None:

@@ -183,6 +183,17 @@ class ExperimentConfig(_Section):
     )
 
     @model_validator(mode="after")
+    def _audited_clients_exist(self) -> ExperimentConfig:
+        if self.audit is not None and self.audit.clients != "all":
+            n = self.partition.num_clients
+            if not self.audit.clients:
+                raise ConfigError("audit.clients", f"is empty: name clients (1 to {n}), use all, or drop audit:")
+            unknown = [c for c in self.audit.clients if not 1 <= c <= n]
+            if unknown:
+                raise ConfigError("audit.clients", f"client {unknown[0]} is not one of the run's clients (1 to {n})")
+        return self
+
+    @model_validator(mode="after")
     def _attack_fits_the_training(self) -> ExperimentConfig:
         from gradleak.attacks.engine import EVAL_MODE_PROBLEM
 
