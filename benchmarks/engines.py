@@ -5,7 +5,8 @@
 Cases:
   startup   digits 8 x 8, an MLP (hidden 32), 3 clients, 5 rounds, no audit, torch threads 1:
             seconds from the start to the end of round 1, and per round after it, per engine
-  audits    configs/demo.yaml with clients 1 and 2 audited every round (6 rounds), torch threads 1:
+  audits    configs/demo.yaml with clients 1 and 2 audited every round (6 rounds, 2,000 attack
+            iterations), torch threads 1:
             seconds sequentially and with engine.workers 2, and whether the results are the same
 Results go to benchmarks/results/engines_CASE.json and stdout.
 """
@@ -75,7 +76,9 @@ def case_audits() -> dict:
     base = load_config(Path(__file__).resolve().parents[1] / "configs" / "demo.yaml").resolved()
     base["training"]["rounds"] = 6
     base["audit"]["frequency"] = 1
-    out: dict = {"setup": "configs/demo.yaml, 6 rounds, clients 1 and 2 audited every round, torch threads 1"}
+    base["audit"]["attack"]["iterations"] = 2000
+    out: dict = {"setup": "configs/demo.yaml, 6 rounds, clients 1 and 2 audited every round at 2,000 "
+                        "iterations, torch threads 1"}
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
         for label, workers in (("sequential", None), ("workers_2", 2)):
