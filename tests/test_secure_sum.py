@@ -69,7 +69,7 @@ def test_disaggregation_config_errors_name_the_key(tmp_path) -> None:
 
     with pytest.MonkeyPatch.context() as mp:  # as on a machine without PySCIPOpt
         mp.setattr(milp.importlib.util, "find_spec", lambda name: None)
-        scip = {**CHAIN, "disaggregation": {"window": 5, "solver": "scip"}}
+        scip = {**CHAIN, "disaggregation": {"window": 5, "invert": [1], "solver": "scip"}}
         with pytest.raises(ConfigError, match=r"disaggregation.solver: solver 'scip' needs the pyscipopt package"):
             run_experiment(validate_config(scip), tmp_path / "d")
     assert not any((tmp_path / d).exists() for d in ("a", "b", "c", "d"))

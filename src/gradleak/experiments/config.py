@@ -186,7 +186,8 @@ class ExperimentConfig(_Section):
     def _audited_clients_exist(self) -> ExperimentConfig:
         if self.audit is not None and self.audit.clients != "all":
             n = self.partition.num_clients
-            if not self.audit.clients:
+            inverts = self.disaggregation is not None and bool(self.disaggregation.invert)
+            if not self.audit.clients and not inverts:  # with invert, audit: lends only its attack
                 raise ConfigError("audit.clients", f"is empty: name clients (1 to {n}), use all, or drop audit:")
             unknown = [c for c in self.audit.clients if not 1 <= c <= n]
             if unknown:
