@@ -229,3 +229,18 @@ def test_stratified_split_is_seeded() -> None:
     b = stratified_split(labels, 0.3, seed=1)
     assert all(np.array_equal(x, y) for x, y in zip(a, b))
     assert np.bincount(labels[a[1]]).tolist() == [3, 3, 3]
+
+
+def test_16_bit_and_float_images_are_scaled_by_their_depth_not_clipped(tmp_path) -> None:
+    read_image = formats.read_image
+    ramp = np.linspace(0, 65535, 64).astype(np.uint16).reshape(8, 8)
+    Image.fromarray(ramp).save(tmp_path / "xray.png")  # a 16-bit grayscale PNG
+    got = read_image(tmp_path / "xray.png", 8, 1)
+    assert np.allclose(got[0], ramp / 65535.0, atol=1e-6)  # clipping at 255 made most pixels 1.0
+    rgb = read_image(tmp_path / "xray.png", 8, 3)
+    assert rgb.shape == (3, 8, 8) and np.array_equal(rgb[0], rgb[2])
+    Image.fromarray(np.full((8, 8), 0.25, dtype=np.float32), mode="F").save(tmp_path / "f.tif")
+    assert np.allclose(read_image(tmp_path / "f.tif", 8, 1), 0.25)
+    Image.fromarray(np.full((8, 8), 7.0, dtype=np.float32), mode="F").save(tmp_path / "big.tif")
+    with pytest.raises(DataError, match=r"big.tif: F values 7 to 7 are outside 0 to 1"):
+        read_image(tmp_path / "big.tif", 8, 1)

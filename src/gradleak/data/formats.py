@@ -24,10 +24,18 @@ from gradleak.errors import DataError
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 
 
+# Single-channel modes deeper than 8 bits, and the value of full intensity in each: 16-bit
+# integers (X-ray PNGs are often 16-bit; PIL's convert("L") would clip them at 255) and 32-bit
+# floats, which must already lie in [0, 1].
+DEEP_MODES = {"I;16": 65535.0, "I;16B": 65535.0, "I;16L": 65535.0, "I;16N": 65535.0, "I": 65535.0, "F": 1.0}
+
+
 def read_image(path: Path, size: int, channels: int) -> np.ndarray:
-    """One image file as float32 C x size x size in [0, 1]."""
+    """One image file as float32 C x size x size in [0, 1], scaled by its bit depth."""
     try:
         with Image.open(path) as im:
+            if im.mode in DEEP_MODES:
+                return _read_deep(im, path, size, channels)
             im = im.convert("L" if channels == 1 else "RGB")
             if im.size != (size, size):
                 im = im.resize((size, size), Image.Resampling.BILINEAR)
@@ -37,6 +45,21 @@ def read_image(path: Path, size: int, channels: int) -> np.ndarray:
     except OSError as exc:
         raise DataError(f"cannot read image {path}: {exc}") from None
     return arr[None] if channels == 1 else arr.transpose(2, 0, 1)
+
+
+def _read_deep(im: Image.Image, path: Path, size: int, channels: int) -> np.ndarray:
+    """A 16-bit or float single-channel image, divided by its full intensity (gray copied to
+    every channel when three are asked for)."""
+    full = DEEP_MODES[im.mode]
+    values = np.asarray(im, dtype=np.float64)
+    if values.size and (not np.isfinite(values).all() or values.min() < 0 or values.max() > full):
+        raise DataError(f"image {path}: {im.mode} values {values.min():g} to {values.max():g} are outside "
+                        f"0 to {full:g}")  # fmt: skip
+    gray = Image.fromarray((values / full).astype(np.float32), mode="F")
+    if gray.size != (size, size):
+        gray = gray.resize((size, size), Image.Resampling.BILINEAR)
+    g = np.clip(np.asarray(gray, dtype=np.float32), 0.0, 1.0)[None]
+    return g if channels == 1 else np.repeat(g, 3, axis=0)
 
 
 def _stack(paths: list[Path], size: int, channels: int) -> torch.Tensor:
