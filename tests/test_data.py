@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import pickle
+import re
 
 import numpy as np
 import pytest
@@ -244,3 +246,33 @@ def test_16_bit_and_float_images_are_scaled_by_their_depth_not_clipped(tmp_path)
     Image.fromarray(np.full((8, 8), 7.0, dtype=np.float32), mode="F").save(tmp_path / "big.tif")
     with pytest.raises(DataError, match=r"big.tif: F values 7 to 7 are outside 0 to 1"):
         read_image(tmp_path / "big.tif", 8, 1)
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [([1.0], "cannot read label [1.0]"), (True, "cannot read label True"), (-1, "label -1 is not a class index"),
+     (10**9, "label 1000000000 is not a class index"), ([0.5, 0.5], "cannot read label")],
+)  # fmt: skip
+def test_split_list_labels_that_would_be_misread_are_refused(raw, message) -> None:
+    with pytest.raises(DataError, match=re.escape(message)):
+        formats._label_of(raw, "x")
+
+
+def test_split_list_images_stay_inside_the_data_root(split_list, tmp_path) -> None:
+    root, _ = split_list
+    outside = tmp_path / "secret.png"
+    Image.fromarray(np.zeros((4, 4), dtype=np.uint8)).save(outside)
+    (root / "link.png").symlink_to(outside)
+    bad = tmp_path / "bad.json"
+    for image in ("../secret.png", str(outside), "link.png", 7):
+        bad.write_text(json.dumps({"training": [{"image": image, "label": 0}], "testing": []}))
+        with pytest.raises(DataError, match="outside the data root|must be a path string"):
+            formats.read_split_list(bad, root)
+
+
+def test_non_regular_files_are_skipped_in_folders_and_refused_in_lists(image_folder, tmp_path) -> None:
+    os.mkfifo(image_folder / "cat" / "pipe.png")  # opening it would block forever
+    images, labels, _ = formats.load_image_folder(image_folder, 8, 3)
+    assert len(images) == 10
+    with pytest.raises(DataError, match="not a regular file"):
+        formats.read_image(image_folder / "cat" / "pipe.png", 8, 1)

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import pickle
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,8 @@ import torch
 from PIL import Image
 
 from gradleak.errors import DataError
+
+log = logging.getLogger("gradleak")
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 
@@ -32,6 +35,8 @@ DEEP_MODES = {"I;16": 65535.0, "I;16B": 65535.0, "I;16L": 65535.0, "I;16N": 6553
 
 def read_image(path: Path, size: int, channels: int) -> np.ndarray:
     """One image file as float32 C x size x size in [0, 1], scaled by its bit depth."""
+    if path.exists() and not path.is_file():
+        raise DataError(f"image {path} is not a regular file")
     try:
         with Image.open(path) as im:
             if im.mode in DEEP_MODES:
@@ -68,6 +73,16 @@ def _stack(paths: list[Path], size: int, channels: int) -> torch.Tensor:
     return torch.from_numpy(np.stack([read_image(p, size, channels) for p in paths]))
 
 
+def _regular(path: Path) -> bool:
+    """Whether ``path`` is a regular file; anything else (a FIFO, a device) is skipped with a
+    warning, since opening it can block forever."""
+    if path.is_file():
+        return True
+    if path.exists() and not path.is_dir():
+        log.warning("skipping %s: not a regular file", path)
+    return False
+
+
 def load_image_folder(
     root: Path, size: int, channels: int
 ) -> tuple[torch.Tensor, torch.Tensor, tuple[str, ...]]:
@@ -79,7 +94,7 @@ def load_image_folder(
         raise DataError(f"data root {root} has no class sub-folders (expected root/<class>/<image>)")
     paths, labels = [], []
     for label, name in enumerate(classes):
-        files = sorted(p for p in (root / name).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        files = sorted(p for p in (root / name).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and _regular(p))
         paths += files
         labels += [label] * len(files)
     if not paths:
@@ -150,17 +165,39 @@ def load_cifar10(
     return to_t(x_tr, y_tr), to_t(x_te, y_te), CIFAR10_CLASSES
 
 
+# Class indices above this are refused: a typo there would size every per-class array.
+MAX_CLASSES = 10_000
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
 def _label_of(raw: Any, where: str) -> int:
-    """A MONAI-style label: an int, ``[k]`` (class index) or a one-hot list."""
-    if isinstance(raw, bool) or not isinstance(raw, (int, list)):
-        raise DataError(f"{where}: label must be an integer or a list, got {raw!r}")
-    if isinstance(raw, int):
-        return raw
-    if len(raw) == 1 and isinstance(raw[0], int):
-        return raw[0]
-    if raw and all(v in (0, 1) for v in raw) and sum(raw) == 1:
-        return raw.index(1)
-    raise DataError(f"{where}: cannot read label {raw!r} (use k, [k] or a one-hot list)")
+    """A MONAI-style label: an int, ``[k]`` (class index) or a one-hot list of 0/1 integers."""
+    k = None
+    if _is_int(raw):
+        k = raw
+    elif isinstance(raw, list) and len(raw) == 1 and _is_int(raw[0]):
+        k = raw[0]
+    elif isinstance(raw, list) and raw and all(_is_int(v) and v in (0, 1) for v in raw) and sum(raw) == 1:
+        k = raw.index(1)
+    if k is None:
+        raise DataError(f"{where}: cannot read label {raw!r} (use an integer k, [k] or a one-hot list of 0/1 integers)")
+    if not 0 <= k < MAX_CLASSES:
+        raise DataError(f"{where}: label {k} is not a class index from 0 to {MAX_CLASSES - 1}")
+    return k
+
+
+def _image_path(raw: Any, root: Path, where: str) -> Path:
+    """A split list's image path: relative, and inside the data root once resolved (no '..' or
+    symbolic link out of it)."""
+    if not isinstance(raw, str) or not raw:
+        raise DataError(f"{where}: image must be a path string, got {raw!r}")
+    path = root / raw
+    if Path(raw).is_absolute() or not path.resolve().is_relative_to(root.resolve()):
+        raise DataError(f"{where}: image {raw!r} is outside the data root {root}")
+    return path
 
 
 def read_split_list(split_file: Path, root: Path) -> dict[str, tuple[list[Path], list[int]]]:
@@ -182,7 +219,7 @@ def read_split_list(split_file: Path, root: Path) -> dict[str, tuple[list[Path],
             where = f"{split_file.name}: {split}[{i}]"
             if not isinstance(item, dict) or "image" not in item or "label" not in item:
                 raise DataError(f"{where}: expected {{'image': path, 'label': [k]}}")
-            paths.append(root / item["image"])
+            paths.append(_image_path(item["image"], root, where))
             labels.append(_label_of(item["label"], where))
         out[split] = (paths, labels)
     return out
