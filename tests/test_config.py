@@ -117,3 +117,21 @@ def test_config_reference_is_up_to_date() -> None:
     assert committed == config_reference(), "run: gradleak config-reference --out docs/config.md"
     for key in ("training.rounds", "partition.clients", "data.split_file", "partition.alpha"):
         assert f"`{key}`" in committed
+
+
+def test_hostile_config_files_end_in_one_line(tmp_path) -> None:
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text('a: &a ["x","x","x","x","x","x","x","x","x"]\nb: &b [*a,*a,*a,*a,*a,*a,*a,*a,*a]\n'
+                    'c: &c [*b,*b,*b,*b,*b,*b,*b,*b,*b]\nd: [*c,*c,*c,*c,*c,*c,*c,*c,*c]\n')  # fmt: skip
+    with pytest.raises(ConfigError, match=r"not valid YAML: aliases \(\*a\) are not allowed"):
+        load_config(bomb)
+    latin = tmp_path / "latin.yaml"
+    latin.write_bytes("name: caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match="is not UTF-8 text"):
+        load_config(latin)
+    for i in range(20):  # a chain of 20 base: files
+        (tmp_path / f"c{i}.yaml").write_text(f"base: c{i + 1}.yaml\n" if i < 19 else yaml.safe_dump(BASE))
+    with pytest.raises(ConfigError, match="more than 16 nested base: files"):
+        load_config(tmp_path / "c0.yaml")
+    with pytest.raises(ConfigError, match="aliases"):
+        load_config(_write(tmp_path, BASE), ["name=&x [*x]"])

@@ -321,7 +321,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     if not sep or not key.strip():
         raise ConfigError("--set", f"expected key=value, got {text!r}")
     try:
-        return key.strip(), yaml.safe_load(value)
+        return key.strip(), parse_yaml(value)
     except yaml.YAMLError as exc:
         raise ConfigError(key.strip(), f"cannot read value {value!r}: {exc}") from None
 
@@ -343,13 +343,34 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+class _Loader(yaml.SafeLoader):
+    """Safe YAML without aliases: ``*name`` can expand a few hundred bytes into gigabytes."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:  # noqa: ANN401 - PyYAML's signature
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.YAMLError(f"aliases (*{event.anchor}) are not allowed in configs{event.start_mark}")
+        return super().compose_node(parent, index)
+
+
+def parse_yaml(text: str) -> Any:
+    """YAML text as plain data (safe: no tags that build objects, no aliases)."""
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
+
+
+# ``base:`` chains deeper than this are refused (a chain is meant to be a few files).
+MAX_BASES = 16
+
+
 def read_yaml(path: Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     """A config file as a mapping; ``base: other.yaml`` (relative to this file) is read first and
     this file's keys are merged on top of it."""
     if not path.is_file():
         raise ConfigError("", f"config file not found: {path}")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = parse_yaml(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError("", f"{path} is not UTF-8 text") from None
     except yaml.YAMLError as exc:
         raise ConfigError("", f"{path} is not valid YAML: {exc}".replace("\n", " ")) from None
     if not isinstance(raw, dict):
@@ -358,6 +379,8 @@ def read_yaml(path: Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
         base_path = (path.parent / str(raw.pop("base"))).resolve()
         if base_path in _seen:
             raise ConfigError("base", f"{path} includes itself through {base_path}")
+        if len(_seen) >= MAX_BASES:
+            raise ConfigError("base", f"{path}: more than {MAX_BASES} nested base: files")
         raw = _merge(read_yaml(base_path, (*_seen, path.resolve())), raw)
     return raw
 

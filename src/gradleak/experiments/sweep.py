@@ -20,7 +20,7 @@ from typing import Any
 import yaml
 
 from gradleak.errors import ConfigError
-from gradleak.experiments.config import load_config, read_yaml
+from gradleak.experiments.config import load_config, parse_yaml, read_yaml
 from gradleak.experiments.runner import Run
 from gradleak.experiments.store import RunStore
 
@@ -40,7 +40,7 @@ def split_values(text: str) -> tuple[str, list[Any]]:
     if not sep or not key.strip():
         raise ConfigError("--set", f"expected key=value[,value...], got {text!r}")
     try:
-        parsed = yaml.safe_load(f"[{values}]")
+        parsed = parse_yaml(f"[{values}]")
     except yaml.YAMLError as exc:
         raise ConfigError(key.strip(), f"cannot read values {values!r}: {exc}") from None
     return key.strip(), parsed
