@@ -127,6 +127,31 @@ def test_resume_cuts_a_torn_last_line(tmp_path) -> None:
     _same_outputs(tmp_path / "whole", tmp_path / "cut")
 
 
+def test_a_torn_rounds_line_is_no_row_for_resume_or_report(tmp_path) -> None:
+    cfg = validate_config(SMALL)
+    run_experiment(cfg, tmp_path / "whole")
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(cfg, tmp_path / "cut", display=_Counter(stop_after=7))
+    with (tmp_path / "cut/rounds.jsonl").open("a") as f:
+        f.write('{"round": 3, "clie')  # the read at construction used to fail on this
+    assert len(RunStore(tmp_path / "cut").rounds.read()) == 2
+    run_experiment(cfg, tmp_path / "cut", resume=True)
+    _same_outputs(tmp_path / "whole", tmp_path / "cut")
+
+
+def test_a_run_directory_belongs_to_one_process(tmp_path) -> None:
+    cfg = validate_config({**SMALL, "training": {"rounds": 1}})
+    store = RunStore(tmp_path / "run")
+    held = store.lock()  # as another gradleak process would hold it
+    with pytest.raises(GradleakError, match="is in use by another gradleak process"):
+        run_experiment(cfg, tmp_path / "run")
+    RunStore.unlock(held)
+    run_experiment(cfg, tmp_path / "run")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(GradleakError, match="is a file, not a run directory"):
+        run_experiment(cfg, tmp_path / "file")
+
+
 def _gradleak(*args: str) -> subprocess.Popen:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen([sys.executable, "-m", "gradleak", *args], env=env,

@@ -204,19 +204,38 @@ class Run:
         self.config, self.run_dir = config, run_dir
         self.store = RunStore(run_dir)
         self.resolved = config.resolved()
-        if self.store.exists() and not resume:
+        if run_dir.exists() and not run_dir.is_dir():
+            raise GradleakError(f"{run_dir} is a file, not a run directory: choose another --out")
+        self.resume = resume
+        self._check()
+        self.scenario = build_scenario(config)
+        self.first_round = len(self.store.rounds.read()) + 1 if self.store.exists() else 1
+
+    def _check(self) -> None:
+        """Refuse a fresh run on a directory that holds one, and a resume with another config."""
+        if self.store.exists() and not self.resume:
             raise GradleakError(
-                f"{run_dir} already holds a run: pass --resume to continue it, or choose another --out"
+                f"{self.run_dir} already holds a run: pass --resume to continue it, or choose another --out"
             )
         if self.store.exists():
             diff = first_difference(self.store.read_config(), self.resolved)
             if diff:
-                raise ConfigError(diff, f"differs from the config of the run being resumed in {run_dir}")
-        self.scenario = build_scenario(config)
-        self.first_round = len(self.store.rounds.read()) + 1 if self.store.exists() else 1
+                raise ConfigError(diff, f"differs from the config of the run being resumed in {self.run_dir}")
+
+
 
     def execute(self, display: Hooks | None = None) -> list[dict[str, Any]]:
-        """Run (or continue) the experiment; return its round rows."""
+        """Run (or continue) the experiment; return its round rows. The directory is this
+        process's while it runs (a second process is refused), and the checks are made again under
+        that lock, since another process may have started a run there since construction."""
+        lock = self.store.lock()
+        try:
+            self._check()
+            return self._execute(display)
+        finally:
+            RunStore.unlock(lock)
+
+    def _execute(self, display: Hooks | None) -> list[dict[str, Any]]:
         config, store = self.config, self.store
         fresh = not store.exists()
         store.write_config(self.resolved)

@@ -21,6 +21,7 @@ is cut off when the run resumes.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
@@ -49,21 +50,32 @@ class JsonLines:
             os.fsync(f.fileno())
 
     def read(self) -> list[dict[str, Any]]:
+        """The complete rows: a torn last line (no trailing newline, left by a killed writer) is
+        not a row, so every reader sees what a repair would keep."""
         if not self.path.exists():
             return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        data = self.path.read_bytes()
+        data = data[: data.rfind(b"\n") + 1]
+        return [json.loads(line) for line in data.decode().splitlines() if line.strip()]
 
     def repair(self) -> None:
-        """Cut a torn last line (no trailing newline) left by a killed writer."""
+        """Cut a torn last line, through a temporary file and a rename (a kill during the repair
+        leaves the old file or the new one, never an emptied one)."""
         if not self.path.exists():
             return
         data = self.path.read_bytes()
         if data and not data.endswith(b"\n"):
-            self.path.write_bytes(data[: data.rfind(b"\n") + 1])
+            self._replace(data[: data.rfind(b"\n") + 1])
 
     def rewrite(self, rows: list[dict[str, Any]]) -> None:
+        self._replace("".join(json.dumps(r) + "\n" for r in rows).encode())
+
+    def _replace(self, data: bytes) -> None:
         tmp = self.path.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        with tmp.open("wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
         tmp.replace(self.path)
 
 
@@ -89,6 +101,24 @@ class RunStore:
 
     def exists(self) -> bool:
         return self.config_path.exists()
+
+    def lock(self) -> int:
+        """Take the directory's exclusive lock (``RUN/.lock``) for this process and return its file
+        descriptor (``unlock`` releases it); refuse when another process holds it."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.root / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise GradleakError(f"{self.root} is in use by another gradleak process: wait for it to end, "
+                                "or choose another --out") from None  # fmt: skip
+        return fd
+
+    @staticmethod
+    def unlock(fd: int) -> None:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
 
     # config ---------------------------------------------------------------------------------
     def write_config(self, resolved: dict[str, Any]) -> None:
