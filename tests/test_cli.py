@@ -111,3 +111,19 @@ def test_error_text_is_never_read_as_markup(tmp_path) -> None:
                                  "--set", "model.name=no_such_model[k]"])  # fmt: skip
     assert result.exit_code == 2
     assert "no_such_model[k]" in result.output, result.output
+
+
+def test_a_full_disk_is_one_line(tmp_path, monkeypatch) -> None:
+    import errno
+
+    from gradleak.experiments.store import RunStore
+
+    def full(self, r, state) -> None:  # noqa: ANN001
+        raise OSError(errno.ENOSPC, "No space left on device", str(self.checkpoint_path(r)))
+
+    monkeypatch.setattr(RunStore, "save_checkpoint", full)
+    demo = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+    result = runner.invoke(app, ["run", str(demo), "--out", str(tmp_path / "r"), "-q"])
+    assert result.exit_code == 2
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and "global_0000.safetensors: No space left on device (no space left" in lines[0]

@@ -139,6 +139,25 @@ def test_a_torn_rounds_line_is_no_row_for_resume_or_report(tmp_path) -> None:
     _same_outputs(tmp_path / "whole", tmp_path / "cut")
 
 
+def test_a_start_killed_before_checkpoint_0_resumes_and_leftovers_go(tmp_path) -> None:
+    cfg = validate_config(SMALL)
+    run_experiment(cfg, tmp_path / "whole")
+    store = RunStore(tmp_path / "cut")
+    store.write_config(cfg.resolved())  # killed here: the config is written, checkpoint 0 is not
+    (tmp_path / "cut/checkpoints/stray.tmp").write_bytes(b"torn")  # a temporary file of a killed write
+    with pytest.raises(GradleakError, match="already holds a run: pass --resume"):
+        run_experiment(cfg, tmp_path / "cut")
+    run_experiment(cfg, tmp_path / "cut", resume=True)
+    _same_outputs(tmp_path / "whole", tmp_path / "cut")
+    assert not list((tmp_path / "cut").rglob("*.tmp"))
+    stray = tmp_path / "cut/pending/round_0002/client_1.safetensors"  # a pending update of a finished round
+    stray.parent.mkdir(parents=True)
+    stray.write_bytes(b"x")
+    run_experiment(cfg, tmp_path / "cut", resume=True)
+    assert not (tmp_path / "cut/pending/round_0002").exists()
+    _same_outputs(tmp_path / "whole", tmp_path / "cut")
+
+
 def test_a_run_directory_belongs_to_one_process(tmp_path) -> None:
     cfg = validate_config({**SMALL, "training": {"rounds": 1}})
     store = RunStore(tmp_path / "run")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import sys
@@ -96,13 +97,17 @@ def _run(config_path: Path, out: Optional[Path], overrides: list[str], resume: b
     prepared = Run(config, run_dir, resume=resume)
     try:
         _execute(prepared, quiet)
+        page = build_run_report(run_dir)
     except KeyboardInterrupt:
         console.print(
             f"interrupted; continue with: gradleak run {config_path} --out {run_dir} --resume"
-            + "".join(f" --set {o}" for o in overrides)
+            + "".join(f" --set {o}" for o in overrides), markup=False, highlight=False,
         )
         raise typer.Exit(130) from None
-    page = build_run_report(run_dir)
+    except OSError as exc:  # a full disk, a read-only or vanished directory: one line, not a traceback
+        full = " (no space left on the device)" if exc.errno == errno.ENOSPC else ""
+        raise GradleakError(f"{exc.filename or run_dir}: {exc.strerror or exc}{full}; the run can be "
+                            "continued with --resume once it is fixed") from None  # fmt: skip
     console.print(f"results: {run_dir / 'results.jsonl'}\nreport:  {page}", markup=False, highlight=False)
     return run_dir
 

@@ -237,10 +237,13 @@ class Run:
 
     def _execute(self, display: Hooks | None) -> list[dict[str, Any]]:
         config, store = self.config, self.store
-        fresh = not store.exists()
+        # A start killed between the config and checkpoint 0 is finished as a fresh start (the
+        # initial model is a function of the config alone).
+        fresh = not store.exists() or (not store.rounds.read() and not store.checkpoint_path(0).exists())
         store.write_config(self.resolved)
         with _log_to(self.run_dir / "run.log"), _threads(config.engine.threads):
             if fresh:
+                store.clean(0)
                 state, last, done = self.scenario.initial_state(), 0, {}
                 store.save_checkpoint(0, state)
                 log.info("started %s in %s", config.name, self.run_dir)

@@ -207,5 +207,16 @@ class RunStore:
                 kept.append(row)
         if len(kept) != len(rows):
             self.results.rewrite(kept)
+        self.clean(last)
         return last, done
+
+    def clean(self, last: int) -> None:
+        """Remove what a killed run leaves behind: temporary files, and pending updates of any
+        round but the one being resumed."""
+        for tmp in self.root.rglob("*.tmp"):
+            tmp.unlink(missing_ok=True)
+        if self.pending.is_dir():
+            for d in self.pending.iterdir():
+                if d.name != f"round_{last + 1:04d}":
+                    shutil.rmtree(d, ignore_errors=True)
 
