@@ -276,3 +276,13 @@ def test_non_regular_files_are_skipped_in_folders_and_refused_in_lists(image_fol
     assert len(images) == 10
     with pytest.raises(DataError, match="not a regular file"):
         formats.read_image(image_folder / "cat" / "pipe.png", 8, 1)
+
+
+def test_decompression_bombs_are_a_clear_error(tmp_path, monkeypatch) -> None:
+    Image.fromarray(np.zeros((40, 40), dtype=np.uint8)).save(tmp_path / "big.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 1,600 pixels: over the limit, under twice it
+    with pytest.raises(DataError, match="cannot read image .*big.png"):
+        formats.read_image(tmp_path / "big.png", 8, 1)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 500)  # over twice the limit: Pillow's own error
+    with pytest.raises(DataError, match="cannot read image .*big.png"):
+        formats.read_image(tmp_path / "big.png", 8, 1)

@@ -92,17 +92,17 @@ def _run(config_path: Path, out: Optional[Path], overrides: list[str], resume: b
     from gradleak.experiments import Run, load_config
     from gradleak.report.html import build_run_report
 
-    config = load_config(config_path, overrides)
-    run_dir = out or Path("runs") / config.name
-    prepared = Run(config, run_dir, resume=resume)
+    run_dir = out
     try:
-        _execute(prepared, quiet)
+        config = load_config(config_path, overrides)
+        run_dir = out or Path("runs") / config.name
+        _execute(Run(config, run_dir, resume=resume), quiet)
         page = build_run_report(run_dir)
-    except KeyboardInterrupt:
-        console.print(
-            f"interrupted; continue with: gradleak run {config_path} --out {run_dir} --resume"
-            + "".join(f" --set {o}" for o in overrides), markup=False, highlight=False,
-        )
+    except KeyboardInterrupt:  # anywhere: while starting, training or drawing the report
+        hint = "" if run_dir is None else (
+            f"; continue with: gradleak run {config_path} --out {run_dir} --resume"
+            + "".join(f" --set {o}" for o in overrides))  # fmt: skip
+        console.print(f"interrupted{hint}", markup=False, highlight=False)
         raise typer.Exit(130) from None
     except OSError as exc:  # a full disk, a read-only or vanished directory: one line, not a traceback
         full = " (no space left on the device)" if exc.errno == errno.ENOSPC else ""

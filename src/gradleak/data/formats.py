@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import pickle
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -38,16 +39,19 @@ def read_image(path: Path, size: int, channels: int) -> np.ndarray:
     if path.exists() and not path.is_file():
         raise DataError(f"image {path} is not a regular file")
     try:
-        with Image.open(path) as im:
-            if im.mode in DEEP_MODES:
-                return _read_deep(im, path, size, channels)
-            im = im.convert("L" if channels == 1 else "RGB")
-            if im.size != (size, size):
-                im = im.resize((size, size), Image.Resampling.BILINEAR)
-            arr = np.asarray(im, dtype=np.float32) / 255.0
+        with warnings.catch_warnings():
+            # Pillow only warns between MAX_IMAGE_PIXELS and twice that: refuse those too.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                if im.mode in DEEP_MODES:
+                    return _read_deep(im, path, size, channels)
+                im = im.convert("L" if channels == 1 else "RGB")
+                if im.size != (size, size):
+                    im = im.resize((size, size), Image.Resampling.BILINEAR)
+                arr = np.asarray(im, dtype=np.float32) / 255.0
     except FileNotFoundError:
         raise DataError(f"image file not found: {path}") from None
-    except OSError as exc:
+    except (OSError, Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
         raise DataError(f"cannot read image {path}: {exc}") from None
     return arr[None] if channels == 1 else arr.transpose(2, 0, 1)
 
