@@ -43,6 +43,10 @@ def test_values_and_grids(config, tmp_path) -> None:
     assert len({p.run_dir for p in points}) == 4
     with pytest.raises(ConfigError, match="nothing to sweep"):
         plan(config, ["training.lr=0.1"], tmp_path)
+    with pytest.raises(ConfigError, match="would share the run directory training.lr=0.1"):
+        plan(config, ["training.lr=0.1,0.2,0.1"], tmp_path)
+    with pytest.raises(ConfigError, match=r"model.name: values .* would share the run directory"):
+        plan(config, ["model.name=a/b,a_b"], tmp_path)
 
 
 def test_a_bad_point_fails_before_any_run(config, tmp_path) -> None:

@@ -68,6 +68,12 @@ def plan(config_path: Path, sets: list[str], out: Path) -> tuple[list[str], list
         SweepPoint(dict(zip(keys, combo, strict=True)), out / _dir_name(dict(zip(keys, combo, strict=True))))
         for combo in itertools.product(*(axes[k] for k in keys))
     ]
+    seen: dict[Path, dict[str, Any]] = {}
+    for p in points:  # e.g. "a/b" and "a_b", or a value given twice, would share one run
+        if p.run_dir in seen:
+            raise ConfigError(keys[0] if len(keys) == 1 else "sweep", f"values {seen[p.run_dir]} and {p.values} "
+                              f"would share the run directory {p.run_dir.name}: give distinct values")  # fmt: skip
+        seen[p.run_dir] = p.values
     return fixed, points
 
 
