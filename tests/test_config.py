@@ -44,6 +44,8 @@ def _write(tmp_path: Path, cfg: dict) -> Path:
         ("defenses=[{name: gaussian, sigma: .nan}]", "defenses.0.sigma: Input should be a finite number"),
         ("audit={clients: [1], threshold: .nan}", "audit.threshold: Input should be a finite number"),
         ("engine.workers=0", "engine.workers: Input should be greater than 0"),
+        ("training.rounds=true", "training.rounds: Input should be a valid integer, unable to parse string as an integer (got 'true')"),
+        ("partition.clients.0.lr=false", "partition.clients.0.lr: Input should be a valid number"),
         ("audit={clients: [7]}", "audit.clients: client 7 is not one of the run's clients (1 to 1)"),
         ("audit={clients: []}", "audit.clients: is empty"),
     ],

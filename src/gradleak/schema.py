@@ -1,8 +1,38 @@
-"""The settings every config section shares: unknown keys are errors, values are frozen, and
-floats must be finite (an infinite learning rate or a NaN threshold is a typo, never a setting)."""
+"""The base of every config section: unknown keys are errors, values are frozen, floats must be
+finite (an infinite learning rate or a NaN threshold is a typo, never a setting), and a number
+cannot be given as true/false (pydantic would read ``rounds: true`` as 1)."""
 
 from __future__ import annotations
 
-from pydantic import ConfigDict
+import types
+import typing
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, model_validator
 
 SECTION = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+def _numeric_only(annotation: Any) -> bool:
+    """Whether a field takes numbers but not booleans (int, float, or an optional of them)."""
+    if annotation in (int, float):
+        return True
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return bool(args) and all(a in (int, float) for a in args)
+    return False
+
+
+class Section(BaseModel):
+    model_config = SECTION
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_booleans_for_numbers(cls, data: Any) -> Any:
+        """A true/false given for a number is passed on as the text it was written as, so that the
+        field's own validation refuses it under its own key."""
+        if isinstance(data, dict):
+            fields = cls.model_fields
+            data = {k: str(v).lower() if isinstance(v, bool) and k in fields and _numeric_only(fields[k].annotation)
+                    else v for k, v in data.items()}  # fmt: skip
+        return data

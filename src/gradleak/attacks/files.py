@@ -12,11 +12,11 @@ from typing import Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, model_validator
 
 from gradleak.errors import ConfigError, DataError
 from gradleak.fl.update import UpdateMeta
-from gradleak.schema import SECTION
+from gradleak.schema import Section
 
 
 def load_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -44,10 +44,8 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
     raise DataError(f"{path}: unsupported tensor file (use .safetensors, .npz or .pt)")
 
 
-class UpdateMetadata(BaseModel):
+class UpdateMetadata(Section):
     """What the protocol sends with an update (the ``--meta`` JSON file)."""
-
-    model_config = SECTION
 
     num_images: int = Field(gt=0, description="Images the client trained on this round.")
     image_shape: tuple[int, int, int] = Field(description="Channels, height, width.")

@@ -4,18 +4,16 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import Field, ValidationError
 
 from gradleak.errors import ConfigError
 
 from gradleak.registry import Registry
-from gradleak.schema import SECTION
+from gradleak.schema import Section
 
 
-class AttackSettings(BaseModel):
+class AttackSettings(Section):
     """Everything that distinguishes one gradient-inversion attack from another."""
-
-    model_config = SECTION
 
     # objective
     objective: Literal["l2", "cosine", "l1"] = Field("cosine", description="Distance between the simulated and the real update.")

@@ -4,16 +4,14 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import Field, model_validator
 
 from gradleak.attacks.settings import AttackSettings, preset
-from gradleak.schema import SECTION
+from gradleak.schema import Section
 
 
-class AuditConfig(BaseModel):
+class AuditConfig(Section):
     """Attack the updates an honest-but-curious server receives, measure RDLV, optionally gate."""
-
-    model_config = SECTION
 
     clients: list[int] | Literal["all"] = Field("all", description="Client ids to audit, or all.")
     start_round: int = Field(1, gt=0, description="First audited round.")

@@ -9,11 +9,11 @@ from dataclasses import dataclass
 from typing import Annotated, Literal
 
 import numpy as np
-from pydantic import BaseModel, Field
+from pydantic import Field
 
 from gradleak.data.dataset import ImageDataset
 from gradleak.errors import ConfigError
-from gradleak.schema import SECTION
+from gradleak.schema import Section
 from gradleak.seeding import numpy_rng
 
 
@@ -27,10 +27,8 @@ class ClientData:
     lr: float | None = None  # None: the experiment's training.lr
 
 
-class ClientSpec(BaseModel):
+class ClientSpec(Section):
     """One row of an explicit partition table."""
-
-    model_config = SECTION
 
     size: int = Field(gt=0, description="Number of training images of this client.")
     batch_size: int = Field(gt=0, description="Local mini-batch size.")
@@ -41,9 +39,7 @@ class ClientSpec(BaseModel):
     )
 
 
-class _Partition(BaseModel):
-    model_config = SECTION
-
+class _Partition(Section):
     def check(self, pool_size: int) -> None:
         """Raise ConfigError when the pool cannot serve this partition."""
 

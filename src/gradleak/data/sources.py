@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Annotated, Literal
 
 import torch
-from pydantic import BaseModel, DirectoryPath, Field, FilePath
+from pydantic import DirectoryPath, Field, FilePath
 
 from gradleak.data import bundled, formats
 from gradleak.data.dataset import (
@@ -19,12 +19,10 @@ from gradleak.data.dataset import (
     set_channels,
     stratified_split,
 )
-from gradleak.schema import SECTION
+from gradleak.schema import Section
 
 
-class _Source(BaseModel):
-    model_config = SECTION
-
+class _Source(Section):
     image_size: int = Field(32, ge=4, le=1024, description="Images are resized to this square size.")
     channels: Literal[1, 3] | None = Field(
         None, description="Convert to 1 (grayscale) or 3 (RGB) channels; null keeps the source's."

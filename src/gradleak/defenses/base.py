@@ -6,18 +6,15 @@ from dataclasses import replace
 from typing import Any
 
 import torch
-from pydantic import BaseModel
 
 from gradleak.fl.filters import FilterContext, UpdateFilter
 from gradleak.fl.update import ClientUpdate
-from gradleak.schema import SECTION
+from gradleak.schema import Section
 from gradleak.seeding import torch_generator
 
 
-class DefenseConfig(BaseModel):
+class DefenseConfig(Section):
     """A defence as written in the config's ``defenses:`` list; ``build`` makes its filter."""
-
-    model_config = SECTION
 
     def build(self, *, index: int, sample_rate: float) -> UpdateFilter:
         """The filter for position ``index`` of the list; ``sample_rate`` is the fraction of

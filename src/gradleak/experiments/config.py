@@ -18,14 +18,10 @@ from gradleak.data.partition import Partition
 from gradleak.data.sources import DataSource
 from gradleak.defenses import Defense
 from gradleak.errors import ConfigError
-from gradleak.schema import SECTION
+from gradleak.schema import Section
 
 
-class _Section(BaseModel):
-    model_config = SECTION
-
-
-class ModelConfig(_Section):
+class ModelConfig(Section):
     name: str = Field(
         "lenet",
         description="A built-in model (lenet, convnet, resnet18, resnet20, mlp) or "
@@ -36,7 +32,7 @@ class ModelConfig(_Section):
     )
 
 
-class TrainingConfig(_Section):
+class TrainingConfig(Section):
     rounds: int = Field(10, gt=0, description="Number of FL rounds.")
     local_epochs: int = Field(1, gt=0, description="Local epochs per round on each client.")
     lr: float = Field(0.01, gt=0, description="Local SGD learning rate (a client may override it).")
@@ -52,7 +48,7 @@ class TrainingConfig(_Section):
     )
 
 
-class AggregationConfig(_Section):
+class AggregationConfig(Section):
     strategy: str = Field(
         "fedavg",
         description="Server aggregation: fedavg (the server sees every update), or secure-sum (the "
@@ -69,7 +65,7 @@ class AggregationConfig(_Section):
         return v
 
 
-class DisaggregationConfig(_Section):
+class DisaggregationConfig(Section):
     """The gradient-disaggregation attack on a secure-sum run, run once training has finished."""
 
     window: int = Field(
@@ -103,7 +99,7 @@ class DisaggregationConfig(_Section):
     )
 
 
-class RecommendationConfig(_Section):
+class RecommendationConfig(Section):
     """How a sweep's report picks the defence strength it recommends."""
 
     level: float = Field(
@@ -117,7 +113,7 @@ class RecommendationConfig(_Section):
     )
 
 
-class EngineConfig(_Section):
+class EngineConfig(Section):
     name: Literal["inprocess", "flower"] = Field(
         "inprocess", description="What runs the federation: inprocess (this process, the default) or "
         "flower (Flower's simulation on Ray: each client a ClientApp, the defences and the audit a mod; "
@@ -137,13 +133,13 @@ class EngineConfig(_Section):
     )
 
 
-class CheckpointConfig(_Section):
+class CheckpointConfig(Section):
     keep_every: int = Field(
         0, ge=0, description="Also keep every k-th round's global model; 0 keeps only the latest."
     )
 
 
-class ExperimentConfig(_Section):
+class ExperimentConfig(Section):
     """One FL experiment: data, clients, model, training and aggregation."""
 
     name: str = Field("experiment", description="A name for the run (used for its default directory).")
