@@ -14,6 +14,7 @@ import yaml
 
 from gradleak.errors import ConfigError, GradleakError
 from gradleak.experiments import RunStore, load_config, run_experiment
+from gradleak.experiments.store import JsonLines
 from gradleak.experiments.config import validate_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -116,25 +117,17 @@ def test_resume_after_an_interrupt_mid_round_recomputes_nothing(tmp_path) -> Non
     _same_outputs(tmp_path / "whole", tmp_path / "cut")
 
 
-def test_resume_cuts_a_torn_last_line(tmp_path) -> None:
+@pytest.mark.parametrize("name", ["results.jsonl", "rounds.jsonl"])
+def test_a_torn_last_line_is_no_row_and_resume_cuts_it(tmp_path, name) -> None:
     cfg = validate_config(SMALL)
     run_experiment(cfg, tmp_path / "whole")
     with pytest.raises(KeyboardInterrupt):
         run_experiment(cfg, tmp_path / "cut", display=_Counter(stop_after=7))
-    with (tmp_path / "cut/results.jsonl").open("a") as f:
+    torn = JsonLines(tmp_path / "cut" / name)
+    rows = len(torn.read())
+    with torn.path.open("a") as f:
         f.write('{"round": 3, "cli')  # what kill -9 in the middle of a write leaves
-    run_experiment(cfg, tmp_path / "cut", resume=True)
-    _same_outputs(tmp_path / "whole", tmp_path / "cut")
-
-
-def test_a_torn_rounds_line_is_no_row_for_resume_or_report(tmp_path) -> None:
-    cfg = validate_config(SMALL)
-    run_experiment(cfg, tmp_path / "whole")
-    with pytest.raises(KeyboardInterrupt):
-        run_experiment(cfg, tmp_path / "cut", display=_Counter(stop_after=7))
-    with (tmp_path / "cut/rounds.jsonl").open("a") as f:
-        f.write('{"round": 3, "clie')  # the read at construction used to fail on this
-    assert len(RunStore(tmp_path / "cut").rounds.read()) == 2
+    assert len(torn.read()) == rows  # for every reader: resume, report (a torn rounds line crashed both)
     run_experiment(cfg, tmp_path / "cut", resume=True)
     _same_outputs(tmp_path / "whole", tmp_path / "cut")
 
