@@ -3,8 +3,9 @@
 The server side is a ``ServerApp`` whose main loop is gradleak's own ``Simulator.run``: it draws
 the round's participants with gradleak's seeded rule, sends each one the global model, and turns
 each reply into exactly the ``ClientResult`` the in-process run would have made, which the run
-store records. The client side trains with ``train_client``; ``filters_mod`` then applies the
-experiment's defences and the audit to the reply on its way out, as any Flower mod would. An
+store records. The client side trains with ``Simulator.train``; ``filters_mod`` then applies
+``Simulator.filter`` (the defences, then the audit) to the reply on its way out, as any Flower mod
+would. An
 update the audit withholds leaves the client as an error reply that carries only its result row
 (the update never reaches the server).
 
@@ -30,8 +31,6 @@ import torch
 from gradleak.data.partition import ClientData
 from gradleak.engines.client_side import client_simulator, find_client
 from gradleak.errors import GradleakError
-from gradleak.fl.client import train_client
-from gradleak.fl.filters import FilterContext, apply_filters
 from gradleak.fl.simulator import ClientResult, Hooks, Simulator
 from gradleak.fl.update import ClientUpdate, UpdateMeta
 
@@ -80,10 +79,8 @@ def client_app(config_json: str, run_dir: str) -> Any:
         sim = client_simulator(config_json, run_dir)
         update, fields = _read_update(reply)
         m = update.meta
-        ctx = FilterContext(round=m.round, client=find_client(sim, m.client_id),
-                            global_state=msg.content[GLOBAL].to_torch_state_dict(), seed=sim.seed,
-                            participation=sim.participation(m.round, m.client_id))  # fmt: skip
-        update = apply_filters(sim.filters, update, ctx)
+        update, ctx = sim.filter(m.round, msg.content[GLOBAL].to_torch_state_dict(),
+                                 find_client(sim, m.client_id), update)  # fmt: skip
         fields.update(record=ctx.record, withheld=ctx.withheld, norm=update.l2_norm(),
                       seconds=fields["seconds"] + time.perf_counter() - start)  # fmt: skip
         if ctx.withheld:  # the update stays on the client; the server learns only the row
@@ -102,11 +99,8 @@ def client_app(config_json: str, run_dir: str) -> Any:
         start = time.perf_counter()
         sim = client_simulator(config_json, run_dir)
         task = msg.content[TASK]
-        update, loss = train_client(
-            sim.model, msg.content[GLOBAL].to_torch_state_dict(), find_client(sim, int(task["client"])),
-            round=int(task["round"]), settings=sim.training, mean=sim.mean, std=sim.std, seed=sim.seed,
-            device=sim.device,
-        )  # fmt: skip
+        update, loss = sim.train(int(task["round"]), msg.content[GLOBAL].to_torch_state_dict(),
+                                 find_client(sim, int(task["client"])))  # fmt: skip
         return _update_reply(update, {"train_loss": loss, "seconds": time.perf_counter() - start}, msg)
 
     return app

@@ -133,17 +133,30 @@ class Simulator:
             return round
         return sum(any(c.client_id == client_id for c in self.participants(r)) for r in range(1, round + 1))
 
+    def train(
+        self, round: int, global_state: dict[str, torch.Tensor], client: ClientData
+    ) -> tuple[ClientUpdate, float]:
+        """The client's local training: (its raw update, its mean loss)."""
+        return train_client(
+            self.model, global_state, client, round=round, settings=self.training,
+            mean=self.mean, std=self.std, seed=self.seed, device=self.device,
+        )  # fmt: skip
+
+    def filter(
+        self, round: int, global_state: dict[str, torch.Tensor], client: ClientData, update: ClientUpdate
+    ) -> tuple[ClientUpdate, FilterContext]:
+        """The update filters (defences, then the audit) on the client's way out: (the update the
+        server would receive, the context with the filters' record and verdict)."""
+        ctx = FilterContext(round=round, client=client, global_state=global_state, seed=self.seed,
+                            participation=self.participation(round, client.client_id))  # fmt: skip
+        return apply_filters(self.filters, update, ctx), ctx
+
     def run_client(
         self, round: int, global_state: dict[str, torch.Tensor], client: ClientData
     ) -> ClientResult:
         start = time.perf_counter()
-        update, loss = train_client(
-            self.model, global_state, client, round=round, settings=self.training,
-            mean=self.mean, std=self.std, seed=self.seed, device=self.device,
-        )  # fmt: skip
-        ctx = FilterContext(round=round, client=client, global_state=global_state, seed=self.seed,
-                            participation=self.participation(round, client.client_id))  # fmt: skip
-        update = apply_filters(self.filters, update, ctx)
+        update, loss = self.train(round, global_state, client)
+        update, ctx = self.filter(round, global_state, client, update)
         return ClientResult(update, loss, ctx.withheld, ctx.record, time.perf_counter() - start)
 
     def run_clients(
