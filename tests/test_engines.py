@@ -6,11 +6,14 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from gradleak.errors import ConfigError
+from gradleak.experiments import RunStore
 from gradleak.experiments import run_experiment
 from gradleak.experiments.config import validate_config
+from gradleak.experiments.runner import build_scenario
 
 # Three clients with a defence (seeded noise) and an audit that withholds the high-risk client's
 # leaking updates: every path of the client filters crosses the engine.
@@ -34,17 +37,29 @@ def _rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def test_secure_sum_and_missing_extras_are_refused_before_training(monkeypatch, tmp_path) -> None:
-    cfg = validate_config({**CONFIG, "engine": {"name": "flower"}, "audit": None,
-                           "aggregation": {"strategy": "secure-sum"}})  # fmt: skip
-    with pytest.raises(ConfigError, match="aggregation.strategy.*secure-sum is not available on the flower"):
-        run_experiment(cfg, tmp_path / "a")
+def test_secagg_overflow_too_few_participants_and_missing_extras_are_refused_before_training(
+    monkeypatch, tmp_path
+) -> None:
     import gradleak.engines as engines
+
+    monkeypatch.setattr(engines, "check_installed", lambda name: None)  # the checks come first
+    secure = {**CONFIG, "audit": None, "aggregation": {"strategy": "secure-sum"}}
+    # 3 participants x 2^31 - 1 levels overflow the 2^32 modulus; 2 x the same would not
+    cfg = validate_config({**secure, "engine": {"name": "flower", "secagg": {"quantization": 2**31 - 1}}})
+    with pytest.raises(ConfigError, match=r"^engine.secagg.quantization: 3 participants x 2147483647 levels "
+                                          r"overflow SecAgg\+'s modulus 2\^32: use at most 1431655765"):  # fmt: skip
+        run_experiment(cfg, tmp_path / "a")
+    one = validate_config({**secure, "engine": {"name": "flower"}, "training": {"clients_per_round": 0.3}})
+    with pytest.raises(ConfigError, match=r"^training.clients_per_round: SecAgg\+ needs at least 2 participants"):
+        run_experiment(one, tmp_path / "a")
+    monkeypatch.undo()
 
     monkeypatch.setattr(engines.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ConfigError, match=r"engine.name.*pip install -c constraints.txt 'gradleak\[flower\]'"):
         run_experiment(validate_config({**CONFIG, "engine": {"name": "flower"}}), tmp_path / "b")
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    with pytest.raises(ConfigError, match=r"^engine.secagg.quantization: Input should be less than 2147483648"):
+        validate_config({**CONFIG, "engine": {"secagg": {"quantization": 2**31}}})
 
 
 def _same_run(local: Path, other: Path) -> None:
@@ -80,3 +95,79 @@ def test_flower_gives_the_in_process_results_exactly(sequential, tmp_path) -> No
     pytest.importorskip("flwr")
     run_experiment(validate_config({**CONFIG, "engine": {"name": "flower", "threads": 1}}), tmp_path / "flower")
     _same_run(sequential, tmp_path / "flower")
+
+
+# SecAgg+: four clients, three a round, one of them withheld by the audit in its audited rounds
+# (it then sends zeros), float64 updates well inside the clip.
+SECAGG = {**CONFIG, "name": "secagg",
+          "partition": {"scheme": "explicit", "clients": [
+              {"size": 1, "batch_size": 1}, {"size": 20, "batch_size": 4}, {"size": 30, "batch_size": 8},
+              {"size": 15, "batch_size": 5}]},
+          "training": {"rounds": 4, "lr": 0.02, "clients_per_round": 0.75},
+          "aggregation": {"strategy": "secure-sum"}, "defenses": [], "checkpoints": {"keep_every": 1},
+          "engine": {"name": "flower", "threads": 1}}  # fmt: skip
+
+
+@pytest.mark.engines
+def test_secagg_round_sums_match_the_plain_sums(tmp_path) -> None:
+    pytest.importorskip("flwr")
+    cfg = validate_config(SECAGG)
+    run_experiment(cfg, tmp_path / "run")
+    store = RunStore(tmp_path / "run")
+    rows, rounds = store.results.read(), store.rounds.read()
+    assert len(rounds) == 4 and all(len(r["clients"]) == 3 for r in rounds)
+    assert {r["client"] for r in rows} == {1, 2, 3, 4} and any(r["withheld"] for r in rows)
+    assert all(r["secagg_clipped"] == 0.0 for r in rows)
+    assert not store.pending.exists()
+    # The plain sum of each round, recomputed here from the round's global model: SecAgg+'s sum
+    # (what the server recorded) is within 1e-8 of it, withheld updates left out.
+    sim = build_scenario(cfg).simulator(engine="local")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the clients trained (engine.threads)
+    by_id = {c.client_id: c for c in sim.clients}
+    worst = 0.0
+    for r in rounds:
+        start = store.load_checkpoint(r["round"] - 1)
+        results = [sim.run_client(r["round"], start, by_id[c]) for c in r["clients"]]
+        assert [res.withheld for res in results] == [
+            row["withheld"] for row in rows if row["round"] == r["round"]]  # fmt: skip
+        plain = {k: sum((res.update.delta[k].double() for res in results if not res.withheld),
+                        torch.zeros_like(start[k], dtype=torch.float64)) for k in start}  # fmt: skip
+        got = load_file(tmp_path / f"run/secure_sum/round_{r['round']:04d}.safetensors")
+        assert got.keys() == plain.keys() and all(v.dtype == torch.float64 for v in got.values())
+        worst = max(worst, *(float((got[k] - plain[k]).abs().max()) for k in got))
+        assert r["aggregated"] == sum(not res.withheld for res in results)
+    torch.set_num_threads(threads)
+    assert 0 < worst < 1e-8  # quantised (not the plain sum), yet within 1e-8
+
+
+@pytest.mark.engines
+def test_disaggregation_of_a_recorded_secagg_run_is_exact(tmp_path) -> None:
+    """The chain of tests/test_secure_sum.py on sums that Flower's SecAgg+ computed."""
+    pytest.importorskip("flwr")
+    from test_secure_sum import CHAIN  # tests/ is on the path (rootdir conftest)
+
+    cfg = validate_config({**CHAIN, "engine": {"name": "flower", "threads": 1}})
+    run_experiment(cfg, tmp_path / "run")
+    summary = json.loads((tmp_path / "run/disaggregation/summary.json").read_text())
+    assert summary["participation_exact"] and summary["wrong_entries"] == 0
+    assert summary["rounds"] == 20 and summary["clients"] == 5
+    assert summary["inverted"][0]["psnr"] > 20  # client 1's one image, from its recovered update
+
+
+def test_a_resume_repeats_a_round_that_must_run_whole(tmp_path) -> None:
+    """Under SecAgg+ a round is one protocol run: a resume drops its finished clients and repeats
+    it (a partial round's updates were never seen, so they cannot be summed later)."""
+    small = {**CONFIG, "audit": None, "defenses": [], "training": {"rounds": 2, "lr": 0.1},
+             "checkpoints": {"keep_every": 1}}
+    run_experiment(validate_config(small), tmp_path / "run")
+    store = RunStore(tmp_path / "run")
+    rows = store.results.read()
+    # as a run killed after two clients of round 2 leaves it
+    store.rounds.rewrite(store.rounds.read()[:1])
+    store.results.rewrite(rows[:5])
+    for row in rows[3:5]:
+        (store.pending / "round_0002").mkdir(parents=True, exist_ok=True)
+        (store.pending / f"round_0002/client_{row['client']}.safetensors").write_bytes(b"")
+    assert store.resume_point(partial=False) == (1, {})
+    assert store.results.read() == rows[:3] and not store.pending.exists()

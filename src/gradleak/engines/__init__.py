@@ -1,8 +1,9 @@
 """Adapters that run gradleak's federation on existing engines instead of the in-process loop.
 
-Each adapter replaces only ``Simulator.run_clients`` (who computes a client's round, and where):
-participant draws, local training, the update filters, aggregation, evaluation and the run store
-are gradleak's own, so a run gives the same results on every engine.
+Each adapter replaces only ``Simulator.run_clients`` (who computes a client's round, and where)
+and, under secure aggregation, ``Simulator.observe`` (the round sum the engine's protocol
+reveals): participant draws, local training, the update filters, aggregation, evaluation and the
+run store are gradleak's own, so a run gives the same results on every engine.
 """
 
 from __future__ import annotations
@@ -14,16 +15,33 @@ from gradleak.errors import ConfigError
 
 EXTRAS = {"flower": ("flwr", "ray")}
 
+# SecAgg+ masks live modulo 2^32 (Flower's default and largest modulus).
+SECAGG_MODULUS = 2**32
 
-def check_config(config: Any) -> None:
-    """Refuse, before any training, an engine setting that cannot run."""
+
+def check_config(config: Any, num_clients: int) -> None:
+    """Refuse, before any training, an engine setting that cannot run with ``num_clients``."""
     engine = config.engine.name
     if engine == "inprocess":
         return
-    if config.aggregation.strategy == "secure-sum":
-        raise ConfigError("aggregation.strategy", f"secure-sum is not available on the {engine} engine yet "
-                          "(its SecAgg+ protocol is not driven by gradleak): use engine.name: inprocess")  # fmt: skip
     check_installed(engine)
+    if config.aggregation.strategy == "secure-sum":
+        check_secagg(config, num_clients)
+
+
+def check_secagg(config: Any, num_clients: int) -> None:
+    """SecAgg+ needs two participants a round, and a quantised sum that fits its modulus."""
+    from gradleak.fl.simulator import participant_count
+
+    n = participant_count(config.training.clients_per_round, num_clients)
+    if n < 2:
+        raise ConfigError("training.clients_per_round",
+                          f"SecAgg+ needs at least 2 participants a round; this draws {n} of {num_clients}")  # fmt: skip
+    q = config.engine.secagg.quantization
+    if n * q >= SECAGG_MODULUS:
+        raise ConfigError("engine.secagg.quantization",
+                          f"{n} participants x {q} levels overflow SecAgg+'s modulus 2^32: "
+                          f"use at most {(SECAGG_MODULUS - 1) // n} levels")  # fmt: skip
 
 
 def check_installed(engine: str) -> None:

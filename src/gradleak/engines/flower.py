@@ -5,9 +5,13 @@ the round's participants with gradleak's seeded rule, sends each one the global 
 each reply into exactly the ``ClientResult`` the in-process run would have made, which the run
 store records. The client side trains with ``Simulator.train``; ``filters_mod`` then applies
 ``Simulator.filter`` (the defences, then the audit) to the reply on its way out, as any Flower mod
-would. An
-update the audit withholds leaves the client as an error reply that carries only its result row
-(the update never reaches the server).
+would. An update the audit withholds leaves the client as an error reply that carries only its
+result row (the update never reaches the server).
+
+Under aggregation.strategy secure-sum every round is one run of Flower's SecAgg+ protocol
+(``SecAggPlusWorkflow`` on the server, ``secaggplus_mod`` outermost on the clients): the server
+records the round sums the protocol reveals and the clients' rows, and the disaggregation chain
+runs on them as on an in-process secure-sum run.
 
 Engine facts this relies on (flwr 1.41, ray 2.55): ``run_simulation`` runs in this process with
 one Ray actor per concurrent client; node ids are random, so the server first asks every node
@@ -18,6 +22,7 @@ which partition (client) it holds; each actor process builds the experiment once
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
 import time
@@ -26,68 +31,171 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from gradleak.data.partition import ClientData
-from gradleak.engines.client_side import client_simulator, find_client
-from gradleak.errors import GradleakError
-from gradleak.fl.simulator import ClientResult, Hooks, Simulator
-from gradleak.fl.update import ClientUpdate, UpdateMeta
-
-# The record names of gradleak's messages.
-GLOBAL, TASK, UPDATE, RESULT = "global", "task", "update", "gradleak"
-
 
 def _environment() -> None:
-    """Flower's settings for a local simulation: no telemetry, no update check, a private home."""
+    """Flower's settings for a local simulation: no telemetry, no update check, a private home
+    (read when flwr is imported)."""
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     os.environ.setdefault("FLWR_HOME", tempfile.mkdtemp(prefix="gradleak-flwr-"))
 
 
+_environment()
+
+
+def _quiet() -> None:
+    """Flower's per-round and per-stage log lines, below warnings, stay out of the console."""
+    logging.getLogger("flwr").setLevel(logging.WARNING)
+
+import flwr.compat.common.recorddict_compat as compat  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, RecordDict  # noqa: E402
+from flwr.client.mod import secaggplus_mod  # noqa: E402
+from flwr.clientapp import ClientApp  # noqa: E402
+from flwr.common import (  # noqa: E402
+    Code, FitIns, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays,
+)  # fmt: skip
+from flwr.server import LegacyContext  # noqa: E402
+from flwr.server.compat.grid_client_proxy import GridClientProxy  # noqa: E402
+from flwr.server.strategy import Strategy as FlowerStrategy  # noqa: E402
+from flwr.server.workflow import SecAggPlusWorkflow  # noqa: E402
+from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD, Key  # noqa: E402
+from flwr.serverapp import Grid, ServerApp  # noqa: E402
+from flwr.simulation import run_simulation  # noqa: E402
+
+from gradleak.data.partition import ClientData  # noqa: E402
+from gradleak.engines import SECAGG_MODULUS  # noqa: E402
+from gradleak.engines.client_side import client_simulator, find_client  # noqa: E402
+from gradleak.errors import GradleakError  # noqa: E402
+from gradleak.seeding import derive_seed  # noqa: E402
+from gradleak.fl.simulator import ClientResult, Hooks, Simulator  # noqa: E402
+from gradleak.fl.update import ClientUpdate, UpdateMeta  # noqa: E402
+
+# The record names of gradleak's messages.
+GLOBAL, TASK, UPDATE, RESULT = "global", "task", "update", "gradleak"
+
+
+# -- the messages ------------------------------------------------------------------------------------
+
+
+class PlainMessages:
+    """A plain round: the global model and the task in; the update and its row out (a withheld
+    update leaves as an error reply that carries only its row)."""
+
+    @staticmethod
+    def task(msg: Any, sim: Simulator) -> tuple[int, int, dict[str, torch.Tensor]]:
+        """(round, client id, global state) of a train message."""
+        task = msg.content[TASK]
+        return int(task["round"]), int(task["client"]), msg.content[GLOBAL].to_torch_state_dict()
+
+    @staticmethod
+    def reply(update: ClientUpdate, fields: dict[str, Any], msg: Any, sim: Simulator) -> Any:
+
+        fields = {**fields, "meta": asdict(update.meta), "buffers": sorted(update.buffers)}
+        return Message(RecordDict({UPDATE: ArrayRecord(torch_state_dict=update.delta),
+                                   RESULT: ConfigRecord({"json": json.dumps(fields)})}), reply_to=msg)  # fmt: skip
+
+    @staticmethod
+    def read(reply: Any, sim: Simulator | None) -> tuple[ClientUpdate, dict[str, Any]]:
+        fields = json.loads(reply.content[RESULT]["json"])
+        return _update(reply.content[UPDATE].to_torch_state_dict(), fields), fields
+
+    @staticmethod
+    def withheld(update: ClientUpdate, fields: dict[str, Any], msg: Any, sim: Simulator) -> Any:
+
+        fields = {**fields, "meta": asdict(update.meta), "buffers": sorted(update.buffers)}
+        return Message(Error(code=0, reason=json.dumps(fields)), reply_to=msg)
+
+
+class SecAggMessages:
+    """A SecAgg+ round, in Flower's legacy fit messages (the only ones its SecAgg+ speaks): the
+    global model as arrays in state-dict order in; the update out as float64 arrays, which
+    ``secaggplus_mod`` clips, quantises and masks, with its row in the fit metrics, which SecAgg+
+    leaves in clear. Every client weighs 1 (``num_examples``), so the protocol's weighted mean
+    times the participants is the plain sum. A withheld update is sent as zeros: the client still
+    takes part in the protocol, and the sum is that of the others."""
+
+    @staticmethod
+    def task(msg: Any, sim: Simulator) -> tuple[int, int, dict[str, torch.Tensor]]:
+
+        fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
+        arrays = parameters_to_ndarrays(fitins.parameters)
+        state = {k: torch.from_numpy(a.copy()) for k, a in zip(sim.model.state_dict(), arrays, strict=True)}
+        return int(fitins.config["round"]), int(fitins.config["client"]), state
+
+    @staticmethod
+    def reply(update: ClientUpdate, fields: dict[str, Any], msg: Any, sim: Simulator) -> Any:
+
+        m = update.meta
+        fields = {**fields, "meta": asdict(m), "buffers": sorted(update.buffers)}
+        arrays = [update.delta[k].double().numpy() for k in sim.model.state_dict()]
+        # secaggplus_mod's stochastic rounding draws from numpy's global generator: seed it per
+        # (round, client) so that a run's sums are reproducible.
+        np.random.seed(derive_seed(sim.seed, "secagg", m.round, m.client_id) % 2**32)
+        fit = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(arrays), 1, {"json": json.dumps(fields)})
+        return Message(compat.fitres_to_recorddict(fit, keep_input=False), reply_to=msg)
+
+    @staticmethod
+    def read(reply: Any, sim: Simulator) -> tuple[ClientUpdate, dict[str, Any]]:
+
+        fit = compat.recorddict_to_fitres(reply.content, keep_input=True)
+        fields = json.loads(str(fit.metrics["json"]))
+        state = sim.model.state_dict()
+        arrays = parameters_to_ndarrays(fit.parameters)
+        delta = {k: torch.from_numpy(a.copy()).to(state[k].dtype) for k, a in zip(state, arrays, strict=True)}
+        return _update(delta, fields), fields
+
+    @staticmethod
+    def withheld(update: ClientUpdate, fields: dict[str, Any], msg: Any, sim: Simulator) -> Any:
+        zeros = ClientUpdate({k: torch.zeros_like(v) for k, v in update.delta.items()}, update.meta, update.buffers)
+        return SecAggMessages.reply(zeros, fields, msg, sim)
+
+
+def _update(delta: dict[str, torch.Tensor], fields: dict[str, Any]) -> ClientUpdate:
+    return ClientUpdate(delta, UpdateMeta(**fields["meta"]), frozenset(fields["buffers"]))
+
+
+def clipped_fraction(update: ClientUpdate, clip: float) -> float:
+    """The fraction of the update's values that SecAgg+ cuts to [-clip, clip]."""
+    total = sum(v.numel() for v in update.delta.values())
+    over = sum(int((v.double().abs() > clip).sum()) for v in update.delta.values())
+    return over / max(total, 1)
+
+
 # -- the client side (runs in Ray's actor processes) ------------------------------------------------
 
-def _update_reply(update: ClientUpdate, fields: dict[str, Any], to: Any) -> Any:
-    """The reply to a train message: the update's tensors, and its metadata and row as JSON."""
-    from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 
-    fields = {**fields, "meta": asdict(update.meta), "buffers": sorted(update.buffers)}
-    return Message(RecordDict({UPDATE: ArrayRecord(torch_state_dict=update.delta),
-                               RESULT: ConfigRecord({"json": json.dumps(fields)})}), reply_to=to)  # fmt: skip
-
-
-def _read_update(reply: Any) -> tuple[ClientUpdate, dict[str, Any]]:
-    """(the update, the other fields) of a train reply made by ``_update_reply``."""
-    fields = json.loads(reply.content[RESULT]["json"])
-    update = ClientUpdate(reply.content[UPDATE].to_torch_state_dict(), UpdateMeta(**fields["meta"]),
-                          frozenset(fields["buffers"]))  # fmt: skip
-    return update, fields
-
-
-def client_app(config_json: str, run_dir: str) -> Any:
+def client_app(config_json: str, run_dir: str, clip: float | None = None) -> Any:
     """The ClientApp: ``query`` answers with the node's client id, ``train`` trains it locally;
-    ``filters_mod`` applies the experiment's update filters to every train reply."""
-    from flwr.app import ConfigRecord, Context, Error, Message, RecordDict
-    from flwr.clientapp import ClientApp
+    ``filters_mod`` applies the experiment's update filters to every train reply. With ``clip``
+    (SecAgg+'s clipping range) the rounds are SecAgg+ rounds: ``secaggplus_mod`` runs outermost
+    and masks what leaves, and each row records the fraction of the update it clips."""
+
+    secure = clip is not None
+    codec: Any = SecAggMessages if secure else PlainMessages
 
     def filters_mod(msg: Message, context: Context, call_next: Any) -> Message:
+        _quiet()
         reply = call_next(msg, context)
         if msg.metadata.message_type != "train" or reply.has_error():
             return reply
         start = time.perf_counter()
         sim = client_simulator(config_json, run_dir)
-        update, fields = _read_update(reply)
-        m = update.meta
-        update, ctx = sim.filter(m.round, msg.content[GLOBAL].to_torch_state_dict(),
-                                 find_client(sim, m.client_id), update)  # fmt: skip
-        fields.update(record=ctx.record, withheld=ctx.withheld, norm=update.l2_norm(),
+        update, fields = codec.read(reply, sim)
+        round, client_id, global_state = codec.task(msg, sim)
+        update, ctx = sim.filter(round, global_state, find_client(sim, client_id), update)
+        record = dict(ctx.record)
+        if clip is not None:
+            record["secagg_clipped"] = clipped_fraction(update, clip)
+        fields.update(record=record, withheld=ctx.withheld, norm=update.l2_norm(),
                       seconds=fields["seconds"] + time.perf_counter() - start)  # fmt: skip
         if ctx.withheld:  # the update stays on the client; the server learns only the row
-            return Message(Error(code=0, reason=json.dumps(fields)), reply_to=msg)
-        return _update_reply(update, fields, msg)
+            return codec.withheld(update, fields, msg, sim)
+        return codec.reply(update, fields, msg, sim)
 
-    app = ClientApp(mods=[filters_mod])
+    app = ClientApp(mods=[secaggplus_mod, filters_mod] if secure else [filters_mod])
 
     @app.query()
     def query(msg: Message, context: Context) -> Message:
@@ -98,10 +206,9 @@ def client_app(config_json: str, run_dir: str) -> Any:
     def train(msg: Message, context: Context) -> Message:
         start = time.perf_counter()
         sim = client_simulator(config_json, run_dir)
-        task = msg.content[TASK]
-        update, loss = sim.train(int(task["round"]), msg.content[GLOBAL].to_torch_state_dict(),
-                                 find_client(sim, int(task["client"])))  # fmt: skip
-        return _update_reply(update, {"train_loss": loss, "seconds": time.perf_counter() - start}, msg)
+        round, client_id, global_state = codec.task(msg, sim)
+        update, loss = sim.train(round, global_state, find_client(sim, client_id))
+        return codec.reply(update, {"train_loss": loss, "seconds": time.perf_counter() - start}, msg, sim)
 
     return app
 
@@ -110,35 +217,43 @@ def client_app(config_json: str, run_dir: str) -> Any:
 
 
 class FlowerSimulator(Simulator):
-    """``Simulator`` whose clients run as Flower ClientApps on Ray (same results, other processes)."""
+    """``Simulator`` whose clients run as Flower ClientApps on Ray (same results, other processes).
 
-    def __init__(self, *, config_json: str, run_dir: Path, cpus_per_client: float = 1.0, **kwargs: Any) -> None:
+    With ``secagg`` (the experiment's ``engine.secagg``, under aggregation.strategy secure-sum)
+    every round is one run of Flower's SecAgg+ protocol: the server learns the round's sum (which
+    ``observe`` returns, and the run records) and each client's row, never an update.
+    """
+
+    def __init__(self, *, config_json: str, run_dir: Path, cpus_per_client: float = 1.0,
+                 secagg: Any = None, **kwargs: Any) -> None:  # fmt: skip
         super().__init__(**kwargs)
         self.config_json, self.run_dir, self.cpus_per_client = config_json, run_dir, cpus_per_client
+        self.secagg = secagg
+        self.atomic_rounds = secagg is not None
         self._grid: Any = None
+        self._context: Any = None
         self._nodes: dict[int, int] = {}
+        self._sums: dict[int, dict[str, torch.Tensor]] = {}
 
     def run(self, state: dict[str, torch.Tensor], **kwargs: Any) -> dict[str, torch.Tensor]:
         """``Simulator.run`` inside a Flower ServerApp, with the clients on Flower's simulation."""
-        _environment()
-        from flwr.app import Context
-        from flwr.serverapp import Grid, ServerApp
-        from flwr.simulation import run_simulation
 
+        _quiet()
         out: dict[str, Any] = {}
         server = ServerApp()
 
         @server.main()
         def main(grid: Grid, context: Context) -> None:
             try:
-                self._grid = grid
+                self._grid, self._context = grid, context
                 self._nodes = self._discover(grid)
                 out["state"] = Simulator.run(self, state, **kwargs)
             except BaseException as exc:  # re-raised below, outside Flower's own handling
                 out["error"] = exc
 
+        clip = None if self.secagg is None else self.secagg.clip
         run_simulation(
-            server_app=server, client_app=client_app(self.config_json, str(self.run_dir)),
+            server_app=server, client_app=client_app(self.config_json, str(self.run_dir), clip),
             num_supernodes=len(self.clients),
             backend_config={"client_resources": {"num_cpus": self.cpus_per_client, "num_gpus": 0.0},
                             "init_args": {"num_cpus": os.cpu_count() or 1, "include_dashboard": False}},
@@ -151,7 +266,6 @@ class FlowerSimulator(Simulator):
 
     def _discover(self, grid: Any, timeout: float = 600.0) -> dict[int, int]:
         """{client id: node id}: wait for every node, then ask each which client it is."""
-        from flwr.app import Message, RecordDict
 
         deadline = time.monotonic() + timeout
         while len(nodes := list(grid.get_node_ids())) < len(self.clients):
@@ -170,7 +284,9 @@ class FlowerSimulator(Simulator):
         self, round: int, global_state: dict[str, torch.Tensor], clients: Sequence[ClientData]
     ) -> Iterator[ClientResult]:
         """Send the round's tasks to the clients' nodes at once; yield the results in order."""
-        from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+        if self.secagg is not None:
+            yield from self._secagg_round(round, global_state, clients)
+            return
 
         tasks = [Message(RecordDict({GLOBAL: ArrayRecord(torch_state_dict=global_state),
                                      TASK: ConfigRecord({"round": round, "client": c.client_id})}),
@@ -183,6 +299,78 @@ class FlowerSimulator(Simulator):
                 raise GradleakError(f"round {round}: client {c.client_id} sent no reply")
             yield _decode(reply, round, c.client_id)
 
+    def _secagg_round(
+        self, round: int, global_state: dict[str, torch.Tensor], clients: Sequence[ClientData]
+    ) -> Iterator[ClientResult]:
+        """One SecAgg+ run with ``clients``: their rows (updates empty: the server never sees
+        one), and the round's sum kept for ``observe``."""
+
+        keys = list(global_state)
+        params = ndarrays_to_parameters([global_state[k].numpy() for k in keys])
+        tasks = {self._nodes[c.client_id]: {"round": round, "client": c.client_id} for c in clients}
+        strategy = _SecAggRound(self._grid, self._context.run_id, tasks, params)
+        context = LegacyContext(self._context, strategy=strategy)
+        context.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord({Key.CURRENT_ROUND: round})
+        context.state.array_records[MAIN_PARAMS_RECORD] = compat.parameters_to_arrayrecord(params, True)
+        s = self.secagg
+        SecAggPlusWorkflow(num_shares=s.shares, reconstruction_threshold=s.threshold, max_weight=1.0,
+                           clipping_range=s.clip, quantization_range=s.quantization,
+                           modulus_range=SECAGG_MODULUS)(self._grid, context)  # fmt: skip
+        if strategy.failures or strategy.results is None:
+            why = "; ".join(str(f) for f in strategy.failures) or "too few clients answered"
+            raise GradleakError(f"round {round}: the SecAgg+ round failed: {why}")
+        rows = {}
+        for proxy, fit in strategy.results:
+            fields = json.loads(str(fit.metrics["json"]))
+            rows[fields["meta"]["client_id"]] = fields
+        if sorted(rows) != sorted(c.client_id for c in clients):
+            raise GradleakError(f"round {round}: SecAgg+ answered for clients {sorted(rows)}")
+        # The protocol reveals the mean over the participants (each weighs 1): the sum is n x it.
+        mean = parameters_to_ndarrays(strategy.results[0][1].parameters)
+        n = len(strategy.results)
+        self._sums[round] = {k: torch.from_numpy(a * n) for k, a in zip(keys, mean, strict=True)}
+        for c in clients:
+            f = rows[c.client_id]
+            update = ClientUpdate({}, UpdateMeta(**f["meta"]), frozenset(f["buffers"]))
+            yield ClientResult(update, f["train_loss"], f["withheld"], f["record"], f["seconds"], f["norm"])
+
+    def observe(self, round: int, kept: Sequence[ClientUpdate]) -> dict[str, torch.Tensor] | None:
+        """Under SecAgg+, the sum its protocol revealed; otherwise the strategy's observation.
+        Withheld clients sent zeros, so the sum is that of the ``kept`` updates either way."""
+        if self.secagg is not None:
+            return self._sums.pop(round) if kept else {}
+        return super().observe(round, kept)
+
+
+class _SecAggRound(FlowerStrategy):  # type: ignore[misc]
+    """The legacy Flower strategy that ``SecAggPlusWorkflow`` drives for one round: it sends the
+    chosen nodes their tasks and keeps what the protocol reveals (nothing is aggregated here)."""
+
+    def __init__(self, grid: Grid, run_id: int, tasks: dict[int, dict[str, int]], params: Any) -> None:
+        self.grid, self.run_id, self.tasks, self.params = grid, run_id, tasks, params
+        self.results: list[Any] | None = None
+        self.failures: list[Any] = []
+
+    def configure_fit(self, server_round: int, parameters: Any, client_manager: Any) -> list[Any]:
+        return [(GridClientProxy(node, self.grid, self.run_id), FitIns(self.params, dict(task)))
+                for node, task in self.tasks.items()]  # fmt: skip
+
+    def aggregate_fit(self, server_round: int, results: Any, failures: Any) -> tuple[None, dict[str, Any]]:
+        self.results, self.failures = list(results), list(failures)
+        return None, {}
+
+    def initialize_parameters(self, client_manager: Any) -> None:
+        return None
+
+    def configure_evaluate(self, server_round: int, parameters: Any, client_manager: Any) -> list[Any]:
+        return []
+
+    def aggregate_evaluate(self, server_round: int, results: Any, failures: Any) -> tuple[None, dict[str, Any]]:
+        return None, {}
+
+    def evaluate(self, server_round: int, parameters: Any) -> None:
+        return None
+
 
 def _decode(reply: Any, round: int, client_id: int) -> ClientResult:
     """The ClientResult of one reply: an update with its row, or a withheld row (an error reply)."""
@@ -191,9 +379,9 @@ def _decode(reply: Any, round: int, client_id: int) -> ClientResult:
             fields = json.loads(reply.error.reason)
         except (TypeError, ValueError):
             raise GradleakError(f"round {round}: client {client_id} failed: {reply.error.reason}") from None
-        update = ClientUpdate({}, UpdateMeta(**fields["meta"]), frozenset(fields["buffers"]))
+        update = _update({}, fields)
         return ClientResult(update, fields["train_loss"], True, fields["record"], fields["seconds"], fields["norm"])
-    update, fields = _read_update(reply)
+    update, fields = PlainMessages.read(reply, None)
     return ClientResult(update, fields["train_loss"], fields["withheld"], fields["record"], fields["seconds"])
 
 

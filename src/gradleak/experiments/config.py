@@ -113,11 +113,35 @@ class RecommendationConfig(Section):
     )
 
 
+class SecAggConfig(Section):
+    """Flower's SecAgg+ protocol, used on the flower engine when aggregation.strategy is secure-sum.
+
+    Each client clips every value of its update to [-clip, clip] and quantises it to an integer in
+    [0, quantization]; the server can only unmask the sum. The sum is exact to about
+    participants x 2 clip / quantization per value, and values beyond the clip are cut (each client
+    records the fraction it cut as ``secagg_clipped``). Masks live modulo 2^32, so participants x
+    quantization must stay below 2^32.
+    """
+
+    clip: float = Field(0.05, gt=0, description="Clipping range: update values beyond +-clip are cut.")
+    quantization: int = Field(
+        2**28, gt=1, lt=2**31, description="Quantisation levels over [-clip, clip] (below 2^31; "
+        "participants x quantization below 2^32).",
+    )
+    shares: float = Field(
+        1.0, gt=0, le=1, description="Fraction of the round's participants each client shares its "
+        "masking keys with (1: all).",
+    )
+    threshold: float = Field(
+        0.5, gt=0, le=1, description="Fraction of those shares needed to remove a dropped client's mask.",
+    )
+
+
 class EngineConfig(Section):
     name: Literal["inprocess", "flower"] = Field(
         "inprocess", description="What runs the federation: inprocess (this process, the default) or "
-        "flower (Flower's simulation on Ray: each client a ClientApp, the defences and the audit a mod; "
-        "pip install -c constraints.txt 'gradleak[flower]').",
+        "flower (Flower's simulation on Ray: each client a ClientApp, the defences and the audit a mod, "
+        "secure-sum rounds on Flower's SecAgg+; pip install -c constraints.txt 'gradleak[flower]').",
     )
     threads: int | None = Field(
         None, gt=0, description="Torch threads of each client's work (in-process: of the whole run); "
@@ -130,6 +154,10 @@ class EngineConfig(Section):
     cpus_per_client: float = Field(
         1.0, gt=0, description="flower: CPUs Ray reserves for each client (so clients run in parallel "
         "up to the machine's CPUs divided by this).",
+    )
+    secagg: SecAggConfig = Field(
+        default_factory=SecAggConfig, description="flower with aggregation.strategy secure-sum: the "
+        "SecAgg+ protocol's clip, quantisation and key sharing.",
     )
 
 

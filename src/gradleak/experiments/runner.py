@@ -91,8 +91,10 @@ class Scenario:
         if engine == "flower":
             from gradleak.engines.flower import FlowerSimulator
 
+            secure = self.config.aggregation.strategy == "secure-sum"
             return FlowerSimulator(config_json=self.config.model_dump_json(), run_dir=run_dir,
-                                   cpus_per_client=e.cpus_per_client, **kwargs)  # fmt: skip
+                                   cpus_per_client=e.cpus_per_client, secagg=e.secagg if secure else None,
+                                   **kwargs)  # fmt: skip
         from gradleak.engines.pool import PoolSimulator
 
         return PoolSimulator(config_json=self.config.model_dump_json(), run_dir=run_dir, workers=e.workers,
@@ -113,10 +115,10 @@ def resolve_device(name: str) -> torch.device:
 def build_scenario(config: ExperimentConfig) -> Scenario:
     """Load the data, split the clients and build the model; fails early on impossible setups."""
     check_secure_sum(config)
-    check_engine(config)
     data = config.data.load(config.seed)
     config.partition.check(len(data.train))
     clients = config.partition.split(data.train, config.seed)
+    check_engine(config, len(clients))
     torch.manual_seed(derive_seed(config.seed, "model"))
     c, h, _ = data.shape
     model = build_model(
@@ -242,18 +244,19 @@ class Run:
         fresh = not store.exists() or (not store.rounds.read() and not store.checkpoint_path(0).exists())
         store.write_config(self.resolved)
         with _log_to(self.run_dir / "run.log"), _threads(config.engine.threads):
+            simulator = self.scenario.simulator(self.run_dir)
             if fresh:
                 store.clean(0)
                 state, last, done = self.scenario.initial_state(), 0, {}
                 store.save_checkpoint(0, state)
                 log.info("started %s in %s", config.name, self.run_dir)
             else:
-                last, done = store.resume_point()
+                last, done = store.resume_point(partial=not simulator.atomic_rounds)
                 state = store.load_checkpoint(last)
                 log.info("resuming %s after round %d (%d clients of round %d done)", config.name,
                          last, len(done), last + 1)  # fmt: skip
             if last < config.training.rounds:
-                self.scenario.simulator(self.run_dir).run(
+                simulator.run(
                     state, first_round=last + 1, last_round=config.training.rounds,
                     hooks=_StoreHooks(store, self.scenario.keep_every, display), done=done,
                 )  # fmt: skip

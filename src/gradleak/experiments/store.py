@@ -184,11 +184,13 @@ class RunStore:
             self.pending.rmdir()
         self.prune_checkpoints(r, keep_every)
 
-    def resume_point(self) -> tuple[int, dict[int, ClientResult]]:
+    def resume_point(self, partial: bool = True) -> tuple[int, dict[int, ClientResult]]:
         """(last finished round, results already finished in the round after it).
 
         Repairs torn lines and drops result rows that have no saved update (none in normal
         operation: the update is written first), so that no finished row is lost or repeated.
+        ``partial=False`` (rounds that must run whole, as under SecAgg+) drops the unfinished
+        round's rows too, so that it is run again from its start.
         """
         for f in (self.results, self.rounds, self.timings):
             f.repair()
@@ -202,21 +204,23 @@ class RunStore:
                 kept.append(row)
                 continue
             path = self._pending_path(row["round"], row["client"])
-            if row["round"] == last + 1 and path.exists():
+            if partial and row["round"] == last + 1 and path.exists():
                 done[row["client"]] = ClientResult.from_row(row, ClientUpdate.load(path))
                 kept.append(row)
         if len(kept) != len(rows):
             self.results.rewrite(kept)
-        self.clean(last)
+        self.clean(last, keep_next=partial)
         return last, done
 
-    def clean(self, last: int) -> None:
+    def clean(self, last: int, keep_next: bool = True) -> None:
         """Remove what a killed run leaves behind: temporary files, and pending updates of any
-        round but the one being resumed."""
+        round but the one being resumed (of every round unless ``keep_next``)."""
         for tmp in self.root.rglob("*.tmp"):
             tmp.unlink(missing_ok=True)
         if self.pending.is_dir():
             for d in self.pending.iterdir():
-                if d.name != f"round_{last + 1:04d}":
+                if d.name != f"round_{last + 1:04d}" or not keep_next:
                     shutil.rmtree(d, ignore_errors=True)
+            if not any(self.pending.iterdir()):
+                self.pending.rmdir()
 

@@ -28,6 +28,13 @@ class Strategy(ABC):
         run records it); None when it sees every update."""
         return None
 
+    def aggregate_observed(
+        self, global_state: dict[str, torch.Tensor], observed: dict[str, torch.Tensor], count: int
+    ) -> dict[str, torch.Tensor]:
+        """The new global state from the round's observation alone (of ``count`` contributing
+        clients), for strategies whose server sees no individual update."""
+        raise NotImplementedError(f"{type(self).__name__} aggregates individual updates")
+
 
 STRATEGIES: Registry[type[Strategy]] = Registry("aggregation strategy")
 
@@ -107,7 +114,12 @@ class SecureSum(Strategy):
     def aggregate(
         self, global_state: dict[str, torch.Tensor], updates: Sequence[ClientUpdate]
     ) -> dict[str, torch.Tensor]:
-        total = self.observation(updates)
-        if not total:
+        return self.aggregate_observed(global_state, self.observation(updates) or {}, len(updates))
+
+    def aggregate_observed(
+        self, global_state: dict[str, torch.Tensor], observed: dict[str, torch.Tensor], count: int
+    ) -> dict[str, torch.Tensor]:
+        """Step by the mean, ``sum / count``; no contribution leaves the model as it was."""
+        if not count or not observed:
             return {k: v.clone() for k, v in global_state.items()}
-        return step(global_state, {k: v / len(updates) for k, v in total.items()})
+        return step(global_state, {k: v / count for k, v in observed.items()})

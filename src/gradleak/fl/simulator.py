@@ -93,6 +93,10 @@ class Hooks(Protocol):
 class Simulator:
     """Runs rounds: sample clients, train each locally, filter, aggregate, evaluate."""
 
+    # True when a round is one protocol run that cannot be continued from some of its clients
+    # (secure aggregation on an engine): a resume then repeats the whole round.
+    atomic_rounds = False
+
     def __init__(
         self,
         *,
@@ -123,7 +127,7 @@ class Simulator:
         """The clients of a round: all, or a seeded random fraction (at least one)."""
         if self.clients_per_round >= 1.0:
             return self.clients
-        k = max(1, round_half_up(self.clients_per_round * len(self.clients)))
+        k = participant_count(self.clients_per_round, len(self.clients))
         pick = numpy_rng(self.seed, "participants", round).choice(len(self.clients), k, replace=False)
         return [self.clients[i] for i in sorted(pick)]
 
@@ -167,6 +171,12 @@ class Simulator:
         for client in clients:
             yield self.run_client(round, global_state, client)
 
+    def observe(self, round: int, kept: Sequence[ClientUpdate]) -> dict[str, torch.Tensor] | None:
+        """What the server learns of the round when it cannot see the updates (the strategy's
+        observation: their sum), or None when it sees them. An engine whose protocol computes the
+        sum itself (SecAgg+) returns that instead."""
+        return self.strategy.observation(kept)
+
     def run(
         self,
         state: dict[str, torch.Tensor],
@@ -194,9 +204,12 @@ class Simulator:
                     hooks.client_done(result)
                 results.append(result)
             kept = [res.update for res in results if not res.withheld]
-            state = self.strategy.aggregate(state, kept)
+            observed = self.observe(r, kept)
+            if observed is None:
+                state = self.strategy.aggregate(state, kept)
+            else:
+                state = self.strategy.aggregate_observed(state, observed, len(kept))
             acc, loss = evaluate(self.model, state, self.test, self.mean, self.std, device=self.device)
-            observed = self.strategy.observation(kept)
             hooks.round_done(
                 RoundResult(r, [c.client_id for c in chosen], len(kept), acc, loss, observed), state
             )
@@ -205,3 +218,8 @@ class Simulator:
 
 def round_half_up(x: float) -> int:
     return int(x + 0.5)
+
+
+def participant_count(fraction: float, num_clients: int) -> int:
+    """How many of ``num_clients`` a round draws with ``clients_per_round = fraction``."""
+    return num_clients if fraction >= 1.0 else max(1, round_half_up(fraction * num_clients))
