@@ -171,3 +171,42 @@ def test_a_resume_repeats_a_round_that_must_run_whole(tmp_path) -> None:
         (store.pending / f"round_0002/client_{row['client']}.safetensors").write_bytes(b"")
     assert store.resume_point(partial=False) == (1, {})
     assert store.results.read() == rows[:3] and not store.pending.exists()
+
+
+@pytest.mark.engines
+def test_nvflare_gives_the_in_process_results_exactly(sequential, tmp_path) -> None:
+    pytest.importorskip("nvflare")
+    run_experiment(validate_config({**CONFIG, "engine": {"name": "nvflare", "threads": 1}}), tmp_path / "nvflare")
+    _same_run(sequential, tmp_path / "nvflare")
+
+
+def test_nvflare_filter_errors_are_recorded_and_withhold_the_update(tmp_path) -> None:
+    pytest.importorskip("nvflare")
+    import numpy as np
+    from nvflare.apis.dxo import DXO, DataKind
+    from nvflare.apis.fl_context import FLContext
+    from nvflare.apis.fl_constant import ReservedKey
+    from nvflare.apis.shareable import Shareable
+
+    from gradleak.engines.nvflare import ROW, RelativeDataLeakageValueFilter, UpdateFilters
+
+    config_json = validate_config(CONFIG).model_dump_json()
+    fields = {"train_loss": 1.0, "seconds": 0.5, "buffers": [], "meta": {
+        "client_id": 2, "round": 1, "num_samples": 20, "lr": 0.1, "epochs": 1, "steps": 5, "batch_size": 4}}  # fmt: skip
+    dxo = DXO(DataKind.WEIGHT_DIFF, data={"w": np.ones(3, dtype=np.float32)}, meta={ROW: json.dumps(fields)})
+    ctx = FLContext()
+    ctx.set_prop(ReservedKey.IDENTITY_NAME, "site-2", private=False, sticky=False)
+    # no global model was captured for this site: the audit cannot run
+    out = UpdateFilters(config_json, str(tmp_path)).process_dxo(dxo, Shareable(), ctx)
+    row = json.loads(out.meta[ROW])
+    assert out.data == {} and row["withheld"] is True
+    assert row["record"] == {"filter_error": "KeyError: 'site-2'"} and row["norm"] == pytest.approx(3**0.5)
+
+    # NVFlare's RDLV filter arguments set the audit (its rounds count from 0)
+    f = RelativeDataLeakageValueFilter(config_json, str(tmp_path), frequency=3, start_round=2, rdlv_reduce="min",
+                                       rdlv_threshold=0.5, prior="none")  # fmt: skip
+    audit = json.loads(f._config_json())["audit"]
+    assert (audit["frequency"], audit["start_round"], audit["reduce"], audit["threshold"], audit["prior"]) == (
+        3, 3, "min", 0.5, "none")  # fmt: skip
+    with pytest.raises(ConfigError, match="^audit.reduce"):
+        RelativeDataLeakageValueFilter(config_json, str(tmp_path), rdlv_reduce="mean")

@@ -13,7 +13,7 @@ from typing import Any
 
 from gradleak.errors import ConfigError
 
-EXTRAS = {"flower": ("flwr", "ray")}
+EXTRAS = {"flower": ("flwr", "ray"), "nvflare": ("nvflare",)}
 
 # SecAgg+ masks live modulo 2^32 (Flower's default and largest modulus).
 SECAGG_MODULUS = 2**32
@@ -26,6 +26,9 @@ def check_config(config: Any, num_clients: int) -> None:
         return
     check_installed(engine)
     if config.aggregation.strategy == "secure-sum":
+        if engine == "nvflare":
+            raise ConfigError("aggregation.strategy", "secure-sum is not available on nvflare (gradleak drives "
+                              "no secure-aggregation protocol there): use engine.name flower or inprocess")  # fmt: skip
         check_secagg(config, num_clients)
 
 

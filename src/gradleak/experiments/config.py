@@ -138,10 +138,12 @@ class SecAggConfig(Section):
 
 
 class EngineConfig(Section):
-    name: Literal["inprocess", "flower"] = Field(
+    name: Literal["inprocess", "flower", "nvflare"] = Field(
         "inprocess", description="What runs the federation: inprocess (this process, the default) or "
         "flower (Flower's simulation on Ray: each client a ClientApp, the defences and the audit a mod, "
-        "secure-sum rounds on Flower's SecAgg+; pip install -c constraints.txt 'gradleak[flower]').",
+        "secure-sum rounds on Flower's SecAgg+; pip install -c constraints.txt 'gradleak[flower]'), or nvflare "
+        "(a job in NVIDIA FLARE's simulator: gradleak's controller on the server, the training an executor, "
+        "the defences and the audit a task-result filter; pip install -c constraints.txt 'gradleak[nvflare]').",
     )
     threads: int | None = Field(
         None, gt=0, description="Torch threads of each client's work (in-process: of the whole run); "

@@ -72,33 +72,41 @@ class Scenario:
         d = self.config.disaggregation
         return 1 if d is not None and d.invert else self.config.checkpoints.keep_every
 
-    def simulator(self, run_dir: Path | None = None, engine: str | None = None) -> Simulator:
-        """The federation's loop on ``engine`` (default: the config's ``engine.name``; ``local``:
-        this process only, whatever the config says, as an engine's client processes need)."""
-        t, e = self.config.training, self.config.engine
-        kwargs: dict[str, Any] = dict(
+    def simulator_args(self, run_dir: Path | None = None) -> dict[str, Any]:
+        """The ``Simulator`` arguments of this experiment (what every engine's loop is built from)."""
+        t = self.config.training
+        return dict(
             model=self.model, clients=self.clients, test=self.data.test,
             mean=self.data.mean, std=self.data.std, strategy=self.strategy,
             training=LocalTraining(t.local_epochs, t.lr, t.momentum, t.weight_decay, t.batch_norm),
             seed=self.config.seed, clients_per_round=t.clients_per_round, device=self.device,
             filters=self.filters(run_dir),
         )  # fmt: skip
+
+    def simulator(self, run_dir: Path | None = None, engine: str | None = None) -> Simulator:
+        """The federation's loop on ``engine`` (default: the config's ``engine.name``; ``local``:
+        this process only, whatever the config says, as an engine's client processes need)."""
+        e = self.config.engine
+        kwargs = self.simulator_args(run_dir)
         engine = engine or e.name
         if engine == "local" or (engine == "inprocess" and (e.workers or 1) == 1):
             return Simulator(**kwargs)
         if run_dir is None:
             raise GradleakError(f"the {engine} engine needs a run directory")
+        config_json = self.config.model_dump_json()
         if engine == "flower":
             from gradleak.engines.flower import FlowerSimulator
 
             secure = self.config.aggregation.strategy == "secure-sum"
-            return FlowerSimulator(config_json=self.config.model_dump_json(), run_dir=run_dir,
-                                   cpus_per_client=e.cpus_per_client, secagg=e.secagg if secure else None,
-                                   **kwargs)  # fmt: skip
+            return FlowerSimulator(config_json=config_json, run_dir=run_dir, cpus_per_client=e.cpus_per_client,
+                                   secagg=e.secagg if secure else None, **kwargs)  # fmt: skip
+        if engine == "nvflare":
+            from gradleak.engines.nvflare import NVFlareSimulator
+
+            return NVFlareSimulator(config_json=config_json, run_dir=run_dir, **kwargs)
         from gradleak.engines.pool import PoolSimulator
 
-        return PoolSimulator(config_json=self.config.model_dump_json(), run_dir=run_dir, workers=e.workers,
-                             **kwargs)  # fmt: skip
+        return PoolSimulator(config_json=config_json, run_dir=run_dir, workers=e.workers, **kwargs)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -146,7 +154,9 @@ def first_difference(a: Any, b: Any, prefix: str = "") -> str | None:
     return None if a == b else prefix.rstrip(".")
 
 
-class _StoreHooks:
+class StoreHooks:
+    """Records every client and round in the run store (and passes them on to a display)."""
+
     def __init__(self, store: RunStore, keep_every: int, display: Hooks | None) -> None:
         self.store, self.keep_every, self.display = store, keep_every, display
 
@@ -258,7 +268,7 @@ class Run:
             if last < config.training.rounds:
                 simulator.run(
                     state, first_round=last + 1, last_round=config.training.rounds,
-                    hooks=_StoreHooks(store, self.scenario.keep_every, display), done=done,
+                    hooks=StoreHooks(store, self.scenario.keep_every, display), done=done,
                 )  # fmt: skip
             if config.disaggregation is not None:
                 run_disaggregation(self.scenario, store, self.scenario.audit(self.run_dir / "disaggregation"))
