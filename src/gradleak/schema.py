@@ -1,6 +1,7 @@
 """The base of every config section: unknown keys are errors, values are frozen, floats must be
 finite (an infinite learning rate or a NaN threshold is a typo, never a setting), and a number
-cannot be given as true/false (pydantic would read ``rounds: true`` as 1)."""
+cannot be given as true/false (pydantic would read ``rounds: true`` as 1, ``clients: [true]`` as
+client 1)."""
 
 from __future__ import annotations
 
@@ -23,6 +24,22 @@ def _numeric_only(annotation: Any) -> bool:
     return False
 
 
+def _numeric_list(annotation: Any) -> bool:
+    """Whether a field takes a list of numbers (``list[int]``, possibly inside a union)."""
+    union = typing.get_origin(annotation) in (typing.Union, types.UnionType)
+    options = typing.get_args(annotation) if union else (annotation,)
+    return any(typing.get_origin(a) is list and _numeric_only(typing.get_args(a)[0]) for a in options)
+
+
+def _as_text(value: Any, annotation: Any) -> Any:
+    """A boolean where a number (or a list item of numbers) belongs, as the text it was written as."""
+    if isinstance(value, bool) and _numeric_only(annotation):
+        return str(value).lower()
+    if isinstance(value, list) and _numeric_list(annotation):
+        return [str(v).lower() if isinstance(v, bool) else v for v in value]
+    return value
+
+
 class Section(BaseModel):
     model_config = SECTION
 
@@ -33,6 +50,5 @@ class Section(BaseModel):
         field's own validation refuses it under its own key."""
         if isinstance(data, dict):
             fields = cls.model_fields
-            data = {k: str(v).lower() if isinstance(v, bool) and k in fields and _numeric_only(fields[k].annotation)
-                    else v for k, v in data.items()}  # fmt: skip
+            data = {k: _as_text(v, fields[k].annotation) if k in fields else v for k, v in data.items()}
         return data

@@ -125,26 +125,44 @@ class _ArrayUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"refusing to load {module}.{name}: not a plain array")
 
 
-def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    if not path.is_file():
-        raise DataError(f"CIFAR-10 batch not found: {path}")
-    try:
-        with path.open("rb") as f:
-            d = _ArrayUnpickler(f, encoding="bytes").load()
-    except (pickle.UnpicklingError, EOFError, ValueError) as exc:
-        raise DataError(f"{path} is not a CIFAR-10 python batch: {exc}") from None
-    d = {k.decode() if isinstance(k, bytes) else k: v for k, v in d.items()}
-    try:
-        data = np.asarray(d["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
-        labels = np.asarray(d.get("labels", d.get("fine_labels")), dtype=np.int64)
-    except (KeyError, ValueError, TypeError) as exc:
-        raise DataError(f"{path} is not a CIFAR-10 python batch: {exc}") from None
-    return data, labels
-
-
 CIFAR10_CLASSES = (
     "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
 )  # fmt: skip
+
+
+def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(images N x 3 x 32 x 32 uint8, labels N int64 in 0..9) of one python batch, or a DataError
+    naming the file and what is wrong."""
+    if not path.is_file():
+        raise DataError(f"CIFAR-10 batch not found: {path}")
+
+    def bad(why: object) -> DataError:
+        return DataError(f"{path} is not a CIFAR-10 python batch: {why}")
+
+    try:
+        with path.open("rb") as f:
+            d = _ArrayUnpickler(f, encoding="bytes").load()
+    except Exception as exc:  # noqa: BLE001 - a damaged pickle fails in many ways; none is ours
+        raise bad(f"{type(exc).__name__}: {exc}") from None
+    if not isinstance(d, dict):
+        raise bad(f"holds a {type(d).__name__}, not a dict")
+    d = {k.decode(errors="replace") if isinstance(k, bytes) else k: v for k, v in d.items()}
+    raw_labels = d.get("labels", d.get("fine_labels"))
+    if "data" not in d or raw_labels is None:
+        raise bad("no 'data' and 'labels' entries")
+    try:
+        data = np.asarray(d["data"])
+        labels = np.asarray(raw_labels)
+    except Exception as exc:  # noqa: BLE001 - ragged or exotic contents
+        raise bad(f"{type(exc).__name__}: {exc}") from None
+    if data.dtype != np.uint8 or data.size % (3 * 32 * 32) or data.size == 0:
+        raise bad(f"'data' is {data.dtype} of {data.size} values, not uint8 rows of 3 x 32 x 32")
+    data = data.reshape(-1, 3, 32, 32)
+    if labels.ndim != 1 or len(labels) != len(data) or not np.issubdtype(labels.dtype, np.integer):
+        raise bad(f"'labels' must be {len(data)} integers, one per image (got {labels.dtype}, shape {labels.shape})")
+    if labels.min() < 0 or labels.max() >= len(CIFAR10_CLASSES):
+        raise bad(f"labels must be class indices 0 to {len(CIFAR10_CLASSES) - 1}")
+    return data, labels.astype(np.int64)
 
 
 def load_cifar10(

@@ -1,0 +1,234 @@
+"""Generated bad inputs: every case ends in exit status 2 with one line, or in a correct success;
+never a traceback, a hang or a silent wrong result.
+
+The cases are drawn with a fixed seed (the same cases on every run): config values replaced at
+every key of a small valid experiment, CIFAR-10 batches damaged byte by byte and in structure,
+and split lists with hostile entries.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import pickle
+import random
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from gradleak.cli import app
+from gradleak.data import formats
+from gradleak.errors import GradleakError
+from gradleak.experiments.config import validate_config
+
+runner = CliRunner()
+
+BASE: dict[str, Any] = {
+    "name": "fuzz",
+    "device": "cpu",
+    "data": {"source": "digits", "image_size": 8},
+    "partition": {"scheme": "explicit", "clients": [{"size": 4, "batch_size": 2}, {"size": 6, "batch_size": 3}]},
+    "model": {"name": "mlp", "kwargs": {"hidden": [8]}},
+    "training": {"rounds": 1, "lr": 0.1},
+    "defenses": [{"name": "gaussian", "sigma": 0.001}],
+    "audit": {"clients": [1], "preset": "inverting-gradients", "attack": {"iterations": 3}, "metric": "psnr",
+              "save_images": False},
+}  # fmt: skip
+
+# Values a clumsy or hostile user puts anywhere. Magnitudes that are valid but mean real work
+# (a billion rounds) are not bad input and are left out; 2**63 is (it fits no int64).
+HOSTILE: list[Any] = [
+    None, True, False, 0, -1, 1.5, 2**63, -(2**63), float("nan"), float("inf"), float("-inf"), "",
+    "x" * 300, "../../etc/passwd", "/dev/zero", "[red]x[/]", "ü\u202e", [], {}, [1, 2], {"a": 1}, [[[]]],
+]  # fmt: skip
+
+
+class Hang(BaseException):
+    """A case that ran past its time (BaseException: no handler of the CLI swallows it)."""
+
+
+def _on_alarm(signum: int, frame: Any) -> None:
+    raise Hang
+
+
+def _leaves(tree: Any, path: tuple[Any, ...] = ()) -> Iterator[tuple[Any, ...]]:
+    """Every key path of a resolved config (dict keys and list indices), inner nodes included."""
+    if path:
+        yield path
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            yield from _leaves(v, (*path, k))
+    elif isinstance(tree, list):
+        for i, v in enumerate(tree):
+            yield from _leaves(v, (*path, i))
+
+
+def _replace(tree: Any, path: tuple[Any, ...], value: Any) -> Any:
+    tree = json.loads(json.dumps(tree))
+    node = tree
+    for p in path[:-1]:
+        node = node[p]
+    node[path[-1]] = value
+    return tree
+
+
+def _config_cases(n: int) -> list[tuple[str, Any]]:
+    """``n`` (key path, value) pairs over the keys of BASE as given and as resolved (defaults)."""
+    given = list(_leaves(BASE))
+    resolved = list(_leaves(validate_config(BASE).model_dump(mode="json")))
+    paths = sorted({*given, *resolved}, key=str)
+    rng = random.Random(15)
+    return [(".".join(map(str, p)), rng.choice(HOSTILE)) for p in rng.sample(paths * 3, n)]
+
+
+def _one_line_error(output: str) -> bool:
+    lines = [line for line in output.splitlines() if line.strip()]
+    return len(lines) == 1 and lines[0].startswith("error: ")
+
+
+def _finite(rows: list[dict[str, Any]]) -> bool:
+    return all(not (isinstance(v, float) and not math.isfinite(v)) for r in rows for v in r.values())
+
+
+CONFIG_CASES = _config_cases(90)
+
+
+@pytest.mark.parametrize(("key", "value"), CONFIG_CASES, ids=[f"{k}={str(v)[:20]!r}" for k, v in CONFIG_CASES])
+def test_a_bad_config_value_is_one_line_or_a_correct_run(tmp_path: Path, key: str, value: Any) -> None:
+    path = tuple(int(p) if p.isdigit() else p for p in key.split("."))
+    try:
+        raw = _replace(BASE, path, value)
+    except (KeyError, IndexError, TypeError):  # a default-only key: set it on the given tree
+        raw = json.loads(json.dumps(BASE))
+        node = raw
+        for p in path[:-1]:
+            node = node.setdefault(p, {}) if isinstance(node, dict) else node[p]
+        node[path[-1]] = value
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(raw, allow_unicode=True))
+    out = tmp_path / "run"
+    previous = signal.signal(signal.SIGALRM, _on_alarm)
+    signal.alarm(60)
+    try:
+        result = runner.invoke(app, ["run", str(config), "--out", str(out), "-q"])
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    assert not isinstance(result.exception, Hang), "hang"
+    assert "Traceback" not in result.output
+    if result.exit_code == 2:
+        assert _one_line_error(result.output), result.output
+        return
+    assert result.exit_code == 0 and result.exception is None, (result.exit_code, result.output, result.exception)
+    # a success must be a correct run: every round recorded, every number finite, the report written
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    rounds = [json.loads(line) for line in (out / "rounds.jsonl").read_text().splitlines()]
+    resolved = yaml.safe_load((out / "config.yaml").read_text())
+    assert len(rounds) == resolved["training"]["rounds"] and rows and _finite(rows) and _finite(rounds)
+    # and the value was taken as given, not coerced into another (true read as client 1)
+    node = resolved
+    for p in path:
+        node = node[p]
+    assert node == value and type(node) is type(value), (node, value)
+    assert (out / "report/index.html").exists()
+
+
+# -- CIFAR-10 batches ---------------------------------------------------------------------------------
+
+
+def _batch(n: int, rng: np.random.Generator) -> dict[bytes, Any]:
+    return {b"batch_label": b"x", b"labels": [int(v) for v in rng.integers(0, 10, n)],
+            b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8)}  # fmt: skip
+
+
+def _structural(rng: np.random.Generator) -> list[Any]:
+    """Batches whose pickle is sound but whose contents are not a CIFAR batch."""
+    good = _batch(3, rng)
+    return [
+        [1, 2, 3], "data", None, {}, {b"data": good[b"data"]}, {b"labels": [1, 2, 3]},
+        {**good, b"labels": [1, 2]}, {**good, b"labels": [1, 2, 10]}, {**good, b"labels": [-1, 0, 1]},
+        {**good, b"labels": ["a", "b", "c"]}, {**good, b"labels": [1.5, 2.0, 3.0]}, {**good, b"labels": [[1], [2], [3]]},
+        {**good, b"labels": [2**70, 0, 1]}, {**good, b"data": good[b"data"].astype(np.float32)},
+        {**good, b"data": good[b"data"][:, :100]}, {**good, b"data": [[1, 2], [3]]}, {**good, b"data": "pixels"},
+        {**good, b"data": np.zeros((0, 3072), np.uint8), b"labels": []}, {(1, 2): 3, **good}, {b"\xff\xfe": 1, **good},
+    ]  # fmt: skip
+
+
+def _damaged(rng: np.random.Generator, count: int) -> list[bytes]:
+    """Pickles of good batches, cut short or with bytes changed."""
+    raw = pickle.dumps(_batch(3, rng), protocol=2)
+    out = []
+    for i in range(count):
+        b = bytearray(raw)
+        if i % 3 == 0:
+            b = b[: int(rng.integers(0, len(b)))]
+        else:
+            for _ in range(int(rng.integers(1, 6))):
+                b[int(rng.integers(0, len(b)))] = int(rng.integers(0, 256))
+        out.append(bytes(b))
+    return out
+
+
+def test_damaged_cifar_batches_are_a_clear_error_or_a_valid_batch(tmp_path: Path) -> None:
+    rng = np.random.default_rng(15)
+    payloads = [pickle.dumps(s, protocol=2) for s in _structural(rng)] + _damaged(rng, 400)
+    counts = {"clear": 0, "valid": 0}
+    for i, payload in enumerate(payloads):
+        path = tmp_path / f"batch_{i}"
+        path.write_bytes(payload)
+        try:
+            data, labels = formats._read_cifar_batch(path)
+        except GradleakError as exc:
+            assert "\n" not in str(exc) and str(path) in str(exc)
+            counts["clear"] += 1
+            continue
+        # read: then it is a batch (a damaged byte inside the pixels leaves a valid one)
+        assert data.dtype == np.uint8 and data.shape[1:] == (3, 32, 32) and len(data) == len(labels) > 0
+        assert labels.dtype == np.int64 and labels.min() >= 0 and labels.max() <= 9
+        counts["valid"] += 1
+    assert counts["clear"] >= len(_structural(rng))  # every structural case is refused
+
+
+# -- split lists ------------------------------------------------------------------------------------
+
+
+def _split_entries() -> list[Any]:
+    return [
+        {"image": "a.png", "label": 1}, {"image": "a.png", "label": [1]}, {"image": "a.png", "label": [0, 1]},
+        {"image": "a.png", "label": 1.0}, {"image": "a.png", "label": [1.0]}, {"image": "a.png", "label": -1},
+        {"image": "a.png", "label": 10**9}, {"image": "a.png", "label": "1"}, {"image": "a.png", "label": True},
+        {"image": "a.png", "label": None}, {"image": "a.png"}, {"label": 1}, {"image": 5, "label": 1},
+        {"image": ["a.png"], "label": 1}, {"image": "../outside.png", "label": 1}, {"image": "/etc/hostname", "label": 1},
+        {"image": "missing.png", "label": 1}, {"image": "", "label": 1}, {"image": "a.png", "label": [0, 2]},
+        {"image": "a.png", "label": [[1]]}, "a.png", 7, None, [],
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("entry", _split_entries(), ids=lambda e: json.dumps(e)[:40])
+def test_a_hostile_split_list_entry_is_a_clear_error_or_read_right(tmp_path: Path, entry: Any) -> None:
+    from PIL import Image
+
+    root = tmp_path / "root"
+    root.mkdir()
+    Image.fromarray(np.full((4, 4), 200, np.uint8)).save(root / "a.png")
+    Image.fromarray(np.zeros((4, 4), np.uint8)).save(tmp_path / "outside.png")
+    split = tmp_path / "split.json"
+    split.write_text(json.dumps({"training": [entry, {"image": "a.png", "label": 0}], "validation": []}))
+    try:
+        lists = formats.read_split_list(split, root)
+    except GradleakError as exc:
+        assert "\n" not in str(exc)
+        return
+    paths, labels = lists["training"]
+    # read: then every path is inside the root and every label the class the entry names
+    assert all(p.resolve().is_relative_to(root.resolve()) for p in paths)
+    expected = {1: 1, (1,): 1, (0, 1): 1}
+    label = entry["label"]
+    key = tuple(label) if isinstance(label, list) else label
+    assert type(label) is not bool and labels[0] == expected[key] and labels[1] == 0
