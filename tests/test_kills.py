@@ -1,0 +1,138 @@
+"""Kill-and-resume at every file operation of one small run, and concurrent runs on one directory.
+
+A run is started in a child process that dies (``os._exit``, as kill -9 would leave it) just
+before its k-th file operation, for every k in turn; ``--resume`` must then finish it with the
+uninterrupted run's results, leaving no temporary or pending file behind. The small run has 122
+such operations (about 5.6 s a trial on 2 cores); CI tries every 5th of them and the last
+(GRADLEAK_KILL_EVERY=1 tries all).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from gradleak.experiments import RunStore
+
+CONFIG = {
+    "name": "kills",
+    "device": "cpu",
+    "data": {"source": "digits", "image_size": 8},
+    "partition": {"scheme": "explicit", "clients": [{"size": 4, "batch_size": 2}, {"size": 6, "batch_size": 3}]},
+    "model": {"name": "mlp", "kwargs": {"hidden": [8]}},
+    "training": {"rounds": 2, "lr": 0.1},
+    "engine": {"threads": 1},
+}
+
+# Runs ``gradleak run`` in this process, counting the file operations that change the run
+# directory, and dies just before operation KILL_AT (0: never; the count is printed at the end).
+CHILD = r"""
+import builtins, os, shutil, sys
+from pathlib import Path
+import safetensors.torch
+
+kill_at, count = int(os.environ["KILL_AT"]), [0]
+run_dir = os.environ["RUN_DIR"]
+
+def ours(path):
+    return str(path).startswith(run_dir)
+
+def step(path):
+    if ours(path):
+        count[0] += 1
+        if count[0] == kill_at:
+            os._exit(137)
+
+def wrap(fn, arg=0, writes=None):
+    def inner(*a, **k):
+        path = a[arg] if len(a) > arg else k.get("file", k.get("filename", ""))
+        if writes is None or writes(a, k):
+            step(path)
+        return fn(*a, **k)
+    return inner
+
+def writing(a, k):
+    mode = a[1] if len(a) > 1 else k.get("mode", "r")
+    return any(c in mode for c in "wax+")
+
+builtins.open = wrap(builtins.open, writes=writing)
+Path.open = wrap(Path.open, writes=writing)
+Path.write_text = wrap(Path.write_text)
+Path.write_bytes = wrap(Path.write_bytes)
+Path.replace = wrap(Path.replace)
+Path.unlink = wrap(Path.unlink)
+Path.mkdir = wrap(Path.mkdir)
+Path.rmdir = wrap(Path.rmdir)
+os.replace = wrap(os.replace)
+os.rename = wrap(os.rename)
+shutil.rmtree = wrap(shutil.rmtree)
+safetensors.torch.save_file = wrap(safetensors.torch.save_file, arg=1)
+
+from gradleak.cli import app
+try:
+    app(sys.argv[1:], standalone_mode=False)
+finally:
+    print("OPERATIONS", count[0])
+"""
+
+
+def _run(args: list[str], run_dir: Path, kill_at: int) -> subprocess.CompletedProcess:
+    env = {**os.environ, "KILL_AT": str(kill_at), "RUN_DIR": str(run_dir), "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-c", CHILD, *args], env=env, capture_output=True, text=True, timeout=300)
+
+
+def _outputs(run: Path) -> tuple[bytes, bytes, bytes]:
+    return ((run / "results.jsonl").read_bytes(), (run / "rounds.jsonl").read_bytes(),
+            (run / "checkpoints/global_0002.safetensors").read_bytes())  # fmt: skip
+
+
+@pytest.mark.slow
+def test_a_kill_at_every_file_operation_resumes_to_the_same_results(tmp_path: Path) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(CONFIG))
+    whole = tmp_path / "whole"
+    done = _run(["run", str(config), "--out", str(whole), "-q"], whole, 0)
+    assert done.returncode == 0, done.stderr
+    operations = int(done.stdout.split("OPERATIONS")[-1])
+    assert operations > 20  # config, checkpoints, updates, rows, report: every one is a trial
+    expected = _outputs(whole)
+    every = int(os.environ.get("GRADLEAK_KILL_EVERY", "5"))
+    for k in sorted({*range(1, operations + 1, every), operations}):
+        run = tmp_path / f"cut{k}"
+        cut = _run(["run", str(config), "--out", str(run), "-q"], run, k)
+        assert cut.returncode == 137, (k, cut.stderr[-2000:])
+        resumed = _run(["run", str(config), "--out", str(run), "-q", "--resume"], run, 0)
+        assert resumed.returncode == 0, (k, resumed.stdout[-2000:], resumed.stderr[-2000:])
+        assert _outputs(run) == expected, k
+        leftovers = [p for p in run.rglob("*") if p.suffix == ".tmp" or "pending" in p.parts]
+        assert not leftovers, (k, leftovers)
+        assert json.loads((run / "results.jsonl").read_text().splitlines()[-1])["round"] == 2
+
+
+def test_two_processes_on_one_directory_one_runs_the_other_is_refused(tmp_path: Path) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({**CONFIG, "training": {"rounds": 3, "lr": 0.1}}))
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, "-m", "gradleak", "run", str(config), "--out", str(out), "-q", *extra],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for extra in ([], ["--resume"])]  # fmt: skip
+    results = [(p.wait(timeout=300), p.stdout.read()) for p in procs]  # type: ignore[union-attr]
+    codes = sorted(code for code, _ in results)
+    # either one was refused while the other ran, or the second found the first's run finished
+    # and resumed nothing; never both writing: 3 rounds x 2 clients, each row once
+    assert codes in ([0, 0], [0, 2]), results
+    for code, output in results:
+        if code == 2:
+            lines = [line for line in output.splitlines() if line.strip()]
+            assert len(lines) == 1 and ("in use by another gradleak process" in lines[0]
+                                        or "already holds a run" in lines[0]), output  # fmt: skip
+    store = RunStore(out)
+    assert [(r["round"], r["client"]) for r in store.results.read()] == [(r, c) for r in (1, 2, 3) for c in (1, 2)]
+    assert len(store.rounds.read()) == 3
