@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from gradleak.data.partition import ClientData
 from gradleak.errors import GradleakError
-from gradleak.fl.simulator import Simulator
+from gradleak.fl.simulator import ClientResult, Simulator
+from gradleak.fl.update import ClientUpdate, UpdateMeta
 
 _SIDES: dict[tuple[str, str], Simulator] = {}
 
@@ -35,3 +38,23 @@ def find_client(sim: Simulator, client_id: int) -> ClientData:
         if c.client_id == client_id:
             return c
     raise GradleakError(f"no client {client_id} in this experiment")
+
+
+# What travels beside an update from an engine's client to its server: the row's fields
+# (train_loss, seconds; after the filters record, withheld, norm) with the update's metadata.
+
+
+def with_meta(update: ClientUpdate, fields: dict[str, Any]) -> dict[str, Any]:
+    """``fields`` plus the update's metadata and buffer names, as sent with (or instead of) it."""
+    return {**fields, "meta": asdict(update.meta), "buffers": sorted(update.buffers)}
+
+
+def update_from(delta: dict[str, torch.Tensor], fields: dict[str, Any]) -> ClientUpdate:
+    """The update that ``with_meta(update, ...)`` described, with ``delta`` as received."""
+    return ClientUpdate(delta, UpdateMeta(**fields["meta"]), frozenset(fields["buffers"]))
+
+
+def result_from(delta: dict[str, torch.Tensor], fields: dict[str, Any]) -> ClientResult:
+    """The server's ``ClientResult`` of a filtered reply (empty ``delta``: the update was not seen)."""
+    f = fields
+    return ClientResult(update_from(delta, f), f["train_loss"], f["withheld"], f["record"], f["seconds"], f["norm"])

@@ -27,7 +27,6 @@ import os
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -42,11 +41,6 @@ def _environment() -> None:
 
 
 _environment()
-
-
-def _quiet() -> None:
-    """Flower's per-round and per-stage log lines, below warnings, stay out of the console."""
-    logging.getLogger("flwr").setLevel(logging.WARNING)
 
 import flwr.compat.common.recorddict_compat as compat  # noqa: E402
 import numpy as np  # noqa: E402
@@ -67,14 +61,21 @@ from flwr.simulation import run_simulation  # noqa: E402
 
 from gradleak.data.partition import ClientData  # noqa: E402
 from gradleak.engines import SECAGG_MODULUS  # noqa: E402
-from gradleak.engines.client_side import client_simulator, find_client  # noqa: E402
+from gradleak.engines.client_side import (  # noqa: E402
+    client_simulator, find_client, result_from, update_from, with_meta,
+)  # fmt: skip
 from gradleak.errors import GradleakError  # noqa: E402
-from gradleak.seeding import derive_seed  # noqa: E402
 from gradleak.fl.simulator import ClientResult, Hooks, Simulator  # noqa: E402
-from gradleak.fl.update import ClientUpdate, UpdateMeta  # noqa: E402
+from gradleak.fl.update import ClientUpdate  # noqa: E402
+from gradleak.seeding import derive_seed  # noqa: E402
 
 # The record names of gradleak's messages.
 GLOBAL, TASK, UPDATE, RESULT = "global", "task", "update", "gradleak"
+
+
+def _quiet() -> None:
+    """Flower's per-round and per-stage log lines, below warnings, stay out of the console."""
+    logging.getLogger("flwr").setLevel(logging.WARNING)
 
 
 # -- the messages ------------------------------------------------------------------------------------
@@ -92,21 +93,18 @@ class PlainMessages:
 
     @staticmethod
     def reply(update: ClientUpdate, fields: dict[str, Any], msg: Any, sim: Simulator) -> Any:
-
-        fields = {**fields, "meta": asdict(update.meta), "buffers": sorted(update.buffers)}
+        row = json.dumps(with_meta(update, fields))
         return Message(RecordDict({UPDATE: ArrayRecord(torch_state_dict=update.delta),
-                                   RESULT: ConfigRecord({"json": json.dumps(fields)})}), reply_to=msg)  # fmt: skip
+                                   RESULT: ConfigRecord({"json": row})}), reply_to=msg)  # fmt: skip
 
     @staticmethod
-    def read(reply: Any, sim: Simulator | None) -> tuple[ClientUpdate, dict[str, Any]]:
+    def read(reply: Any, sim: Simulator) -> tuple[ClientUpdate, dict[str, Any]]:
         fields = json.loads(reply.content[RESULT]["json"])
-        return _update(reply.content[UPDATE].to_torch_state_dict(), fields), fields
+        return update_from(reply.content[UPDATE].to_torch_state_dict(), fields), fields
 
     @staticmethod
     def withheld(update: ClientUpdate, fields: dict[str, Any], msg: Any, sim: Simulator) -> Any:
-
-        fields = {**fields, "meta": asdict(update.meta), "buffers": sorted(update.buffers)}
-        return Message(Error(code=0, reason=json.dumps(fields)), reply_to=msg)
+        return Message(Error(code=0, reason=json.dumps(with_meta(update, fields))), reply_to=msg)
 
 
 class SecAggMessages:
@@ -119,7 +117,6 @@ class SecAggMessages:
 
     @staticmethod
     def task(msg: Any, sim: Simulator) -> tuple[int, int, dict[str, torch.Tensor]]:
-
         fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
         arrays = parameters_to_ndarrays(fitins.parameters)
         state = {k: torch.from_numpy(a.copy()) for k, a in zip(sim.model.state_dict(), arrays, strict=True)}
@@ -127,34 +124,28 @@ class SecAggMessages:
 
     @staticmethod
     def reply(update: ClientUpdate, fields: dict[str, Any], msg: Any, sim: Simulator) -> Any:
-
         m = update.meta
-        fields = {**fields, "meta": asdict(m), "buffers": sorted(update.buffers)}
         arrays = [update.delta[k].double().numpy() for k in sim.model.state_dict()]
         # secaggplus_mod's stochastic rounding draws from numpy's global generator: seed it per
         # (round, client) so that a run's sums are reproducible.
         np.random.seed(derive_seed(sim.seed, "secagg", m.round, m.client_id) % 2**32)
-        fit = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(arrays), 1, {"json": json.dumps(fields)})
+        row = json.dumps(with_meta(update, fields))
+        fit = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(arrays), 1, {"json": row})
         return Message(compat.fitres_to_recorddict(fit, keep_input=False), reply_to=msg)
 
     @staticmethod
     def read(reply: Any, sim: Simulator) -> tuple[ClientUpdate, dict[str, Any]]:
-
         fit = compat.recorddict_to_fitres(reply.content, keep_input=True)
         fields = json.loads(str(fit.metrics["json"]))
         state = sim.model.state_dict()
         arrays = parameters_to_ndarrays(fit.parameters)
         delta = {k: torch.from_numpy(a.copy()).to(state[k].dtype) for k, a in zip(state, arrays, strict=True)}
-        return _update(delta, fields), fields
+        return update_from(delta, fields), fields
 
     @staticmethod
     def withheld(update: ClientUpdate, fields: dict[str, Any], msg: Any, sim: Simulator) -> Any:
         zeros = ClientUpdate({k: torch.zeros_like(v) for k, v in update.delta.items()}, update.meta, update.buffers)
         return SecAggMessages.reply(zeros, fields, msg, sim)
-
-
-def _update(delta: dict[str, torch.Tensor], fields: dict[str, Any]) -> ClientUpdate:
-    return ClientUpdate(delta, UpdateMeta(**fields["meta"]), frozenset(fields["buffers"]))
 
 
 def clipped_fraction(update: ClientUpdate, clip: float) -> float:
@@ -172,7 +163,6 @@ def client_app(config_json: str, run_dir: str, clip: float | None = None) -> Any
     ``filters_mod`` applies the experiment's update filters to every train reply. With ``clip``
     (SecAgg+'s clipping range) the rounds are SecAgg+ rounds: ``secaggplus_mod`` runs outermost
     and masks what leaves, and each row records the fraction of the update it clips."""
-
     secure = clip is not None
     codec: Any = SecAggMessages if secure else PlainMessages
 
@@ -237,7 +227,6 @@ class FlowerSimulator(Simulator):
 
     def run(self, state: dict[str, torch.Tensor], **kwargs: Any) -> dict[str, torch.Tensor]:
         """``Simulator.run`` inside a Flower ServerApp, with the clients on Flower's simulation."""
-
         _quiet()
         out: dict[str, Any] = {}
         server = ServerApp()
@@ -266,7 +255,6 @@ class FlowerSimulator(Simulator):
 
     def _discover(self, grid: Any, timeout: float = 600.0) -> dict[int, int]:
         """{client id: node id}: wait for every node, then ask each which client it is."""
-
         deadline = time.monotonic() + timeout
         while len(nodes := list(grid.get_node_ids())) < len(self.clients):
             if time.monotonic() > deadline:
@@ -287,7 +275,6 @@ class FlowerSimulator(Simulator):
         if self.secagg is not None:
             yield from self._secagg_round(round, global_state, clients)
             return
-
         tasks = [Message(RecordDict({GLOBAL: ArrayRecord(torch_state_dict=global_state),
                                      TASK: ConfigRecord({"round": round, "client": c.client_id})}),
                          dst_node_id=self._nodes[c.client_id], message_type="train", group_id=str(round))
@@ -304,7 +291,6 @@ class FlowerSimulator(Simulator):
     ) -> Iterator[ClientResult]:
         """One SecAgg+ run with ``clients``: their rows (updates empty: the server never sees
         one), and the round's sum kept for ``observe``."""
-
         keys = list(global_state)
         params = ndarrays_to_parameters([global_state[k].numpy() for k in keys])
         tasks = {self._nodes[c.client_id]: {"round": round, "client": c.client_id} for c in clients}
@@ -330,15 +316,14 @@ class FlowerSimulator(Simulator):
         n = len(strategy.results)
         self._sums[round] = {k: torch.from_numpy(a * n) for k, a in zip(keys, mean, strict=True)}
         for c in clients:
-            f = rows[c.client_id]
-            update = ClientUpdate({}, UpdateMeta(**f["meta"]), frozenset(f["buffers"]))
-            yield ClientResult(update, f["train_loss"], f["withheld"], f["record"], f["seconds"], f["norm"])
+            yield result_from({}, rows[c.client_id])
 
     def observe(self, round: int, kept: Sequence[ClientUpdate]) -> dict[str, torch.Tensor] | None:
         """Under SecAgg+, the sum its protocol revealed; otherwise the strategy's observation.
         Withheld clients sent zeros, so the sum is that of the ``kept`` updates either way."""
         if self.secagg is not None:
-            return self._sums.pop(round) if kept else {}
+            total = self._sums.pop(round)
+            return total if kept else {}
         return super().observe(round, kept)
 
 
@@ -379,10 +364,8 @@ def _decode(reply: Any, round: int, client_id: int) -> ClientResult:
             fields = json.loads(reply.error.reason)
         except (TypeError, ValueError):
             raise GradleakError(f"round {round}: client {client_id} failed: {reply.error.reason}") from None
-        update = _update({}, fields)
-        return ClientResult(update, fields["train_loss"], True, fields["record"], fields["seconds"], fields["norm"])
-    update, fields = PlainMessages.read(reply, None)
-    return ClientResult(update, fields["train_loss"], fields["withheld"], fields["record"], fields["seconds"])
+        return result_from({}, fields)
+    return result_from(reply.content[UPDATE].to_torch_state_dict(), json.loads(reply.content[RESULT]["json"]))
 
 
 __all__ = ["FlowerSimulator", "Hooks", "client_app"]

@@ -33,7 +33,6 @@ import shutil
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -55,10 +54,9 @@ from nvflare.job_config.defs import FilterType
 from nvflare.recipe.sim_env import SimEnv
 
 from gradleak.data.partition import ClientData
-from gradleak.engines.client_side import client_simulator, find_client
+from gradleak.engines.client_side import client_simulator, find_client, result_from, update_from, with_meta
 from gradleak.errors import GradleakError
 from gradleak.fl.simulator import ClientResult, Simulator
-from gradleak.fl.update import ClientUpdate, UpdateMeta
 
 TASK = "train"
 ROW = "gradleak"  # the DXO meta key of a client's row (JSON)
@@ -88,10 +86,6 @@ def _arrays(state: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
     return {k: v.detach().cpu().numpy() for k, v in state.items()}
 
 
-def _update(delta: dict[str, torch.Tensor], fields: dict[str, Any]) -> ClientUpdate:
-    return ClientUpdate(delta, UpdateMeta(**fields["meta"]), frozenset(fields["buffers"]))
-
-
 # -- the client side --------------------------------------------------------------------------------
 
 
@@ -108,8 +102,7 @@ class GradleakTrainer(Executor):  # type: ignore[misc]
         sim = client_simulator(self.config_json, self.run_dir)
         global_state = _tensors(from_shareable(shareable).data)
         update, loss = sim.train(_round(shareable), global_state, find_client(sim, _client_id(fl_ctx)))
-        fields = {"train_loss": loss, "seconds": time.perf_counter() - start,
-                  "meta": asdict(update.meta), "buffers": sorted(update.buffers)}  # fmt: skip
+        fields = with_meta(update, {"train_loss": loss, "seconds": time.perf_counter() - start})
         return DXO(DataKind.WEIGHT_DIFF, data=_arrays(update.delta), meta={ROW: json.dumps(fields)}).to_shareable()
 
 
@@ -139,7 +132,7 @@ class UpdateFilters(DXOFilter):  # type: ignore[misc]
     def process_dxo(self, dxo: DXO, shareable: Shareable, fl_ctx: FLContext) -> DXO:
         start = time.perf_counter()
         fields = json.loads(dxo.meta[ROW])
-        update = _update(_tensors(dxo.data), fields)
+        update = update_from(_tensors(dxo.data), fields)
         try:
             sim = client_simulator(self._config_json(), self.run_dir)
             round, global_state = _GLOBAL[str(fl_ctx.get_identity_name())]
@@ -208,8 +201,8 @@ def _serve(controller: GradleakController) -> None:
     store = RunStore(Path(controller.run_dir))
     last, done = store.resume_point()
     server = _ControllerSimulator(controller, **scenario.simulator_args(Path(controller.run_dir)))
-    Simulator.run(server, store.load_checkpoint(last), first_round=last + 1, last_round=config.training.rounds,
-                  hooks=StoreHooks(store, scenario.keep_every, None), done=done)  # fmt: skip
+    server.run(store.load_checkpoint(last), first_round=last + 1, last_round=config.training.rounds,
+               hooks=StoreHooks(store, scenario.keep_every, None), done=done)  # fmt: skip
 
 
 class _ControllerSimulator(Simulator):
@@ -230,9 +223,7 @@ class _ControllerSimulator(Simulator):
             reply = by_site.get(site(c.client_id))
             if reply is None or ROW not in (reply.meta or {}):
                 raise GradleakError(f"round {round}: client {c.client_id} sent no result")
-            f = json.loads(reply.meta[ROW])
-            update = _update(_tensors(reply.params or {}), f)
-            yield ClientResult(update, f["train_loss"], f["withheld"], f["record"], f["seconds"], f["norm"])
+            yield result_from(_tensors(reply.params or {}), json.loads(reply.meta[ROW]))
 
 
 # -- the starting process ---------------------------------------------------------------------------
