@@ -8,7 +8,8 @@ Cases:
             seconds from the start to the end of round 1, and per round after it, per engine
   audits    configs/demo.yaml with clients 1 and 2 audited every round (6 rounds, 2,000 attack
             iterations), torch threads 1:
-            seconds sequentially and with engine.workers 2, and whether the results are the same
+            seconds sequentially, with 2 worker processes and with 2 Ray actors (engine.workers 2,
+            engine.pool processes | ray), and whether the results are the same
 Results go to benchmarks/results/engines_CASE.json and stdout.
 """
 
@@ -100,15 +101,17 @@ def case_audits() -> dict:
                         "iterations, torch threads 1"}
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for label, workers in (("sequential", None), ("workers_2", 2)):
-            config = validate_config({**base, "engine": {"threads": 1, "workers": workers}})
+        for label, workers, pool in (("sequential", None, "auto"), ("workers_2", 2, "processes"),
+                                     ("ray_actors_2", 2, "ray")):  # fmt: skip
+            config = validate_config({**base, "engine": {"threads": 1, "workers": workers, "pool": pool}})
             start = time.perf_counter()
             run_experiment(config, Path(tmp) / label)
             out[f"{label}_seconds"] = time.perf_counter() - start
             lines = (Path(tmp) / label / "results.jsonl").read_text().splitlines()
             rows[label] = [{k: v for k, v in json.loads(x).items() if k != "attack_seconds"} for x in lines]
-    out["speedup"] = out["sequential_seconds"] / out["workers_2_seconds"]
-    out["same_results"] = rows["sequential"] == rows["workers_2"]
+    for label in ("workers_2", "ray_actors_2"):
+        out[f"{label}_speedup"] = out["sequential_seconds"] / out[f"{label}_seconds"]
+        out[f"{label}_same_results"] = rows["sequential"] == rows[label]
     return out
 
 

@@ -85,9 +85,27 @@ def sequential(tmp_path_factory) -> Path:
     return out
 
 
-def test_a_pool_of_workers_gives_the_sequential_results_exactly(sequential, tmp_path) -> None:
-    run_experiment(validate_config({**CONFIG, "engine": {"threads": 1, "workers": 2}}), tmp_path / "pool")
+@pytest.mark.parametrize("pool", ["processes", pytest.param("ray", marks=pytest.mark.engines)])
+def test_a_pool_of_workers_gives_the_sequential_results_exactly(sequential, tmp_path, pool) -> None:
+    if pool == "ray":
+        pytest.importorskip("ray")
+    config = validate_config({**CONFIG, "engine": {"threads": 1, "workers": 2, "pool": pool}})
+    sim = build_scenario(config).simulator(tmp_path / "pool")
+    assert (type(sim).__name__, sim.kind) == ("PoolSimulator", pool)
+    run_experiment(config, tmp_path / "pool")
     _same_run(sequential, tmp_path / "pool")
+
+
+def test_a_ray_pool_without_ray_is_refused_naming_the_extra(monkeypatch, tmp_path) -> None:
+    import gradleak.engines as engines
+    from gradleak.engines.pool import pool_kind
+
+    monkeypatch.setattr(engines.importlib.util, "find_spec", lambda name: None)
+    assert pool_kind("auto") == "processes"
+    config = validate_config({**CONFIG, "engine": {"workers": 2, "pool": "ray"}})
+    with pytest.raises(ConfigError, match=r"^engine.pool: ray needs ray: pip install -c constraints.txt 'gradleak\[ray\]'"):
+        run_experiment(config, tmp_path / "a")
+    assert not (tmp_path / "a").exists()
 
 
 @pytest.mark.engines

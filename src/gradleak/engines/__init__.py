@@ -13,7 +13,7 @@ from typing import Any
 
 from gradleak.errors import ConfigError
 
-EXTRAS = {"flower": ("flwr", "ray"), "nvflare": ("nvflare",)}
+EXTRAS = {"flower": ("flwr", "ray"), "nvflare": ("nvflare",), "ray": ("ray",)}
 
 # SecAgg+ masks live modulo 2^32 (Flower's default and largest modulus).
 SECAGG_MODULUS = 2**32
@@ -23,6 +23,8 @@ def check_config(config: Any, num_clients: int) -> None:
     """Refuse, before any training, an engine setting that cannot run with ``num_clients``."""
     engine = config.engine.name
     if engine == "inprocess":
+        if (config.engine.workers or 1) > 1 and config.engine.pool == "ray":
+            check_installed("ray", "engine.pool")
         return
     check_installed(engine)
     if config.aggregation.strategy == "secure-sum":
@@ -47,11 +49,11 @@ def check_secagg(config: Any, num_clients: int) -> None:
                           f"use at most {(SECAGG_MODULUS - 1) // n} levels")  # fmt: skip
 
 
-def check_installed(engine: str) -> None:
+def check_installed(engine: str, key: str = "engine.name") -> None:
     """Refuse an engine whose optional extra is not installed, naming the pip command."""
     missing = [m for m in EXTRAS.get(engine, ()) if importlib.util.find_spec(m) is None]
     if missing:
         raise ConfigError(
-            "engine.name",
+            key,
             f"{engine} needs {', '.join(missing)}: pip install -c constraints.txt 'gradleak[{engine}]'",
         )

@@ -106,7 +106,7 @@ class Scenario:
             return NVFlareSimulator(config_json=config_json, run_dir=run_dir, **kwargs)
         from gradleak.engines.pool import PoolSimulator
 
-        return PoolSimulator(config_json=config_json, run_dir=run_dir, workers=e.workers, **kwargs)
+        return PoolSimulator(config_json=config_json, run_dir=run_dir, workers=e.workers, pool=e.pool, **kwargs)
 
 
 def resolve_device(name: str) -> torch.device:
