@@ -136,3 +136,79 @@ def test_two_processes_on_one_directory_one_runs_the_other_is_refused(tmp_path: 
     store = RunStore(out)
     assert [(r["round"], r["client"]) for r in store.results.read()] == [(r, c) for r in (1, 2, 3) for c in (1, 2)]
     assert len(store.rounds.read()) == 3
+
+
+def _attack_files(tmp: Path) -> list[str]:
+    """A saved global model, one client's update (one SGD step on two images) and its metadata."""
+    import torch
+    import torch.nn.functional as F
+    from safetensors.torch import save_file
+
+    from gradleak.models.registry import build_model
+
+    torch.manual_seed(0)
+    model = build_model("lenet", channels=1, image_size=16, num_classes=10)
+    grads = torch.autograd.grad(F.cross_entropy(model(torch.rand(2, 1, 16, 16)), torch.tensor([3, 7])),
+                                list(model.parameters()))  # fmt: skip
+    save_file({k: v.detach().clone() for k, v in model.state_dict().items()}, str(tmp / "global.safetensors"))
+    save_file({k: -0.1 * g for (k, _), g in zip(model.named_parameters(), grads, strict=True)},
+              str(tmp / "update.safetensors"))  # fmt: skip
+    meta = {"num_images": 2, "image_shape": [1, 16, 16], "num_classes": 10, "lr": 0.1, "local_steps": 1,
+            "batch_size": 2, "mean": [0.5], "std": [0.25]}  # fmt: skip
+    (tmp / "meta.json").write_text(json.dumps(meta))
+    return ["--model", "lenet", "--global", str(tmp / "global.safetensors"), "--update",
+            str(tmp / "update.safetensors"), "--meta", str(tmp / "meta.json"), "-s", "iterations=4000"]  # fmt: skip
+
+
+def test_ctrl_c_at_any_moment_of_any_command_ends_cleanly(tmp_path: Path) -> None:
+    """SIGINT at generated moments (while Python loads, while starting, during the work, while
+    writing) of every long command: a traceback never; exit 130 with at most the 'interrupted'
+    line, or 0 when the work was already done; an interrupted run resumes to completion."""
+    import random
+    import signal
+    import time
+
+    import numpy as np
+
+    config = tmp_path / "c.yaml"
+    audited = {**CONFIG, "training": {"rounds": 3, "lr": 0.1},
+               "audit": {"clients": [1], "attack": {"iterations": 300}}}  # fmt: skip
+    config.write_text(yaml.safe_dump(audited))
+    done = tmp_path / "done"
+    assert subprocess.run([sys.executable, "-m", "gradleak", "run", str(config), "--out", str(done), "-q"],
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True).returncode == 0  # fmt: skip
+    rng = np.random.default_rng(0)
+    p = (rng.random((24, 6)) < 0.5).astype(float)
+    np.savez(tmp_path / "sums.npz", sums=p @ rng.normal(size=(6, 50)))
+    np.savetxt(tmp_path / "counts.csv", p.reshape(4, 6, 6).sum(1), delimiter=",", fmt="%d")
+    attack = _attack_files(tmp_path)
+    commands = {
+        "run": lambda o: ["run", str(config), "--out", o],
+        "report": lambda o: ["report", str(done)],
+        "attack": lambda o: ["attack", *attack, "--out", o],
+        "sweep": lambda o: ["sweep", str(config), "-s", "audit.attack.iterations=100,200", "--out", o],
+        "disaggregate": lambda o: ["disaggregate", "--sums", str(tmp_path / "sums.npz"), "--counts",
+                                   str(tmp_path / "counts.csv"), "--window", "6", "--workers", "1", "--out", o],
+    }  # fmt: skip
+    moments = random.Random(0)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
+    for name, args in commands.items():
+        for i, delay in enumerate([moments.uniform(0.05, 1.0), moments.uniform(1.0, 6.0)]):
+            out = str(tmp_path / f"{name}{i}")
+            proc = subprocess.Popen([sys.executable, "-m", "gradleak", *args(out)], env=env,
+                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+            time.sleep(delay)
+            proc.send_signal(signal.SIGINT)
+            output = proc.communicate(timeout=120)[0]
+            case = (name, round(delay, 2), proc.returncode, output[-1500:])
+            assert "Traceback" not in output and "KeyboardInterrupt" not in output, case
+            # 0: done before the signal (or it landed as Python exited); 130: interrupted
+            assert proc.returncode in (0, 130, -signal.SIGINT), case
+            if proc.returncode == 130:
+                said = [line for line in output.splitlines() if line.startswith("interrupted")]
+                assert len(said) <= 1, case
+            if name == "run" and Path(out, "config.yaml").exists():
+                resumed = subprocess.run([sys.executable, "-m", "gradleak", "run", str(config), "--out", out, "-q",
+                                          "--resume"], env=env, capture_output=True, text=True)  # fmt: skip
+                assert resumed.returncode == 0, (case, resumed.stderr[-1500:])
+                assert Path(out, "rounds.jsonl").read_bytes() == (done / "rounds.jsonl").read_bytes(), case

@@ -1,3 +1,3 @@
-from gradleak.cli import main
+from gradleak.entry import main
 
 main()

@@ -9,7 +9,7 @@ import sys
 from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, NoReturn, Optional
 
 import numpy as np
 import typer
@@ -87,6 +87,12 @@ def _fail(exc: Exception) -> None:
     raise typer.Exit(2)
 
 
+def _interrupted(hint: str = "") -> NoReturn:
+    """Ctrl-C: one line (with how to continue, where there is a way), exit status 130."""
+    console.print(f"interrupted{hint}", markup=False, highlight=False, soft_wrap=True)
+    raise typer.Exit(130)
+
+
 def _run(config_path: Path, out: Optional[Path], overrides: list[str], resume: bool,
          quiet: bool) -> Path:  # fmt: skip
     from gradleak.experiments import Run, load_config
@@ -102,8 +108,7 @@ def _run(config_path: Path, out: Optional[Path], overrides: list[str], resume: b
         hint = "" if run_dir is None else (
             f"; continue with: gradleak run {config_path} --out {run_dir} --resume"
             + "".join(f" --set {o}" for o in overrides))  # fmt: skip
-        console.print(f"interrupted{hint}", markup=False, highlight=False)
-        raise typer.Exit(130) from None
+        _interrupted(hint)
     except OSError as exc:  # a full disk, a read-only or vanished directory: one line, not a traceback
         full = " (no space left on the device)" if exc.errno == errno.ENOSPC else ""
         raise GradleakError(f"{exc.filename or run_dir}: {exc.strerror or exc}{full}; the run can be "
@@ -196,6 +201,8 @@ def attack(
                 summary = attack_saved_update(
                     **kwargs, progress=lambda i, loss: progress.update(task, completed=i, loss=loss)
                 )
+    except KeyboardInterrupt:
+        _interrupted(f"; {out} may hold partial files")
     except GradleakError as exc:
         _fail(exc)
     line = f"labels {summary['labels']} ({summary['label_strategy']}), {summary['seconds']:.1f} s"
@@ -249,8 +256,7 @@ def sweep(
             console.print(verdict, highlight=False, soft_wrap=True, markup=False)
         console.print(f"report: {page}", highlight=False, soft_wrap=True, markup=False)
     except KeyboardInterrupt:
-        console.print("interrupted; run the same command again to continue the sweep")
-        raise typer.Exit(130) from None
+        _interrupted("; run the same command again to continue the sweep")
     except GradleakError as exc:
         _fail(exc)
 
@@ -270,6 +276,8 @@ def report(
         else:
             page = build_run_report(run_dir)
         console.print(f"report: {page}", highlight=False, soft_wrap=True, markup=False)
+    except KeyboardInterrupt:
+        _interrupted("; run the same command again to draw the report")
     except GradleakError as exc:
         _fail(exc)
 
@@ -326,6 +334,8 @@ def disaggregate(
             with _progress() as progress:
                 task = progress.add_task("columns", total=None)
                 result = run(s, plog, **kwargs, progress=lambda i, n: progress.update(task, completed=i, total=n))
+    except KeyboardInterrupt:
+        _interrupted("; nothing was written")
     except GradleakError as exc:
         _fail(exc)
     result.save(out)
