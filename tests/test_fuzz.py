@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import pickle
 import random
+import shutil
 import signal
 from collections.abc import Iterator
 from pathlib import Path
@@ -232,3 +234,123 @@ def test_a_hostile_split_list_entry_is_a_clear_error_or_read_right(tmp_path: Pat
     label = entry["label"]
     key = tuple(label) if isinstance(label, list) else label
     assert type(label) is not bool and labels[0] == expected[key] and labels[1] == 0
+
+
+# -- damaged run directories --------------------------------------------------------------------------
+
+JSON_LINES = ["{", "[]", '"x"', "1", "null", "{}", "NaN", "\x00\xff"]
+ROW_VALUES = [None, "x", [], {}, -1, 10**30, float("nan"), True]
+
+
+def _damages(run: Path) -> list[tuple[str, Any]]:
+    """(name, damage(dir)) for a finished run's files: deleted, emptied, cut short, bytes changed,
+    made a directory; rows replaced, given wrong values, missing a field, repeated; configs
+    replaced; whole directories removed; a sweep.json damaged the same ways."""
+    rng = random.Random(15)
+    files = sorted(str(p.relative_to(run)) for p in run.rglob("*")
+                   if p.is_file() and p.stat().st_size and not p.relative_to(run).parts[0] == "report")  # fmt: skip
+    files.append("../sweep.json")
+    out: list[tuple[str, Any]] = []
+
+    def cut(d: Path, f: str, keep: float) -> None:
+        data = (d / f).read_bytes()
+        (d / f).write_bytes(data[: int(len(data) * keep)])
+
+    def flip(d: Path, f: str, seed: float) -> None:
+        r, data = random.Random(seed), bytearray((d / f).read_bytes())
+        for _ in range(r.randint(1, 5)):
+            data[r.randrange(len(data))] = r.randrange(256)
+        (d / f).write_bytes(bytes(data))
+
+    def line(d: Path, f: str, text: str, at: float) -> None:
+        lines = (d / f).read_text().splitlines()
+        lines[int(at * len(lines))] = text
+        (d / f).write_text("\n".join(lines) + "\n", errors="surrogateescape")
+
+    def value(d: Path, f: str, v: Any, at: float, key: float, drop: bool = False) -> None:
+        lines = (d / f).read_text().splitlines()
+        row = json.loads(lines[int(at * len(lines))])
+        k = sorted(row)[int(key * len(row))]
+        if drop:
+            del row[k]
+        else:
+            row[k] = v
+        lines[int(at * len(lines))] = json.dumps(row)
+        (d / f).write_text("\n".join(lines) + "\n")
+
+    def directory(d: Path, f: str) -> None:
+        (d / f).unlink()
+        (d / f).mkdir()
+
+    for f in files:
+        out += [(f"delete {f}", lambda d, f=f: (d / f).unlink()), (f"empty {f}", lambda d, f=f: (d / f).write_bytes(b"")),
+                (f"directory {f}", lambda d, f=f: directory(d, f))]  # fmt: skip
+        for k in range(2):
+            out += [(f"cut{k} {f}", lambda d, f=f, s=rng.random(): cut(d, f, s)),
+                    (f"flip{k} {f}", lambda d, f=f, s=rng.random(): flip(d, f, s))]  # fmt: skip
+        if f.endswith(".jsonl"):
+            out += [(f"line {t!r} {f}", lambda d, f=f, t=t, a=rng.random(): line(d, f, t, a)) for t in JSON_LINES]
+            out += [(f"value {v!r} {f}", lambda d, f=f, v=v, a=rng.random(), k=rng.random(): value(d, f, v, a, k))
+                    for v in ROW_VALUES]  # fmt: skip
+            out += [(f"drop a field {f}", lambda d, f=f, a=rng.random(), k=rng.random(): value(d, f, None, a, k, True)),
+                    (f"repeat {f}", lambda d, f=f: (d / f).write_text((d / f).read_text() * 2))]  # fmt: skip
+    for text in ["[", "a: [", "{}", "name: 5", "- 1", "x: !!python/object/apply:os.system ['true']", "a: &a [*a]"]:
+        out.append((f"config {text!r}", lambda d, t=text: (d / "config.yaml").write_text(t)))
+    for sweep in ["{}", "[]", '{"keys": ["training.lr"], "points": [{"values": {"training.lr": 0.1}, "run_dir": "../.."}]}',
+                  '{"keys": ["x"], "points": [{"values": {"y": 1}, "run_dir": "x=1"}]}']:  # fmt: skip
+        out.append((f"sweep.json {sweep}", lambda d, t=sweep: (d.parent / "sweep.json").write_text(t)))
+    out += [(f"no {name}", lambda d, n=name: shutil.rmtree(d / n)) for name in ("checkpoints", "audit")]
+    out.append(("report is a file", lambda d: (d / "report").write_text("x")))
+    return out
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished 2-round run with an audit every round (saved images), inside a 2-point sweep."""
+    from gradleak.experiments.sweep import _dir_name
+
+    root = tmp_path_factory.mktemp("finished")
+    config = root / "c.yaml"
+    config.write_text(yaml.safe_dump({**BASE, "training": {"rounds": 2, "lr": 0.1},
+                                      "audit": {**BASE["audit"], "save_images": True, "frequency": 1}}))  # fmt: skip
+    run = root / "sweep" / _dir_name({"training.lr": 0.1})
+    result = runner.invoke(app, ["run", str(config), "--out", str(run), "-q"])
+    assert result.exit_code == 0, result.output
+    shutil.rmtree(run / "report")
+    shutil.copytree(run, root / "sweep" / _dir_name({"training.lr": 0.2}))
+    points = [{"values": {"training.lr": v}, "run_dir": _dir_name({"training.lr": v})} for v in (0.1, 0.2)]
+    (root / "sweep" / "sweep.json").write_text(json.dumps({"config": str(config), "fixed": [],
+                                                           "keys": ["training.lr"], "points": points}))  # fmt: skip
+    return run
+
+
+def test_report_on_a_damaged_run_is_one_line_or_a_correct_report(finished_run: Path, tmp_path: Path) -> None:
+    """Generated damages of every file of a finished run (a seeded sample of them in CI;
+    GRADLEAK_FUZZ_ALL=1 tries all): ``gradleak report`` on the run (or its sweep, for sweep.json)
+    exits 2 with one line, or writes the report; an unreadable audit image is named as left out."""
+    from gradleak.report.html import _audit_images
+
+    cases = _damages(finished_run)
+    if not os.environ.get("GRADLEAK_FUZZ_ALL"):
+        cases = random.Random(15).sample(cases, 40)
+    counts = {"clear": 0, "report": 0}
+    for i, (name, damage) in enumerate(cases):
+        sweep = tmp_path / f"s{i}"
+        shutil.copytree(finished_run.parent, sweep)
+        run = sweep / finished_run.name
+        damage(run)
+        target = sweep if "sweep.json" in name else run
+        result = runner.invoke(app, ["report", str(target)])
+        assert result.exception is None or isinstance(result.exception, SystemExit), (name, result.exception)
+        if result.exit_code == 2:
+            assert _one_line_error(result.output), (name, result.output)
+            counts["clear"] += 1
+            continue
+        assert result.exit_code == 0, (name, result.output)
+        page = (target / "report" / "index.html").read_text()
+        assert "gradleak" in page, name
+        if name.split()[-1].endswith(".npz") and (run / name.split()[-1]).is_file():
+            assert "Left out" in page or _audit_images(run / name.split()[-1]) is not None, name
+        counts["report"] += 1
+    print(f"{len(cases)} damaged runs: {counts}")
+    assert counts["clear"] > 0 and counts["report"] > 0, counts

@@ -87,6 +87,13 @@ def _fail(exc: Exception) -> None:
     raise typer.Exit(2)
 
 
+def _os_error(exc: OSError, where: Optional[Path], hint: str = "") -> GradleakError:
+    """A full disk, a read-only or vanished directory, a directory where a file should be: one
+    line naming the path, not a traceback."""
+    full = " (no space left on the device)" if exc.errno == errno.ENOSPC else ""
+    return GradleakError(f"{exc.filename or where}: {exc.strerror or exc}{full}{hint}")
+
+
 def _interrupted(hint: str = "") -> NoReturn:
     """Ctrl-C: one line (with how to continue, where there is a way), exit status 130."""
     console.print(f"interrupted{hint}", markup=False, highlight=False, soft_wrap=True)
@@ -109,10 +116,8 @@ def _run(config_path: Path, out: Optional[Path], overrides: list[str], resume: b
             f"; continue with: gradleak run {config_path} --out {run_dir} --resume"
             + "".join(f" --set {o}" for o in overrides))  # fmt: skip
         _interrupted(hint)
-    except OSError as exc:  # a full disk, a read-only or vanished directory: one line, not a traceback
-        full = " (no space left on the device)" if exc.errno == errno.ENOSPC else ""
-        raise GradleakError(f"{exc.filename or run_dir}: {exc.strerror or exc}{full}; the run can be "
-                            "continued with --resume once it is fixed") from None  # fmt: skip
+    except OSError as exc:
+        raise _os_error(exc, run_dir, "; the run can be continued with --resume once it is fixed") from None
     console.print(f"results: {run_dir / 'results.jsonl'}\nreport:  {page}", markup=False, highlight=False)
     return run_dir
 
@@ -278,6 +283,8 @@ def report(
         console.print(f"report: {page}", highlight=False, soft_wrap=True, markup=False)
     except KeyboardInterrupt:
         _interrupted("; run the same command again to draw the report")
+    except OSError as exc:
+        _fail(_os_error(exc, run_dir))
     except GradleakError as exc:
         _fail(exc)
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import math
 import os
 import shutil
 from pathlib import Path
@@ -32,16 +33,78 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from gradleak.errors import GradleakError
+from gradleak.errors import DataError, GradleakError
 from gradleak.fl.simulator import ClientResult
 from gradleak.fl.update import ClientUpdate
 
 
-class JsonLines:
-    """An append-only JSON-lines file, flushed and synced after every row."""
+# The JSON types of the row fields that readers rely on (``None`` where the field may be null);
+# fields the filters add beyond these pass as they are.
+_NUM, _INT, _BOOL, _STR = "number", "integer", "boolean", "string"
+RESULT_FIELDS = {
+    "round": _INT, "client": _INT, "num_samples": _INT, "batch_size": _INT, "lr": _NUM, "epochs": _INT,
+    "steps": _INT, "train_loss": _NUM, "update_norm": _NUM, "withheld": _BOOL, "audited": _BOOL,
+    "rdlv": (_NUM, None), "ssim": (_NUM, None), "psnr": (_NUM, None), "mse": (_NUM, None),
+    "label_accuracy": (_NUM, None), "label_strategy": (_STR, None), "attack_seconds": (_NUM, None),
+}  # fmt: skip
+ROUND_FIELDS = {"round": _INT, "clients": "list of integers", "aggregated": _INT, "test_accuracy": _NUM,
+                "test_loss": _NUM}  # fmt: skip
+TIMING_FIELDS = {"round": _INT, "client": _INT, "seconds": _NUM}
+# Where a field has a range, any file's rows keep to it.
+# NaN passes (a diverged run's losses are NaN).
+RANGES = {"round": (1, math.inf), "client": (1, math.inf), "num_samples": (1, math.inf),
+          "batch_size": (1, math.inf), "aggregated": (0, math.inf), "test_accuracy": (0, 1),
+          "label_accuracy": (0, 1), "test_loss": (0, math.inf), "train_loss": (0, math.inf),
+          "update_norm": (0, math.inf), "seconds": (0, math.inf), "attack_seconds": (0, math.inf),
+          "ssim": (-1, 1), "mse": (0, math.inf)}  # fmt: skip
 
-    def __init__(self, path: Path) -> None:
+
+def _is(value: Any, kind: str | None) -> bool:
+    if kind is None:
+        return value is None
+    if kind == _BOOL:
+        return type(value) is bool
+    if kind == _INT:
+        return type(value) is int
+    if kind == _NUM:
+        return type(value) in (int, float)
+    if kind == _STR:
+        return type(value) is str
+    return type(value) is list and all(type(v) is int for v in value)  # list of integers
+
+
+def check_row(row: Any, fields: dict[str, Any], required: tuple[str, ...]) -> str | None:
+    """What is wrong with one row (None: nothing): not an object, a required field missing, or a
+    known field of the wrong type."""
+    if not isinstance(row, dict):
+        return f"not a JSON object but {json.dumps(row)[:40]}"
+    for key in required:
+        if key not in row:
+            return f"no {key!r} field"
+    for key, kinds in fields.items():
+        kinds = kinds if isinstance(kinds, tuple) else (kinds,)
+        if key in row and not any(_is(row[key], k) for k in kinds):
+            expected = " or ".join("null" if k is None else k for k in kinds)
+            return f"{key!r} is {json.dumps(row[key])[:40]}, not {expected}"
+        low, high = RANGES.get(key, (-math.inf, math.inf))
+        value = row.get(key)
+        if key in RANGES and value is not None and not low <= value <= high and not math.isnan(value):
+            return f"{key!r} is {row[key]}, outside [{low}, {high}]"
+    return None
+
+
+class JsonLines:
+    """An append-only JSON-lines file, flushed and synced after every row.
+
+    ``fields`` and ``required`` describe its rows (``check_row``), ``key`` the fields that
+    identify a row (the first never decreasing: rounds are appended in order): reading a damaged file (undecodable, a row of the wrong shape, a row repeated or
+    out of order) raises one ``DataError`` naming the file and line, never a wrong table.
+    """
+
+    def __init__(self, path: Path, fields: dict[str, Any] | None = None, required: tuple[str, ...] = (),
+                 key: tuple[str, ...] = ()) -> None:  # fmt: skip
         self.path = path
+        self.fields, self.required, self.key = fields or {}, required, key
 
     def append(self, row: dict[str, Any]) -> None:
         with self.path.open("a") as f:
@@ -56,7 +119,25 @@ class JsonLines:
             return []
         data = self.path.read_bytes()
         data = data[: data.rfind(b"\n") + 1]
-        return [json.loads(line) for line in data.decode().splitlines() if line.strip()]
+        rows, seen = [], set()
+        for i, line in enumerate(data.split(b"\n"), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line.decode())
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                problem: str | None = "not a JSON row"
+            else:
+                problem = check_row(row, self.fields, self.required)
+            if problem is None and self.key:
+                ident = tuple(row[k] for k in self.key)
+                if ident in seen or (rows and ident[0] < rows[-1][self.key[0]]):
+                    problem = f"{', '.join(f'{k} {v}' for k, v in zip(self.key, ident, strict=True))} repeated or out of order"
+                seen.add(ident)
+            if problem:
+                raise DataError(f"{self.path}, line {i}: {problem}; the run directory is damaged")
+            rows.append(row)
+        return rows
 
     def repair(self) -> None:
         """Cut a torn last line, through a temporary file and a rename (a kill during the repair
@@ -91,9 +172,9 @@ class RunStore:
 
     def __init__(self, root: Path) -> None:
         self.root = root
-        self.results = JsonLines(root / "results.jsonl")
-        self.rounds = JsonLines(root / "rounds.jsonl")
-        self.timings = JsonLines(root / "timings.jsonl")
+        self.results = JsonLines(root / "results.jsonl", RESULT_FIELDS, ClientResult.BASE_KEYS, ("round", "client"))
+        self.rounds = JsonLines(root / "rounds.jsonl", ROUND_FIELDS, tuple(ROUND_FIELDS), ("round",))
+        self.timings = JsonLines(root / "timings.jsonl", TIMING_FIELDS, tuple(TIMING_FIELDS))
         self.checkpoints = root / "checkpoints"
         self.pending = root / "pending"
         self.config_path = root / "config.yaml"
@@ -129,7 +210,27 @@ class RunStore:
         tmp.replace(self.config_path)
 
     def read_config(self) -> dict[str, Any]:
-        return yaml.safe_load(self.config_path.read_text())
+        """The resolved config as written, checked to be an experiment config (read as YAML without
+        aliases or object tags); a damaged file is one ``DataError``."""
+        from gradleak.experiments.config import parse_yaml, validate_config
+
+        damaged = f"{self.config_path}: %s; the run directory is damaged"
+        try:
+            config = parse_yaml(self.config_path.read_bytes().decode())
+        except (UnicodeDecodeError, yaml.YAMLError) as exc:
+            problem = getattr(exc, "problem", None) or type(exc).__name__
+            raise DataError(damaged % f"not a readable YAML file ({problem})") from None
+        if not isinstance(config, dict):
+            raise DataError(damaged % "not a config (a YAML mapping)")
+        try:
+            resolved = validate_config(config).resolved()
+        except GradleakError as exc:
+            raise DataError(damaged % f"not an experiment config ({exc})") from None
+        if resolved != config:  # the run wrote every key: one missing or changed means damage
+            from gradleak.experiments.runner import first_difference
+
+            raise DataError(damaged % f"not the resolved config gradleak wrote (at {first_difference(resolved, config)})")
+        return config
 
     # checkpoints ----------------------------------------------------------------------------
     def checkpoint_path(self, round: int) -> Path:
@@ -184,6 +285,25 @@ class RunStore:
             self.pending.rmdir()
         self.prune_checkpoints(r, keep_every)
 
+    def read_rows(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """(round rows, result rows), checked against each other: a finished round has exactly one
+        result row per participant, and no result row belongs to a round beyond the one in progress.
+        Anything else (rows lost or added by hand) is a ``DataError``."""
+        rounds, results = self.rounds.read(), self.results.read()
+        last = rounds[-1]["round"] if rounds else 0
+        by_round: dict[int, list[int]] = {}
+        for row in results:
+            by_round.setdefault(row["round"], []).append(row["client"])
+        for r in rounds:
+            if sorted(by_round.get(r["round"], [])) != sorted(r["clients"]):
+                raise DataError(f"{self.results.path}: the rows of round {r['round']} are not those of its "
+                                f"participants {r['clients']} ({self.rounds.path}); the run directory is damaged")  # fmt: skip
+        beyond = [r for r in by_round if r > last + 1 or (r <= last and r not in {x["round"] for x in rounds})]
+        if beyond:
+            raise DataError(f"{self.results.path}: rows of round {beyond[0]}, which {self.rounds.path} does not "
+                            "finish or continue; the run directory is damaged")  # fmt: skip
+        return rounds, results
+
     def resume_point(self, partial: bool = True) -> tuple[int, dict[int, ClientResult]]:
         """(last finished round, results already finished in the round after it).
 
@@ -194,11 +314,11 @@ class RunStore:
         """
         for f in (self.results, self.rounds, self.timings):
             f.repair()
-        rounds = self.rounds.read()
+        rounds, rows = self.read_rows()
         last = rounds[-1]["round"] if rounds else 0
         if not self.checkpoint_path(last).exists():
             raise GradleakError(f"{self.root}: checkpoint of round {last} is missing; cannot resume")
-        rows, done, kept = self.results.read(), {}, []
+        done, kept = {}, []
         for row in rows:
             if row["round"] <= last:
                 kept.append(row)

@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from gradleak.errors import ConfigError
+from gradleak.errors import ConfigError, DataError
 from gradleak.experiments.config import load_config, parse_yaml, read_yaml
 from gradleak.experiments.runner import Run
 from gradleak.experiments.store import RunStore
@@ -96,12 +96,34 @@ def run_sweep(
         config = load_config(config_path, [*fixed, *p.overrides(), "sweep={}"])
         runs.append(Run(config, p.run_dir, resume=True))
     out.mkdir(parents=True, exist_ok=True)
-    (out / "sweep.json").write_text(json.dumps({
+    tmp = out / "sweep.json.tmp"
+    tmp.write_text(json.dumps({
         "config": str(config_path), "fixed": fixed, "keys": list(points[0].values),
         "points": [{"values": p.values, "run_dir": p.run_dir.name} for p in points],
     }, indent=2))  # fmt: skip
+    tmp.replace(out / "sweep.json")
     for run in runs:
         if RunStore(run.run_dir).exists() and run.first_round > run.config.training.rounds:
             continue
         (execute or (lambda r: r.execute()))(run)
     return out
+
+
+def read_sweep(sweep_dir: Path) -> dict[str, Any]:
+    """``sweep.json``: the swept keys and, per point, its values and run directory (a name inside
+    ``sweep_dir``); a damaged file is one ``DataError``."""
+    path = sweep_dir / "sweep.json"
+    try:
+        spec = json.loads(path.read_bytes().decode())
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        spec = None
+    keys = spec.get("keys") if isinstance(spec, dict) else None
+    points = spec.get("points") if isinstance(spec, dict) else None
+    good = isinstance(keys, list) and keys and all(isinstance(k, str) for k in keys) and \
+        isinstance(points, list) and points and all(
+            isinstance(p, dict) and isinstance(p.get("values"), dict) and set(p["values"]) == set(keys)
+            and isinstance(p.get("run_dir"), str) and _dir_name(p["values"]) == p["run_dir"] for p in points)  # fmt: skip
+    if not good:
+        raise DataError(f"{path}: not a sweep's list of points (keys, and per point its values and run "
+                        "directory); the sweep directory is damaged: run the sweep again to rewrite it")  # fmt: skip
+    return spec

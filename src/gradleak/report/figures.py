@@ -89,7 +89,9 @@ def audit_grid(cid: int, rows: list[dict[str, Any]], images: list[dict[str, Any]
             if i == 0:
                 ax.set_title(("original", "start", "reconstruction")[j], fontsize=8)
         axes[i][0].set_ylabel(f"round {row['round']}", fontsize=8)
-        axes[i][2].set_xlabel(f"SSIM {row['ssim']:.2f}, PSNR {row['psnr']:.1f}", fontsize=7)
+        ssim, psnr = row.get("ssim"), row.get("psnr")
+        if ssim is not None and psnr is not None:
+            axes[i][2].set_xlabel(f"SSIM {ssim:.2f}, PSNR {psnr:.1f}", fontsize=7)
     fig.suptitle(f"client {cid}", fontsize=9)
     return save(fig, out_dir, f"{stem}_client_{cid}")
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import base64
 import html
 import json
+import zipfile
+import zlib
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -55,7 +57,7 @@ def build_run_report(run_dir: Path) -> Path:
     store = RunStore(run_dir)
     if not store.exists():
         raise GradleakError(f"{run_dir} is not a run directory (no config.yaml)")
-    rounds, results = store.rounds.read(), store.results.read()
+    rounds, results = store.read_rows()
     config = store.read_config()
     out = run_dir / "report"
     figs = []
@@ -64,7 +66,7 @@ def build_run_report(run_dir: Path) -> Path:
     if results:
         figs.append(_img(figures.train_loss_per_client(results, out), "training loss per client"))
     final = f"{rounds[-1]['test_accuracy']:.4f} after round {rounds[-1]['round']}" if rounds else "none yet"
-    name = html.escape(str(config.get("name", run_dir.name)))
+    name = html.escape(str(config.get("name") or run_dir.name))
     audit = _audit_section(run_dir, results, out) + _disaggregation_section(run_dir, out)
     page = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>gradleak report: {name}</title>
@@ -107,14 +109,37 @@ def _audit_section(run_dir: Path, results: list[dict[str, Any]], out: Path) -> s
         pick = sorted({round(i * (len(rows) - 1) / max(1, GRID_ROUNDS - 1)) for i in range(GRID_ROUNDS)})
         rows = [rows[i] for i in pick if i < len(rows)]
         files = [run_dir / "audit" / f"round_{r['round']:04d}" / f"client_{cid}.npz" for r in rows]
-        kept = [(r, f) for r, f in zip(rows, files, strict=True) if f.exists()]
+        loaded = [(r, f, _audit_images(f)) for r, f in zip(rows, files, strict=True) if f.exists()]
+        for _, f, images in loaded:
+            if images is None:
+                parts.append(f"<p>Left out: <code>{html.escape(str(f))}</code> is damaged (not the originals, "
+                             "start and reconstructions of an audit).</p>")  # fmt: skip
+        kept = [(r, images) for r, _, images in loaded if images is not None]
         if kept:
-            images = [dict(np.load(f)) for _, f in kept]
-            grid = figures.audit_grid(cid, [r for r, _ in kept], images, out)
+            grid = figures.audit_grid(cid, [r for r, _ in kept], [i for _, i in kept], out)
             parts.append(_img(grid, f"original, start and reconstruction of client {cid}"))
     table = [{k: r.get(k, "") for k in AUDIT_COLUMNS} for r in audited]
     parts += ["<h3>Audited updates</h3>", _table(table)]
     return "\n".join(parts)
+
+
+AUDIT_IMAGES = ("originals", "priors", "reconstructions")
+
+
+def _audit_images(path: Path) -> dict[str, np.ndarray] | None:
+    """An audit's saved images (N x C x H x W, C 1 or 3, the same shape each), or None when the file
+    is damaged or holds something else; never unpickles."""
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            images = {k: f[k] for k in AUDIT_IMAGES}
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error):
+        return None
+    shapes = {a.shape for a in images.values()}
+    a = images["originals"]
+    if len(shapes) != 1 or a.ndim != 4 or len(a) == 0 or a.shape[1] not in (1, 3) or \
+            not all(np.issubdtype(v.dtype, np.floating) for v in images.values()):  # fmt: skip
+        return None
+    return images
 
 
 def _disaggregation_section(run_dir: Path, out: Path) -> str:
@@ -144,8 +169,8 @@ def _disaggregation_section(run_dir: Path, out: Path) -> str:
                      "secure aggregation (global model of the middle round it took part in):</p>")
         for r in inverted:
             f = run_dir / "disaggregation" / f"round_{r['round']:04d}" / f"client_{r['client']}.npz"
-            if f.exists():
-                grid = figures.audit_grid(r["client"], [r], [dict(np.load(f))], out, stem="disaggregated")
+            if f.exists() and (images := _audit_images(f)) is not None:
+                grid = figures.audit_grid(r["client"], [r], [images], out, stem="disaggregated")
                 parts.append(_img(grid, f"client {r['client']} from its disaggregated update"))
         cols = ("client", "round", "rounds_taken_part", *AUDIT_COLUMNS[4:9], "attack_seconds")
         parts.append(_table([{k: r.get(k, "") for k in cols} for r in inverted]))
@@ -156,12 +181,14 @@ def sweep_summary(sweep_dir: Path, level: float | None = None, budget: float | N
     """Per point: final accuracy and each audited client's worst RDLV; and, for a single numeric
     swept key, the recommended value (``report.recommend``). ``level`` and ``budget`` default to
     the sweep config's ``recommendation:`` section."""
-    spec = json.loads((sweep_dir / "sweep.json").read_text())
+    from gradleak.experiments.sweep import read_sweep
+
+    spec = read_sweep(sweep_dir)
     points, settings = [], {}
     for p in spec["points"]:
         store = RunStore(sweep_dir / p["run_dir"])
-        rounds = store.rounds.read() if store.exists() else []
-        audited = [r for r in store.results.read() if r.get("audited")] if store.exists() else []
+        rounds, results = store.read_rows() if store.exists() else ([], [])
+        audited = [r for r in results if r.get("audited")]
         if store.exists() and not settings:
             settings = store.read_config().get("recommendation") or {}
         worst: dict[str, float] = {}
