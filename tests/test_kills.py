@@ -2,7 +2,8 @@
 
 A run is started in a child process that dies (``os._exit``, as kill -9 would leave it) just
 before its k-th file operation, for every k in turn; ``--resume`` must then finish it with the
-uninterrupted run's results, leaving no temporary or pending file behind. The small run has 122
+uninterrupted run's results and one timing row per result row, leaving no temporary or pending
+file behind. The small run has 122
 such operations (about 5.6 s a trial on 2 cores); CI tries every 5th of them and the last
 (GRADLEAK_KILL_EVERY=1 tries all).
 """
@@ -113,6 +114,9 @@ def test_a_kill_at_every_file_operation_resumes_to_the_same_results(tmp_path: Pa
         leftovers = [p for p in run.rglob("*") if p.suffix == ".tmp" or "pending" in p.parts]
         assert not leftovers, (k, leftovers)
         assert json.loads((run / "results.jsonl").read_text().splitlines()[-1])["round"] == 2
+        store = RunStore(run)  # one timing row per result row, none lost or repeated
+        assert [(t["round"], t["client"]) for t in store.timings.read()] == \
+            [(r["round"], r["client"]) for r in store.results.read()], k  # fmt: skip
 
 
 def test_two_processes_on_one_directory_one_runs_the_other_is_refused(tmp_path: Path) -> None:

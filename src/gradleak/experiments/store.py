@@ -264,8 +264,10 @@ class RunStore:
         path = self._pending_path(m.round, m.client_id)
         path.parent.mkdir(parents=True, exist_ok=True)
         result.update.save(path)
-        self.results.append(result.row())
+        # the timing row first: a kill between the two leaves a timing row without its result
+        # row, which resume_point drops (the client runs again), never a result without timing
         self.timings.append({"round": m.round, "client": m.client_id, "seconds": result.seconds})
+        self.results.append(result.row())
 
     def record_round(
         self,
@@ -329,6 +331,13 @@ class RunStore:
                 kept.append(row)
         if len(kept) != len(rows):
             self.results.rewrite(kept)
+        finished = {(r["round"], r["client"]) for r in kept}
+        timings = self.timings.read()
+        # one timing row per kept result: drop those of clients that will run again
+        latest = {(t["round"], t["client"]): i for i, t in enumerate(timings)}
+        timed = [t for i, t in enumerate(timings) if (key := (t["round"], t["client"])) in finished and latest[key] == i]
+        if len(timed) != len(timings):
+            self.timings.rewrite(timed)
         self.clean(last, keep_next=partial)
         return last, done
 
