@@ -266,8 +266,21 @@ def test_split_list_images_stay_inside_the_data_root(split_list, tmp_path) -> No
     bad = tmp_path / "bad.json"
     for image in ("../secret.png", str(outside), "link.png", 7):
         bad.write_text(json.dumps({"training": [{"image": image, "label": 0}], "testing": []}))
-        with pytest.raises(DataError, match="outside the data root|must be a path string"):
+        with pytest.raises(DataError, match="outside the data root .*data.allow_outside_root: true|must be a path string"):
             formats.read_split_list(bad, root)
+        if image != 7:  # the user's opt-in reads the file it names
+            paths, _ = formats.read_split_list(bad, root, allow_outside_root=True)["training"]
+            assert paths[0].resolve() == outside.resolve()
+
+
+def test_an_image_folder_link_out_of_the_root_is_refused_unless_allowed(image_folder, tmp_path) -> None:
+    outside = tmp_path / "secret.png"
+    Image.fromarray(np.full((8, 8, 3), 255, dtype=np.uint8)).save(outside)
+    (image_folder / "cat" / "zz_link.png").symlink_to(outside)
+    with pytest.raises(DataError, match=r"zz_link.png leads outside the data root .*allow_outside_root: true"):
+        formats.load_image_folder(image_folder, 8, 3)
+    images, labels, _ = formats.load_image_folder(image_folder, 8, 3, allow_outside_root=True)
+    assert len(images) == 11 and any(bool((im == 1).all()) for im in images)
 
 
 def test_non_regular_files_are_skipped_in_folders_and_refused_in_lists(image_folder, tmp_path) -> None:

@@ -87,10 +87,19 @@ def _regular(path: Path) -> bool:
     return False
 
 
+OPT_IN = "set data.allow_outside_root: true to read it"
+
+
+def _inside(path: Path, root: Path) -> bool:
+    """Whether ``path``, with '..' and symbolic links resolved, lies under ``root``."""
+    return path.resolve().is_relative_to(root.resolve())
+
+
 def load_image_folder(
-    root: Path, size: int, channels: int
+    root: Path, size: int, channels: int, allow_outside_root: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, tuple[str, ...]]:
-    """One sub-folder per class, classes in sorted order."""
+    """One sub-folder per class, classes in sorted order. A file that links outside ``root`` is
+    refused unless ``allow_outside_root``."""
     if not root.is_dir():
         raise DataError(f"data root {root} is not a directory")
     classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
@@ -99,6 +108,9 @@ def load_image_folder(
     paths, labels = [], []
     for label, name in enumerate(classes):
         files = sorted(p for p in (root / name).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and _regular(p))
+        for p in files:
+            if not allow_outside_root and not _inside(p, root):
+                raise DataError(f"image {p} leads outside the data root {root} (a symbolic link): {OPT_IN}")
         paths += files
         labels += [label] * len(files)
     if not paths:
@@ -211,18 +223,20 @@ def _label_of(raw: Any, where: str) -> int:
     return k
 
 
-def _image_path(raw: Any, root: Path, where: str) -> Path:
-    """A split list's image path: relative, and inside the data root once resolved (no '..' or
-    symbolic link out of it)."""
+def _image_path(raw: Any, root: Path, where: str, allow_outside_root: bool = False) -> Path:
+    """A split list's image path, relative to the data root; unless ``allow_outside_root``, it must
+    be relative and stay inside the root once resolved (no '..' or symbolic link out of it)."""
     if not isinstance(raw, str) or not raw:
         raise DataError(f"{where}: image must be a path string, got {raw!r}")
     path = root / raw
-    if Path(raw).is_absolute() or not path.resolve().is_relative_to(root.resolve()):
-        raise DataError(f"{where}: image {raw!r} is outside the data root {root}")
+    if not allow_outside_root and (Path(raw).is_absolute() or not _inside(path, root)):
+        raise DataError(f"{where}: image {raw!r} is outside the data root {root}: {OPT_IN}")
     return path
 
 
-def read_split_list(split_file: Path, root: Path) -> dict[str, tuple[list[Path], list[int]]]:
+def read_split_list(
+    split_file: Path, root: Path, allow_outside_root: bool = False
+) -> dict[str, tuple[list[Path], list[int]]]:
     """The JSON split lists as ``{split: (paths, labels)}``, paths resolved under ``root``."""
     if not split_file.is_file():
         raise DataError(f"split file not found: {split_file}")
@@ -241,19 +255,19 @@ def read_split_list(split_file: Path, root: Path) -> dict[str, tuple[list[Path],
             where = f"{split_file.name}: {split}[{i}]"
             if not isinstance(item, dict) or "image" not in item or "label" not in item:
                 raise DataError(f"{where}: expected {{'image': path, 'label': [k]}}")
-            paths.append(_image_path(item["image"], root, where))
+            paths.append(_image_path(item["image"], root, where, allow_outside_root))
             labels.append(_label_of(item["label"], where))
         out[split] = (paths, labels)
     return out
 
 
 def load_split_list(
-    split_file: Path, root: Path, size: int, channels: int, test_split: str
+    split_file: Path, root: Path, size: int, channels: int, test_split: str, allow_outside_root: bool = False
 ) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
     """(train, test) from the ``training`` list and the ``test_split`` list."""
     if not root.is_dir():
         raise DataError(f"data root {root} is not a directory")
-    splits = read_split_list(split_file, root)
+    splits = read_split_list(split_file, root, allow_outside_root)
     for name in ("training", test_split):
         if name not in splits or not splits[name][0]:
             raise DataError(f"{split_file}: no '{name}' list (found: {', '.join(splits) or 'none'})")

@@ -97,10 +97,14 @@ class ImageFolderSource(_HeldOut):
     source: Literal["image-folder"] = "image-folder"
     root: DirectoryPath = Field(description="The folder holding one sub-folder per class.")
     channels: Literal[1, 3] | None = Field(3, description="1 for grayscale, 3 for RGB.")
+    allow_outside_root: bool = Field(
+        False, description="Read images whose path (after '..' and symbolic links) lies outside root; "
+        "off, so that a symbolic link cannot pull other files into the training set.",
+    )
 
     def load(self, seed: int) -> DataBundle:
         images, labels, classes = formats.load_image_folder(
-            self.root, self.image_size, self.channels or 3
+            self.root, self.image_size, self.channels or 3, self.allow_outside_root
         )
         return self._split(self.root.name, images, labels, classes, seed)
 
@@ -131,10 +135,15 @@ class SplitListSource(_Source):
     class_names: list[str] | None = Field(
         None, description="Names of classes 0, 1, ...; null names them by index."
     )
+    allow_outside_root: bool = Field(
+        False, description="Read images whose path (after '..' and symbolic links) lies outside root; "
+        "off, so that a split list's absolute or '../' path, or a symbolic link, cannot pull other files into the training set.",
+    )
 
     def load(self, seed: int) -> DataBundle:
         (x_tr, y_tr), (x_te, y_te) = formats.load_split_list(
-            self.split_file, self.root, self.image_size, self.channels or 1, self.test_split
+            self.split_file, self.root, self.image_size, self.channels or 1, self.test_split,
+            self.allow_outside_root,
         )
         n = int(max(y_tr.max(), y_te.max())) + 1
         classes = self.class_names or [f"class_{i}" for i in range(n)]
