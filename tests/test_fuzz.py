@@ -354,3 +354,41 @@ def test_report_on_a_damaged_run_is_one_line_or_a_correct_report(finished_run: P
         counts["report"] += 1
     print(f"{len(cases)} damaged runs: {counts}")
     assert counts["clear"] > 0 and counts["report"] > 0, counts
+
+
+# -- sizes the schema allows but the machine cannot hold ---------------------------------------------
+
+
+# Expected sizes computed here: all 1,797 digits as float32 at 1024 x 1024, three copies while
+# resized and split; an MLP 64 -> 10^9 -> 10 (weights and biases), eight float32 copies.
+_IMAGES = 3 * 1797 * 1024 * 1024 * 4
+_WEIGHTS = 64 * 10**9 + 10**9 + 10**9 * 10 + 10
+
+
+@pytest.mark.parametrize(("key", "value", "message"), [
+    ("data.image_size", 1024, f"error: data.image_size: 1797 images of 1 x 1024 x 1024 need about "
+                              f"{_IMAGES / 2**30:.1f} GiB, more than 80% of the 8.0 GiB of memory available: use a "
+                              "smaller image_size"),
+    ("model.kwargs", {"hidden": [10**9]}, f"error: model.kwargs: 8 copies of mlp's {_WEIGHTS:,} weights need "
+                                         f"about {8 * 4 * _WEIGHTS / 2**30:.1f} GiB, more than 80% of the 8.0 GiB of "
+                                         "memory available: choose a smaller model"),
+])  # fmt: skip
+def test_a_size_the_machine_cannot_hold_is_refused_before_allocating(tmp_path, monkeypatch, key, value, message) -> None:
+    import tracemalloc
+
+    import gradleak.resources as resources
+
+    monkeypatch.setattr(resources, "available_bytes", lambda: 8 * 2**30)
+    raw = _replace(BASE, tuple(key.split(".")), value)
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    tracemalloc.start()
+    try:
+        result = runner.invoke(app, ["run", str(config), "--out", str(tmp_path / "run"), "-q"])
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert result.exit_code == 2 and _one_line_error(result.output), result.output
+    assert result.output.strip() == message
+    assert peak < 2**30  # refused before the allocation, not after it failed
+    assert not (tmp_path / "run").exists()

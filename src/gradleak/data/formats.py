@@ -22,6 +22,7 @@ import torch
 from PIL import Image
 
 from gradleak.errors import DataError
+from gradleak.resources import check_images_fit
 
 log = logging.getLogger("gradleak")
 
@@ -74,6 +75,7 @@ def _read_deep(im: Image.Image, path: Path, size: int, channels: int) -> np.ndar
 def _stack(paths: list[Path], size: int, channels: int) -> torch.Tensor:
     if not paths:
         return torch.zeros(0, channels, size, size)
+    check_images_fit(len(paths), channels, size)
     return torch.from_numpy(np.stack([read_image(p, size, channels) for p in paths]))
 
 

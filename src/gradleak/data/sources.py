@@ -19,6 +19,7 @@ from gradleak.data.dataset import (
     set_channels,
     stratified_split,
 )
+from gradleak.resources import check_images_fit
 from gradleak.schema import Section
 
 
@@ -37,6 +38,7 @@ class _Source(Section):
         return DataBundle(name, train, test, tuple(classes), mean, std)
 
     def _prepare(self, images: torch.Tensor) -> torch.Tensor:
+        check_images_fit(len(images), self.channels or images.shape[1], self.image_size)
         return resize(set_channels(images, self.channels), self.image_size)
 
 

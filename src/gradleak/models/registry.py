@@ -11,10 +11,12 @@ import inspect
 from collections.abc import Callable
 from typing import Any
 
+import torch
 from torch import nn
 
 from gradleak.errors import ConfigError
 from gradleak.registry import Registry
+from gradleak.resources import check_fits
 
 ModelFactory = Callable[..., nn.Module]
 MODELS: Registry[ModelFactory] = Registry("model")
@@ -49,6 +51,7 @@ def build_model(
     params = inspect.signature(factory).parameters
     takes_all = any(p.kind is p.VAR_KEYWORD for p in params.values())
     call = {k: v for k, v in given.items() if takes_all or k in params}
+    _check_size(factory, name, {**call, **(kwargs or {})})
     try:
         model = factory(**call, **(kwargs or {}))
     except TypeError as exc:
@@ -56,3 +59,22 @@ def build_model(
     if not isinstance(model, nn.Module):
         raise ConfigError("model.name", f"{name} returned {type(model).__name__}, not a torch nn.Module")
     return model
+
+
+# Copies of the weights a run holds at once (global model, a client's copy, its gradients and
+# momentum, the update, the aggregate, the attack's simulated training): a rough bound.
+MODEL_COPIES = 8
+
+
+def _check_size(factory: ModelFactory, name: str, kwargs: dict[str, Any]) -> None:
+    """Build the model on the meta device (no memory) and refuse one whose weights the machine
+    cannot hold ``MODEL_COPIES`` times; a factory that cannot build on meta is not checked."""
+    try:
+        with torch.device("meta"):
+            probe = factory(**kwargs)
+        tensors = [*probe.parameters(), *probe.buffers()]
+        count, size = sum(t.numel() for t in tensors), sum(t.numel() * t.element_size() for t in tensors)
+    except Exception:  # noqa: BLE001 - the real build below reports the factory's own errors
+        return
+    check_fits(MODEL_COPIES * size, f"{MODEL_COPIES} copies of {name}'s {count:,} weights",
+               "model.kwargs", "choose a smaller model")  # fmt: skip
