@@ -60,3 +60,27 @@ def split_list(tmp_path: Path) -> tuple[Path, Path]:
     split_file = tmp_path / "splits.json"
     split_file.write_text(json.dumps(spec))
     return root, split_file
+
+
+@pytest.fixture
+def saved_update(tmp_path: Path) -> list[str]:
+    """``gradleak attack`` arguments for a saved LeNet global model, one client's update (one SGD
+    step on two 16 x 16 images) and its metadata."""
+    import torch
+    import torch.nn.functional as F
+    from safetensors.torch import save_file
+
+    from gradleak.models.registry import build_model
+
+    torch.manual_seed(0)
+    model = build_model("lenet", channels=1, image_size=16, num_classes=10)
+    grads = torch.autograd.grad(F.cross_entropy(model(torch.rand(2, 1, 16, 16)), torch.tensor([3, 7])),
+                                list(model.parameters()))  # fmt: skip
+    save_file({k: v.detach().clone() for k, v in model.state_dict().items()}, str(tmp_path / "global.safetensors"))
+    save_file({k: -0.1 * g for (k, _), g in zip(model.named_parameters(), grads, strict=True)},
+              str(tmp_path / "update.safetensors"))  # fmt: skip
+    meta = {"num_images": 2, "image_shape": [1, 16, 16], "num_classes": 10, "lr": 0.1, "local_steps": 1,
+            "batch_size": 2, "mean": [0.5], "std": [0.25]}  # fmt: skip
+    (tmp_path / "meta.json").write_text(json.dumps(meta))
+    return ["--model", "lenet", "--global", str(tmp_path / "global.safetensors"), "--update",
+            str(tmp_path / "update.safetensors"), "--meta", str(tmp_path / "meta.json")]  # fmt: skip

@@ -392,3 +392,42 @@ def test_a_size_the_machine_cannot_hold_is_refused_before_allocating(tmp_path, m
     assert result.output.strip() == message
     assert peak < 2**30  # refused before the allocation, not after it failed
     assert not (tmp_path / "run").exists()
+
+
+# -- non-finite values in attack inputs and disaggregation sums ----------------------------------------
+
+
+def test_non_finite_attack_inputs_and_sums_are_one_line_naming_the_file(tmp_path: Path, saved_update: list[str]) -> None:
+    """NaN, +inf or -inf at a generated place of the global model, the update or the round sums:
+    exit 2 with one line naming the file (and tensor), never a reconstruction or participation
+    computed from them."""
+    from safetensors.torch import load_file, save_file
+
+    rng = random.Random(15)
+    files = {"--global": Path(saved_update[saved_update.index("--global") + 1]),
+             "--update": Path(saved_update[saved_update.index("--update") + 1])}  # fmt: skip
+    for i, (option, bad) in enumerate((o, b) for o in files for b in (math.nan, math.inf, -math.inf)):
+        tensors = load_file(str(files[option]))
+        name = rng.choice(sorted(tensors))
+        tensors[name].view(-1)[rng.randrange(tensors[name].numel())] = bad
+        damaged = tmp_path / f"bad{i}.safetensors"
+        save_file(tensors, str(damaged))
+        args = list(saved_update)
+        args[args.index(option) + 1] = str(damaged)
+        result = runner.invoke(app, ["attack", *args, "--out", str(tmp_path / f"a{i}"), "-q", "-s", "iterations=2"])
+        assert result.exit_code == 2 and _one_line_error(result.output), (option, bad, result.output)
+        assert f"{damaged}: {name} holds NaN or infinite values" in result.output.replace("\n", "")
+        assert not (tmp_path / f"a{i}").exists()
+    g = np.random.default_rng(15)
+    p = (g.random((24, 6)) < 0.5).astype(float)
+    np.savetxt(tmp_path / "counts.csv", p.reshape(4, 6, 6).sum(1), delimiter=",", fmt="%d")
+    for i, bad in enumerate((math.nan, math.inf, -math.inf)):
+        sums = p @ g.normal(size=(6, 20))
+        sums[g.integers(24), g.integers(20)] = bad
+        np.savez(tmp_path / f"sums{i}.npz", sums=sums)
+        result = runner.invoke(app, ["disaggregate", "--sums", str(tmp_path / f"sums{i}.npz"), "--counts",
+                                     str(tmp_path / "counts.csv"), "--window", "6", "--workers", "1", "-q",
+                                     "--out", str(tmp_path / f"d{i}")])  # fmt: skip
+        assert result.exit_code == 2 and _one_line_error(result.output), result.output
+        assert "NaN or infinite" in result.output and f"sums{i}.npz" in result.output.replace("\n", "")
+        assert not (tmp_path / f"d{i}").exists()

@@ -142,29 +142,7 @@ def test_two_processes_on_one_directory_one_runs_the_other_is_refused(tmp_path: 
     assert len(store.rounds.read()) == 3
 
 
-def _attack_files(tmp: Path) -> list[str]:
-    """A saved global model, one client's update (one SGD step on two images) and its metadata."""
-    import torch
-    import torch.nn.functional as F
-    from safetensors.torch import save_file
-
-    from gradleak.models.registry import build_model
-
-    torch.manual_seed(0)
-    model = build_model("lenet", channels=1, image_size=16, num_classes=10)
-    grads = torch.autograd.grad(F.cross_entropy(model(torch.rand(2, 1, 16, 16)), torch.tensor([3, 7])),
-                                list(model.parameters()))  # fmt: skip
-    save_file({k: v.detach().clone() for k, v in model.state_dict().items()}, str(tmp / "global.safetensors"))
-    save_file({k: -0.1 * g for (k, _), g in zip(model.named_parameters(), grads, strict=True)},
-              str(tmp / "update.safetensors"))  # fmt: skip
-    meta = {"num_images": 2, "image_shape": [1, 16, 16], "num_classes": 10, "lr": 0.1, "local_steps": 1,
-            "batch_size": 2, "mean": [0.5], "std": [0.25]}  # fmt: skip
-    (tmp / "meta.json").write_text(json.dumps(meta))
-    return ["--model", "lenet", "--global", str(tmp / "global.safetensors"), "--update",
-            str(tmp / "update.safetensors"), "--meta", str(tmp / "meta.json"), "-s", "iterations=4000"]  # fmt: skip
-
-
-def test_ctrl_c_at_any_moment_of_any_command_ends_cleanly(tmp_path: Path) -> None:
+def test_ctrl_c_at_any_moment_of_any_command_ends_cleanly(tmp_path: Path, saved_update: list[str]) -> None:
     """SIGINT at generated moments (while Python loads, while starting, during the work, while
     writing) of every long command: a traceback never; exit 130 with at most the 'interrupted'
     line, or 0 when the work was already done; an interrupted run resumes to completion."""
@@ -185,7 +163,7 @@ def test_ctrl_c_at_any_moment_of_any_command_ends_cleanly(tmp_path: Path) -> Non
     p = (rng.random((24, 6)) < 0.5).astype(float)
     np.savez(tmp_path / "sums.npz", sums=p @ rng.normal(size=(6, 50)))
     np.savetxt(tmp_path / "counts.csv", p.reshape(4, 6, 6).sum(1), delimiter=",", fmt="%d")
-    attack = _attack_files(tmp_path)
+    attack = [*saved_update, "-s", "iterations=4000"]
     commands = {
         "run": lambda o: ["run", str(config), "--out", o],
         "report": lambda o: ["report", str(done)],

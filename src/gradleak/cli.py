@@ -332,6 +332,8 @@ def disaggregate(
         if on_uncertain not in ("warn", "fail"):
             raise GradleakError(f"--on-uncertain: {on_uncertain!r} is not one of warn, fail")
         s = _read_matrix(sums, "sums")
+        if not np.issubdtype(s.dtype, np.number) or not np.isfinite(s).all():
+            raise GradleakError(f"{sums}: the sums hold NaN or infinite values (or are not numbers)")
         plog = ParticipationLog.load(counts, rounds=s.shape[0], window=window)
         kwargs = dict(chunk=chunk, workers=workers, time_limit=time_limit, solver=solver, separation=separation,
                       on_uncertain=on_uncertain)  # fmt: skip

@@ -20,7 +20,16 @@ from gradleak.schema import Section
 
 
 def load_tensors(path: Path) -> dict[str, torch.Tensor]:
-    """A name -> tensor mapping from .safetensors, .npz or .pt/.pth (weights only)."""
+    """A name -> tensor mapping from .safetensors, .npz or .pt/.pth (weights only), every value
+    finite: an attack on NaN or infinite weights would only produce garbage."""
+    tensors = _read_tensors(path)
+    for name, t in tensors.items():
+        if (t.is_floating_point() or t.is_complex()) and not torch.isfinite(t).all():
+            raise DataError(f"{path}: {name} holds NaN or infinite values")
+    return tensors
+
+
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise DataError(f"file not found: {path}")
     suffix = path.suffix.lower()
