@@ -194,3 +194,21 @@ def test_ctrl_c_at_any_moment_of_any_command_ends_cleanly(tmp_path: Path, saved_
                                           "--resume"], env=env, capture_output=True, text=True)  # fmt: skip
                 assert resumed.returncode == 0, (case, resumed.stderr[-1500:])
                 assert Path(out, "rounds.jsonl").read_bytes() == (done / "rounds.jsonl").read_bytes(), case
+
+
+@pytest.mark.slow
+def test_demo_after_a_start_killed_at_each_step_continues(tmp_path: Path) -> None:
+    """``gradleak demo`` killed at each file operation of its start (the lock, the config, checkpoint
+    0, the log) and called again: it finishes, with the uninterrupted demo's rounds."""
+    small = ["-s", "training.rounds=1", "-s", "audit=null", "-q"]
+    whole = tmp_path / "whole"
+    assert _run(["demo", "--out", str(whole), *small], whole, 0).returncode == 0
+    expected = (whole / "rounds.jsonl").read_bytes()
+    for k in range(1, 8, min(2, int(os.environ.get("GRADLEAK_KILL_EVERY", "2")))):  # CI: every 2nd
+        run = tmp_path / f"cut{k}"
+        cut = _run(["demo", "--out", str(run), *small], run, k)
+        assert cut.returncode == 137, (k, cut.stderr[-2000:])
+        again = _run(["demo", "--out", str(run), *small], run, 0)
+        assert again.returncode == 0, (k, again.stdout[-2000:], again.stderr[-2000:])
+        assert (run / "rounds.jsonl").read_bytes() == expected, k
+        assert (run / "report" / "index.html").exists(), k
