@@ -72,7 +72,11 @@ def test_disaggregation_config_errors_name_the_key(tmp_path) -> None:
         scip = {**CHAIN, "disaggregation": {"window": 5, "invert": [1], "solver": "scip"}}
         with pytest.raises(ConfigError, match=r"disaggregation.solver: solver 'scip' needs the pyscipopt package"):
             run_experiment(validate_config(scip), tmp_path / "d")
-    assert not any((tmp_path / d).exists() for d in ("a", "b", "c", "d"))
+    short = {**CHAIN, "training": {**CHAIN["training"], "rounds": 4}}  # 5 clients need 5 rounds at least
+    with pytest.raises(ConfigError, match=r"^training.rounds: disaggregation needs at least as many rounds as "
+                                          r"clients: 4 rounds for 5 clients$"):  # fmt: skip
+        run_experiment(validate_config(short), tmp_path / "e")
+    assert not any((tmp_path / d).exists() for d in ("a", "b", "c", "d", "e"))
 
 
 def test_chain_recovers_participation_and_the_one_image_client(tmp_path) -> None:

@@ -48,6 +48,10 @@ def check_config(config: Any) -> None:
     if unknown:
         raise ConfigError("disaggregation.invert", f"client {unknown[0]} is not one of the run's clients "
                           f"(1 to {config.partition.num_clients})")  # fmt: skip
+    rounds, clients = config.training.rounds, config.partition.num_clients
+    if rounds < clients:  # the participation matrix needs a round per unknown column at least
+        raise ConfigError("training.rounds", f"disaggregation needs at least as many rounds as clients: "
+                          f"{rounds} rounds for {clients} clients")  # fmt: skip
     check_solver(d.solver)  # a missing back-end fails now, not after training
 
 
