@@ -431,3 +431,44 @@ def test_non_finite_attack_inputs_and_sums_are_one_line_naming_the_file(tmp_path
         assert result.exit_code == 2 and _one_line_error(result.output), result.output
         assert "NaN or infinite" in result.output and f"sums{i}.npz" in result.output.replace("\n", "")
         assert not (tmp_path / f"d{i}").exists()
+
+
+# -- gradleak attack's metadata ---------------------------------------------------------------------
+
+META_VALUES: list[Any] = [None, True, 0, -1, 2**31, 10**12, 0.5, math.nan, math.inf, "", "x", [], [0], [[1]], {}]
+
+
+def test_hostile_update_metadata_is_one_line_or_a_correct_attack(tmp_path: Path, saved_update: list[str]) -> None:
+    """Every key of the attack's --meta file (and a few it does not know) given generated hostile
+    values: exit 2 with one line, or an attack that ran on the metadata as given."""
+    meta_path = Path(saved_update[saved_update.index("--meta") + 1])
+    good = json.loads(meta_path.read_text())
+    rng = random.Random(15)
+    keys = [*good, "labels", "epochs", "momentum", "batch_norm", "unknown"]
+    cases = [(k, rng.choice(META_VALUES)) for k in keys for _ in range(3)]
+    cases += [("image_shape", [1, 10**6, 10**6]), ("num_images", 10**9), ("std", [0.0]), ("labels", [3, 12]),
+              ("image_shape", [3, 16, 16]), ("num_classes", 10**9)]  # fmt: skip
+    outcome = {"clear": 0, "ran": 0}
+    for i, (key, value) in enumerate(cases):
+        meta = {**good, key: value}
+        (tmp_path / f"m{i}.json").write_text(json.dumps(meta))
+        args = list(saved_update)
+        args[args.index("--meta") + 1] = str(tmp_path / f"m{i}.json")
+        previous = signal.signal(signal.SIGALRM, _on_alarm)
+        signal.alarm(60)
+        try:
+            result = runner.invoke(app, ["attack", *args, "--out", str(tmp_path / f"a{i}"), "-q", "-s", "iterations=2"])
+        finally:
+            signal.alarm(0)
+            signal.signal(signal.SIGALRM, previous)
+        case = (key, value, result.output[-600:], result.exception)
+        assert not isinstance(result.exception, Hang), case
+        if result.exit_code == 2:
+            assert _one_line_error(result.output), case
+            outcome["clear"] += 1
+            continue
+        assert result.exit_code == 0 and result.exception is None, case
+        summary = json.loads((tmp_path / f"a{i}" / "attack.json").read_text())
+        assert len(summary["labels"]) == meta["num_images"], case
+        outcome["ran"] += 1
+    print(f"{len(cases)} metadata cases: {outcome}")

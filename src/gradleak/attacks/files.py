@@ -80,6 +80,10 @@ class UpdateMetadata(Section):
             raise ValueError(f"mean and std need {c} values for {c}-channel images")
         if self.labels is not None and len(self.labels) != self.num_images:
             raise ValueError(f"{len(self.labels)} labels for {self.num_images} images")
+        if self.labels is not None and not all(0 <= k < self.num_classes for k in self.labels):
+            raise ValueError(f"labels must be class indices from 0 to {self.num_classes - 1}")
+        if not all(s > 0 for s in self.std):
+            raise ValueError("std values must be positive (each channel is divided by its std)")
         if self.epochs is not None and self.local_steps is not None:
             raise ValueError("give epochs or local_steps, not both")
         per_epoch = math.ceil(self.num_images / (self.batch_size or self.num_images))
