@@ -234,3 +234,15 @@ def test_the_first_failure_stops_the_other_clients_at_once(monkeypatch) -> None:
     with pytest.raises(SolverFailure, match="client 0, rounds 0-59"):
         core._run_jobs([(0, k, 1, None) for k in range(6)], {"chunks": []}, 2, None)
     assert _time.perf_counter() - start < 15  # not after the other clients' 30 s each
+
+
+def test_a_round_the_counts_leave_empty_must_sum_to_nothing() -> None:
+    p, u, _ = _case()
+    p[:10] = 0  # nobody took part in the first window: those sums are zero
+    sums = p @ u
+    r = disaggregate(sums, window_counts(p, 10), 10, workers=1)
+    assert np.array_equal(r.participation[:10], np.zeros((10, 6)))
+    loud = sums.copy()
+    loud[3] = sums[20]  # a round the counts leave empty, with a sum as large as the others'
+    with pytest.raises(IllPosed, match=r"^round 3: the counts leave no client a way to take part, yet its sum has norm"):
+        disaggregate(loud, window_counts(p, 10), 10, workers=1)

@@ -472,3 +472,47 @@ def test_hostile_update_metadata_is_one_line_or_a_correct_attack(tmp_path: Path,
         assert len(summary["labels"]) == meta["num_images"], case
         outcome["ran"] += 1
     print(f"{len(cases)} metadata cases: {outcome}")
+
+
+# -- gradleak disaggregate's inputs -------------------------------------------------------------------
+
+
+def test_hostile_participation_counts_are_one_line_or_a_correct_recovery(tmp_path: Path) -> None:
+    """A count matrix (6 clients, 4 windows of 6 rounds) with a generated entry or shape made
+    hostile: exit 2 with one line, or a recovery whose participation matrix matches the counts."""
+    g = np.random.default_rng(15)
+    p = (g.random((24, 6)) < 0.5).astype(float)
+    np.savez(tmp_path / "sums.npz", sums=p @ g.normal(size=(6, 20)))
+    good = p.reshape(4, 6, 6).sum(1)
+    rng = random.Random(15)
+    cases: list[Any] = []
+    for bad in (-1, 7, 0.5, 10**12, math.nan, math.inf):
+        m = good.copy()
+        m[rng.randrange(4), rng.randrange(6)] = bad
+        cases.append(m)
+    cases += [good[:3], good[:, :5], good.T, good[:1, :1], np.zeros((0, 6)), good * 0, np.minimum(good * 2, 6)]
+    for text in ["", "a,b", "1,2\n3", "\x00\xff"]:
+        cases.append(text)
+    for i, case in enumerate(cases):
+        path = tmp_path / f"c{i}.csv"
+        if isinstance(case, str):
+            path.write_bytes(case.encode("utf-8", "surrogateescape"))
+        else:
+            np.savetxt(path, case, delimiter=",")
+        out = tmp_path / f"d{i}"
+        result = runner.invoke(app, ["disaggregate", "--sums", str(tmp_path / "sums.npz"), "--counts", str(path),
+                                     "--window", "6", "--workers", "1", "-q", "--out", str(out)])  # fmt: skip
+        label = (i, case if isinstance(case, str) else case.tolist(), result.output[-500:], result.exception)
+        if result.exit_code == 2:  # the log's progress lines may come first; the error is one line
+            lines = [line for line in result.output.splitlines() if line.strip()]
+            assert lines[-1].startswith("error: ") and sum(x.startswith("error") for x in lines) == 1, label
+            assert "Traceback" not in result.output, label
+            continue
+        assert result.exit_code == 0 and result.exception is None, label
+        # a success: a participation matrix that keeps to the counts it was given (where they
+        # cannot explain the sums, the attack declares its columns uncertain, as it did here)
+        found = np.loadtxt(out / "participation.csv", delimiter=",", ndmin=2)
+        assert np.array_equal(found.reshape(4, 6, -1).sum(1), np.asarray(case)), label
+        report = json.loads((out / "disaggregation.json").read_text())
+        if not np.array_equal(case, good):
+            assert report["certain_clients"] < report["clients"], label

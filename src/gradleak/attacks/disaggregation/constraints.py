@@ -159,6 +159,19 @@ class ParticipationLog:
         covered = sum(iv.end - iv.start for iv in ivs)
         return covered == self.rounds and all(iv.count == 0 for iv in ivs)
 
+    def empty_rounds(self) -> np.ndarray:
+        """Rounds (a boolean mask) in which the log leaves no client a way to take part: every
+        client's interval covering the round counts 0."""
+        may = np.zeros(self.rounds, dtype=bool)
+        for ivs in self.intervals:
+            covered = np.zeros(self.rounds, dtype=bool)
+            for iv in ivs:
+                covered[iv.start : iv.end] = True
+                if iv.count > 0:
+                    may[iv.start : iv.end] = True
+            may |= ~covered
+        return ~may
+
     def twins(self) -> list[tuple[int, int]]:
         """Pairs of clients with identical constraints: their columns can be exchanged."""
         seen: dict[tuple[Interval, ...], int] = {}

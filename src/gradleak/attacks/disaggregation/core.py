@@ -268,6 +268,7 @@ def disaggregate(
     names = list(client_ids) if client_ids is not None else list(range(n))
     if t < n:
         raise IllPosed(f"{t} rounds for {n} clients: need at least as many rounds as clients")
+    _check_empty_rounds(sums, plog)
     chunks = _chunks(sums, plog, chunk, _step(plog))
     todo = list(range(n)) if only is None else list(only)
 
@@ -342,6 +343,21 @@ def disaggregate(
             raise UncertainColumns(f"{len(uncertain)} of {len(todo)} clients' columns are not certain: {text}{more}")
         log.warning("%d of %d clients' columns are not certain: %s%s", len(uncertain), len(todo), text, more)
     return result
+
+
+def _check_empty_rounds(sums: np.ndarray, plog: ParticipationLog) -> None:
+    """A round the counts leave empty must sum to (about) nothing: a sum as large as half the
+    median of the other rounds' means the counts do not belong to these sums."""
+    empty = plog.empty_rounds()
+    if not empty.any():
+        return
+    norms = np.linalg.norm(sums, axis=1)
+    scale = float(np.median(norms[~empty])) if (~empty).any() else 0.0
+    loud = np.flatnonzero(empty & (norms > max(0.5 * scale, 1e-12 * float(norms.max()))))
+    if len(loud):
+        r = int(loud[0])
+        raise IllPosed(f"round {r}: the counts leave no client a way to take part, yet its sum has norm "
+                       f"{norms[r]:.3g} (the other rounds' median: {scale:.3g}); the counts do not belong to these sums")  # fmt: skip
 
 
 def _confidence(state: dict, columns: dict, n: int, todo: list[int], separation: float,
