@@ -194,8 +194,29 @@ def test_a_resume_repeats_a_round_that_must_run_whole(tmp_path) -> None:
 @pytest.mark.engines
 def test_nvflare_gives_the_in_process_results_exactly(sequential, tmp_path) -> None:
     pytest.importorskip("nvflare")
-    run_experiment(validate_config({**CONFIG, "engine": {"name": "nvflare", "threads": 1}}), tmp_path / "nvflare")
+
+    class Seen:  # the driver's display, which follows the rows NVFlare's server process writes
+        def __init__(self) -> None:
+            self.events: list[tuple] = []
+
+        def round_started(self, round, clients) -> None:  # noqa: ANN001
+            self.events.append(("start", round, [c.client_id for c in clients]))
+
+        def client_done(self, result) -> None:  # noqa: ANN001
+            self.events.append(("client", result.update.meta.round, result.update.meta.client_id))
+
+        def round_done(self, result, state) -> None:  # noqa: ANN001
+            self.events.append(("done", result.round, result.test_accuracy))
+
+    seen = Seen()
+    config = validate_config({**CONFIG, "engine": {"name": "nvflare", "threads": 1}})
+    run_experiment(config, tmp_path / "nvflare", display=seen)
     _same_run(sequential, tmp_path / "nvflare")
+    rounds = _rows(tmp_path / "nvflare" / "rounds.jsonl")
+    expected = [e for r in rounds for e in [("start", r["round"], r["clients"]),
+                                            *[("client", r["round"], c) for c in r["clients"]],
+                                            ("done", r["round"], r["test_accuracy"])]]  # fmt: skip
+    assert seen.events == expected
 
 
 def test_nvflare_filter_errors_are_recorded_and_withhold_the_update(tmp_path) -> None:

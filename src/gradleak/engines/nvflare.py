@@ -31,6 +31,7 @@ import copy
 import json
 import shutil
 import tempfile
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -56,7 +57,8 @@ from nvflare.recipe.sim_env import SimEnv
 from gradleak.data.partition import ClientData
 from gradleak.engines.client_side import client_simulator, find_client, result_from, update_from, with_meta
 from gradleak.errors import GradleakError
-from gradleak.fl.simulator import ClientResult, Simulator
+from gradleak.fl.simulator import ClientResult, RoundResult, Simulator
+from gradleak.fl.update import ClientUpdate, UpdateMeta
 
 TASK = "train"
 ROW = "gradleak"  # the DXO meta key of a client's row (JSON)
@@ -259,11 +261,18 @@ class NVFlareSimulator(Simulator):
         env = SimEnv(clients=[site(i) for i in ids], num_threads=len(ids), workspace_root=str(workspace),
                      log_config=_quiet_console(workspace))  # fmt: skip
         job = build_job(self.config_json, str(self.run_dir), ids, str(error))
+        display = getattr(kwargs.get("hooks"), "display", None)  # the rows are recorded by the job
+        follower = _Follower(self, display) if display is not None else None
         try:
+            if follower:
+                follower.start()
             env.deploy(job)
         except RuntimeError as exc:
             if not error.exists():
                 raise GradleakError(f"the NVFlare job failed ({exc})") from None
+        finally:
+            if follower:
+                follower.finish()
         if error.exists():
             raise GradleakError(f"the NVFlare job failed: {error.read_text()} (logs: {workspace})")
         store = RunStore(self.run_dir)
@@ -272,6 +281,51 @@ class NVFlareSimulator(Simulator):
             raise GradleakError(f"the NVFlare job ended before round {last_round} (logs: {workspace})")
         shutil.rmtree(workspace, ignore_errors=True)
         return store.load_checkpoint(last_round)
+
+
+class _Follower(threading.Thread):
+    """Shows the job's progress on the driver's display: NVFlare's server process records the
+    rows into the run directory, and this thread reads them back as they appear (it records
+    nothing)."""
+
+    def __init__(self, sim: Simulator, display: Any, every: float = 0.5) -> None:
+        from gradleak.experiments.store import RunStore
+
+        super().__init__(daemon=True)
+        self.sim, self.display, self.every = sim, display, every
+        self.store = RunStore(sim.run_dir)  # type: ignore[attr-defined]
+        self.halt = threading.Event()
+        self.rows, self.rounds = len(self.store.results.read()), len(self.store.rounds.read())
+        self.started = self.rounds  # the last round whose start was shown
+
+    def run(self) -> None:
+        while not self.halt.wait(self.every):
+            self.step()
+
+    def finish(self) -> None:
+        self.halt.set()
+        self.join()
+        self.step()
+
+    def step(self) -> None:
+        try:  # rounds first: a round row read implies its result rows were written before it
+            rounds, results = self.store.rounds.read(), self.store.results.read()
+        except GradleakError:
+            return
+        events = sorted([((r["round"], 0), r) for r in results[self.rows:]] +
+                        [((r["round"], 1), r) for r in rounds[self.rounds:]], key=lambda e: e[0])  # fmt: skip
+        self.rows, self.rounds = len(results), len(rounds)
+        for (r, is_round), row in events:
+            if r > self.started:
+                self.display.round_started(r, self.sim.participants(r))
+                self.started = r
+            if is_round:
+                fields = (row[k] for k in ("round", "clients", "aggregated", "test_accuracy", "test_loss"))
+                self.display.round_done(RoundResult(*fields), {})
+            else:
+                meta = UpdateMeta(row["client"], r, row["num_samples"], row["lr"], row["epochs"], row["steps"],
+                                  row["batch_size"])  # fmt: skip
+                self.display.client_done(ClientResult.from_row(row, ClientUpdate({}, meta)))
 
 
 def _quiet_console(workspace: Path) -> str:
