@@ -73,6 +73,21 @@ def test_run_with_overrides_and_report(tmp_path) -> None:
     assert (out / "report/index.html").exists()
 
 
+def test_a_run_is_reported_after_its_data_has_moved(tmp_path, image_folder) -> None:
+    config = {"name": "moved", "device": "cpu", "data": {"source": "image-folder", "root": str(image_folder),
+              "image_size": 8, "test_fraction": 0.2},
+              "partition": {"scheme": "explicit", "clients": [{"size": 2, "batch_size": 2}, {"size": 2, "batch_size": 1}]},
+              "model": {"name": "mlp", "kwargs": {"hidden": [8]}}, "training": {"rounds": 1}}  # fmt: skip
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
+    out = tmp_path / "run"
+    assert runner.invoke(app, ["run", str(tmp_path / "c.yaml"), "--out", str(out), "-q"]).exit_code == 0
+    image_folder.rename(tmp_path / "elsewhere")  # the report needs the run directory only
+    (out / "report/index.html").unlink()
+    result = runner.invoke(app, ["report", str(out)])
+    assert result.exit_code == 0, result.output
+    assert str(image_folder) in (out / "report/index.html").read_text()  # the config as written
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
