@@ -42,6 +42,7 @@ class Program:
 class Outcome:
     x: np.ndarray | None  # None unless the solver proved an optimal (for c = 0: feasible) point
     status: str  # "optimal", or what stopped the solver, in its own words
+    timed_out: bool = False  # the time limit stopped it (no proof either way)
 
 
 def check_solver(name: str, key: str = "disaggregation.solver") -> None:
@@ -63,7 +64,7 @@ def _highs(p: Program, time_limit: float) -> Outcome:
     res = milp(p.c, constraints=LinearConstraint(p.a, p.row_lb, p.row_ub), integrality=p.integrality,
                bounds=Bounds(p.lb, p.ub), options={"time_limit": time_limit, "disp": False})  # fmt: skip
     if res.status != 0 or res.x is None:
-        return Outcome(None, f"HiGHS status {res.status}: {res.message}")
+        return Outcome(None, f"HiGHS status {res.status}: {res.message}", timed_out=res.status == 1)
     return Outcome(res.x, "optimal")
 
 
@@ -96,7 +97,7 @@ def _scip(p: Program, time_limit: float) -> Outcome:
     m.optimize()
     status = m.getStatus()
     if status != "optimal":
-        return Outcome(None, f"SCIP status {status}")
+        return Outcome(None, f"SCIP status {status}", timed_out=status == "timelimit")
     sol = m.getBestSol()
     return Outcome(np.array([m.getSolVal(sol, v) for v in xs]), "optimal")
 
@@ -124,7 +125,7 @@ def _gurobi(p: Program, time_limit: float) -> Outcome:
                 m.setObjective(p.c @ x, GRB.MINIMIZE)
                 m.optimize()
                 if m.Status != GRB.OPTIMAL:
-                    return Outcome(None, f"Gurobi status {m.Status}")
+                    return Outcome(None, f"Gurobi status {m.Status}", timed_out=m.Status == GRB.TIME_LIMIT)
                 return Outcome(np.asarray(x.X), "optimal")
     except gp.GurobiError as exc:  # e.g. the size-limited licence refusing a large program
         return Outcome(None, f"Gurobi error: {exc}")

@@ -8,6 +8,7 @@ import numpy as np
 from gradleak.attacks.disaggregation.constraints import IllPosed, Interval, ParticipationLog, window_counts
 from gradleak.attacks.disaggregation.core import (
     GAP_MAX,
+    ColumnJournal,
     Confidence,
     Disaggregation,
     SolverFailure,
@@ -26,6 +27,7 @@ def participation_columns(sums: np.ndarray, counts: np.ndarray | ParticipationLo
 
 __all__ = [
     "GAP_MAX",
+    "ColumnJournal",
     "Confidence",
     "Disaggregation",
     "IllPosed",

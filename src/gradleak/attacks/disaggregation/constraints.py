@@ -17,6 +17,8 @@ File layouts (``ParticipationLog.load``):
 from __future__ import annotations
 
 import csv
+import io
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -94,22 +96,25 @@ class ParticipationLog:
     @classmethod
     def load(cls, path: Path, rounds: int, window: int | None = None) -> ParticipationLog:
         """A count matrix (with ``window``) or an interval table (without), from CSV or npz."""
-        if not path.is_file():
-            raise DataError(f"file not found: {path}")
+        from gradleak.safeio import load_npz, read_file
+
         if path.suffix.lower() == ".npz":
-            with np.load(path, allow_pickle=False) as f:
-                if {"client", "start", "end", "count"} <= set(f.files):
-                    table = np.stack([f[k].astype(np.float64) for k in ("client", "start", "end", "count")], 1)
-                    return cls._table(table, rounds, window, path)
-                key = "counts" if "counts" in f.files else f.files[0]
-                return cls._matrix(f[key], rounds, window, path)
-        try:
-            with path.open(newline="") as fh:
-                first = fh.readline()
-            if first.strip().replace(" ", "").lower().startswith("client,start,end,count"):
-                table = np.loadtxt(path, delimiter=",", skiprows=1, ndmin=2)
+            f = load_npz(read_file(path, kind="tensors"), path)
+            if not f:
+                raise DataError(f"{path} holds no arrays")
+            if {"client", "start", "end", "count"} <= set(f):
+                table = np.stack([f[k].astype(np.float64) for k in ("client", "start", "end", "count")], 1)
                 return cls._table(table, rounds, window, path)
-            return cls._matrix(np.loadtxt(path, delimiter=",", ndmin=2), rounds, window, path)
+            return cls._matrix(f["counts"] if "counts" in f else next(iter(f.values())), rounds, window, path)
+        try:
+            text = read_file(path, kind="rows").decode()
+            first = text.split("\n", 1)[0]
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)  # numpy's "input contained no data"
+                if first.strip().replace(" ", "").lower().startswith("client,start,end,count"):
+                    table = np.loadtxt(io.StringIO(text), delimiter=",", skiprows=1, ndmin=2)
+                    return cls._table(table, rounds, window, path)
+                return cls._matrix(np.loadtxt(io.StringIO(text), delimiter=",", ndmin=2), rounds, window, path)
         except (ValueError, UnicodeDecodeError, csv.Error) as exc:
             raise DataError(f"{path} is not a numeric CSV: {exc}".replace("\n", " ")) from None
 

@@ -24,15 +24,17 @@ some intervals of rounds (``ParticipationLog``), as a deployment's analytics giv
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import logging
 import multiprocessing as mp
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -105,15 +107,19 @@ class Disaggregation:
             for k, c in enumerate(self.confidence)
         ]  # fmt: skip
 
-    def save(self, out: Path) -> None:
+    def save(self, out: Any) -> None:
         """``participation.csv``, ``updates.npz`` (``updates``, ``chunk_updates``, ``chunks``) and
-        ``disaggregation.json`` (chunks, time, the spectrum's head, per-client evidence)."""
-        out.mkdir(parents=True, exist_ok=True)
-        np.savetxt(out / "participation.csv", self.participation, fmt="%d", delimiter=",")
-        np.savez_compressed(out / "updates.npz", updates=self.updates, chunk_updates=self.chunk_updates,
-                            chunks=np.array(self.chunks, dtype=np.int64))  # fmt: skip
+        ``disaggregation.json`` (chunks, time, the spectrum's head, per-client evidence), written
+        into ``out`` (a ``rundir.OwnedDir`` or ``SubDir``) atomically, the summary last."""
+        from gradleak.safeio import npz_bytes
+
+        text = io.StringIO()
+        np.savetxt(text, self.participation, fmt="%d", delimiter=",")
+        out.write_text("participation.csv", text.getvalue())
+        out.write_bytes("updates.npz", npz_bytes(updates=self.updates, chunk_updates=self.chunk_updates,
+                                                 chunks=np.array(self.chunks, dtype=np.int64)))  # fmt: skip
         t, n = self.participation.shape
-        (out / "disaggregation.json").write_text(json.dumps({
+        out.write_text("disaggregation.json", json.dumps({
             "rounds": int(t), "clients": int(n), "chunks": [list(c) for c in self.chunks],
             "seconds": self.seconds, "certain_clients": int(self.certain.sum()), "per_client": self.per_client(),
             "singular_values": self.singular_values[: n + 5].tolist(),
@@ -148,9 +154,13 @@ def _column(job: tuple) -> tuple[int, int, Column]:
     search = ColumnSearch(chunk["q"], gid, gcounts)
     seed = 1000 * c + k
     name, (lo, hi) = st["names"][k], chunk["rounds"]
+    timed_out = f"the solver ran out of time ({st['time_limit']:g} s): the column comes from the search alone"
     if chunk["exact"]:
         prog = exact_program(hi - lo, *chunk["pivots"], a_rows, counts)
         out = solve(prog, solver=st["solver"], time_limit=st["time_limit"])
+        if out.x is None and out.timed_out:  # no proof either way: the search's best, not certain
+            col = search.solve(starts=st["starts"], seed=seed, a_rows=a_rows, counts=counts)
+            return c, k, replace(col, note=timed_out)
         if out.x is None:
             raise SolverFailure(f"client {name}, rounds {lo}-{hi - 1}: {out.status}")
         given = ("exact-milp", np.round(out.x).astype(np.int64))
@@ -165,27 +175,34 @@ def _column(job: tuple) -> tuple[int, int, Column]:
         if out.x is not None:
             given = ("l1-milp", np.round(out.x[: hi - lo]).astype(np.int64))
             col = search.solve(starts=st["starts"], seed=seed + 2, a_rows=a_rows, counts=counts, given=given)
+        elif out.timed_out:
+            col = replace(col, note=timed_out)
     return c, k, col
 
 
-def _run_jobs(jobs: list[tuple], state: dict, workers: int,
-              progress: Callable[[int, int], None] | None) -> list[tuple[int, int, Column]]:  # fmt: skip
-    """Run the jobs, in worker processes when ``workers > 1``; the first failure stops them all."""
+def _run_jobs(jobs: list[tuple], state: dict, workers: int, progress: Callable[[int, int], None] | None,
+              done: Callable[[tuple[int, int, Column]], None] | None = None) -> list[tuple[int, int, Column]]:  # fmt: skip
+    """Run the jobs, in worker processes when ``workers > 1``, handing each result to ``done`` as
+    it arrives; the first failure stops them all."""
     out: list[tuple[int, int, Column]] = []
+
+    def arrived(res: tuple[int, int, Column]) -> None:
+        out.append(res)
+        if done:
+            done(res)
+        if progress:
+            progress(len(out), len(jobs))
+
     if workers <= 1 or len(jobs) <= 1:
         _use_state(state)
         for job in jobs:
-            out.append(_column(job))
-            if progress:
-                progress(len(out), len(jobs))
+            arrived(_column(job))
         return out
     ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context()
     pool = ctx.Pool(workers, initializer=_use_state, initargs=(state,))
     try:
         for res in pool.imap_unordered(_column, jobs):
-            out.append(res)
-            if progress:
-                progress(len(out), len(jobs))
+            arrived(res)
     except BaseException:
         pool.terminate()  # stop the other clients now, not after their own time limits
         raise
@@ -229,6 +246,7 @@ def disaggregate(
     starts: int = 8,
     only: list[int] | None = None,
     progress: Callable[[int, int], None] | None = None,
+    journal: ColumnJournal | None = None,
 ) -> Disaggregation:
     """Recover the participation matrix and every client's update from round sums and counts.
 
@@ -247,6 +265,8 @@ def disaggregate(
         only: solve these columns only (e.g. to time large federations); the others stay 0 and
             no updates are computed.
         progress: called with (columns done, columns to do).
+        journal: where each finished column is kept as it completes; columns it already holds
+            for these same inputs are not solved again (a re-run continues).
     """
     start = time.perf_counter()
     check_solver(solver, key="solver")
@@ -299,8 +319,18 @@ def disaggregate(
     log.info("disaggregating %d rounds of %d clients in %d chunk(s) of %s rounds, %d worker(s)",
              t, n, len(chunks), "/".join(str(b - a) for a, b in chunks[:3]), workers)  # fmt: skip
 
+    kept: dict[tuple[int, int, int], Column] = {}
+    record = None
+    if journal is not None:
+        kept = journal.open(_fingerprint(sums, plog, chunks, solver, time_limit, starts, todo))
+        record = journal.add
     jobs = [(c, k, 1, None) for c, ch in enumerate(state["chunks"]) for k in ch["active"] if k in todo]
-    columns = {(c, k): col for c, k, col in _run_jobs(jobs, state, workers, progress)}
+    columns = {(c, k): kept[(c, k, 1)] for c, k, _, _ in jobs if (c, k, 1) in kept}
+    if columns:
+        log.info("continuing: %d of %d columns already solved", len(columns), len(jobs))
+    fresh = [j for j in jobs if (j[0], j[1]) not in columns]
+    columns.update({(c, k): col for c, k, col in _run_jobs(fresh, state, workers, progress,
+                                                            record and (lambda r: record(1, r)))})  # fmt: skip
     # phase 2: clients far above their chunk's median residual
     retry = []
     for c, ch in enumerate(state["chunks"]):
@@ -312,7 +342,10 @@ def disaggregate(
                   if (c, k) in columns and columns[(c, k)].residual > state["outlier"][c]]  # fmt: skip
     if retry:
         log.info("searching harder for %d column(s) far from their chunk's column space", len(retry))
-        columns.update({(c, k): col for c, k, col in _run_jobs(retry, state, workers, None)})
+        columns.update({(c, k): kept[(c, k, 2)] for c, k, _, _ in retry if (c, k, 2) in kept})
+        again = [j for j in retry if (j[0], j[1], 2) not in kept]
+        columns.update({(c, k): col for c, k, col in _run_jobs(again, state, workers, None,
+                                                                record and (lambda r: record(2, r)))})  # fmt: skip
 
     participation = np.zeros((t, n), dtype=np.int64)
     for (c, k), col in columns.items():
@@ -343,6 +376,56 @@ def disaggregate(
             raise UncertainColumns(f"{len(uncertain)} of {len(todo)} clients' columns are not certain: {text}{more}")
         log.warning("%d of %d clients' columns are not certain: %s%s", len(uncertain), len(todo), text, more)
     return result
+
+
+def _fingerprint(sums: np.ndarray, plog: ParticipationLog, chunks: list, solver: str, time_limit: float,
+                 starts: int, todo: list[int]) -> str:  # fmt: skip
+    """What the columns depend on: a journal written for other inputs is not reused."""
+    h = hashlib.sha256(np.ascontiguousarray(sums).tobytes())
+    h.update(repr((plog, chunks, solver, float(time_limit), starts, todo)).encode())
+    return h.hexdigest()
+
+
+class ColumnJournal:
+    """Finished columns, one JSON line each as it completes, in a file of an owned directory
+    (``owner``: a ``rundir.OwnedDir`` or ``SubDir``; ``name``: the file). The first line is the
+    inputs' fingerprint: a journal of other inputs is started afresh."""
+
+    def __init__(self, owner: Any, name: str = "columns.jsonl") -> None:
+        self.owner, self.name = owner, name
+
+    def open(self, fingerprint: str) -> dict[tuple[int, int, int], Column]:
+        """The columns kept for these inputs (chunk, client, phase) -> Column; a journal of other
+        inputs, or a damaged one, is replaced by an empty one."""
+        from gradleak.errors import DataError
+        from gradleak.safeio import parse_json
+
+        kept: dict[tuple[int, int, int], Column] = {}
+        if self.owner.exists(self.name):
+            try:
+                data = self.owner.read_bytes(self.name, kind="rows")
+                lines = data[: data.rfind(b"\n") + 1].splitlines()
+                if lines and parse_json(lines[0], self.name) == {"fingerprint": fingerprint}:
+                    for line in lines[1:]:
+                        e = parse_json(line, self.name)
+                        col = Column(np.asarray(e["p"], dtype=np.int64), float(e["residual"]), float(e["runner_up"]),
+                                     int(e["runner_up_distance"]), str(e["method"]), float(e["flip_cost"]), str(e["note"]))  # fmt: skip
+                        kept[(int(e["chunk"]), int(e["client"]), int(e["phase"]))] = col
+            except (DataError, KeyError, TypeError, ValueError):
+                kept = {}
+        lines = [json.dumps({"fingerprint": fingerprint})] + [self._line(key, col) for key, col in kept.items()]
+        self.owner.write_text(self.name, "".join(line + "\n" for line in lines))
+        return kept
+
+    @staticmethod
+    def _line(key: tuple[int, int, int], col: Column) -> str:
+        c, k, phase = key
+        row = {**asdict(col), "p": col.p.tolist(), "chunk": c, "client": k, "phase": phase}
+        return json.dumps(row)
+
+    def add(self, phase: int, result: tuple[int, int, Column]) -> None:
+        c, k, col = result
+        self.owner.append(self.name, (self._line((c, k, phase), col) + "\n").encode())
 
 
 def _check_empty_rounds(sums: np.ndarray, plog: ParticipationLog) -> None:
@@ -385,6 +468,8 @@ def _confidence(state: dict, columns: dict, n: int, todo: list[int], separation:
             elif c in state["outlier"] and col.residual > state["outlier"][c]:
                 reasons.append(f"{where}: its column is {col.residual:.3g} from the column space, far above "
                                "the other clients'")  # fmt: skip
+            if col.note:
+                reasons.append(f"{where}: {col.note}")
             twins = [j for a, b in ch["log"].twins() for j in (a, b) if k in (a, b) and j != k]
             if twins:
                 reasons.append(f"{where}: client {names[twins[0]]} has the same counts (their columns can be exchanged)")

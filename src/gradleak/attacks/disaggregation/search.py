@@ -35,6 +35,7 @@ class Column:
     runner_up_distance: int  # rounds in which the runner-up differs
     method: str  # how p was found
     flip_cost: float = 1.0  # 1 - n/T: what changing one round costs on exact sums
+    note: str = ""  # why the column is not to be trusted whatever its separation (a solver time-out)
 
     @property
     def separation(self) -> float:
