@@ -9,7 +9,7 @@ import pytest
 import torch
 from skimage.metrics import structural_similarity
 
-from gradleak.audit import rdlv, rdlv_matrix
+from gradleak.audit import rdlv
 from gradleak.experiments import RunStore, run_experiment
 from gradleak.experiments.config import validate_config
 
@@ -29,26 +29,47 @@ def _images():
     return truth, prior, recon
 
 
+def _formula(recon, prior, truth, r: int, i: int) -> float:
+    s, p = _ssim(recon[r], truth[i]), _ssim(prior[r], truth[i])
+    return (s - p) / abs(p)
+
+
 def test_rdlv_formula_on_hand_made_images() -> None:
     truth, prior, recon = _images()
-    m = rdlv_matrix(recon, prior, truth, "ssim")
-    for r in range(2):
-        for i in range(2):
-            s, p = _ssim(recon[r], truth[i]), _ssim(prior[r], truth[i])
-            assert float(m[r, i]) == pytest.approx((s - p) / abs(p), rel=1e-6)
     out = rdlv(recon, prior, truth)
-    # Each image's best reconstruction is its most similar one: 0 is of image 1, 1 of image 0.
+    # Each image is paired with its own reconstruction: 0 is of image 1, 1 of image 0.
     assert out.best == [1, 0]
-    assert out.value == pytest.approx(max(float(m[1, 0]), float(m[0, 1])))
-    assert rdlv(recon, prior, truth, reduce="min").value == pytest.approx(min(float(m[1, 0]), float(m[0, 1])))
+    expected = [_formula(recon, prior, truth, 1, 0), _formula(recon, prior, truth, 0, 1)]
+    assert out.per_image == pytest.approx(expected, rel=1e-6)
+    assert out.value == pytest.approx(max(expected), rel=1e-6)
+    assert rdlv(recon, prior, truth, reduce="min").value == pytest.approx(min(expected), rel=1e-6)
 
 
 def test_rdlv_is_zero_when_nothing_was_learned_and_mse_variant() -> None:
     truth, prior, _ = _images()
     assert rdlv(prior, prior, truth).value == pytest.approx(0.0, abs=1e-12)
-    m = rdlv_matrix(truth, prior, truth, "mse")
-    p = float(((prior[0] - truth[0]) ** 2).mean())
-    assert float(m[0, 0]) == pytest.approx((p - 0.0) / p)  # all the error removed: 1
+    out = rdlv(truth, prior, truth, metric="mse")
+    p = [float(((prior[i] - truth[i]) ** 2).mean()) for i in range(2)]
+    assert out.per_image == pytest.approx([(p[0] - 0.0) / p[0], (p[1] - 0.0) / p[1]])  # all the error removed: 1
+
+
+def test_scoring_a_large_batch_costs_one_ssim_per_image(monkeypatch) -> None:
+    """Batch 300: the matching pairs every image with its own (shuffled, noisy) reconstruction, and
+    SSIM is computed on exactly 300 pairs (once for the reconstructions, once for the priors), not
+    300 x 300."""
+    from gradleak.metrics import image
+
+    g = torch.Generator().manual_seed(1)
+    truth = torch.rand(300, 1, 8, 8, generator=g)
+    perm = torch.randperm(300, generator=g)
+    recon = (truth[perm] + 0.02 * torch.randn(300, 1, 8, 8, generator=g)).clamp(0, 1)
+    prior = torch.full_like(truth, 0.5)
+    pairs = []
+    real = image.structural_similarity
+    monkeypatch.setattr(image, "structural_similarity", lambda *a, **k: pairs.append(1) or real(*a, **k))
+    out = rdlv(recon, prior, truth)
+    assert torch.equal(perm[torch.as_tensor(out.best)], torch.arange(300))
+    assert len(pairs) == 600
 
 
 def _audited(threshold=None, clients=(1,), rounds=2, defenses=()):

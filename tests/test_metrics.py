@@ -73,7 +73,15 @@ def test_matching_pairs_each_original_with_its_reconstruction() -> None:
     expected = psnr(recon[torch.as_tensor(idx)], truth)
     assert torch.allclose(s.psnr, expected)
     assert float(s.psnr.mean()) > 25
-    assert assign(recon, truth, by="mse").tolist() == idx.tolist()
+
+
+def test_the_matching_cost_is_every_pair_s_mean_squared_error() -> None:
+    from gradleak.metrics import distances
+
+    g = torch.Generator().manual_seed(3)
+    recon, truth = torch.rand(7, 3, 5, 5, generator=g), torch.rand(4, 3, 5, 5, generator=g)
+    expected = torch.stack([torch.stack([mse(recon[i : i + 1], truth[j : j + 1])[0] for j in range(4)]) for i in range(7)])
+    assert torch.allclose(distances(recon, truth), expected, atol=1e-12)
 
 
 def test_label_accuracy_is_order_free() -> None:

@@ -2,6 +2,6 @@
 
 from gradleak.audit.config import AuditConfig
 from gradleak.audit.filter import LeakageAudit
-from gradleak.audit.rdlv import RDLV, rdlv, rdlv_matrix
+from gradleak.audit.rdlv import RDLV, rdlv
 
-__all__ = ["RDLV", "AuditConfig", "LeakageAudit", "rdlv", "rdlv_matrix"]
+__all__ = ["RDLV", "AuditConfig", "LeakageAudit", "rdlv"]
