@@ -97,7 +97,7 @@ def test_a_run_is_reported_after_its_data_has_moved(tmp_path, image_folder) -> N
          "error: data.root: Path does not point to a directory"),
         (["run", "{demo}", "--set", "partition.clients.2.size=5000"],
          "error: partition.clients: the clients ask for 5809 training images but the data source has 1438"),
-        (["report", "{tmp}"], "is not a run directory"),
+        (["report", "{tmp}"], "is not a gradleak run directory"),
     ],
 )
 def test_errors_are_one_line_with_status_2(tmp_path, args, message) -> None:

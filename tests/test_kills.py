@@ -1,10 +1,11 @@
 """Kill-and-resume at every file operation of one small run, and concurrent runs on one directory.
 
 A run is started in a child process that dies (``os._exit``, as kill -9 would leave it) just
-before its k-th file operation, for every k in turn; ``--resume`` must then finish it with the
+before its k-th change to the run directory (a manifest entry, a directory, a temporary file, a
+rename, an append, a deletion), for every k in turn; ``--resume`` must then finish it with the
 uninterrupted run's results and one timing row per result row, leaving no temporary or pending
-file behind. The small run has 61 such operations (about 13 s a trial, cut and resume, on 2
-cores); CI tries every 5th of them and the last (GRADLEAK_KILL_EVERY=1 tries all).
+file behind. CI tries an evenly spaced sample of about 14 of them and the last (about 13 s a trial,
+cut and resume, on 2 cores); GRADLEAK_KILL_EVERY=1 tries all.
 """
 
 from __future__ import annotations
@@ -30,49 +31,21 @@ CONFIG = {
     "engine": {"threads": 1},
 }
 
-# Runs ``gradleak run`` in this process, counting the file operations that change the run
-# directory, and dies just before operation KILL_AT (0: never; the count is printed at the end).
+# Runs ``gradleak run`` in this process, counting the changes to the run directory (every one goes
+# through ``gradleak.rundir``, whose ``on_change`` hook sees it first), and dies just before change
+# KILL_AT (0: never; the count is printed at the end).
 CHILD = r"""
-import builtins, os, shutil, sys
-from pathlib import Path
-import safetensors.torch
+import os, sys
+from gradleak import rundir
 
 kill_at, count = int(os.environ["KILL_AT"]), [0]
-run_dir = os.environ["RUN_DIR"]
 
-def ours(path):
-    return str(path).startswith(run_dir)
+def step(op, rel):
+    count[0] += 1
+    if count[0] == kill_at:
+        os._exit(137)
 
-def step(path):
-    if ours(path):
-        count[0] += 1
-        if count[0] == kill_at:
-            os._exit(137)
-
-def wrap(fn, arg=0, writes=None):
-    def inner(*a, **k):
-        path = a[arg] if len(a) > arg else k.get("file", k.get("filename", ""))
-        if writes is None or writes(a, k):
-            step(path)
-        return fn(*a, **k)
-    return inner
-
-def writing(a, k):
-    mode = a[1] if len(a) > 1 else k.get("mode", "r")
-    return any(c in mode for c in "wax+")
-
-builtins.open = wrap(builtins.open, writes=writing)
-Path.open = wrap(Path.open, writes=writing)
-Path.write_text = wrap(Path.write_text)
-Path.write_bytes = wrap(Path.write_bytes)
-Path.replace = wrap(Path.replace)
-Path.unlink = wrap(Path.unlink)
-Path.mkdir = wrap(Path.mkdir)
-Path.rmdir = wrap(Path.rmdir)
-os.replace = wrap(os.replace)
-os.rename = wrap(os.rename)
-shutil.rmtree = wrap(shutil.rmtree)
-safetensors.torch.save_file = wrap(safetensors.torch.save_file, arg=1)
+rundir.on_change = step
 
 from gradleak.cli import app
 try:
@@ -100,9 +73,9 @@ def test_a_kill_at_every_file_operation_resumes_to_the_same_results(tmp_path: Pa
     done = _run(["run", str(config), "--out", str(whole), "-q"], whole, 0)
     assert done.returncode == 0, done.stderr
     operations = int(done.stdout.split("OPERATIONS")[-1])
-    assert operations > 20  # config, checkpoints, updates, rows, report: every one is a trial
+    assert operations > 60  # manifest, config, checkpoints, updates, rows, report: every one is a trial
     expected = _outputs(whole)
-    every = int(os.environ.get("GRADLEAK_KILL_EVERY", "5"))
+    every = int(os.environ.get("GRADLEAK_KILL_EVERY", str(max(1, operations // 14))))
     for k in sorted({*range(1, operations + 1, every), operations}):
         run = tmp_path / f"cut{k}"
         cut = _run(["run", str(config), "--out", str(run), "-q"], run, k)

@@ -14,7 +14,6 @@ import yaml
 
 from gradleak.errors import ConfigError, GradleakError
 from gradleak.experiments import RunStore, load_config, run_experiment
-from gradleak.experiments.store import JsonLines
 from gradleak.experiments.config import validate_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -123,7 +122,8 @@ def test_a_torn_last_line_is_no_row_and_resume_cuts_it(tmp_path, name) -> None:
     run_experiment(cfg, tmp_path / "whole")
     with pytest.raises(KeyboardInterrupt):
         run_experiment(cfg, tmp_path / "cut", display=_Counter(stop_after=7))
-    torn = JsonLines(tmp_path / "cut" / name)
+    store = RunStore(tmp_path / "cut")
+    torn = store.results if name == "results.jsonl" else store.rounds
     rows = len(torn.read())
     with torn.path.open("a") as f:
         f.write('{"round": 3, "cli')  # what kill -9 in the middle of a write leaves
@@ -132,35 +132,47 @@ def test_a_torn_last_line_is_no_row_and_resume_cuts_it(tmp_path, name) -> None:
     _same_outputs(tmp_path / "whole", tmp_path / "cut")
 
 
-def test_a_start_killed_before_checkpoint_0_resumes_and_leftovers_go(tmp_path) -> None:
+def test_a_start_killed_before_checkpoint_0_resumes_and_leftovers_go(tmp_path, monkeypatch) -> None:
+    """Killed between checkpoint 0's temporary file and its rename: the run resumes, gradleak's
+    leftovers (listed in its manifest) go, and files it did not write stay untouched."""
+    from gradleak import rundir
+
     cfg = validate_config(SMALL)
     run_experiment(cfg, tmp_path / "whole")
-    store = RunStore(tmp_path / "cut")
-    store.write_config(cfg.resolved())  # killed here: the config is written, checkpoint 0 is not
-    (tmp_path / "cut/checkpoints/stray.tmp").write_bytes(b"torn")  # a temporary file of a killed write
+
+    def killed(op: str, rel: str) -> None:
+        if (op, rel) == ("rename", "checkpoints/global_0000.safetensors"):
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(rundir, "on_change", killed)
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(cfg, tmp_path / "cut")
+    monkeypatch.setattr(rundir, "on_change", None)
+    assert (tmp_path / "cut/checkpoints/global_0000.safetensors.tmp").exists()
+    (tmp_path / "cut/checkpoints/mine.tmp").write_bytes(b"the user's")  # not gradleak's: never deleted
     with pytest.raises(GradleakError, match="already holds a run: pass --resume"):
         run_experiment(cfg, tmp_path / "cut")
     run_experiment(cfg, tmp_path / "cut", resume=True)
     _same_outputs(tmp_path / "whole", tmp_path / "cut")
-    assert not list((tmp_path / "cut").rglob("*.tmp"))
-    stray = tmp_path / "cut/pending/round_0002/client_1.safetensors"  # a pending update of a finished round
-    stray.parent.mkdir(parents=True)
-    stray.write_bytes(b"x")
+    assert [p.name for p in (tmp_path / "cut").rglob("*.tmp")] == ["mine.tmp"]
+    assert (tmp_path / "cut/checkpoints/mine.tmp").read_bytes() == b"the user's"
+    # a pending update of a finished round that gradleak wrote (and listed) goes on resume
+    RunStore(tmp_path / "cut").claim().dir.write_bytes("pending/round_0002/client_1.safetensors", b"x")
     run_experiment(cfg, tmp_path / "cut", resume=True)
-    assert not (tmp_path / "cut/pending/round_0002").exists()
+    assert not (tmp_path / "cut/pending").exists()
     _same_outputs(tmp_path / "whole", tmp_path / "cut")
 
 
 def test_a_run_directory_belongs_to_one_process(tmp_path) -> None:
     cfg = validate_config({**SMALL, "training": {"rounds": 1}})
-    store = RunStore(tmp_path / "run")
+    store = RunStore(tmp_path / "run").claim()
     held = store.lock()  # as another gradleak process would hold it
     with pytest.raises(GradleakError, match="is in use by another gradleak process"):
         run_experiment(cfg, tmp_path / "run")
     RunStore.unlock(held)
     run_experiment(cfg, tmp_path / "run")
     (tmp_path / "file").write_text("x")
-    with pytest.raises(GradleakError, match="is a file, not a run directory"):
+    with pytest.raises(GradleakError, match="is a file, not a directory"):
         run_experiment(cfg, tmp_path / "file")
 
 

@@ -188,26 +188,28 @@ def attack(
 ) -> None:
     """Reconstruct a client's images from a saved update, as an honest-but-curious server would."""
     from gradleak.attacks import preset
-    from gradleak.attacks.offline import attack_saved_update
+    from gradleak.attacks.offline import attack_saved_update, load_saved_update
     from gradleak.experiments.config import parse_override
 
     try:
-        settings = preset(preset_name, **dict(parse_override(o) for o in set_ or []))
         from gradleak.experiments.runner import resolve_device
 
-        kwargs = dict(model=model, global_path=global_path, update_path=update_path, meta_path=meta_path,
-                      settings=settings, out=out, truth_path=truth, prior_path=prior, seed=seed,
-                      device=resolve_device(device))  # fmt: skip
+        settings = preset(preset_name, **dict(parse_override(o) for o in set_ or []))
+        saved = load_saved_update(model=model, global_path=global_path, update_path=update_path,
+                                  meta_path=meta_path, out=out, truth_path=truth, prior_path=prior)  # fmt: skip
+        kwargs = dict(seed=seed, device=resolve_device(device))
         if quiet:
-            summary = attack_saved_update(**kwargs)
+            summary = attack_saved_update(saved, settings, **kwargs)
         else:
             with _progress(TextColumn("loss {task.fields[loss]:.4g}")) as progress:
                 task = progress.add_task(preset_name, total=settings.iterations, loss=float("nan"))
                 summary = attack_saved_update(
-                    **kwargs, progress=lambda i, loss: progress.update(task, completed=i, loss=loss)
+                    saved, settings, **kwargs, progress=lambda i, loss: progress.update(task, completed=i, loss=loss)
                 )
     except KeyboardInterrupt:
         _interrupted(f"; {out} may hold partial files")
+    except OSError as exc:
+        _fail(_os_error(exc, out))
     except GradleakError as exc:
         _fail(exc)
     line = f"labels {summary['labels']} ({summary['label_strategy']}), {summary['seconds']:.1f} s"
@@ -244,7 +246,7 @@ def sweep(
     """Run one experiment per value (a grid for several keys), resumably; then report the curve and
     the recommended strength (the smallest meeting the leakage level within the accuracy budget)."""
     from gradleak.experiments.sweep import run_sweep
-    from gradleak.report.html import build_run_report, build_sweep_report
+    from gradleak.report.html import build_run_report, build_sweep_report, sweep_summary
 
     _setup_logging(False)
 
@@ -256,7 +258,7 @@ def sweep(
     try:
         sweep_dir = run_sweep(config, set_ or [], out, execute=execute)
         page = build_sweep_report(sweep_dir, level, accuracy_budget)
-        verdict = json.loads((page.parent / "summary.json").read_text()).get("recommendation", {}).get("verdict")
+        verdict = sweep_summary(sweep_dir, level, accuracy_budget).get("recommendation", {}).get("verdict")
         if verdict:
             console.print(verdict, highlight=False, soft_wrap=True, markup=False)
         console.print(f"report: {page}", highlight=False, soft_wrap=True, markup=False)
@@ -274,9 +276,10 @@ def report(
 ) -> None:
     """Build (or rebuild) the HTML report of a run or of a sweep."""
     from gradleak.report.html import build_run_report, build_sweep_report
+    from gradleak.rundir import OwnedDir
 
     try:
-        if (run_dir / "sweep.json").exists():
+        if run_dir.is_dir() and OwnedDir(run_dir).manifest_kind() == "sweep":
             page = build_sweep_report(run_dir, level, accuracy_budget)
         else:
             page = build_run_report(run_dir)
@@ -290,17 +293,19 @@ def report(
 
 
 def _read_matrix(path: Path, name: str) -> np.ndarray:
-    from gradleak.errors import DataError
+    import io
 
-    if not path.is_file():
-        raise DataError(f"file not found: {path}")
+    from gradleak.errors import DataError
+    from gradleak.safeio import load_npz, read_file
+
     if path.suffix.lower() == ".npz":
-        with np.load(path, allow_pickle=False) as f:
-            key = name if name in f.files else f.files[0]
-            return f[key]
+        f = load_npz(read_file(path, kind="tensors"), path)
+        if not f:
+            raise DataError(f"{path} holds no arrays")
+        return f[name] if name in f else next(iter(f.values()))
     try:
-        return np.loadtxt(path, delimiter=",", ndmin=2)
-    except ValueError as exc:
+        return np.loadtxt(io.StringIO(read_file(path, kind="rows").decode()), delimiter=",", ndmin=2)
+    except (ValueError, UnicodeDecodeError) as exc:
         raise DataError(f"{path} is not a numeric CSV matrix: {exc}") from None
 
 
@@ -324,30 +329,36 @@ def disaggregate(
     quiet: QuietOpt = False,
 ) -> None:
     """Recover who took part in which round, and each client's update, from secure-aggregation sums."""
-    from gradleak.attacks.disaggregation import ParticipationLog
+    from gradleak.attacks.disaggregation import ColumnJournal, ParticipationLog
     from gradleak.attacks.disaggregation import disaggregate as run
+    from gradleak.rundir import OwnedDir
 
     _setup_logging(False)
+    owner = OwnedDir(out, "disaggregation")
     try:
         if on_uncertain not in ("warn", "fail"):
             raise GradleakError(f"--on-uncertain: {on_uncertain!r} is not one of warn, fail")
+        owner.check_claimable()  # before any work: a foreign or unwritable --out fails now
         s = _read_matrix(sums, "sums")
         if not np.issubdtype(s.dtype, np.number) or not np.isfinite(s).all():
             raise GradleakError(f"{sums}: the sums hold NaN or infinite values (or are not numbers)")
         plog = ParticipationLog.load(counts, rounds=s.shape[0], window=window)
+        owner.claim()
         kwargs = dict(chunk=chunk, workers=workers, time_limit=time_limit, solver=solver, separation=separation,
-                      on_uncertain=on_uncertain)  # fmt: skip
+                      on_uncertain=on_uncertain, journal=ColumnJournal(owner))  # fmt: skip
         if quiet:
             result = run(s, plog, **kwargs)
         else:
             with _progress() as progress:
                 task = progress.add_task("columns", total=None)
                 result = run(s, plog, **kwargs, progress=lambda i, n: progress.update(task, completed=i, total=n))
+        result.save(owner)
     except KeyboardInterrupt:
-        _interrupted("; nothing was written")
+        _interrupted(f"; the columns solved so far are kept in {out}: run the same command again to continue")
+    except OSError as exc:
+        _fail(_os_error(exc, out))
     except GradleakError as exc:
         _fail(exc)
-    result.save(out)
     certain = int(result.certain.sum())
     n = result.participation.shape[1]
     console.print(f"recovered {n} clients over {result.participation.shape[0]} rounds in {len(result.chunks)} "

@@ -14,3 +14,11 @@ def main() -> None:
     except KeyboardInterrupt:
         sys.stderr.write("interrupted\n")
         raise SystemExit(130) from None
+    except (Exception, SystemExit) as exc:
+        from gradleak import plugins
+
+        line = plugins.blame(exc)
+        if line is None:
+            raise
+        sys.stderr.write(f"error: {line}\n")
+        raise SystemExit(2) from None

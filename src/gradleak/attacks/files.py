@@ -5,7 +5,7 @@ Tensors come from safetensors, npz (no pickles) or ``.pt`` files read with ``wei
 
 from __future__ import annotations
 
-import json
+import io
 import math
 from pathlib import Path
 from typing import Literal
@@ -15,42 +15,45 @@ import torch
 from pydantic import Field, ValidationError, model_validator
 
 from gradleak.errors import ConfigError, DataError
-from gradleak.fl.update import UpdateMeta
+from gradleak.fl.update import FLOAT_DTYPES, INT_DTYPES, UpdateMeta
+from gradleak.safeio import load_npz, load_safetensors, read_file, read_json
 from gradleak.schema import Section
 
 
 def load_tensors(path: Path) -> dict[str, torch.Tensor]:
-    """A name -> tensor mapping from .safetensors, .npz or .pt/.pth (weights only), every value
-    finite: an attack on NaN or infinite weights would only produce garbage."""
+    """A name -> tensor mapping from .safetensors, .npz or .pt/.pth (weights only), every tensor
+    of a supported dtype (float16, bfloat16, float32, float64 or an integer) and finite: an attack
+    on NaN or infinite weights would only produce garbage."""
     tensors = _read_tensors(path)
     for name, t in tensors.items():
-        if (t.is_floating_point() or t.is_complex()) and not torch.isfinite(t).all():
+        if t.dtype not in (*FLOAT_DTYPES, *INT_DTYPES):
+            raise DataError(f"{path}: tensor {name!r} is {str(t.dtype).replace('torch.', '')}, not a supported dtype "
+                            "(float16, bfloat16, float32, float64 or an integer type)")  # fmt: skip
+        if t.is_floating_point() and not torch.isfinite(t).all():
             raise DataError(f"{path}: {name} holds NaN or infinite values")
     return tensors
 
 
 def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
-    if not path.is_file():
-        raise DataError(f"file not found: {path}")
     suffix = path.suffix.lower()
+    if suffix not in (".safetensors", ".npz", ".pt", ".pth"):
+        raise DataError(f"{path}: unsupported tensor file (use .safetensors, .npz or .pt)")
+    data = read_file(path, kind="tensors")
+    if suffix == ".safetensors":
+        return load_safetensors(data, path)[0]
+    if suffix == ".npz":
+        arrays = load_npz(data, path)
+        bad = next((k for k, a in arrays.items() if a.dtype.kind not in "fiub" or a.dtype.byteorder == ">"), None)
+        if bad is not None:
+            raise DataError(f"{path}: array {bad!r} is {arrays[bad].dtype}, not a supported dtype")
+        return {k: torch.from_numpy(np.ascontiguousarray(a)) for k, a in arrays.items()}
     try:
-        if suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            return load_file(str(path))
-        if suffix == ".npz":
-            with np.load(path, allow_pickle=False) as f:
-                return {k: torch.from_numpy(f[k].copy()) for k in f.files}
-        if suffix in (".pt", ".pth"):
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-            if isinstance(obj, dict) and all(isinstance(v, torch.Tensor) for v in obj.values()):
-                return dict(obj)
-            raise DataError(f"{path} does not hold a mapping of names to tensors")
-    except DataError:
-        raise
+        obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any reader error becomes one clear line
         raise DataError(f"cannot read {path}: {exc}".replace("\n", " ")) from None
-    raise DataError(f"{path}: unsupported tensor file (use .safetensors, .npz or .pt)")
+    if isinstance(obj, dict) and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
+        return dict(obj)
+    raise DataError(f"{path} does not hold a mapping of names to tensors")
 
 
 class UpdateMetadata(Section):
@@ -101,12 +104,8 @@ class UpdateMetadata(Section):
 
 
 def load_metadata(path: Path) -> UpdateMetadata:
-    if not path.is_file():
-        raise DataError(f"metadata file not found: {path}")
     try:
-        return UpdateMetadata.model_validate(json.loads(path.read_text()))
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{path} is not valid JSON: {exc}") from None
+        return UpdateMetadata.model_validate(read_json(path))
     except ValidationError as exc:
         err = exc.errors()[0]
         key = ".".join(str(p) for p in err["loc"]) or "meta"

@@ -6,6 +6,7 @@ Everything written (reconstructions are private data) goes into the output direc
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,9 @@ from gradleak.attacks.view import ServerView
 from gradleak.errors import DataError
 from gradleak.metrics import score
 from gradleak.models import build_model
-from gradleak.report.images import save_grid
+from gradleak.report.images import grid_png
+from gradleak.rundir import OwnedDir
+from gradleak.safeio import npz_bytes
 
 
 def load_truth(path: Path, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -45,22 +48,31 @@ def load_prior(path: Path, shape: tuple[int, int, int]) -> torch.Tensor:
     return torch.from_numpy(read_image(path, shape[1], shape[0]))[None]
 
 
-def attack_saved_update(
+@dataclass(frozen=True)
+class SavedUpdate:
+    """A saved update, read and checked: what the server sees, the output directory (claimed),
+    and the optional true images and starting image."""
+
+    view: ServerView
+    owner: OwnedDir
+    truth: tuple[torch.Tensor, torch.Tensor | None] | None
+    prior: torch.Tensor | None
+
+
+def load_saved_update(
     *,
     model: str,
     global_path: Path,
     update_path: Path,
     meta_path: Path,
-    settings: AttackSettings,
     out: Path,
     truth_path: Path | None = None,
     prior_path: Path | None = None,
-    seed: int = 0,
-    device: str = "cpu",
-    progress: Progress | None = None,
-) -> dict[str, Any]:
-    """Run the attack on saved files and write ``out/reconstruction.npz``, ``out/reconstruction.png``,
-    ``out/attack.json`` and, with the true images, ``out/metrics.json``. Returns the summary."""
+) -> SavedUpdate:
+    """Read and check every input (a bad one is one clear error, before any work), and make
+    ``out`` gradleak's (``rundir.OwnedDir`` of kind ``attack``)."""
+    owner = OwnedDir(out, "attack")
+    owner.check_claimable()
     meta = load_metadata(meta_path)
     c, h, w = meta.image_shape
     net = build_model(model, channels=c, image_size=h, num_classes=meta.num_classes)
@@ -77,11 +89,25 @@ def attack_saved_update(
     )
     truth = load_truth(truth_path, (meta.num_images, c, h, w)) if truth_path else None
     prior = load_prior(prior_path, (c, h, w)) if prior_path else None
+    return SavedUpdate(view, owner.claim(), truth, prior)
+
+
+def attack_saved_update(
+    saved: SavedUpdate,
+    settings: AttackSettings,
+    *,
+    seed: int = 0,
+    device: str = "cpu",
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Run the attack on a saved update and write ``OUT/reconstruction.npz``,
+    ``OUT/reconstruction.png``, ``OUT/attack.json`` and, with the true images, ``OUT/metrics.json``.
+    Returns the summary."""
+    view, owner, truth, prior = saved.view, saved.owner, saved.truth, saved.prior
     rec = GradientInversion(settings).run(view, seed=seed, prior=prior, progress=progress, device=device)
 
-    out.mkdir(parents=True, exist_ok=True)
-    np.savez_compressed(out / "reconstruction.npz", images=rec.images.numpy().astype(np.float32),
-                        labels=rec.labels.numpy(), prior=rec.prior.numpy().astype(np.float32))  # fmt: skip
+    owner.write_bytes("reconstruction.npz", npz_bytes(images=rec.images.numpy().astype(np.float32),
+                      labels=rec.labels.numpy(), prior=rec.prior.numpy().astype(np.float32)))  # fmt: skip
     summary: dict[str, Any] = {
         "labels": rec.labels.tolist(),
         "label_strategy": rec.label_strategy,
@@ -98,9 +124,9 @@ def attack_saved_update(
         summary["metrics"] = {**s.summary(), "per_image": {
             "psnr": s.psnr.tolist(), "ssim": s.ssim.tolist(), "mse": s.mse.tolist(),
             "assignment": s.assignment.tolist()}}  # fmt: skip
-        (out / "metrics.json").write_text(json.dumps(summary["metrics"], indent=2))
+        owner.write_text("metrics.json", json.dumps(summary["metrics"], indent=2))
         rows = [("original", images), ("reconstruction", rec.images[torch.as_tensor(s.assignment)]),
                 ("start", rec.prior[torch.as_tensor(s.assignment)])]  # fmt: skip
-    save_grid(rows, out / "reconstruction.png")
-    (out / "attack.json").write_text(json.dumps(summary, indent=2))
+    owner.write_bytes("reconstruction.png", grid_png(rows))
+    owner.write_text("attack.json", json.dumps(summary, indent=2))
     return summary

@@ -11,28 +11,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from gradleak.errors import GradleakError
-from gradleak.fl.update import ClientUpdate, UpdateMeta
-
-
-class UpdateMismatch(GradleakError):
-    """The update does not fit the model (a missing, extra or wrongly shaped tensor)."""
-
-
-def check_state(model: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
-    """Raise UpdateMismatch naming the first tensor of ``state`` that does not fit ``model``."""
-    expected = model.state_dict()
-    for name, ref in expected.items():
-        if name not in state:
-            raise UpdateMismatch(f"{what}: tensor {name!r} of the model is missing")
-        if tuple(state[name].shape) != tuple(ref.shape):
-            raise UpdateMismatch(
-                f"{what}: tensor {name!r} has shape {tuple(state[name].shape)}, "
-                f"the model expects {tuple(ref.shape)}"
-            )
-    for name in state:
-        if name not in expected:
-            raise UpdateMismatch(f"{what}: tensor {name!r} is not in the model")
+from gradleak.fl.update import ClientUpdate, UpdateMeta, UpdateMismatch, check_state
 
 
 @dataclass(frozen=True)
@@ -50,8 +29,9 @@ class ServerView:
     known_labels: torch.Tensor | None = None  # only where the threat model says the server knows them
 
     def __post_init__(self) -> None:
-        check_state(self.model, self.global_state, "global model")
-        check_state(self.model, self.update, "update")
+        reference = self.model.state_dict()
+        check_state(reference, self.global_state, "global model", finite=False)
+        check_state(reference, self.update, "update", finite=False)
         if self.meta.bn_mode not in (None, "train", "eval"):
             raise UpdateMismatch(f"bn_mode must be 'train' or 'eval', got {self.meta.bn_mode!r}")
         if len(self.mean) != self.image_shape[0] or len(self.std) != self.image_shape[0]:

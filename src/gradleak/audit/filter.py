@@ -5,9 +5,7 @@ the result row, and withholds the update when its RDLV passes the threshold."""
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -16,8 +14,10 @@ from gradleak.audit.config import AuditConfig
 from gradleak.audit.rdlv import rdlv
 from gradleak.fl.filters import FilterContext
 from gradleak.fl.update import ClientUpdate
-from gradleak.metrics import score
-from gradleak.report.images import save_grid
+from gradleak.metrics import assign, score
+from gradleak.report.images import grid_png
+from gradleak.rundir import SubDir
+from gradleak.safeio import npz_bytes
 from gradleak.seeding import derive_seed
 
 
@@ -32,7 +32,7 @@ class LeakageAudit:
         mean: tuple[float, ...],
         std: tuple[float, ...],
         prior: torch.Tensor | None,
-        out_dir: Path | None,
+        out_dir: SubDir | None,
         defenses: str,
         device: torch.device | str = "cpu",
     ) -> None:
@@ -71,8 +71,10 @@ class LeakageAudit:
         """Attack one view, score it against the client's images, save the images (when enabled)
         and return the audit record (RDLV, SSIM, PSNR, MSE, label accuracy, attack time)."""
         rec = self.attack.run(view, seed=seed, prior=self.prior, device=self.device)
-        leak = rdlv(rec.images, rec.prior, truth, metric=self.config.metric, reduce=self.config.reduce)
-        s = score(rec.images, truth, rec.labels, labels)
+        pairs = assign(rec.images, truth)  # one matching for every metric: linear cost beyond it
+        leak = rdlv(rec.images, rec.prior, truth, metric=self.config.metric, reduce=self.config.reduce,
+                    assignment=pairs)  # fmt: skip
+        s = score(rec.images, truth, rec.labels, labels, assignment=pairs)
         if self.config.save_images and self.out_dir is not None:
             self._save(view.meta.round, view.meta.client_id, truth, rec.prior, rec.images, leak.best)
         return dict(
@@ -84,10 +86,10 @@ class LeakageAudit:
 
     def _save(self, round: int, cid: int, truth, prior, images, best: list[int]) -> None:
         """Originals, starts and reconstructions; only inside the run directory."""
-        d = self.out_dir / f"round_{round:04d}"
-        d.mkdir(parents=True, exist_ok=True)
+        assert self.out_dir is not None
+        stem = f"round_{round:04d}/client_{cid}"
         idx = torch.as_tensor(best)
-        np.savez_compressed(d / f"client_{cid}.npz", originals=truth.numpy(), priors=prior[idx].numpy(),
-                            reconstructions=images[idx].numpy())  # fmt: skip
-        save_grid([("original", truth), ("start", prior[idx]), ("reconstruction", images[idx])],
-                  d / f"client_{cid}.png")  # fmt: skip
+        self.out_dir.write_bytes(f"{stem}.npz", npz_bytes(originals=truth.numpy(), priors=prior[idx].numpy(),
+                                                          reconstructions=images[idx].numpy()))  # fmt: skip
+        self.out_dir.write_bytes(f"{stem}.png", grid_png([("original", truth), ("start", prior[idx]),
+                                                          ("reconstruction", images[idx])]))  # fmt: skip

@@ -29,7 +29,9 @@ def client_simulator(config_json: str, run_dir: str) -> Simulator:
         config = ExperimentConfig.model_validate(json.loads(config_json))
         if config.engine.threads:
             torch.set_num_threads(config.engine.threads)
-        _SIDES[key] = build_scenario(config).simulator(Path(run_dir), engine="local")
+        from gradleak.rundir import OwnedDir
+
+        _SIDES[key] = build_scenario(config).simulator(OwnedDir(Path(run_dir), "run").join(), engine="local")
     return _SIDES[key]
 
 

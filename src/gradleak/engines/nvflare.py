@@ -195,15 +195,17 @@ def _serve(controller: GradleakController) -> None:
     from gradleak.experiments.config import ExperimentConfig
     from gradleak.experiments.runner import StoreHooks, build_scenario
     from gradleak.experiments.store import RunStore
+    from gradleak.rundir import OwnedDir
 
     config = ExperimentConfig.model_validate_json(controller.config_json)
     if config.engine.threads:
         torch.set_num_threads(config.engine.threads)
     scenario = build_scenario(config)
-    store = RunStore(Path(controller.run_dir))
-    last, done = store.resume_point()
-    server = _ControllerSimulator(controller, **scenario.simulator_args(Path(controller.run_dir)))
-    server.run(store.load_checkpoint(last), first_round=last + 1, last_round=config.training.rounds,
+    store = RunStore(OwnedDir(Path(controller.run_dir), "run").join())
+    reference = scenario.model.state_dict()
+    last, done = store.resume_point(reference=reference)
+    server = _ControllerSimulator(controller, **scenario.simulator_args(store.dir))
+    server.run(store.load_checkpoint(last, reference), first_round=last + 1, last_round=config.training.rounds,
                hooks=StoreHooks(store, scenario.keep_every, None), done=done)  # fmt: skip
 
 

@@ -177,7 +177,10 @@ class CheckpointConfig(Section):
 class ExperimentConfig(Section):
     """One FL experiment: data, clients, model, training and aggregation."""
 
-    name: str = Field("experiment", description="A name for the run (used for its default directory).")
+    name: str = Field(
+        "experiment", description="A name for the run: its default directory is runs/NAME, so it is one plain "
+        "name (letters, digits, '.', '_', '-', '=', ',' or '+', not starting with '.', at most 100 characters).",
+    )
     seed: int = Field(0, ge=0, description="Seed of every random choice; same seed, same results.")
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="Where to compute: auto uses a GPU when there is one."
@@ -212,6 +215,13 @@ class ExperimentConfig(Section):
         default_factory=dict,
         description="For `gradleak sweep`: values per dotted key, e.g. {defenses.0.sigma0: [0, 5, 10]}.",
     )
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, v: str) -> str:
+        from gradleak.rundir import safe_component
+
+        return safe_component(v, "name")
 
     @model_validator(mode="after")
     def _audited_clients_exist(self) -> ExperimentConfig:
@@ -385,8 +395,19 @@ class _Loader(yaml.SafeLoader):
 
 
 def parse_yaml(text: str) -> Any:
-    """YAML text as plain data (safe: no tags that build objects, no aliases)."""
-    return yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
+    """YAML text as plain data (safe: no tags that build objects, no aliases, nesting bounded)."""
+    from gradleak.safeio import MAX_JSON_DEPTH, json_depth
+
+    try:
+        value = yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
+    except RecursionError:
+        value = None
+        deep = True
+    else:
+        deep = json_depth(value) > MAX_JSON_DEPTH
+    if deep:
+        raise yaml.YAMLError(f"nested more than {MAX_JSON_DEPTH} levels deep")
+    return value
 
 
 # ``base:`` chains deeper than this are refused (a chain is meant to be a few files).
@@ -396,10 +417,15 @@ MAX_BASES = 16
 def read_yaml(path: Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     """A config file as a mapping; ``base: other.yaml`` (relative to this file) is read first and
     this file's keys are merged on top of it."""
-    if not path.is_file():
-        raise ConfigError("", f"config file not found: {path}")
+    from gradleak.errors import DataError
+    from gradleak.safeio import read_file
+
     try:
-        raw = parse_yaml(path.read_bytes().decode("utf-8"))
+        data = read_file(path, kind="config")
+    except DataError as exc:
+        raise ConfigError("", f"config {exc}" if "not found" in str(exc) else str(exc)) from None
+    try:
+        raw = parse_yaml(data.decode("utf-8"))
     except UnicodeDecodeError:
         raise ConfigError("", f"{path} is not UTF-8 text") from None
     except yaml.YAMLError as exc:

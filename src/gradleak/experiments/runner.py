@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import logging
 from collections.abc import Sequence
 from contextlib import contextmanager
@@ -26,6 +27,7 @@ from gradleak.fl.filters import UpdateFilter
 from gradleak.fl.server import STRATEGIES, Strategy
 from gradleak.fl.simulator import ClientResult, Hooks, RoundResult, Simulator
 from gradleak.models import build_model
+from gradleak.rundir import OwnedDir, SubDir
 from gradleak.seeding import derive_seed
 
 log = logging.getLogger("gradleak")
@@ -45,16 +47,16 @@ class Scenario:
     def initial_state(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
 
-    def filters(self, run_dir: Path | None = None) -> list[UpdateFilter]:
+    def filters(self, run: OwnedDir | None = None) -> list[UpdateFilter]:
         """The client-side filters in order: the defences, then the audit (which therefore
-        attacks exactly what the server receives)."""
+        attacks exactly what the server receives; its images go to ``RUN/audit``)."""
         cfg = self.config
         rate = cfg.training.clients_per_round
         out: list[UpdateFilter] = [d.build(index=i, sample_rate=rate) for i, d in enumerate(cfg.defenses)]
-        audit = self.audit(run_dir / "audit" if run_dir else None)
+        audit = self.audit(run.sub("audit") if run else None)
         return out if audit is None else [*out, audit]
 
-    def audit(self, out_dir: Path | None) -> LeakageAudit | None:
+    def audit(self, out_dir: SubDir | None) -> LeakageAudit | None:
         """The configured audit (None without an ``audit:`` section), saving images in ``out_dir``."""
         cfg = self.config
         if cfg.audit is None:
@@ -72,7 +74,7 @@ class Scenario:
         d = self.config.disaggregation
         return 1 if d is not None and d.invert else self.config.checkpoints.keep_every
 
-    def simulator_args(self, run_dir: Path | None = None) -> dict[str, Any]:
+    def simulator_args(self, run: OwnedDir | None = None) -> dict[str, Any]:
         """The ``Simulator`` arguments of this experiment (what every engine's loop is built from)."""
         t = self.config.training
         return dict(
@@ -80,19 +82,20 @@ class Scenario:
             mean=self.data.mean, std=self.data.std, strategy=self.strategy,
             training=LocalTraining(t.local_epochs, t.lr, t.momentum, t.weight_decay, t.batch_norm),
             seed=self.config.seed, clients_per_round=t.clients_per_round, device=self.device,
-            filters=self.filters(run_dir),
+            filters=self.filters(run),
         )  # fmt: skip
 
-    def simulator(self, run_dir: Path | None = None, engine: str | None = None) -> Simulator:
+    def simulator(self, run: OwnedDir | None = None, engine: str | None = None) -> Simulator:
         """The federation's loop on ``engine`` (default: the config's ``engine.name``; ``local``:
         this process only, whatever the config says, as an engine's client processes need)."""
         e = self.config.engine
-        kwargs = self.simulator_args(run_dir)
+        kwargs = self.simulator_args(run)
         engine = engine or e.name
         if engine == "local" or (engine == "inprocess" and (e.workers or 1) == 1):
             return Simulator(**kwargs)
-        if run_dir is None:
+        if run is None:
             raise GradleakError(f"the {engine} engine needs a run directory")
+        run_dir = run.root
         config_json = self.config.model_dump_json()
         if engine == "flower":
             from gradleak.engines.flower import FlowerSimulator
@@ -195,17 +198,19 @@ def _threads(n: int | None) -> Iterator[None]:
 
 
 @contextmanager
-def _log_to(path: Path) -> Iterator[None]:
-    handler = logging.FileHandler(path)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    log.addHandler(handler)
-    if log.level == logging.NOTSET or log.level > logging.INFO:
-        log.setLevel(logging.INFO)
-    try:
-        yield
-    finally:
-        log.removeHandler(handler)
-        handler.close()
+def _log_to(owner: OwnedDir, rel: str) -> Iterator[None]:
+    """The log also written to ``rel`` of the run directory (appended, never through a link)."""
+    with owner.appending(rel) as f:
+        handler = logging.StreamHandler(io.TextIOWrapper(f, write_through=True))
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        log.addHandler(handler)
+        if log.level == logging.NOTSET or log.level > logging.INFO:
+            log.setLevel(logging.INFO)
+        try:
+            yield
+        finally:
+            log.removeHandler(handler)
+            handler.flush()
 
 
 class Run:
@@ -216,8 +221,7 @@ class Run:
         self.config, self.run_dir = config, run_dir
         self.store = RunStore(run_dir)
         self.resolved = config.resolved()
-        if run_dir.exists() and not run_dir.is_dir():
-            raise GradleakError(f"{run_dir} is a file, not a run directory: choose another --out")
+        self.store.dir.check_claimable()  # the directory can become this run's: nothing is written yet
         self.resume = resume
         self._check()
         self.scenario = build_scenario(config)
@@ -240,6 +244,7 @@ class Run:
         """Run (or continue) the experiment; return its round rows. The directory is this
         process's while it runs (a second process is refused), and the checks are made again under
         that lock, since another process may have started a run there since construction."""
+        self.store.claim()
         lock = self.store.lock()
         try:
             self._check()
@@ -251,18 +256,19 @@ class Run:
         config, store = self.config, self.store
         # A start killed between the config and checkpoint 0 is finished as a fresh start (the
         # initial model is a function of the config alone).
-        fresh = not store.exists() or (not store.rounds.read() and not store.checkpoint_path(0).exists())
+        fresh = not store.exists() or (not store.rounds.read() and not store.has_checkpoint(0))
         store.write_config(self.resolved)
-        with _log_to(self.run_dir / "run.log"), _threads(config.engine.threads):
-            simulator = self.scenario.simulator(self.run_dir)
+        with _log_to(store.dir, "run.log"), _threads(config.engine.threads):
+            simulator = self.scenario.simulator(store.dir)
             if fresh:
                 store.clean(0)
                 state, last, done = self.scenario.initial_state(), 0, {}
                 store.save_checkpoint(0, state)
                 log.info("started %s in %s", config.name, self.run_dir)
             else:
-                last, done = store.resume_point(partial=not simulator.atomic_rounds)
-                state = store.load_checkpoint(last)
+                reference = self.scenario.model.state_dict()
+                last, done = store.resume_point(partial=not simulator.atomic_rounds, reference=reference)
+                state = store.load_checkpoint(last, reference)
                 log.info("resuming %s after round %d (%d clients of round %d done)", config.name,
                          last, len(done), last + 1)  # fmt: skip
             if last < config.training.rounds:
@@ -271,7 +277,7 @@ class Run:
                     hooks=StoreHooks(store, self.scenario.keep_every, display), done=done,
                 )  # fmt: skip
             if config.disaggregation is not None:
-                run_disaggregation(self.scenario, store, self.scenario.audit(self.run_dir / "disaggregation"))
+                run_disaggregation(self.scenario, store, self.scenario.audit(store.dir.sub("disaggregation")))
             log.info("finished %s", config.name)
         return store.rounds.read()
 

@@ -22,12 +22,13 @@ import numpy as np
 import torch
 
 from gradleak.attacks import ServerView
-from gradleak.attacks.disaggregation import disaggregate, window_counts
+from gradleak.attacks.disaggregation import ColumnJournal, disaggregate, window_counts
 from gradleak.attacks.milp import check_solver
 from gradleak.audit.filter import LeakageAudit
 from gradleak.errors import ConfigError
 from gradleak.experiments.store import RunStore
 from gradleak.fl.update import UpdateMeta
+from gradleak.safeio import parse_json
 from gradleak.seeding import derive_seed
 
 log = logging.getLogger("gradleak")
@@ -82,20 +83,22 @@ def run_disaggregation(scenario: Any, store: RunStore, audit: LeakageAudit | Non
     reporting a participation matrix the solver did not prove.
     """
     cfg = scenario.config.disaggregation
-    out = store.root / "disaggregation"
-    if (out / SUMMARY).exists():
-        return json.loads((out / SUMMARY).read_text())
+    summary_rel = f"disaggregation/{SUMMARY}"
+    if store.dir.exists(summary_rel):
+        return parse_json(store.dir.read_bytes(summary_rel, kind="json"), store.dir.path(summary_rel))
     client_ids = [c.client_id for c in scenario.clients]
     truth = participation_matrix(store, client_ids)
     counts = window_counts(truth, cfg.window)
     sums = store.load_secure_sums()
-    state0 = store.load_checkpoint(0)
+    reference = scenario.model.state_dict()
+    state0 = store.load_checkpoint(0, reference)
     keys = [k for k in state0 if state0[k].is_floating_point() and any(k in s for s in sums)]
     log.info("disaggregating %d round sums of %d clients (windows of %d rounds)", len(sums),
              len(client_ids), cfg.window)  # fmt: skip
     result = disaggregate(stacked_sums(sums, keys), counts, cfg.window, time_limit=cfg.time_limit,
                           client_ids=client_ids, solver=cfg.solver, chunk=cfg.chunk, separation=cfg.separation,
-                          on_uncertain=cfg.on_uncertain, workers=cfg.workers)  # fmt: skip
+                          on_uncertain=cfg.on_uncertain, workers=cfg.workers,
+                          journal=ColumnJournal(store.dir.sub("disaggregation")))  # fmt: skip
     wrong = int((result.participation != truth).sum())
     summary: dict[str, Any] = {
         "rounds": len(sums), "clients": len(client_ids), "window": cfg.window,
@@ -114,8 +117,7 @@ def run_disaggregation(scenario: Any, store: RunStore, audit: LeakageAudit | Non
     rows = store.results.read()
     for cid in cfg.invert:
         summary["inverted"].append(_invert(scenario, store, audit, result, client_ids.index(cid), keys, rows))
-    out.mkdir(parents=True, exist_ok=True)
-    (out / SUMMARY).write_text(json.dumps(summary, indent=2))
+    store.dir.write_text(summary_rel, json.dumps(summary, indent=2))
     log.info("disaggregation: participation %s (%d wrong entries) in %.1f s",
              "exact" if wrong == 0 else "not exact", wrong, result.seconds)  # fmt: skip
     return summary
@@ -136,15 +138,13 @@ def _invert(scenario: Any, store: RunStore, audit: LeakageAudit, result: Any, co
     meta = UpdateMeta(client_id=cid, round=r, num_samples=meta_row["num_samples"], lr=meta_row["lr"],
                       epochs=meta_row["epochs"], steps=meta_row["steps"], batch_size=meta_row["batch_size"],
                       momentum=scenario.config.training.momentum)  # fmt: skip
-    state = store.load_checkpoint(r - 1)
+    state = store.load_checkpoint(r - 1, scenario.model.state_dict())
     flat = torch.from_numpy(result.updates[col])
-    update, at = {}, 0
-    for k, v in state.items():
-        if k in keys:
-            update[k] = flat[at : at + v.numel()].view_as(v).to(v.dtype)
-            at += v.numel()
-        else:
-            update[k] = torch.zeros_like(v)
+    update, at = {k: torch.zeros_like(v) for k, v in state.items()}, 0
+    for k in keys:  # the order stacked_sums flattened them in
+        v = state[k]
+        update[k] = flat[at : at + v.numel()].view_as(v).to(v.dtype)
+        at += v.numel()
     view = ServerView(
         model=audit.model, global_state=state, update=update, meta=meta,
         image_shape=audit.image_shape, num_classes=audit.num_classes, mean=audit.mean, std=audit.std,

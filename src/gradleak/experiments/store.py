@@ -12,30 +12,35 @@ Layout::
     RUN/secure_sum/round_RRRR.safetensors  under secure aggregation: the round's sum of updates,
                                       all that the server observes of the round
     RUN/disaggregation/               the disaggregation attack on those sums (experiments.secure_sum)
+    RUN/audit/round_RRRR/client_C.{npz,png}  the audit's images
+    RUN/report/                       the report
     RUN/run.log                       the log
+    RUN/.gradleak                     the manifest: the directory is gradleak's, and these files are
 
-Crash safety: a client's update is written (atomically) before its row, and a round's checkpoint
-before its round row, so every row on disk can be trusted; a torn last line (kill -9 mid-write)
-is cut off when the run resumes.
+Every file is read and written through ``rundir.OwnedDir`` (no links followed, regular files only,
+sizes bounded, nothing deleted or overwritten that the manifest does not name). Crash safety: a
+client's update is written (atomically) before its row, and a round's checkpoint before its round
+row, so every row on disk can be trusted; a torn last line (kill -9 mid-write) is cut off when the
+run resumes. What a resume reads back is checked against the model (names, shapes, dtypes, finite
+values) and against the rows (each pending update's norm is its row's).
 """
 
 from __future__ import annotations
 
-import fcntl
 import json
 import math
-import os
-import shutil
+import re
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
-from safetensors.torch import load_file, save_file
 
 from gradleak.errors import DataError, GradleakError
 from gradleak.fl.simulator import ClientResult
-from gradleak.fl.update import ClientUpdate
+from gradleak.fl.update import ClientUpdate, UpdateMismatch, check_state
+from gradleak.rundir import OwnedDir
+from gradleak.safeio import load_safetensors, safetensors_bytes
 
 
 # The JSON types of the row fields that readers rely on (``None`` where the field may be null);
@@ -94,38 +99,39 @@ def check_row(row: Any, fields: dict[str, Any], required: tuple[str, ...]) -> st
 
 
 class JsonLines:
-    """An append-only JSON-lines file, flushed and synced after every row.
+    """An append-only JSON-lines file of an owned directory, synced after every row.
 
     ``fields`` and ``required`` describe its rows (``check_row``), ``key`` the fields that
-    identify a row (the first never decreasing: rounds are appended in order): reading a damaged file (undecodable, a row of the wrong shape, a row repeated or
-    out of order) raises one ``DataError`` naming the file and line, never a wrong table.
+    identify a row (the first never decreasing: rounds are appended in order): reading a damaged
+    file (undecodable, a row of the wrong shape, a row repeated or out of order) raises one
+    ``DataError`` naming the file and line, never a wrong table.
     """
 
-    def __init__(self, path: Path, fields: dict[str, Any] | None = None, required: tuple[str, ...] = (),
-                 key: tuple[str, ...] = ()) -> None:  # fmt: skip
-        self.path = path
+    def __init__(self, owner: OwnedDir, rel: str, fields: dict[str, Any] | None = None,
+                 required: tuple[str, ...] = (), key: tuple[str, ...] = ()) -> None:  # fmt: skip
+        self.owner, self.rel = owner, rel
+        self.path = owner.path(rel)
         self.fields, self.required, self.key = fields or {}, required, key
 
     def append(self, row: dict[str, Any]) -> None:
-        with self.path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        self.owner.append(self.rel, (json.dumps(row) + "\n").encode())
+
+    def _data(self) -> bytes:
+        return self.owner.read_bytes(self.rel, kind="rows") if self.owner.exists(self.rel) else b""
 
     def read(self) -> list[dict[str, Any]]:
         """The complete rows: a torn last line (no trailing newline, left by a killed writer) is
         not a row, so every reader sees what a repair would keep."""
-        if not self.path.exists():
-            return []
-        data = self.path.read_bytes()
+        data = self._data()
         data = data[: data.rfind(b"\n") + 1]
-        rows, seen = [], set()
+        rows: list[dict[str, Any]] = []
+        seen = set()
         for i, line in enumerate(data.split(b"\n"), 1):
             if not line.strip():
                 continue
             try:
                 row = json.loads(line.decode())
-            except (UnicodeDecodeError, json.JSONDecodeError):
+            except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
                 problem: str | None = "not a JSON row"
             else:
                 problem = check_row(row, self.fields, self.required)
@@ -140,74 +146,70 @@ class JsonLines:
         return rows
 
     def repair(self) -> None:
-        """Cut a torn last line, through a temporary file and a rename (a kill during the repair
-        leaves the old file or the new one, never an emptied one)."""
-        if not self.path.exists():
-            return
-        data = self.path.read_bytes()
+        """Cut a torn last line (atomically: a kill during the repair leaves the old file or the
+        new one, never an emptied one)."""
+        data = self._data()
         if data and not data.endswith(b"\n"):
-            self._replace(data[: data.rfind(b"\n") + 1])
+            self.owner.write_bytes(self.rel, data[: data.rfind(b"\n") + 1])
 
     def rewrite(self, rows: list[dict[str, Any]]) -> None:
-        self._replace("".join(json.dumps(r) + "\n" for r in rows).encode())
-
-    def _replace(self, data: bytes) -> None:
-        tmp = self.path.with_suffix(".tmp")
-        with tmp.open("wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        tmp.replace(self.path)
+        self.owner.write_bytes(self.rel, "".join(json.dumps(r) + "\n" for r in rows).encode())
 
 
-def _save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    """Write safetensors atomically (write, then rename), so a killed run leaves no torn file."""
-    tmp = path.with_suffix(".tmp")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
-    tmp.replace(path)
+def _checkpoint(round: int) -> str:
+    return f"checkpoints/global_{round:04d}.safetensors"
+
+
+_CHECKPOINT = re.compile(r"checkpoints/global_(\d{4,})\.safetensors")
+
+
+def _pending(round: int, client: int) -> str:
+    return f"pending/round_{round:04d}/client_{client}.safetensors"
+
+
+def _same_norm(a: float, b: Any) -> bool:
+    """Whether a norm recomputed from a saved update is its row's (threads may change the last bits)."""
+    if not isinstance(b, int | float):
+        return False
+    if math.isnan(a) or math.isnan(b):
+        return math.isnan(a) and math.isnan(b)
+    return a == b or abs(a - b) <= 1e-9 * max(abs(a), abs(b))
 
 
 class RunStore:
-    """Reads and writes one run directory."""
+    """Reads and writes one run directory (an ``OwnedDir`` of kind ``run``)."""
 
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.results = JsonLines(root / "results.jsonl", RESULT_FIELDS, ClientResult.BASE_KEYS, ("round", "client"))
-        self.rounds = JsonLines(root / "rounds.jsonl", ROUND_FIELDS, tuple(ROUND_FIELDS), ("round",))
-        self.timings = JsonLines(root / "timings.jsonl", TIMING_FIELDS, tuple(TIMING_FIELDS))
-        self.checkpoints = root / "checkpoints"
-        self.pending = root / "pending"
-        self.config_path = root / "config.yaml"
-        self.secure_sums = root / "secure_sum"
+    def __init__(self, root: Path | OwnedDir) -> None:
+        self.dir = root if isinstance(root, OwnedDir) else OwnedDir(Path(root), "run")
+        self.root = self.dir.root
+        d = self.dir
+        self.results = JsonLines(d, "results.jsonl", RESULT_FIELDS, ClientResult.BASE_KEYS, ("round", "client"))
+        self.rounds = JsonLines(d, "rounds.jsonl", ROUND_FIELDS, tuple(ROUND_FIELDS), ("round",))
+        self.timings = JsonLines(d, "timings.jsonl", TIMING_FIELDS, tuple(TIMING_FIELDS))
+        self.checkpoints = self.root / "checkpoints"
+        self.pending = self.root / "pending"
+        self.config_path = self.root / "config.yaml"
+
+    def claim(self) -> RunStore:
+        """Make the directory this run's for writing (``OwnedDir.claim``)."""
+        self.dir.claim()
+        return self
 
     def exists(self) -> bool:
-        return self.config_path.exists()
+        return self.dir.exists("config.yaml")
 
     def lock(self) -> int:
         """Take the directory's exclusive lock (``RUN/.lock``) for this process and return its file
         descriptor (``unlock`` releases it); refuse when another process holds it."""
-        self.root.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.root / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise GradleakError(f"{self.root} is in use by another gradleak process: wait for it to end, "
-                                "or choose another --out") from None  # fmt: skip
-        return fd
+        return self.dir.lock()
 
     @staticmethod
     def unlock(fd: int) -> None:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        os.close(fd)
+        OwnedDir.unlock(fd)
 
     # config ---------------------------------------------------------------------------------
     def write_config(self, resolved: dict[str, Any]) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
-        self.checkpoints.mkdir(exist_ok=True)
-        tmp = self.config_path.with_suffix(".tmp")
-        tmp.write_text(yaml.safe_dump(resolved, sort_keys=False))
-        tmp.replace(self.config_path)
+        self.dir.write_text("config.yaml", yaml.safe_dump(resolved, sort_keys=False))
 
     def read_config(self) -> dict[str, Any]:
         """The resolved config as written, checked to be an experiment config (read as YAML without
@@ -216,7 +218,7 @@ class RunStore:
 
         damaged = f"{self.config_path}: %s; the run directory is damaged"
         try:
-            config = parse_yaml(self.config_path.read_bytes().decode())
+            config = parse_yaml(self.dir.read_bytes("config.yaml", kind="config").decode())
         except (UnicodeDecodeError, yaml.YAMLError) as exc:
             problem = getattr(exc, "problem", None) or type(exc).__name__
             raise DataError(damaged % f"not a readable YAML file ({problem})") from None
@@ -236,38 +238,57 @@ class RunStore:
             raise DataError(damaged % f"not the resolved config gradleak wrote (at {first_difference(resolved, config)})")
         return config
 
+    # tensors ------------------------------------------------------------------------------------
+    def _save_tensors(self, rel: str, tensors: dict[str, torch.Tensor]) -> None:
+        self.dir.write_bytes(rel, safetensors_bytes(tensors))
+
+    def _load_tensors(self, rel: str) -> dict[str, torch.Tensor]:
+        return load_safetensors(self.dir.read_bytes(rel, kind="tensors"), self.dir.path(rel))[0]
+
     # checkpoints ----------------------------------------------------------------------------
     def checkpoint_path(self, round: int) -> Path:
-        return self.checkpoints / f"global_{round:04d}.safetensors"
+        return self.dir.path(_checkpoint(round))
+
+    def has_checkpoint(self, round: int) -> bool:
+        return self.dir.exists(_checkpoint(round))
 
     def save_checkpoint(self, round: int, state: dict[str, torch.Tensor]) -> None:
-        _save_tensors(self.checkpoint_path(round), state)
+        self._save_tensors(_checkpoint(round), state)
 
-    def load_checkpoint(self, round: int) -> dict[str, torch.Tensor]:
-        return load_file(str(self.checkpoint_path(round)))
+    def load_checkpoint(self, round: int, reference: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """The global model after ``round``; with ``reference`` (the model's state dict) every
+        tensor is checked against it: names, shapes, dtypes, and finite values unless the round's
+        row records a non-finite test loss (a diverged run's model is legitimately NaN)."""
+        state = self._load_tensors(_checkpoint(round))
+        if reference is not None:
+            rows = [r for r in self.rounds.read() if r["round"] == round]
+            diverged = bool(rows) and not math.isfinite(rows[0]["test_loss"])
+            try:
+                check_state(reference, state, str(self.checkpoint_path(round)), exact_dtypes=True, finite=not diverged)
+            except UpdateMismatch as exc:
+                raise DataError(f"{exc}; the run directory is damaged") from None
+        return state
 
     def prune_checkpoints(self, latest: int, keep_every: int) -> None:
         """Keep the initial model, the latest, and every ``keep_every``-th round."""
-        for path in self.checkpoints.glob("global_*.safetensors"):
-            r = int(path.stem.split("_")[1])
+        for rel in self.dir.listed("checkpoints/"):
+            m = _CHECKPOINT.fullmatch(rel)
+            if m is None:
+                continue
+            r = int(m.group(1))
             if r in (0, latest) or (keep_every and r % keep_every == 0):
                 continue
-            path.unlink()
+            self.dir.remove(rel)
 
     def load_secure_sums(self) -> list[dict[str, torch.Tensor]]:
         """The recorded round sums, round 1 first (empty dicts for rounds with nothing summed)."""
         rounds = len(self.rounds.read())
-        return [load_file(str(self.secure_sums / f"round_{r:04d}.safetensors")) for r in range(1, rounds + 1)]
+        return [self._load_tensors(f"secure_sum/round_{r:04d}.safetensors") for r in range(1, rounds + 1)]
 
     # rows and pending updates ---------------------------------------------------------------
-    def _pending_path(self, round: int, client: int) -> Path:
-        return self.pending / f"round_{round:04d}" / f"client_{client}.safetensors"
-
     def record_client(self, result: ClientResult) -> None:
         m = result.update.meta
-        path = self._pending_path(m.round, m.client_id)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        result.update.save(path)
+        self.dir.write_bytes(_pending(m.round, m.client_id), result.update.to_bytes())
         # the timing row first: a kill between the two leaves a timing row without its result
         # row, which resume_point drops (the client runs again), never a result without timing
         self.timings.append({"round": m.round, "client": m.client_id, "seconds": result.seconds})
@@ -282,13 +303,11 @@ class RunStore:
     ) -> None:
         r = row["round"]
         if observed is not None:
-            self.secure_sums.mkdir(exist_ok=True)
-            _save_tensors(self.secure_sums / f"round_{r:04d}.safetensors", observed)
+            self._save_tensors(f"secure_sum/round_{r:04d}.safetensors", observed)
         self.save_checkpoint(r, state)
         self.rounds.append(row)
-        shutil.rmtree(self.pending / f"round_{r:04d}", ignore_errors=True)
-        if self.pending.is_dir() and not any(self.pending.iterdir()):
-            self.pending.rmdir()
+        self.dir.remove_tree(f"pending/round_{r:04d}")
+        self.dir.remove_dir("pending")
         self.prune_checkpoints(r, keep_every)
 
     def read_rows(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -310,28 +329,51 @@ class RunStore:
                             "finish or continue; the run directory is damaged")  # fmt: skip
         return rounds, results
 
-    def resume_point(self, partial: bool = True) -> tuple[int, dict[int, ClientResult]]:
+    def _load_pending(self, row: dict[str, Any], reference: dict[str, torch.Tensor] | None) -> ClientUpdate:
+        """A finished client's saved update, checked against the model and against its row."""
+        rel = _pending(row["round"], row["client"])
+        where = self.dir.path(rel)
+        update = ClientUpdate.from_bytes(self.dir.read_bytes(rel, kind="tensors"), where)
+        m = update.meta
+        if (m.round, m.client_id) != (row["round"], row["client"]):
+            raise DataError(f"{where}: holds the update of round {m.round}, client {m.client_id}; the run directory is damaged")
+        if reference is None or (not update.delta and row["withheld"]):  # withheld on an engine: no tensors sent
+            return update
+        norm = update.l2_norm()
+        try:
+            check_state(reference, update.delta, str(where), exact_dtypes=True, finite=math.isfinite(norm))
+        except UpdateMismatch as exc:
+            raise DataError(f"{exc}; the run directory is damaged") from None
+        if not _same_norm(norm, row["update_norm"]):
+            raise DataError(f"{where}: its norm {norm:.6g} is not its row's update_norm {row['update_norm']!r} "
+                            f"({self.results.path}); the run directory is damaged")  # fmt: skip
+        return update
+
+    def resume_point(
+        self, partial: bool = True, reference: dict[str, torch.Tensor] | None = None
+    ) -> tuple[int, dict[int, ClientResult]]:
         """(last finished round, results already finished in the round after it).
 
         Repairs torn lines and drops result rows that have no saved update (none in normal
         operation: the update is written first), so that no finished row is lost or repeated.
         ``partial=False`` (rounds that must run whole, as under SecAgg+) drops the unfinished
-        round's rows too, so that it is run again from its start.
+        round's rows too, so that it is run again from its start. With ``reference`` (the
+        model's state dict) every reused update is checked (``_load_pending``).
         """
         for f in (self.results, self.rounds, self.timings):
             f.repair()
         rounds, rows = self.read_rows()
         last = rounds[-1]["round"] if rounds else 0
-        if not self.checkpoint_path(last).exists():
+        if not self.has_checkpoint(last):
             raise GradleakError(f"{self.root}: checkpoint of round {last} is missing; cannot resume")
         done, kept = {}, []
         for row in rows:
             if row["round"] <= last:
                 kept.append(row)
                 continue
-            path = self._pending_path(row["round"], row["client"])
-            if partial and row["round"] == last + 1 and path.exists():
-                done[row["client"]] = ClientResult.from_row(row, ClientUpdate.load(path))
+            rel = _pending(row["round"], row["client"])
+            if partial and row["round"] == last + 1 and self.dir.exists(rel):
+                done[row["client"]] = ClientResult.from_row(row, self._load_pending(row, reference))
                 kept.append(row)
         if len(kept) != len(rows):
             self.results.rewrite(kept)
@@ -346,14 +388,14 @@ class RunStore:
         return last, done
 
     def clean(self, last: int, keep_next: bool = True) -> None:
-        """Remove what a killed run leaves behind: temporary files, and pending updates of any
-        round but the one being resumed (of every round unless ``keep_next``)."""
-        for tmp in self.root.rglob("*.tmp"):
-            tmp.unlink(missing_ok=True)
-        if self.pending.is_dir():
-            for d in self.pending.iterdir():
-                if d.name != f"round_{last + 1:04d}" or not keep_next:
-                    shutil.rmtree(d, ignore_errors=True)
-            if not any(self.pending.iterdir()):
-                self.pending.rmdir()
-
+        """Remove what a killed run leaves behind (only what the manifest names): temporary files,
+        and pending updates of any round but the one being resumed (of every round unless
+        ``keep_next``)."""
+        for rel in self.dir.listed():
+            if rel.endswith(".tmp"):
+                self.dir.remove(rel)
+        keep = f"pending/round_{last + 1:04d}/" if keep_next else None
+        for rel in sorted({"/".join(p.split("/")[:2]) for p in self.dir.owned if p.startswith("pending/") and p != "pending/"}):
+            if keep is None or not keep.startswith(rel + "/"):
+                self.dir.remove_tree(rel)
+        self.dir.remove_dir("pending")

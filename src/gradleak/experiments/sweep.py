@@ -9,6 +9,7 @@ continues where it stopped. ``sweep.json`` lists the points and their run direct
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import re
@@ -23,6 +24,8 @@ from gradleak.errors import ConfigError, DataError
 from gradleak.experiments.config import load_config, parse_yaml, read_yaml
 from gradleak.experiments.runner import Run
 from gradleak.experiments.store import RunStore
+from gradleak.rundir import OwnedDir
+from gradleak.safeio import parse_json
 
 
 @dataclass(frozen=True)
@@ -46,9 +49,17 @@ def split_values(text: str) -> tuple[str, list[Any]]:
     return key.strip(), parsed
 
 
+# Run directory names longer than this end in a hash instead (file systems refuse names over 255).
+MAX_NAME = 100
+
+
 def _dir_name(values: dict[str, Any]) -> str:
+    """The run directory of a point: its values as one safe path component."""
     text = "__".join(f"{k}={json.dumps(v, separators=(',', ':'))}" for k, v in values.items())
-    return re.sub(r"[^A-Za-z0-9_.=,+-]", "_", text) or "base"
+    name = re.sub(r"[^A-Za-z0-9_.=,+-]", "_", text).lstrip(".") or "base"
+    if len(name) > MAX_NAME:
+        name = f"{name[: MAX_NAME - 17]}_{hashlib.sha256(text.encode()).hexdigest()[:16]}"
+    return name
 
 
 def plan(config_path: Path, sets: list[str], out: Path) -> tuple[list[str], list[SweepPoint]]:
@@ -90,32 +101,37 @@ def run_sweep(
     """
     base = load_config(config_path)
     out = out or Path("runs") / base.name
+    owner = OwnedDir(out, "sweep")
+    owner.check_claimable()
     fixed, points = plan(config_path, sets, out)
     runs = []
     for p in points:
         config = load_config(config_path, [*fixed, *p.overrides(), "sweep={}"])
         runs.append(Run(config, p.run_dir, resume=True))
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / "sweep.json.tmp"
-    tmp.write_text(json.dumps({
-        "config": str(config_path), "fixed": fixed, "keys": list(points[0].values),
-        "points": [{"values": p.values, "run_dir": p.run_dir.name} for p in points],
-    }, indent=2))  # fmt: skip
-    tmp.replace(out / "sweep.json")
-    for run in runs:
-        if RunStore(run.run_dir).exists() and run.first_round > run.config.training.rounds:
-            continue
-        (execute or (lambda r: r.execute()))(run)
+    owner.claim()
+    with owner.locked("gradleak sweep"):  # two sweeps on one directory: the second is refused
+        for p in points:
+            owner.make_dir(p.run_dir.name)
+        owner.write_text("sweep.json", json.dumps({
+            "config": str(config_path), "fixed": fixed, "keys": list(points[0].values),
+            "points": [{"values": p.values, "run_dir": p.run_dir.name} for p in points],
+        }, indent=2))  # fmt: skip
+        for run in runs:
+            if RunStore(run.run_dir).exists() and run.first_round > run.config.training.rounds:
+                continue
+            (execute or (lambda r: r.execute()))(run)
     return out
 
 
-def read_sweep(sweep_dir: Path) -> dict[str, Any]:
+def read_sweep(owner: OwnedDir) -> dict[str, Any]:
     """``sweep.json``: the swept keys and, per point, its values and run directory (a name inside
-    ``sweep_dir``); a damaged file is one ``DataError``."""
-    path = sweep_dir / "sweep.json"
+    the sweep directory); a damaged file is one ``DataError``."""
+    path = owner.path("sweep.json")
     try:
-        spec = json.loads(path.read_bytes().decode())
-    except (UnicodeDecodeError, json.JSONDecodeError):
+        spec = parse_json(owner.read_bytes("sweep.json", kind="json"), path)
+    except DataError as exc:
+        if "not found" in str(exc):
+            raise
         spec = None
     keys = spec.get("keys") if isinstance(spec, dict) else None
     points = spec.get("points") if isinstance(spec, dict) else None

@@ -2,13 +2,56 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+
+from gradleak.errors import DataError, GradleakError
+
+
+class UpdateMismatch(GradleakError):
+    """Tensors that do not fit the model: a missing, extra or wrongly shaped tensor, an unsupported
+    dtype, or NaN or infinite values."""
+
+
+# Dtypes gradleak computes with; float8, bool and complex tensors are refused by name.
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+
+
+def check_state(
+    reference: dict[str, torch.Tensor],
+    state: dict[str, Any],
+    what: str,
+    *,
+    exact_dtypes: bool = False,
+    finite: bool = True,
+) -> None:
+    """Raise ``UpdateMismatch`` naming the first tensor of ``state`` that does not fit
+    ``reference`` (a model's state dict): a missing or extra name, another shape, a dtype that is
+    not the reference's (``exact_dtypes``) or not of its family (floating: float16, bfloat16,
+    float32, float64; integer: integers), or NaN or infinite values (``finite``)."""
+    for name, ref in reference.items():
+        if name not in state:
+            raise UpdateMismatch(f"{what}: tensor {name!r} of the model is missing")
+        t = state[name]
+        if not isinstance(t, torch.Tensor):
+            raise UpdateMismatch(f"{what}: {name!r} is not a tensor")
+        if tuple(t.shape) != tuple(ref.shape):
+            raise UpdateMismatch(f"{what}: tensor {name!r} has shape {tuple(t.shape)}, the model expects {tuple(ref.shape)}")
+        family = FLOAT_DTYPES if ref.is_floating_point() else INT_DTYPES
+        if (exact_dtypes and t.dtype != ref.dtype) or t.dtype not in family:
+            allowed = str(ref.dtype) if exact_dtypes else ", ".join(str(d) for d in family)
+            raise UpdateMismatch(f"{what}: tensor {name!r} is {t.dtype}, not {allowed}".replace("torch.", ""))
+        if finite and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise UpdateMismatch(f"{what}: tensor {name!r} holds NaN or infinite values")
+    for name in state:
+        if name not in reference:
+            raise UpdateMismatch(f"{what}: tensor {name!r} is not in the model")
 
 
 @dataclass(frozen=True)
@@ -27,6 +70,21 @@ class UpdateMeta:
     # updated) or "eval" (running statistics, buffers unchanged); None: not sent, so a server
     # infers it from the update (``ServerView.bn_mode``).
     bn_mode: str | None = None
+
+    @classmethod
+    def from_dict(cls, raw: Any, where: object) -> UpdateMeta:
+        """The metadata as written by ``asdict``, every field of its type; else a ``DataError``."""
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        types = {"client_id": int, "round": int, "num_samples": int, "epochs": int, "steps": int,
+                 "batch_size": int, "lr": (int, float), "momentum": (int, float), "bn_mode": (str, type(None))}  # fmt: skip
+        if not isinstance(raw, dict) or set(raw) - set(fields) or any(
+            k not in raw for k, f in fields.items() if f.default is dataclasses.MISSING
+        ):
+            raise DataError(f"{where}: the update's metadata is not gradleak's")
+        for k, v in raw.items():
+            if isinstance(v, bool) or not isinstance(v, types[k]):
+                raise DataError(f"{where}: the update's metadata field {k!r} is {v!r}")
+        return cls(**raw)
 
 
 @dataclass(frozen=True)
@@ -48,21 +106,23 @@ class ClientUpdate:
         """L2 norm over the trained parameters (buffers excluded), independent of key order."""
         return math.fsum(float(v.double().pow(2).sum()) for v in self.parameters().values()) ** 0.5
 
-    def save(self, path: Path) -> None:
-        """Write as safetensors, metadata in the header; atomic (write, then rename)."""
-        tmp = path.with_suffix(".tmp")
+    def to_bytes(self) -> bytes:
+        """The update as a safetensors file, its metadata in the header."""
+        from gradleak.safeio import safetensors_bytes
+
         meta = {"meta": json.dumps(asdict(self.meta)), "buffers": json.dumps(sorted(self.buffers))}
-        save_file({k: v.contiguous() for k, v in self.delta.items()}, str(tmp), metadata=meta)
-        tmp.replace(path)
+        return safetensors_bytes(self.delta, meta)
 
     @classmethod
-    def load(cls, path: Path) -> ClientUpdate:
-        from safetensors import safe_open
+    def from_bytes(cls, data: bytes, where: object) -> ClientUpdate:
+        """An update written by ``to_bytes``; a damaged file is a ``DataError`` naming ``where``."""
+        from gradleak.safeio import load_safetensors, parse_json
 
-        with safe_open(str(path), framework="pt") as f:
-            header = f.metadata()
-        return cls(
-            delta=load_file(str(path)),
-            meta=UpdateMeta(**json.loads(header["meta"])),
-            buffers=frozenset(json.loads(header["buffers"])),
-        )
+        delta, header = load_safetensors(data, where)
+        if "meta" not in header or "buffers" not in header:
+            raise DataError(f"{where}: not a gradleak update (no metadata in its header)")
+        meta = UpdateMeta.from_dict(parse_json(header["meta"].encode(), where), where)
+        buffers = parse_json(header["buffers"].encode(), where)
+        if not isinstance(buffers, list) or not all(isinstance(b, str) and b in delta for b in buffers):
+            raise DataError(f"{where}: the update's buffer names are not names of its tensors")
+        return cls(delta=delta, meta=meta, buffers=frozenset(buffers))

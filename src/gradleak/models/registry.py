@@ -6,7 +6,6 @@ plus the config's ``kwargs``, and returns an ``nn.Module`` mapping N x C x H x W
 
 from __future__ import annotations
 
-import importlib
 import inspect
 from collections.abc import Callable
 from typing import Any
@@ -14,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from gradleak import plugins
 from gradleak.errors import ConfigError
 from gradleak.registry import Registry
 from gradleak.resources import check_fits
@@ -26,15 +26,7 @@ def resolve_factory(name: str, *, key: str = "model.name") -> ModelFactory:
     """A registered name, or ``package.module:factory`` imported from the user's code."""
     if ":" not in name:
         return MODELS.get(name, key=key)
-    module_name, _, attr = name.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ConfigError(key, f"cannot import {module_name!r}: {exc}") from None
-    factory = getattr(module, attr, None)
-    if not callable(factory):
-        raise ConfigError(key, f"{module_name!r} has no callable {attr!r}")
-    return factory
+    return plugins.load(name, key=key)
 
 
 def build_model(
@@ -54,11 +46,32 @@ def build_model(
     _check_size(factory, name, {**call, **(kwargs or {})})
     try:
         model = factory(**call, **(kwargs or {}))
-    except TypeError as exc:
+    except TypeError as exc:  # most often a keyword the factory does not take
         raise ConfigError("model.kwargs", f"{name}: {exc}") from None
+    except (Exception, SystemExit) as exc:  # noqa: BLE001 - the factory's own failure, reported as such
+        who = f"the plugin {name}" if ":" in name else name
+        raise ConfigError("model.name" if ":" in name else "model.kwargs", f"{who} {plugins.describe(exc)}") from None
     if not isinstance(model, nn.Module):
         raise ConfigError("model.name", f"{name} returned {type(model).__name__}, not a torch nn.Module")
+    _probe(model, name, channels, image_size, num_classes)
     return model
+
+
+def _probe(model: nn.Module, name: str, channels: int, image_size: int, num_classes: int) -> None:
+    """One forward pass on two blank images (eval mode, no gradient, no statistics updated): a
+    model that fails on the data's shape, or does not return N x num_classes, is refused now by
+    name, not in the middle of training."""
+    x = torch.zeros(2, channels, image_size, image_size, device=next(iter(model.parameters()), torch.zeros(0)).device)
+    was = model.training
+    try:
+        with torch.no_grad():
+            out = plugins.guarded(name, "model.name", lambda: model.eval()(x))
+    finally:
+        model.train(was)
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, num_classes):
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ConfigError("model.name", f"{name} maps 2 x {channels} x {image_size} x {image_size} images to "
+                                        f"{shape}, not 2 x {num_classes} class scores")  # fmt: skip
 
 
 # Copies of the weights a run holds at once (global model, a client's copy, its gradients and

@@ -1,27 +1,57 @@
-"""Figures of a run, drawn with matplotlib (no display needed) and saved as PNG and SVG."""
+"""Figures of a run, drawn with matplotlib (no display needed) and saved as PNG and SVG.
+
+Every figure keeps a readable size whatever the federation: past ``MAX_LINES`` clients, the
+per-client lines become the median and the 10-90% band over the clients (a legend of 1,437
+clients would be a figure 15,000 pixels tall).
+"""
 
 from __future__ import annotations
 
-from pathlib import Path
+import io
 from typing import Any
 
 import matplotlib
+import numpy as np
+
+from gradleak.rundir import SubDir
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+# Clients drawn one line each; more are drawn as a band.
+MAX_LINES = 12
 
-def save(fig: Any, out_dir: Path, stem: str) -> Path:
-    """Write ``stem.png`` and ``stem.svg``; return the PNG path."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    png = out_dir / f"{stem}.png"
-    fig.savefig(png, dpi=120, bbox_inches="tight")
-    fig.savefig(out_dir / f"{stem}.svg", bbox_inches="tight")
+
+def save(fig: Any, out: SubDir, stem: str) -> bytes:
+    """Write ``stem.png`` and ``stem.svg`` under ``out``; return the PNG's bytes."""
+    files = {}
+    for fmt in ("png", "svg"):
+        buf = io.BytesIO()
+        fig.savefig(buf, format=fmt, dpi=120, bbox_inches="tight")
+        files[fmt] = buf.getvalue()
+        out.write_bytes(f"{stem}.{fmt}", files[fmt])
     plt.close(fig)
-    return png
+    return files["png"]
 
 
-def accuracy_per_round(rounds: list[dict[str, Any]], out_dir: Path) -> Path:
+def _per_client(ax: Any, rows: list[dict[str, Any]], field: str, label: Any) -> None:
+    """One line per client of ``field`` over rounds, or, for more than ``MAX_LINES`` clients, the
+    median and the 10-90% band over the clients at each round."""
+    clients = sorted({r["client"] for r in rows})
+    if len(clients) <= MAX_LINES:
+        for cid in clients:
+            mine = [r for r in rows if r["client"] == cid]
+            ax.plot([r["round"] for r in mine], [r[field] for r in mine], marker="o", markersize=3,
+                    label=label(cid, mine))  # fmt: skip
+        return
+    rounds = sorted({r["round"] for r in rows})
+    values = [np.array([r[field] for r in rows if r["round"] == t], dtype=np.float64) for t in rounds]
+    q = np.array([np.nanpercentile(v, [10, 50, 90]) if np.isfinite(v).any() else [np.nan] * 3 for v in values])
+    ax.fill_between(rounds, q[:, 0], q[:, 2], alpha=0.3, label=f"10-90% of {len(clients)} clients")
+    ax.plot(rounds, q[:, 1], marker="o", markersize=3, label="median")
+
+
+def accuracy_per_round(rounds: list[dict[str, Any]], out: SubDir) -> bytes:
     """The global model's test accuracy (and loss) after each round."""
     fig, ax = plt.subplots(figsize=(6, 3.5))
     x = [r["round"] for r in rounds]
@@ -34,35 +64,30 @@ def accuracy_per_round(rounds: list[dict[str, Any]], out_dir: Path) -> Path:
     ax2.plot(x, [r["test_loss"] for r in rounds], color="tab:gray", linestyle="--")
     ax2.set_ylabel("test loss", color="tab:gray")
     ax.set_title("Global model")
-    return save(fig, out_dir, "accuracy")
+    return save(fig, out, "accuracy")
 
 
-def train_loss_per_client(results: list[dict[str, Any]], out_dir: Path) -> Path:
+def train_loss_per_client(results: list[dict[str, Any]], out: SubDir) -> bytes:
     """Each client's mean local training loss per round."""
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    for cid in sorted({r["client"] for r in results}):
-        rows = [r for r in results if r["client"] == cid]
-        ax.plot([r["round"] for r in rows], [r["train_loss"] for r in rows], label=f"client {cid}")
+    _per_client(ax, results, "train_loss", lambda cid, _: f"client {cid}")
     ax.set_xlabel("round")
     ax.set_ylabel("local training loss")
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small", ncol=2)
     ax.set_title("Clients")
-    return save(fig, out_dir, "train_loss")
+    return save(fig, out, "train_loss")
 
 
-def rdlv_per_round(audited: list[dict[str, Any]], out_dir: Path) -> Path:
+def rdlv_per_round(audited: list[dict[str, Any]], out: SubDir) -> bytes:
     """RDLV per round, one line per audited client; withheld updates marked with a cross."""
     fig, ax = plt.subplots(figsize=(6, 3.5))
     audited = [r for r in audited if r.get("rdlv") is not None]
-    for cid in sorted({r["client"] for r in audited}):
-        rows = [r for r in audited if r["client"] == cid]
-        (line,) = ax.plot([r["round"] for r in rows], [r["rdlv"] for r in rows], marker="o",
-                          label=f"client {cid} (n={rows[0]['num_samples']}, bs={rows[0]['batch_size']})")  # fmt: skip
-        gated = [r for r in rows if r["withheld"]]
-        if gated:
-            ax.scatter([r["round"] for r in gated], [r["rdlv"] for r in gated], marker="x", s=80,
-                       color=line.get_color())  # fmt: skip
+    _per_client(ax, audited, "rdlv",
+                lambda cid, rows: f"client {cid} (n={rows[0]['num_samples']}, bs={rows[0]['batch_size']})")  # fmt: skip
+    gated = [r for r in audited if r["withheld"]]
+    if gated:
+        ax.scatter([r["round"] for r in gated], [r["rdlv"] for r in gated], marker="x", s=80, color="black")
     ax.axhline(0, color="gray", linewidth=0.8)
     ax.set_xlabel("round")
     ax.set_ylabel("RDLV")
@@ -70,11 +95,11 @@ def rdlv_per_round(audited: list[dict[str, Any]], out_dir: Path) -> Path:
     if audited:
         ax.legend(fontsize="small")
     ax.set_title("Leakage per audited client (x: update withheld)")
-    return save(fig, out_dir, "rdlv")
+    return save(fig, out, "rdlv")
 
 
-def audit_grid(cid: int, rows: list[dict[str, Any]], images: list[dict[str, Any]], out_dir: Path,
-               stem: str = "audit") -> Path:  # fmt: skip
+def audit_grid(cid: int, rows: list[dict[str, Any]], images: list[dict[str, Any]], out: SubDir,
+               stem: str = "audit") -> bytes:  # fmt: skip
     """Original | start | best reconstruction for one client's audited rounds (first image);
     written as ``STEM_client_CID``."""
     n = len(images)
@@ -90,19 +115,20 @@ def audit_grid(cid: int, rows: list[dict[str, Any]], images: list[dict[str, Any]
                 ax.set_title(("original", "start", "reconstruction")[j], fontsize=8)
         axes[i][0].set_ylabel(f"round {row['round']}", fontsize=8)
         ssim, psnr = row.get("ssim"), row.get("psnr")
-        if ssim is not None and psnr is not None:
+        if isinstance(ssim, int | float) and isinstance(psnr, int | float):
             axes[i][2].set_xlabel(f"SSIM {ssim:.2f}, PSNR {psnr:.1f}", fontsize=7)
     fig.suptitle(f"client {cid}", fontsize=9)
-    return save(fig, out_dir, f"{stem}_client_{cid}")
+    return save(fig, out, f"{stem}_client_{cid}")
 
 
-def privacy_utility(points: list[dict[str, Any]], key: str, out_dir: Path) -> Path:
+def privacy_utility(points: list[dict[str, Any]], key: str, out: SubDir) -> bytes:
     """RDLV (worst round) against defence strength per client, final test accuracy on a second axis."""
     fig, ax = plt.subplots(figsize=(6.5, 3.8))
     xs = [p["values"][key] for p in points]
-    clients = sorted({c for p in points for c in p["rdlv"]}, key=int)
-    for c in clients:
-        ax.plot(xs, [p["rdlv"].get(c, float("nan")) for p in points], marker="o", label=f"client {c}")
+    rows = [{"client": int(c), "round": x, "rdlv": p["rdlv"][c]} for p, x in zip(points, xs, strict=True) for c in p["rdlv"]]
+    order = {x: i for i, x in enumerate(xs)}
+    rows.sort(key=lambda r: order[r["round"]])
+    _per_client(ax, rows, "rdlv", lambda cid, _: f"client {cid}")
     ax.axhline(0, color="gray", linewidth=0.8)
     positive = [x for x in xs if x > 0]
     if positive and min(xs) >= 0 and max(xs) / min(positive) > 20:  # e.g. sigma0 in 0, 0.5, ..., 50
@@ -118,4 +144,4 @@ def privacy_utility(points: list[dict[str, Any]], key: str, out_dir: Path) -> Pa
     h2, l2 = ax2.get_legend_handles_labels()
     ax.legend(h1 + h2, l1 + l2, fontsize="small", loc="upper right")
     ax.set_title("Privacy / utility")
-    return save(fig, out_dir, "privacy_utility")
+    return save(fig, out, "privacy_utility")

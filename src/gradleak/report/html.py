@@ -1,44 +1,53 @@
-"""A self-contained HTML report of a run: figures embedded, opens offline."""
+"""A self-contained HTML report of a run or a sweep: figures embedded, opens offline.
+
+Whatever reaches the page from the run directory (names, rows, summaries, the config) is escaped;
+the page runs no script (its Content-Security-Policy allows none, so even markup that slipped
+through could not run any), and a damaged optional file is left out by name.
+"""
 
 from __future__ import annotations
 
 import base64
 import html
 import json
-import zipfile
-import zlib
+import math
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
 
-from gradleak.errors import GradleakError
+from gradleak.errors import DataError
 from gradleak.experiments.store import RunStore
 from gradleak.report import figures
 from gradleak.report.recommend import recommend
+from gradleak.rundir import OwnedDir, SubDir
+from gradleak.safeio import load_npz, parse_json
+
+# No script, no frames, no requests: images only from the page itself (data: URLs).
+CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; base-uri 'none'; form-action 'none'"
 
 
-def _img(png: Path, alt: str) -> str:
-    data = base64.b64encode(png.read_bytes()).decode()
-    return f'<figure><img alt="{html.escape(alt)}" src="data:image/png;base64,{data}"></figure>'
-
-
-def _fmt(v: Any) -> str:
+def esc(v: Any) -> str:
+    """Any value as HTML text: floats to 4 significant digits, everything escaped."""
     if isinstance(v, float):
         return f"{v:.4g}"
-    return html.escape(str(v))
+    return html.escape(str(v), quote=True)
+
+
+def _img(png: bytes, alt: str) -> str:
+    data = base64.b64encode(png).decode()
+    return f'<figure><img alt="{esc(alt)}" src="data:image/png;base64,{data}"></figure>'
 
 
 def _table(rows: list[dict[str, Any]]) -> str:
     if not rows:
         return "<p>No rows.</p>"
     cols = list(dict.fromkeys(k for r in rows for k in r))
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
-    body = "".join(
-        "<tr>" + "".join(f"<td>{_fmt(r.get(c, ''))}</td>" for c in cols) + "</tr>" for r in rows
-    )
+    head = "".join(f"<th>{esc(c)}</th>" for c in cols)
+    body = "".join("<tr>" + "".join(f"<td>{esc(r.get(c, ''))}</td>" for c in cols) + "</tr>" for r in rows)
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
@@ -52,42 +61,53 @@ pre{background:#f7f7f7;padding:1em;overflow:auto;font-size:12px}
 """
 
 
+def _page(title: str, body: str) -> str:
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8">
+<meta http-equiv="Content-Security-Policy" content="{CSP}">
+<title>{esc(title)}</title>
+<style>{STYLE}</style></head><body>
+{body}
+</body></html>
+"""
+
+
+def _owned(root: Path, kind: str) -> OwnedDir:
+    """``root`` as gradleak's directory of ``kind`` (its report is written into it)."""
+    if not root.exists():
+        raise DataError(f"{root} does not exist")
+    return OwnedDir(root, kind).join()
+
+
 def build_run_report(run_dir: Path) -> Path:
     """Write ``run_dir/report/index.html`` (and its PNG/SVG figures); return the page's path."""
-    store = RunStore(run_dir)
+    store = RunStore(_owned(run_dir, "run"))
     if not store.exists():
-        raise GradleakError(f"{run_dir} is not a run directory (no config.yaml)")
+        raise DataError(f"{run_dir} is not a run directory (no config.yaml)")
     rounds, results = store.read_rows()
     config = store.read_config()
-    out = run_dir / "report"
+    out = store.dir.sub("report")
     figs = []
     if rounds:
         figs.append(_img(figures.accuracy_per_round(rounds, out), "test accuracy per round"))
     if results:
         figs.append(_img(figures.train_loss_per_client(results, out), "training loss per client"))
     final = f"{rounds[-1]['test_accuracy']:.4f} after round {rounds[-1]['round']}" if rounds else "none yet"
-    name = html.escape(str(config.get("name") or run_dir.name))
-    audit = _audit_section(run_dir, results, out) + _disaggregation_section(run_dir, out)
-    page = f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>gradleak report: {name}</title>
-<style>{STYLE}</style></head><body>
-<h1>gradleak report: {name}</h1>
-<p>Run directory: <code>{html.escape(str(run_dir))}</code>. Final test accuracy: {final}.</p>
+    name = str(config.get("name") or run_dir.name)
+    body = f"""<h1>gradleak report: {esc(name)}</h1>
+<p>Run directory: <code>{esc(run_dir)}</code>. Final test accuracy: {esc(final)}.</p>
 <h2>Training</h2>
 {''.join(figs)}
-{audit}
+{_audit_section(store, config, results, out)}
+{_disaggregation_section(store, config, out)}
 <h2>Rounds</h2>
 {_table(rounds)}
 <h2>Clients per round</h2>
 {_table(results)}
 <h2>Config</h2>
-<pre>{html.escape(yaml.safe_dump(config, sort_keys=False))}</pre>
-</body></html>
-"""
-    path = out / "index.html"
-    out.mkdir(parents=True, exist_ok=True)
-    path.write_text(page)
-    return path
+<pre>{esc(yaml.safe_dump(config, sort_keys=False))}</pre>"""
+    out.write_text("index.html", _page(f"gradleak report: {name}", body))
+    return out.path("index.html")
 
 
 # Columns of the audited-row table, in this order.
@@ -95,26 +115,39 @@ AUDIT_COLUMNS = ("round", "client", "num_samples", "batch_size", "rdlv", "ssim",
                  "label_accuracy", "label_strategy", "withheld", "defenses", "attack_seconds")  # fmt: skip
 # At most this many rounds per client in the image grids (evenly spaced, last included).
 GRID_ROUNDS = 8
+# Image grids for at most this many audited clients (those with the highest RDLV).
+GRID_CLIENTS = 12
 
 
-def _audit_section(run_dir: Path, results: list[dict[str, Any]], out: Path) -> str:
+def _worst(rows: list[dict[str, Any]]) -> float:
+    values = [r["rdlv"] for r in rows if isinstance(r.get("rdlv"), int | float) and not math.isnan(r["rdlv"])]
+    return max(values) if values else -math.inf
+
+
+def _audit_section(store: RunStore, config: dict[str, Any], results: list[dict[str, Any]], out: SubDir) -> str:
     audited = [r for r in results if r.get("audited")]
     if not audited:
         return ""
     parts = ["<h2>Leakage audit</h2>", _img(figures.rdlv_per_round(audited, out), "RDLV per round")]
-    for cid in sorted({r["client"] for r in audited}):
-        rows = [r for r in audited if r["client"] == cid and r.get("rdlv") is not None]
-        if not rows:
-            continue
+    by_client = {c: [r for r in audited if r["client"] == c and r.get("rdlv") is not None]
+                 for c in sorted({r["client"] for r in audited})}  # fmt: skip
+    shown = sorted((c for c in by_client if by_client[c]), key=lambda c: _worst(by_client[c]), reverse=True)
+    if len(shown) > GRID_CLIENTS:
+        parts.append(f"<p>Images of the {GRID_CLIENTS} clients with the highest RDLV, of {len(shown)} audited.</p>")
+    for cid in sorted(shown[:GRID_CLIENTS]):
+        rows = by_client[cid]
         pick = sorted({round(i * (len(rows) - 1) / max(1, GRID_ROUNDS - 1)) for i in range(GRID_ROUNDS)})
-        rows = [rows[i] for i in pick if i < len(rows)]
-        files = [run_dir / "audit" / f"round_{r['round']:04d}" / f"client_{cid}.npz" for r in rows]
-        loaded = [(r, f, _audit_images(f)) for r, f in zip(rows, files, strict=True) if f.exists()]
-        for _, f, images in loaded:
+        kept = []
+        for r in (rows[i] for i in pick if i < len(rows)):
+            rel = f"audit/round_{r['round']:04d}/client_{cid}.npz"
+            if not store.dir.exists(rel):
+                continue
+            images = _audit_images(store.dir, rel, _image_bytes(config, r["num_samples"]))
             if images is None:
-                parts.append(f"<p>Left out: <code>{html.escape(str(f))}</code> is damaged (not the originals, "
-                             "start and reconstructions of an audit).</p>")  # fmt: skip
-        kept = [(r, images) for r, _, images in loaded if images is not None]
+                parts.append(f"<p>Left out: <code>{esc(store.dir.path(rel))}</code> is damaged (not the "
+                             "originals, start and reconstructions of an audit).</p>")  # fmt: skip
+            else:
+                kept.append((r, images))
         if kept:
             grid = figures.audit_grid(cid, [r for r, _ in kept], [i for _, i in kept], out)
             parts.append(_img(grid, f"original, start and reconstruction of client {cid}"))
@@ -126,14 +159,26 @@ def _audit_section(run_dir: Path, results: list[dict[str, Any]], out: Path) -> s
 AUDIT_IMAGES = ("originals", "priors", "reconstructions")
 
 
-def _audit_images(path: Path) -> dict[str, np.ndarray] | None:
+def _image_bytes(config: dict[str, Any], count: Any) -> int:
+    """The most an audit's image file of ``count`` images can hold (three float64 copies of
+    three-channel images at the config's size), plus room for the file's own structure."""
+    data = config.get("data") if isinstance(config.get("data"), dict) else {}
+    size = data.get("image_size", 32)
+    size = size if isinstance(size, int) and 0 < size <= 4096 else 32
+    count = count if isinstance(count, int) and 0 < count <= 1 << 20 else 1
+    return 3 * count * 3 * size * size * 8 + (1 << 20)
+
+
+def _audit_images(owner: OwnedDir, rel: str, limit: int) -> dict[str, np.ndarray] | None:
     """An audit's saved images (N x C x H x W, C 1 or 3, the same shape each), or None when the file
-    is damaged or holds something else; never unpickles."""
+    is damaged or holds something else; never unpickles, never reads more than ``limit`` bytes."""
     try:
-        with np.load(path, allow_pickle=False) as f:
-            images = {k: f[k] for k in AUDIT_IMAGES}
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error):
+        arrays = load_npz(owner.read_bytes(rel, kind="tensors", limit=limit), owner.path(rel), limit=limit)
+    except DataError:
         return None
+    if any(k not in arrays for k in AUDIT_IMAGES):
+        return None
+    images = {k: arrays[k] for k in AUDIT_IMAGES}
     shapes = {a.shape for a in images.values()}
     a = images["originals"]
     if len(shapes) != 1 or a.ndim != 4 or len(a) == 0 or a.shape[1] not in (1, 3) or \
@@ -142,38 +187,87 @@ def _audit_images(path: Path) -> dict[str, np.ndarray] | None:
     return images
 
 
-def _disaggregation_section(run_dir: Path, out: Path) -> str:
+class _Record(BaseModel):
+    """What the report reads of a file it did not just compute: strict types, extra keys ignored."""
+
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+
+class _Evidence(_Record):
+    client: int
+    exact: bool
+    certain: bool
+    separation: float | None = None
+    gap_ratio: float
+    rounds_taken_part: int
+    methods: list[str]
+    reason: str = ""
+
+
+class _Inverted(_Record):
+    client: int
+    round: int | None = None
+    rounds_taken_part: int | None = None
+    rdlv: float | None = None
+    ssim: float | None = None
+    psnr: float | None = None
+    mse: float | None = None
+    label_accuracy: float | None = None
+    attack_seconds: float | None = None
+    note: str | None = None
+
+
+class _DisaggregationSummary(_Record):
+    rounds: int
+    clients: int
+    window: int
+    dimensions: int
+    participation_exact: bool
+    wrong_entries: int
+    clients_exact: int
+    seconds: float
+    chunks: list[list[int]]
+    certain_clients: int
+    per_client: list[_Evidence]
+    inverted: list[_Inverted]
+
+
+def _disaggregation_section(store: RunStore, config: dict[str, Any], out: SubDir) -> str:
     """The secure-sum chain: participation recovered from the round sums, then the inversion of
     chosen clients' recovered updates (``RUN/disaggregation/summary.json``)."""
-    path = run_dir / "disaggregation" / "summary.json"
-    if not path.exists():
+    rel = "disaggregation/summary.json"
+    if not store.dir.exists(rel):
         return ""
-    s = json.loads(path.read_text())
-    verdict = ("recovered <b>exactly</b>" if s["participation_exact"]
-               else f"<b>not</b> recovered exactly ({s['wrong_entries']} wrong entries)")  # fmt: skip
+    path = store.dir.path(rel)
+    try:
+        s = _DisaggregationSummary.model_validate(parse_json(store.dir.read_bytes(rel, kind="json"), path))
+    except (DataError, ValidationError) as exc:
+        problem = str(exc).splitlines()[0] if isinstance(exc, DataError) else "not a disaggregation summary"
+        return (f"<h2>Secure aggregation: gradient disaggregation</h2><p>Left out: <code>{esc(path)}</code> "
+                f"is damaged ({esc(problem)}).</p>")  # fmt: skip
+    verdict = ("recovered <b>exactly</b>" if s.participation_exact
+               else f"<b>not</b> recovered exactly ({esc(s.wrong_entries)} wrong entries)")  # fmt: skip
     parts = [
         "<h2>Secure aggregation: gradient disaggregation</h2>",
-        f"<p>The server saw only the sum of each of {s['rounds']} rounds ({s['dimensions']} values) and, "
-        f"per window of {s['window']} rounds, how often each of the {s['clients']} clients took part. "
-        f"From these, the participation matrix was {verdict} ({s['clients_exact']} of {s['clients']} "
-        f"clients exact) in {s['seconds']:.1f} s, and each client's update by least squares.</p>",
+        f"<p>The server saw only the sum of each of {esc(s.rounds)} rounds ({esc(s.dimensions)} values) and, "
+        f"per window of {esc(s.window)} rounds, how often each of the {esc(s.clients)} clients took part. "
+        f"From these, the participation matrix was {verdict} ({esc(s.clients_exact)} of {esc(s.clients)} "
+        f"clients exact) in {s.seconds:.1f} s, and each client's update by least squares.</p>",
+        f"<p>The attack declared {esc(s.certain_clients)} of {esc(s.clients)} columns certain "
+        f"({len(s.chunks)} chunk(s) of rounds). Per client:</p>",
+        _table([e.model_dump() for e in s.per_client]),
     ]
-    if "per_client" in s:  # the attack's own verdict, which it reaches without the truth
-        parts.append(f"<p>The attack declared {s['certain_clients']} of {s['clients']} columns certain "
-                     f"({len(s['chunks'])} chunk(s) of rounds). Per client:</p>")
-        cols = ("client", "exact", "certain", "separation", "gap_ratio", "rounds_taken_part", "methods", "reason")
-        parts.append(_table([{k: r.get(k, "") for k in cols} for r in s["per_client"]]))
-    inverted = [r for r in s["inverted"] if "rdlv" in r]
+    inverted = [r for r in s.inverted if r.rdlv is not None and r.round is not None]
     if inverted:
         parts.append("<p>Each inverted client's recovered update, attacked as if there had been no "
                      "secure aggregation (global model of the middle round it took part in):</p>")
         for r in inverted:
-            f = run_dir / "disaggregation" / f"round_{r['round']:04d}" / f"client_{r['client']}.npz"
-            if f.exists() and (images := _audit_images(f)) is not None:
-                grid = figures.audit_grid(r["client"], [r], [images], out, stem="disaggregated")
-                parts.append(_img(grid, f"client {r['client']} from its disaggregated update"))
+            f = f"disaggregation/round_{r.round:04d}/client_{r.client}.npz"
+            if store.dir.exists(f) and (images := _audit_images(store.dir, f, _image_bytes(config, 1 << 12))) is not None:
+                grid = figures.audit_grid(r.client, [r.model_dump()], [images], out, stem="disaggregated")
+                parts.append(_img(grid, f"client {r.client} from its disaggregated update"))
         cols = ("client", "round", "rounds_taken_part", *AUDIT_COLUMNS[4:9], "attack_seconds")
-        parts.append(_table([{k: r.get(k, "") for k in cols} for r in inverted]))
+        parts.append(_table([{k: r.model_dump().get(k, "") for k in cols} for r in inverted]))
     return "\n".join(parts)
 
 
@@ -183,13 +277,19 @@ def sweep_summary(sweep_dir: Path, level: float | None = None, budget: float | N
     the sweep config's ``recommendation:`` section."""
     from gradleak.experiments.sweep import read_sweep
 
-    spec = read_sweep(sweep_dir)
+    owner = OwnedDir(sweep_dir, "sweep")
+    spec = read_sweep(owner)
     points, settings = [], {}
     for p in spec["points"]:
+        present = owner.is_dir(p["run_dir"])
+        if owner.exists(p["run_dir"]) and not present:
+            raise DataError(f"{owner.path(p['run_dir'])} is not a directory (a link or a file); the sweep "
+                            "directory is damaged")  # fmt: skip
         store = RunStore(sweep_dir / p["run_dir"])
-        rounds, results = store.read_rows() if store.exists() else ([], [])
+        done = present and store.exists()
+        rounds, results = store.read_rows() if done else ([], [])
         audited = [r for r in results if r.get("audited")]
-        if store.exists() and not settings:
+        if done and not settings:
             settings = store.read_config().get("recommendation") or {}
         worst: dict[str, float] = {}
         for r in audited:
@@ -201,7 +301,7 @@ def sweep_summary(sweep_dir: Path, level: float | None = None, budget: float | N
     level = settings.get("level", 0.0) if level is None else level
     budget = settings.get("accuracy_budget", 0.05) if budget is None else budget
     out: dict[str, Any] = {"keys": spec["keys"], "level": level, "accuracy_budget": budget, "points": points}
-    if len(spec["keys"]) == 1 and all(isinstance(p["values"][spec["keys"][0]], int | float) for p in points):
+    if len(spec["keys"]) == 1 and all(_number(p["values"][spec["keys"][0]]) for p in points):
         key = spec["keys"][0]
         rec = recommend(points, key, level=level, budget=budget)
         out["recommendation"] = {**asdict(rec), "accuracy_cost": rec.accuracy_cost, "verdict": rec.verdict()}
@@ -209,35 +309,31 @@ def sweep_summary(sweep_dir: Path, level: float | None = None, budget: float | N
     return out
 
 
+def _number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
 def build_sweep_report(sweep_dir: Path, level: float | None = None, budget: float | None = None) -> Path:
     """Write ``sweep_dir/report/index.html`` with the privacy/utility curve and summary table."""
+    owner = _owned(sweep_dir, "sweep")
     summary = sweep_summary(sweep_dir, level, budget)
-    out = sweep_dir / "report"
+    out = owner.sub("report")
     parts = []
-    if len(summary["keys"]) == 1 and "points" in summary:
-        key = summary["keys"][0]
-        if all(isinstance(p["values"][key], int | float) for p in summary["points"]):
-            parts.append(_img(figures.privacy_utility(summary["points"], key, out), "privacy utility"))
     rec = summary.get("recommendation")
-    verdict = (html.escape(rec["verdict"]) if rec else
-               "No recommendation: it needs a single swept key with numeric values.")  # fmt: skip
-    rows = [{**{k: v for k, v in p["values"].items()}, "rounds": p["rounds"], "accuracy": p["accuracy"],
+    if rec:
+        parts.append(_img(figures.privacy_utility(summary["points"], summary["keys"][0], out), "privacy utility"))
+    verdict = esc(rec["verdict"]) if rec else "No recommendation: it needs a single swept key with numeric values."
+    rows = [{**p["values"], "rounds": p["rounds"], "accuracy": p["accuracy"],
              **{f"rdlv client {c}": v for c, v in p["rdlv"].items()}, "run": p["run_dir"]}
             for p in summary["points"]]  # fmt: skip
-    page = f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>gradleak sweep: {html.escape(sweep_dir.name)}</title>
-<style>{STYLE}</style></head><body>
-<h1>gradleak sweep: {html.escape(sweep_dir.name)}</h1>
+    title = f"gradleak sweep: {sweep_dir.name}"
+    body = f"""<h1>{esc(title)}</h1>
 <h2>Privacy / utility</h2>
 {''.join(parts)}
 <p>{verdict}</p>
 <h2>Points</h2>
 {_table(rows)}
-<p>Each run has its own report: <code>RUN/report/index.html</code>.</p>
-</body></html>
-"""
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
-    path = out / "index.html"
-    path.write_text(page)
-    return path
+<p>Each run has its own report: <code>RUN/report/index.html</code>.</p>"""
+    out.write_text("summary.json", json.dumps(summary, indent=2, default=str))
+    out.write_text("index.html", _page(title, body))
+    return out.path("index.html")

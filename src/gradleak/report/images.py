@@ -1,28 +1,34 @@
-"""Image grids as PNG files (rows of images with a caption per row)."""
+"""Image grids as PNG bytes (rows of images with a caption per row)."""
 
 from __future__ import annotations
 
-from pathlib import Path
+import io
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+# At most this many images per row: a batch of 1,024 would otherwise be a PNG 135,000 pixels wide.
+MAX_CELLS = 16
 
-def save_grid(rows: list[tuple[str, torch.Tensor]], path: Path, scale: int = 4) -> Path:
-    """Write rows of N x C x H x W images in [0, 1] side by side, each row captioned."""
-    cells = max(len(imgs) for _, imgs in rows)
+
+def grid_png(rows: list[tuple[str, torch.Tensor]], scale: int = 4) -> bytes:
+    """Rows of N x C x H x W images in [0, 1] side by side (the first ``MAX_CELLS`` of each),
+    each row captioned, as a PNG file's bytes."""
+    total = max(len(imgs) for _, imgs in rows)
+    cells = min(total, MAX_CELLS)
     _, c, h, w = rows[0][1].shape
     hs, ws, pad, cap = h * scale, w * scale, 4, 14
     canvas = Image.new("RGB", (cells * (ws + pad) + pad, len(rows) * (hs + pad + cap) + pad), "white")
     draw = ImageDraw.Draw(canvas)
     for r, (caption, imgs) in enumerate(rows):
         y = pad + r * (hs + pad + cap)
-        draw.text((pad, y), caption, fill="black")
-        for i, img in enumerate(imgs):
+        shown = f" ({cells} of {len(imgs)})" if len(imgs) > cells else ""
+        draw.text((pad, y), caption + shown, fill="black")
+        for i, img in enumerate(imgs[:cells]):
             arr = (img.detach().clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
             tile = Image.fromarray(arr[..., 0] if c == 1 else arr).convert("RGB")
             canvas.paste(tile.resize((ws, hs), Image.Resampling.NEAREST), (pad + i * (ws + pad), y + cap))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    canvas.save(path)
-    return path
+    buf = io.BytesIO()
+    canvas.save(buf, format="PNG")
+    return buf.getvalue()
