@@ -14,6 +14,7 @@ from gradleak.experiments import RunStore
 from gradleak.experiments import run_experiment
 from gradleak.experiments.config import validate_config
 from gradleak.experiments.runner import build_scenario
+from gradleak.rundir import OwnedDir
 
 # Three clients with a defence (seeded noise) and an audit that withholds the high-risk client's
 # leaking updates: every path of the client filters crosses the engine.
@@ -90,7 +91,7 @@ def test_a_pool_of_workers_gives_the_sequential_results_exactly(sequential, tmp_
     if pool == "ray":
         pytest.importorskip("ray")
     config = validate_config({**CONFIG, "engine": {"threads": 1, "workers": 2, "pool": pool}})
-    sim = build_scenario(config).simulator(tmp_path / "pool")
+    sim = build_scenario(config).simulator(OwnedDir(tmp_path / "pool", "run"))
     assert (type(sim).__name__, sim.kind) == ("PoolSimulator", pool)
     run_experiment(config, tmp_path / "pool")
     _same_run(sequential, tmp_path / "pool")
@@ -179,14 +180,13 @@ def test_a_resume_repeats_a_round_that_must_run_whole(tmp_path) -> None:
     small = {**CONFIG, "audit": None, "defenses": [], "training": {"rounds": 2, "lr": 0.1},
              "checkpoints": {"keep_every": 1}}
     run_experiment(validate_config(small), tmp_path / "run")
-    store = RunStore(tmp_path / "run")
+    store = RunStore(tmp_path / "run").claim()
     rows = store.results.read()
     # as a run killed after two clients of round 2 leaves it
     store.rounds.rewrite(store.rounds.read()[:1])
     store.results.rewrite(rows[:5])
     for row in rows[3:5]:
-        (store.pending / "round_0002").mkdir(parents=True, exist_ok=True)
-        (store.pending / f"round_0002/client_{row['client']}.safetensors").write_bytes(b"")
+        store.dir.write_bytes(f"pending/round_0002/client_{row['client']}.safetensors", b"")
     assert store.resume_point(partial=False) == (1, {})
     assert store.results.read() == rows[:3] and not store.pending.exists()
 
@@ -230,6 +230,7 @@ def test_nvflare_filter_errors_are_recorded_and_withhold_the_update(tmp_path) ->
     from gradleak.engines.nvflare import ROW, RelativeDataLeakageValueFilter, UpdateFilters
 
     config_json = validate_config(CONFIG).model_dump_json()
+    OwnedDir(tmp_path, "run").claim()  # the run directory the job's driver claimed
     fields = {"train_loss": 1.0, "seconds": 0.5, "buffers": [], "meta": {
         "client_id": 2, "round": 1, "num_samples": 20, "lr": 0.1, "epochs": 1, "steps": 5, "batch_size": 4}}  # fmt: skip
     dxo = DXO(DataKind.WEIGHT_DIFF, data={"w": np.ones(3, dtype=np.float32)}, meta={ROW: json.dumps(fields)})

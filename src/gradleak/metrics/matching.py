@@ -24,17 +24,18 @@ CHUNK = 256
 
 def distances(recon: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
     """``out[i, j]`` = mean squared error of ``recon[i]`` and ``truth[j]`` (pixels clamped to
-    [0, 1]), R x M in float64, from ``|a|^2 + |b|^2 - 2 a.b`` row chunk by row chunk."""
+    [0, 1]), R x M, from ``|a|^2 + |b|^2 - 2 a.b`` row chunk by row chunk, the product in float32
+    (it only ranks the pairs; the metrics are computed in float64 on the pairs chosen)."""
     r, m = len(recon), len(truth)
     d = int(np.prod(truth.shape[1:]))
-    check_fits(8 * (r * m + 2 * CHUNK * max(m, d) + m * d), f"matching {r} reconstructions to {m} originals",
+    check_fits(8 * r * m + 4 * (2 * CHUNK * max(m, d) + m * d), f"matching {r} reconstructions to {m} originals",
                "audit.clients", "audit clients with smaller batches")  # fmt: skip
-    b = truth.detach().reshape(m, d).double().clamp(0, 1)
-    bb = b.pow(2).sum(1)
+    b = truth.detach().reshape(m, d).float().clamp(0, 1)
+    bb = b.double().pow(2).sum(1)
     out = torch.empty(r, m, dtype=torch.float64)
     for lo in range(0, r, CHUNK):
-        a = recon[lo : lo + CHUNK].detach().reshape(-1, d).double().clamp(0, 1)
-        out[lo : lo + CHUNK] = (a.pow(2).sum(1)[:, None] + bb[None] - 2 * a @ b.T).clamp_min(0) / d
+        a = recon[lo : lo + CHUNK].detach().reshape(-1, d).float().clamp(0, 1)
+        out[lo : lo + CHUNK] = (a.double().pow(2).sum(1)[:, None] + bb[None] - 2 * (a @ b.T).double()).clamp_min(0) / d
     return out
 
 
