@@ -565,3 +565,20 @@ def test_figures_of_many_clients_keep_a_readable_size(tmp_path) -> None:
     for png in (out / "report").glob("*.png"):
         with Image.open(png) as im:
             assert max(im.size) <= 2000, (png.name, im.size)
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="no headless browser installed (the parser test holds)")
+def test_a_hostile_report_runs_no_script_in_a_real_browser(finished, tmp_path) -> None:
+    """The report of a run whose files carry script payloads, opened in headless Chromium: had any
+    script run, it would have renamed the page or added an element; neither happened."""
+    run = _copy(finished, tmp_path / "run")
+    payload = ("<script>document.title='PWNED'</script><img src=x onerror=\"document.title='PWNED'\">"
+               "<svg onload=\"document.body.setAttribute('data-pwned','1')\">")  # fmt: skip
+    _inject(run, payload)
+    assert _invoke(["report", str(run)]).exit_code == 0
+    page = run / "report/index.html"
+    dom = subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=3000",
+                          "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120).stdout  # fmt: skip
+    assert "<title>gradleak report: safety</title>" in dom, dom[:300]
+    assert "PWNED</title>" not in dom and "data-pwned" not in dom.split("<body", 1)[1][:200]
+    assert "&lt;script&gt;document.title" in dom  # the payload is there, as text

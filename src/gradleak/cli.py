@@ -264,6 +264,8 @@ def sweep(
         console.print(f"report: {page}", highlight=False, soft_wrap=True, markup=False)
     except KeyboardInterrupt:
         _interrupted("; run the same command again to continue the sweep")
+    except OSError as exc:
+        _fail(_os_error(exc, out, "; run the same command again to continue the sweep once it is fixed"))
     except GradleakError as exc:
         _fail(exc)
 
