@@ -39,11 +39,12 @@ import torch
 from cases import run_cases
 
 from gradleak.attacks import GradientInversion, ServerView, preset
-from gradleak.attacks.analytic import first_layer_images
-from gradleak.attacks.labels import idlg_label
+from gradleak.attacks.exact.analytic import first_layer_images
+from gradleak.attacks.exact.labels import idlg_label
 from gradleak.data.partition import ClientData
 from gradleak.data.sources import TilesSource
 from gradleak.fl import LocalTraining, train_client
+from gradleak.images import ImageSpec
 from gradleak.metrics import psnr, score, ssim
 from gradleak.models import build_model
 
@@ -54,7 +55,7 @@ DEVICE = torch.device(os.environ.get("GRADLEAK_BENCH_DEVICE", "cpu"))
 
 def tile(i: int) -> ClientData:
     """The i-th benchmark image: the first test tile of photograph i mod 8, then the next ones."""
-    per_class = [torch.nonzero(TILES.test.labels == c).flatten() for c in range(TILES.num_classes)]
+    per_class = [torch.nonzero(TILES.test.targets == c).flatten() for c in range(TILES.num_classes)]
     idx = per_class[i % TILES.num_classes][i // TILES.num_classes]
     return ClientData(1, TILES.test.subset([int(idx)]), 1)
 
@@ -67,18 +68,18 @@ def view_of(model_name: str, client: ClientData, *, seed: int, lr: float = 0.1, 
     ``batch_norm``: how the client runs batch-norm layers (train, or eval: running statistics)."""
     mean, std = ((0.0,) * 3, (1.0,) * 3) if raw else (TILES.mean, TILES.std)
     torch.manual_seed(seed)
-    model = build_model(model_name, channels=3, image_size=32, num_classes=TILES.num_classes,
+    model = build_model(model_name, spec=ImageSpec.square(3, 32), num_classes=TILES.num_classes,
                         kwargs=kwargs or {})  # fmt: skip
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     update, _ = train_client(model, state, client, round=1, settings=LocalTraining(epochs=epochs, lr=lr, batch_norm=batch_norm),
                              mean=mean, std=std, seed=seed)  # fmt: skip
     return ServerView.of(model, state, update, image_shape=(3, 32, 32), num_classes=TILES.num_classes,
                          mean=mean, std=std,
-                         known_labels=client.data.labels.clone() if known else None)  # fmt: skip
+                         known_labels=client.data.targets.clone() if known else None)  # fmt: skip
 
 
 def quality(rec, client: ClientData) -> dict:
-    s = score(rec.images, client.data.images, rec.labels, client.data.labels)
+    s = score(rec.examples, client.data.examples, rec.labels, client.data.targets)
     return {**s.summary(), "seconds": rec.seconds, "label_strategy": rec.label_strategy}
 
 
@@ -107,7 +108,7 @@ def case_idlg_labels() -> dict:
         client = ClientData(1, TILES.train.subset([i]), 1)
         view = view_of("lenet", client, seed=seed)
         w, _ = view.classifier()
-        hits += idlg_label(view.pseudo_gradient()[w]) == int(client.data.labels[0])
+        hits += idlg_label(view.pseudo_gradient()[w]) == int(client.data.targets[0])
     return {"target": "200 of 200", "correct": hits, "total": 200}
 
 
@@ -180,8 +181,8 @@ def _ablation(model: str, kwargs: dict, preset_name: str, variants: dict[str, di
             over = {**kw, **({"iterations": iterations} if iterations else {})}
             rec = GradientInversion(preset(preset_name, **over)).run(view, device=DEVICE, seed=i)
             runs.append({"image": i, **quality(rec, client),
-                         "start_psnr": float(psnr(rec.prior, client.data.images)),
-                         "start_ssim": float(ssim(rec.prior, client.data.images).mean()),
+                         "start_psnr": float(psnr(rec.start, client.data.examples)),
+                         "start_ssim": float(ssim(rec.start, client.data.examples).mean()),
                          "final_match": rec.match_scores[int(torch.tensor(rec.restart_scores).argmin())]})  # fmt: skip
             print(name, runs[-1], file=sys.stderr)
         out[name] = {"settings": kw, "mean_psnr": mean(r["psnr"] for r in runs),
@@ -253,7 +254,7 @@ def case_analytic() -> dict:
     for i in range(10):
         client = tile(i)
         view = view_of("mlp", client, seed=i)
-        errors.append(float((first_layer_images(view) - client.data.images).abs().max()))
+        errors.append(float((first_layer_images(view) - client.data.examples).abs().max()))
     return {"target": "exact to 1e-5", "max_abs_error": max(errors), "errors": errors}
 
 

@@ -26,6 +26,7 @@ CHILD = r"""
 import json, resource, sys, time
 import torch
 import torch.nn.functional as F
+from gradleak.images import ImageSpec
 from gradleak.attacks import GradientInversion, ServerView, preset
 from gradleak.audit import rdlv
 from gradleak.data import bundled
@@ -40,23 +41,23 @@ g = torch.Generator().manual_seed(0)
 pick = torch.randperm(len(images), generator=g)[:n]
 x, y = images[pick], labels[pick]
 torch.manual_seed(0)
-model = build_model("mlp", channels=3, image_size=32, num_classes=8, kwargs={"hidden": [64]})
+model = build_model("mlp", spec=ImageSpec.square(3, 32), num_classes=8, kwargs={"hidden": [64]})
 mean, std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
 xn = (x - 0.5) / 0.25
 grads = torch.autograd.grad(F.cross_entropy(model(xn), y), list(model.parameters()))
 update = {k: -0.1 * gr for (k, _), gr in zip(model.named_parameters(), grads)}
 meta = UpdateMeta(client_id=1, round=1, num_samples=n, lr=0.1, epochs=1, steps=1, batch_size=n)
 view = ServerView(model=model, global_state={k: v.detach().clone() for k, v in model.state_dict().items()},
-                  update=update, meta=meta, image_shape=(3, 32, 32), num_classes=8, mean=mean, std=std)
+                  update=update, meta=meta, spec=ImageSpec((3, 32, 32), mean, std), num_classes=8)
 rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 t = time.perf_counter()
 rec = GradientInversion(preset("inverting-gradients", iterations=2)).run(view, seed=0)
 attack = time.perf_counter() - t
 rss_attack = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 t = time.perf_counter()
-pairs = assign(rec.images, x)
-leak = rdlv(rec.images, rec.prior, x, metric="ssim", assignment=pairs)
-s = score(rec.images, x, rec.labels, y, assignment=pairs)
+pairs = assign(rec.examples, x)
+leak = rdlv(rec.examples, rec.start, x, metric="ssim", assignment=pairs)
+s = score(rec.examples, x, rec.labels, y, assignment=pairs)
 scoring = time.perf_counter() - t
 rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 print(json.dumps({"batch": n, "attack_seconds": attack, "scoring_seconds": scoring,

@@ -27,7 +27,12 @@ import time
 import numpy as np
 from cases import run_cases
 
-from gradleak.attacks.disaggregation import SolverFailure, disaggregate, participation_columns, window_counts
+from gradleak.attacks.disaggregation import (
+    SolverFailure,
+    disaggregate,
+    participation_columns,
+    window_counts,
+)
 
 WINDOW = 10
 
@@ -128,7 +133,7 @@ def case_scale() -> dict:
 def case_solvers() -> dict:
     """The reference cases with each installed back-end (Gurobi's bundled licence is size-limited:
     a refusal is recorded as the result)."""
-    from gradleak.attacks.milp import SOLVERS, check_solver
+    from gradleak.attacks.disaggregation.milp import SOLVERS, check_solver
     from gradleak.errors import GradleakError
 
     runs = []
@@ -232,7 +237,7 @@ def _fedavg_sums(lr: float, train: bool, seed: int = 0) -> tuple[np.ndarray, np.
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     tiles = TilesSource(image_size=32).load(seed=0)
-    x, y = (tiles.train.images - 0.5) / 0.5, tiles.train.labels
+    x, y = (tiles.train.examples - 0.5) / 0.5, tiles.train.targets
     users, rounds, per_user, bs, epochs = 20, 60, 64, 16, 4
     data = rng.permutation(len(y))[: users * per_user].reshape(users, per_user)
     net = Net()

@@ -70,10 +70,11 @@ def saved_update(tmp_path: Path) -> list[str]:
     import torch.nn.functional as F
     from safetensors.torch import save_file
 
+    from gradleak.images import ImageSpec
     from gradleak.models.registry import build_model
 
     torch.manual_seed(0)
-    model = build_model("lenet", channels=1, image_size=16, num_classes=10)
+    model = build_model("lenet", spec=ImageSpec.square(1, 16), num_classes=10)
     grads = torch.autograd.grad(F.cross_entropy(model(torch.rand(2, 1, 16, 16)), torch.tensor([3, 7])),
                                 list(model.parameters()))  # fmt: skip
     save_file({k: v.detach().clone() for k, v in model.state_dict().items()}, str(tmp_path / "global.safetensors"))

@@ -9,16 +9,19 @@ import torch
 import torch.nn.functional as F
 
 from gradleak.attacks import GradientInversion, ServerView, UpdateMismatch, preset
-from gradleak.attacks.analytic import classifier_inputs, first_layer_images, linear_input
-from gradleak.attacks.labels import idlg_label, label_counts, recover_labels
-from gradleak.attacks.engine import distance, match_factor
-from gradleak.attacks.simulate import ClientReplay
-from gradleak.attacks.surrogate import surrogate_relu
-from gradleak.data.dataset import ImageDataset, normalize
+from gradleak.attacks.exact.analytic import classifier_inputs, first_layer_images, linear_input
+from gradleak.attacks.exact.labels import idlg_label, label_counts, recover_labels
+from gradleak.attacks.optimisation.engine import distance, match_factor
+from gradleak.attacks.optimisation.replay import ClientReplay
+from gradleak.attacks.optimisation.surrogate import surrogate_relu
+from gradleak.data.dataset import Dataset
 from gradleak.data.partition import ClientData
 from gradleak.errors import ConfigError
-from gradleak.fl import LocalTraining, train_client
-from gradleak.metrics import psnr, score
+from gradleak.fl import Classification, LocalTraining, train_client
+from gradleak.images import ImageSpec
+from gradleak.images.data import normalize
+from gradleak.images.metrics import psnr
+from gradleak.metrics import score
 from gradleak.models import build_model
 
 MEAN, STD = (0.45,), (0.25,)
@@ -31,15 +34,15 @@ def _setup(model_name="lenet", n=1, bs=1, size=16, classes=10, epochs=1, lr=0.1,
     base = torch.rand(n, 1, size // 4, size // 4, generator=g)
     images = F.interpolate(base, size=(size, size), mode="bilinear", align_corners=False)
     y = torch.as_tensor(labels) if labels is not None else torch.randint(0, classes, (n,), generator=g)
-    client = ClientData(1, ImageDataset(images.contiguous(), y), bs)
+    client = ClientData(1, Dataset(images.contiguous(), y), bs)
     torch.manual_seed(seed)
-    model = build_model(model_name, channels=1, image_size=size, num_classes=classes, kwargs=kwargs or {})
+    spec = ImageSpec((1, size, size), MEAN, STD)
+    model = build_model(model_name, spec=spec, num_classes=classes, kwargs=kwargs or {})
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    update, _ = train_client(model, state, client, round=1, mean=MEAN, std=STD, seed=seed,
+    update, _ = train_client(model, state, client, round=1, spec=spec, task=Classification(), seed=seed,
                              settings=LocalTraining(epochs=epochs, lr=lr, momentum=momentum,
                                                     batch_norm=batch_norm))  # fmt: skip
-    view = ServerView.of(model, state, update, image_shape=(1, size, size), num_classes=classes,
-                         mean=MEAN, std=STD)  # fmt: skip
+    view = ServerView.of(model, state, update, spec=spec, num_classes=classes)
     return model, state, client, update, view
 
 
@@ -51,7 +54,7 @@ def test_idlg_rule_recovers_every_single_image_label() -> None:
     for seed in range(40):
         *_, client, _, view = _setup(seed=seed)
         w, _ = view.classifier()
-        hits += idlg_label(view.pseudo_gradient()[w]) == int(client.data.labels[0])
+        hits += idlg_label(view.pseudo_gradient()[w]) == int(client.data.targets[0])
     assert hits == 40
 
 
@@ -85,7 +88,7 @@ def test_batch_labels_with_repeats_from_the_bias() -> None:
 def test_analytic_recovery_of_a_one_image_mlp_update_is_exact() -> None:
     *_, client, _, view = _setup("mlp", kwargs={"hidden": [64]})
     rec = first_layer_images(view)
-    assert (rec - client.data.images).abs().max() < 1e-5
+    assert (rec - client.data.examples).abs().max() < 1e-5
 
 
 def test_linear_input_and_classifier_inputs() -> None:
@@ -114,8 +117,8 @@ def test_unrolled_replay_equals_the_real_client_update(functional, model_name, k
                                       kwargs=kwargs, labels=[1, 4, 4], batch_norm=batch_norm)  # fmt: skip
     replay = ClientReplay(view, unroll=True, functional=functional)
     assert replay.bn_mode == batch_norm
-    x = normalize(client.data.images, MEAN, STD)
-    out = replay.simulate(x, F.one_hot(client.data.labels, 10).float())
+    x = normalize(client.data.examples, MEAN, STD)
+    out = replay.simulate(x, F.one_hot(client.data.targets, 10).float())
     real = view.pseudo_gradient()
     for name in view.parameter_names:
         torch.testing.assert_close(out.update[name], real[name], rtol=1e-4, atol=1e-5)
@@ -136,8 +139,8 @@ def test_replay_takes_batches_in_order() -> None:
 
     order = torch.randperm(4, generator=torch_generator(0, "client", 1, 1))
     replay = ClientReplay(view, unroll=True, functional=False)
-    x = normalize(client.data.images[order], MEAN, STD)
-    sim = replay.simulate(x, F.one_hot(client.data.labels[order], 10).float()).update
+    x = normalize(client.data.examples[order], MEAN, STD)
+    sim = replay.simulate(x, F.one_hot(client.data.targets[order], 10).float()).update
     for name, g in view.pseudo_gradient().items():
         torch.testing.assert_close(sim[name], g, rtol=1e-4, atol=1e-5)
 
@@ -164,8 +167,8 @@ def test_revealed_statistics_of_several_steps_are_the_momentum_weighted_mean() -
 
     *_, client, update, view = _setup("convnet", n=4, bs=2, lr=0.05, kwargs={"width": 4})
     order = torch.randperm(4, generator=torch_generator(0, "client", 1, 1))
-    x = normalize(client.data.images[order], MEAN, STD)
-    y = F.one_hot(client.data.labels[order], 10).float()
+    x = normalize(client.data.examples[order], MEAN, STD)
+    y = F.one_hot(client.data.targets[order], 10).float()
     replay = ClientReplay(view, unroll=True, functional=False)
     steps = replay.simulate(x, y).stats
     assert len(steps) == 2
@@ -188,7 +191,7 @@ def test_revealed_batch_norm_statistics_of_one_step() -> None:
     *_, client, _, view = _setup("convnet", n=2, bs=2, kwargs={"width": 4})
     replay = ClientReplay(view, unroll=False, functional=False)
     mean0, var0 = replay.revealed_bn_stats()["features.1"]
-    x = normalize(client.data.images, MEAN, STD)
+    x = normalize(client.data.examples, MEAN, STD)
     first_conv = view.model.features[0]
     with torch.no_grad():
         h = F.conv2d(x, view.global_state["features.0.weight"], None, first_conv.stride, first_conv.padding)
@@ -224,8 +227,8 @@ def test_surrogate_relu_keeps_the_gradient_and_smooths_only_its_derivative(relu)
 @pytest.mark.parametrize("functional", [False, True])
 def test_surrogate_replay_simulates_the_real_update_and_changes_the_image_gradient(functional) -> None:
     *_, client, _, view = _setup("convnet", kwargs={"width": 4})
-    x = normalize(client.data.images, MEAN, STD)
-    y = F.one_hot(client.data.labels, 10).float()
+    x = normalize(client.data.examples, MEAN, STD)
+    y = F.one_hot(client.data.targets, 10).float()
     real = view.pseudo_gradient()
     image_grads = {}
     for beta in (0.0, 3.0):
@@ -260,16 +263,16 @@ def test_dlg_recovers_the_image_and_the_optimised_label() -> None:
     # The attack leaves what it was shown untouched.
     assert all(torch.equal(before[k], v) and not v.requires_grad for k, v in view.global_state.items())
     assert rec.label_strategy == "optimize"
-    assert rec.labels.tolist() == client.data.labels.tolist()
-    s = score(rec.images, client.data.images, rec.labels, client.data.labels)
+    assert rec.labels.tolist() == client.data.targets.tolist()
+    s = score(rec.examples, client.data.examples, view.spec, rec.labels, client.data.targets)
     assert s.summary()["mse"] < 1e-3 and s.label_accuracy == 1.0
 
 
 def test_inverting_gradients_improves_on_its_start_and_uses_the_analytic_label() -> None:
     *_, client, _, view = _setup(seed=2)
     rec = GradientInversion(preset("inverting-gradients", iterations=300)).run(view, seed=0)
-    assert rec.label_strategy == "idlg" and rec.labels.tolist() == client.data.labels.tolist()
-    assert float(psnr(rec.images, client.data.images)) > float(psnr(rec.prior, client.data.images)) + 5
+    assert rec.label_strategy == "idlg" and rec.labels.tolist() == client.data.targets.tolist()
+    assert float(psnr(rec.examples, client.data.examples)) > float(psnr(rec.start, client.data.examples)) + 5
     assert rec.trace[-1] < rec.trace[0]
 
 
@@ -280,20 +283,20 @@ def test_the_matching_term_reaches_the_images_through_the_unrolled_steps() -> No
     settings = dict(iterations=300)
     full = GradientInversion(preset("inverting-gradients", **settings)).run(view, seed=0)
     no_match = GradientInversion(preset("inverting-gradients", match_weight=0.0, **settings)).run(view, seed=0)
-    truth = client.data.images
-    assert (full.images - no_match.images).abs().mean() > 0.05
-    assert float(psnr(full.images, truth)) > float(psnr(no_match.images, truth)) + 3.0
-    assert float(psnr(full.images, truth)) > float(psnr(full.prior, truth)) + 5.0
+    truth = client.data.examples
+    assert (full.examples - no_match.examples).abs().mean() > 0.05
+    assert float(psnr(full.examples, truth)) > float(psnr(no_match.examples, truth)) + 3.0
+    assert float(psnr(full.examples, truth)) > float(psnr(full.start, truth)) + 5.0
 
 
 def test_restarts_run_batched_and_the_best_is_kept() -> None:
     *_, client, _, view = _setup(seed=4)
     rec = GradientInversion(preset("inverting-gradients", iterations=60, restarts=3)).run(view, seed=0)
     assert len(rec.restart_scores) == 3 and len(set(rec.restart_scores)) == 3
-    assert rec.images.shape == client.data.images.shape
+    assert rec.examples.shape == client.data.examples.shape
     # The returned images are the restart with the lowest matching loss: recompute it.
     replay = ClientReplay(view, unroll=False, functional=False)
-    z = normalize(rec.images, MEAN, STD)
+    z = normalize(rec.examples, MEAN, STD)
     sim = {k: v.detach() for k, v in replay.simulate(z, F.one_hot(rec.labels, 10).float()).update.items()}
     pg, names = view.pseudo_gradient(), view.parameter_names
     cosine = 1 - sum(float((sim[n] * pg[n]).sum()) for n in names) / math.sqrt(
@@ -308,9 +311,9 @@ def test_restarts_run_batched_and_the_best_is_kept() -> None:
 def test_batches_of_images_are_reconstructed_and_matched() -> None:
     *_, client, _, view = _setup(n=2, bs=2, seed=5, labels=[3, 7])
     rec = GradientInversion(preset("inverting-gradients", iterations=400)).run(view, seed=0)
-    s = score(rec.images, client.data.images, rec.labels, client.data.labels)
+    s = score(rec.examples, client.data.examples, view.spec, rec.labels, client.data.targets)
     assert rec.label_strategy == "label-counts" and s.label_accuracy == 1.0
-    assert float(s.psnr.mean()) > float(psnr(rec.prior, client.data.images).mean()) + 3
+    assert float(s.psnr.mean()) > float(psnr(rec.start, client.data.examples).mean()) + 3
 
 
 # -- the update distance and the convolution back end ---------------------------------------------
@@ -319,7 +322,7 @@ def test_batches_of_images_are_reconstructed_and_matched() -> None:
 @pytest.mark.parametrize("kind", ["l2", "l1", "cosine"])
 @pytest.mark.parametrize("weighted", [False, True])
 def test_update_distance_equals_the_flat_formula(kind, weighted, monkeypatch) -> None:
-    import gradleak.attacks.engine as engine
+    import gradleak.attacks.optimisation.engine as engine
 
     monkeypatch.setattr(engine, "CHUNK_ELEMENTS", 50)  # several chunks, some tensors concatenated
     g = torch.Generator().manual_seed(1)
@@ -339,7 +342,7 @@ def test_update_distance_equals_the_flat_formula(kind, weighted, monkeypatch) ->
 
 
 def test_the_convolution_back_end_follows_the_model_size() -> None:
-    from gradleak.attacks.engine import ONEDNN_MIN_MACS, conv_macs
+    from gradleak.attacks.optimisation.engine import ONEDNN_MIN_MACS, conv_macs
 
     one_conv = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, stride=2, padding=1), torch.nn.Flatten())
     assert conv_macs(one_conv, (3, 32, 32)) == 8 * 16 * 16 * 3 * 3 * 3  # outputs x inputs per output
@@ -358,7 +361,7 @@ def test_the_convolution_back_end_follows_the_model_size() -> None:
 
 def test_mismatched_updates_name_the_tensor() -> None:
     model, state, _, update, _ = _setup()
-    kw = dict(image_shape=(1, 16, 16), num_classes=10, mean=MEAN, std=STD)
+    kw = dict(spec=ImageSpec((1, 16, 16), MEAN, STD), num_classes=10)
     bad = dict(update.delta)
     bad["fc.weight"] = torch.zeros(3, 3)
     with pytest.raises(UpdateMismatch, match=r"update: tensor 'fc.weight' has shape \(3, 3\), the model expects \(10, 192\)"):

@@ -12,6 +12,9 @@ from skimage.metrics import structural_similarity
 from gradleak.audit import rdlv
 from gradleak.experiments import RunStore, run_experiment
 from gradleak.experiments.config import validate_config
+from gradleak.images import ImageSpec
+
+SPEC = ImageSpec.square(1, 16)
 
 
 def _ssim(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -30,34 +33,40 @@ def _images():
 
 
 def _formula(recon, prior, truth, r: int, i: int) -> float:
-    s, p = _ssim(recon[r], truth[i]), _ssim(prior[r], truth[i])
+    """RDLV of image i reconstructed as recon[r], against the prior of image i."""
+    s, p = _ssim(recon[r], truth[i]), _ssim(prior[i], truth[i])
     return (s - p) / abs(p)
 
 
 def test_rdlv_formula_on_hand_made_images() -> None:
     truth, prior, recon = _images()
-    out = rdlv(recon, prior, truth)
+    out = rdlv(recon, prior, truth, SPEC, metric="ssim")
     # Each image is paired with its own reconstruction: 0 is of image 1, 1 of image 0.
     assert out.best == [1, 0]
     expected = [_formula(recon, prior, truth, 1, 0), _formula(recon, prior, truth, 0, 1)]
-    assert out.per_image == pytest.approx(expected, rel=1e-6)
+    assert out.per_example == pytest.approx(expected, rel=1e-6)
     assert out.value == pytest.approx(max(expected), rel=1e-6)
-    assert rdlv(recon, prior, truth, reduce="min").value == pytest.approx(min(expected), rel=1e-6)
+    assert rdlv(recon, prior, truth, SPEC, metric="ssim", reduce="min").value == pytest.approx(min(expected), rel=1e-6)
+    # One prior for every image (the audit's mean image) is broadcast
+    one = rdlv(recon, prior[:1], truth, SPEC, metric="ssim")
+    assert one.per_example == pytest.approx([_formula(recon, prior[[0, 0]], truth, 1, 0),
+                                             _formula(recon, prior[[0, 0]], truth, 0, 1)], rel=1e-6)  # fmt: skip
 
 
 def test_rdlv_is_zero_when_nothing_was_learned_and_mse_variant() -> None:
     truth, prior, _ = _images()
-    assert rdlv(prior, prior, truth).value == pytest.approx(0.0, abs=1e-12)
-    out = rdlv(truth, prior, truth, metric="mse")
+    assert rdlv(prior, prior, truth, SPEC, metric="ssim").value == pytest.approx(0.0, abs=1e-12)
+    out = rdlv(truth, prior, truth, SPEC, metric="mse")
     p = [float(((prior[i] - truth[i]) ** 2).mean()) for i in range(2)]
-    assert out.per_image == pytest.approx([(p[0] - 0.0) / p[0], (p[1] - 0.0) / p[1]])  # all the error removed: 1
+    assert out.per_example == pytest.approx([(p[0] - 0.0) / p[0], (p[1] - 0.0) / p[1]])  # all the error removed: 1
 
 
 def test_scoring_a_large_batch_costs_one_ssim_per_image(monkeypatch) -> None:
     """Batch 300: the matching pairs every image with its own (shuffled, noisy) reconstruction, and
     SSIM is computed on exactly 300 pairs (once for the reconstructions, once for the priors), not
     300 x 300."""
-    from gradleak.metrics import image
+    from gradleak.images import metrics as image
+    from gradleak.modality import Metric
 
     g = torch.Generator().manual_seed(1)
     truth = torch.rand(300, 1, 8, 8, generator=g)
@@ -66,8 +75,9 @@ def test_scoring_a_large_batch_costs_one_ssim_per_image(monkeypatch) -> None:
     prior = torch.full_like(truth, 0.5)
     pairs = []
     real = image.METRICS["ssim"]
-    monkeypatch.setitem(image.METRICS, "ssim", lambda a, b: pairs.append(len(a)) or real(a, b))
-    out = rdlv(recon, prior, truth)
+    counted = Metric("ssim", lambda a, b: pairs.append(len(a)) or real(a, b), higher_is_better=True)
+    monkeypatch.setitem(image.METRICS, "ssim", counted)
+    out = rdlv(recon, prior, truth, ImageSpec.square(1, 8), metric="ssim")
     assert torch.equal(perm[torch.as_tensor(out.best)], torch.arange(300))
     assert sum(pairs) == 600
 
@@ -77,7 +87,7 @@ def _audited(threshold=None, clients=(1,), rounds=2, defenses=()):
         "name": "audited", "device": "cpu",
         "data": {"source": "digits", "image_size": 8},
         "partition": {"scheme": "explicit", "clients": [{"size": 1, "batch_size": 1}, {"size": 40, "batch_size": 8}]},
-        "model": {"name": "lenet"},
+        "model": {"name": "mlp", "kwargs": {"hidden": [32]}},
         "training": {"rounds": rounds, "lr": 0.1},
         "defenses": list(defenses),
         "audit": {"clients": list(clients), "preset": "inverting-gradients", "attack": {"iterations": 150},

@@ -8,13 +8,15 @@ import torch
 import torch.nn.functional as F
 
 from gradleak.attacks import GradientInversion, preset
-from gradleak.attacks.simulate import ClientReplay
-from gradleak.data.dataset import ImageDataset, normalize
+from gradleak.attacks.base import ServerView
+from gradleak.attacks.optimisation.replay import ClientReplay
+from gradleak.data.dataset import Dataset
 from gradleak.data.partition import ClientData
 from gradleak.errors import ConfigError
-from gradleak.fl import LocalTraining, train_client
-from gradleak.attacks.view import ServerView
-from gradleak.metrics import psnr, ssim
+from gradleak.fl import Classification, LocalTraining, train_client
+from gradleak.images import ImageSpec
+from gradleak.images.data import normalize
+from gradleak.images.metrics import psnr, ssim
 from gradleak.models import build_model
 
 MEAN, STD = (0.45, 0.45, 0.45), (0.25, 0.25, 0.25)
@@ -25,35 +27,35 @@ def _view(seed=0, size=16, width=8, batch_norm="train", model="resnet20", n=1, b
     g = torch.Generator().manual_seed(seed)
     base = torch.rand(n, 3, 4, 4, generator=g)
     images = F.interpolate(base, size=(size, size), mode="bilinear", align_corners=False).contiguous()
-    client = ClientData(1, ImageDataset(images, torch.randint(0, 10, (n,), generator=g)), bs)
+    client = ClientData(1, Dataset(images, torch.randint(0, 10, (n,), generator=g)), bs)
     torch.manual_seed(seed)
-    net = build_model(model, channels=3, image_size=size, num_classes=10, kwargs={"width": width})
+    spec = ImageSpec((3, size, size), MEAN, STD)
+    net = build_model(model, spec=spec, num_classes=10, kwargs={"width": width})
     state = {k: v.detach().clone() for k, v in net.state_dict().items()}
-    update, _ = train_client(net, state, client, round=1, mean=MEAN, std=STD, seed=seed,
+    update, _ = train_client(net, state, client, round=1, spec=spec, task=Classification(), seed=seed,
                              settings=LocalTraining(lr=0.1, batch_norm=batch_norm))  # fmt: skip
-    view = ServerView.of(net, state, update, image_shape=(3, size, size), num_classes=10, mean=MEAN, std=STD)
+    view = ServerView.of(net, state, update, spec=spec, num_classes=10)
     return client, view
 
 
 def _quality(rec, client) -> tuple[float, float]:
-    truth = client.data.images
-    return float(psnr(rec.images, truth)), float(ssim(rec.images, truth))
+    truth = client.data.examples
+    return float(psnr(rec.examples, truth)), float(ssim(rec.examples, truth))
 
 
 def _tile_view(i=0, batch_norm="train", model="resnet18", width=16):
     """A one-image update of an untrained ResNet on a 32 x 32 tile of a bundled photograph."""
-    from gradleak.data.sources import TilesSource
+    from gradleak.images.sources import TilesSource
 
     tiles = TilesSource(image_size=32).load(seed=0)
-    idx = int(torch.nonzero(tiles.test.labels == i % tiles.num_classes).flatten()[0])
+    idx = int(torch.nonzero(tiles.test.targets == i % tiles.num_classes).flatten()[0])
     client = ClientData(1, tiles.test.subset([idx]), 1)
     torch.manual_seed(i)
-    net = build_model(model, channels=3, image_size=32, num_classes=tiles.num_classes, kwargs={"width": width})
+    net = build_model(model, spec=tiles.spec, num_classes=tiles.num_classes, kwargs={"width": width})
     state = {k: v.detach().clone() for k, v in net.state_dict().items()}
-    update, _ = train_client(net, state, client, round=1, mean=tiles.mean, std=tiles.std, seed=i,
+    update, _ = train_client(net, state, client, round=1, spec=tiles.spec, task=Classification(), seed=i,
                              settings=LocalTraining(lr=0.1, batch_norm=batch_norm))  # fmt: skip
-    view = ServerView.of(net, state, update, image_shape=(3, 32, 32), num_classes=tiles.num_classes,
-                         mean=tiles.mean, std=tiles.std)  # fmt: skip
+    view = ServerView.of(net, state, update, spec=tiles.spec, num_classes=tiles.num_classes)
     return client, view
 
 
@@ -66,7 +68,7 @@ def test_the_revealed_statistics_recover_a_one_image_resnet18_update(photo) -> N
     client, view = photo
     fast = dict(iterations=300, restarts=1)
     rec = GradientInversion(preset("bn-statistics", **fast)).run(view, seed=0)
-    start = float(psnr(rec.prior, client.data.images))
+    start = float(psnr(rec.start, client.data.examples))
     got, got_ssim = _quality(rec, client)
     assert got > start + 15 and got_ssim > 0.6
     # The statistics are what moves the image: without them only the priors act.
@@ -83,7 +85,7 @@ def test_per_layer_normalisation_and_decay_beat_nvflares_plain_sum(photo) -> Non
 
 
 def test_the_batch_norm_term_weighs_layers_by_decay_and_scale(photo) -> None:
-    from gradleak.attacks.engine import _Objective
+    from gradleak.attacks.optimisation.engine import _Objective
 
     _, view = photo
     replay = ClientReplay(view, unroll=False, functional=False)
@@ -105,14 +107,14 @@ def test_coarse_scales_move_the_low_frequencies_further_per_step(photo) -> None:
     def first_step(scales: int) -> torch.Tensor:
         rec = GradientInversion(preset("bn-statistics", scales=scales, iterations=1, restarts=1,
                                        warmup=0, schedule="none")).run(view, seed=0)  # fmt: skip
-        return rec.images - rec.prior
+        return rec.examples - rec.start
 
     low = {k: F.avg_pool2d(first_step(k), 8).norm() for k in (0, 3)}
     assert low[3] > 2 * low[0]
 
 
 def test_feature_inversion_brings_the_classifier_input_to_the_revealed_one(photo) -> None:
-    from gradleak.attacks.analytic import linear_input
+    from gradleak.attacks.exact.analytic import linear_input
 
     client, view = photo
     w, b = view.classifier()
@@ -123,7 +125,7 @@ def test_feature_inversion_brings_the_classifier_input_to_the_revealed_one(photo
     def feature_error(weight: float) -> float:
         rec = GradientInversion(preset("bn-statistics", features=weight, bn=0.0, iterations=100,
                                        restarts=1)).run(view, seed=0)  # fmt: skip
-        x = normalize(rec.images, view.mean, view.std)
+        x = normalize(rec.examples, view.spec.mean, view.spec.std)
         with torch.no_grad():
             f = replay.simulate(x, torch.zeros(1, 8), update=False).features
         return float((f.flatten() - target).norm() / target.norm())
@@ -134,8 +136,8 @@ def test_feature_inversion_brings_the_classifier_input_to_the_revealed_one(photo
 def test_the_forward_only_replay_gives_the_same_statistics(photo) -> None:
     client, view = photo
     replay = ClientReplay(view, unroll=False, functional=False, features=True)
-    x = normalize(client.data.images, view.mean, view.std)
-    y = F.one_hot(client.data.labels, 8).float()
+    x = normalize(client.data.examples, view.spec.mean, view.spec.std)
+    y = F.one_hot(client.data.targets, 8).float()
     full, light = replay.simulate(x, y), replay.simulate(x, y, update=False)
     assert light.update is None and full.update is not None
     for name, (mean, var) in full.stats[0].items():
@@ -147,8 +149,8 @@ def test_unrolled_steps_without_matching_keep_every_statistic_exact() -> None:
     # 4 images in batches of 2: the second step runs at the weights the first one left.
     client, view = _view(n=4, bs=2, width=4, model="resnet20")
     replay = ClientReplay(view, unroll=True, functional=False)
-    x = normalize(client.data.images, MEAN, STD).requires_grad_()
-    y = F.one_hot(client.data.labels, 10).float()
+    x = normalize(client.data.examples, MEAN, STD).requires_grad_()
+    y = F.one_hot(client.data.targets, 10).float()
     full, light = replay.simulate(x, y), replay.simulate(x, y, update=False)
     assert light.update is None and len(light.stats) == len(full.stats) == 2
     for a, b in zip(full.stats, light.stats, strict=True):

@@ -49,7 +49,7 @@ def test_demo_trains_to_90_percent_audits_and_writes_a_report(tmp_path) -> None:
     page.feed((out / "report/index.html").read_text())
     assert page.images == [
         "test accuracy per round", "training loss per client", "RDLV per round",
-        "original, start and reconstruction of client 1", "original, start and reconstruction of client 2",
+        "original, prior and reconstruction of client 1", "original, prior and reconstruction of client 2",
     ]  # fmt: skip
     assert {"Training", "Leakage audit", "Rounds", "Clients per round", "Config"} <= set(page.headings)
     assert (out / "report/accuracy.svg").exists()

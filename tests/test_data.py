@@ -12,10 +12,9 @@ import pytest
 import torch
 from PIL import Image
 
-from gradleak.data import formats
-from gradleak.data.dataset import ImageDataset, stratified_split
+from gradleak.data.dataset import Dataset, stratified_split
 from gradleak.data.partition import DirichletPartition, ExplicitPartition, IIDPartition
-from gradleak.data.sources import (
+from gradleak.images.sources import (
     Cifar10Source,
     DigitsSource,
     FacesSource,
@@ -24,6 +23,7 @@ from gradleak.data.sources import (
     TilesSource,
 )
 from gradleak.errors import ConfigError, DataError
+from gradleak.images import formats
 from gradleak.seeding import derive_seed
 
 
@@ -31,33 +31,33 @@ def test_digits_are_sklearns_digits_split_by_class() -> None:
     from sklearn.datasets import load_digits
 
     b = DigitsSource(image_size=8).load(seed=0)
-    assert b.shape == (1, 8, 8) and b.num_classes == 10
+    assert b.spec.shape == (1, 8, 8) and b.num_classes == 10
     assert len(b.train) + len(b.test) == 1797
     # At native size the images are exactly sklearn's pixels / 16.
     sk = load_digits()
-    all_imgs = torch.cat([b.train.images, b.test.images]).flatten(1).numpy()
+    all_imgs = torch.cat([b.train.examples, b.test.examples]).flatten(1).numpy()
     assert np.allclose(np.sort(all_imgs.sum(1)), np.sort(sk.data.sum(1) / 16.0), atol=1e-4)
     # Every class keeps ~20% of its images for testing.
     for c in range(10):
         n_c = int((sk.target == c).sum())
-        assert int((b.test.labels == c).sum()) == round(0.2 * n_c)
+        assert int((b.test.targets == c).sum()) == round(0.2 * n_c)
 
 
 def test_digits_upsampled_stay_in_unit_range() -> None:
     b = DigitsSource(image_size=32).load(seed=0)
-    assert b.shape == (1, 32, 32)
-    assert float(b.train.images.min()) >= 0.0 and float(b.train.images.max()) <= 1.0
+    assert b.spec.shape == (1, 32, 32)
+    assert float(b.train.examples.min()) >= 0.0 and float(b.train.examples.max()) <= 1.0
 
 
 def test_faces_are_the_lfw_subset_with_binary_labels() -> None:
     from skimage.data import lfw_subset
 
     b = FacesSource(image_size=25, test_fraction=0.25).load(seed=3)
-    assert b.classes == ("non-face", "face") and b.shape == (1, 25, 25)
+    assert b.classes == ("non-face", "face") and b.spec.shape == (1, 25, 25)
     assert len(b.train) == 150 and len(b.test) == 50
-    assert int(b.test.labels.sum()) == 25  # stratified: half of the held-out images are faces
+    assert int(b.test.targets.sum()) == 25  # stratified: half of the held-out images are faces
     faces = torch.from_numpy(lfw_subset()[:100].astype(np.float32))
-    face_train = b.train.images[b.train.labels == 1][:, 0]
+    face_train = b.train.examples[b.train.targets == 1][:, 0]
     # Each training face is one of the first 100 LFW images.
     d = (face_train[:, None] - faces[None]).abs().flatten(2).amax(2).amin(1)
     assert float(d.max()) < 1e-6
@@ -67,10 +67,10 @@ def test_tiles_are_cut_from_the_photographs() -> None:
     from skimage import data
 
     b = TilesSource(image_size=32, photos=["astronaut", "coffee"], max_per_photo=None).load(seed=0)
-    assert b.classes == ("astronaut", "coffee") and b.shape == (3, 32, 32)
+    assert b.classes == ("astronaut", "coffee") and b.spec.shape == (3, 32, 32)
     assert len(b.train) + len(b.test) == 16 * 16 + 12 * 18  # 512x512 and 400x600 photos
     astro = torch.from_numpy(data.astronaut().astype(np.float32) / 255).permute(2, 0, 1)
-    tile = b.train.images[b.train.labels == 0][0]
+    tile = b.train.examples[b.train.targets == 0][0]
     # The tile occurs in the photograph at a multiple of 32.
     hits = [
         (y, x)
@@ -90,13 +90,13 @@ def test_tiles_cap_and_unknown_photo() -> None:
 
 def test_image_folder(image_folder) -> None:
     b = ImageFolderSource(root=image_folder, image_size=16, test_fraction=0.5).load(seed=0)
-    assert b.classes == ("cat", "dog") and b.shape == (3, 16, 16)
+    assert b.classes == ("cat", "dog") and b.spec.shape == (3, 16, 16)
     assert len(b.train) == 5 and len(b.test) == 5
     g = ImageFolderSource(root=image_folder, image_size=20, channels=1).load(seed=0)
-    assert g.shape == (1, 20, 20)
+    assert g.spec.shape == (1, 20, 20)
     # Grayscale conversion is PIL's luma of the file.
     ref = np.asarray(Image.open(image_folder / "cat" / "0.png").convert("L"), dtype=np.float32) / 255
-    pool = torch.cat([g.train.images, g.test.images])[:, 0].numpy()
+    pool = torch.cat([g.train.examples, g.test.examples])[:, 0].numpy()
     assert np.abs(pool - ref).reshape(len(pool), -1).max(1).min() < 1e-6
 
 
@@ -108,11 +108,11 @@ def test_image_folder_without_classes(tmp_path) -> None:
 
 def test_cifar10_batches(cifar_dir) -> None:
     b = Cifar10Source(root=cifar_dir).load(seed=0)
-    assert len(b.train) == 10 and len(b.test) == 4 and b.shape == (3, 32, 32)
+    assert len(b.train) == 10 and len(b.test) == 4 and b.spec.shape == (3, 32, 32)
     raw = pickle.loads((cifar_dir / "cifar-10-batches-py/test_batch").read_bytes())
     expected = torch.from_numpy(raw[b"data"].reshape(-1, 3, 32, 32).astype(np.float32) / 255)
-    assert torch.equal(b.test.images, expected)
-    assert b.test.labels.tolist() == raw[b"labels"]
+    assert torch.equal(b.test.examples, expected)
+    assert b.test.targets.tolist() == raw[b"labels"]
 
 
 def test_cifar10_refuses_pickled_code(cifar_dir) -> None:
@@ -130,8 +130,8 @@ def test_split_list(split_list) -> None:
     root, split_file = split_list
     b = SplitListSource(root=root, split_file=split_file, image_size=16,
                         class_names=["normal", "covid"]).load(seed=0)  # fmt: skip
-    assert len(b.train) == 8 and len(b.test) == 4 and b.shape == (1, 16, 16)
-    assert b.train.labels.tolist() == [0, 1] * 4
+    assert len(b.train) == 8 and len(b.test) == 4 and b.spec.shape == (1, 16, 16)
+    assert b.train.targets.tolist() == [0, 1] * 4
     v = SplitListSource(root=root, split_file=split_file, test_split="validation").load(seed=0)
     assert len(v.test) == 2
 
@@ -155,12 +155,12 @@ def test_split_list_errors(split_list, tmp_path) -> None:
         SplitListSource(root=root, split_file=split_file, test_split="holdout").load(seed=0)
 
 
-def _pool(n: int = 100, classes: int = 4) -> ImageDataset:
-    return ImageDataset(torch.arange(n, dtype=torch.float32).view(n, 1, 1, 1), torch.arange(n) % classes)
+def _pool(n: int = 100, classes: int = 4) -> Dataset:
+    return Dataset(torch.arange(n, dtype=torch.float32).view(n, 1, 1, 1), torch.arange(n) % classes)
 
 
 def _ids(client) -> set[int]:
-    return set(client.data.images.flatten().long().tolist())
+    return set(client.data.examples.flatten().long().tolist())
 
 
 def test_explicit_partition_sizes_disjoint_and_seeded() -> None:
@@ -189,8 +189,8 @@ def test_explicit_partition_classes_draw_from_those_classes_only() -> None:
                                    {"size": 10, "batch_size": 2, "classes": [0, 3]},
                                    {"size": 20, "batch_size": 4}])  # fmt: skip
     clients = p.split(_pool(), seed=1)
-    assert set(clients[0].data.labels.tolist()) == {2}
-    assert set(clients[1].data.labels.tolist()) <= {0, 3}
+    assert set(clients[0].data.targets.tolist()) == {2}
+    assert set(clients[1].data.targets.tolist()) <= {0, 3}
     assert [len(c.data) for c in clients] == [5, 10, 20]
     sets = [_ids(c) for c in clients]
     assert not (sets[0] & sets[1]) and not (sets[0] & sets[2]) and not (sets[1] & sets[2])
@@ -217,7 +217,7 @@ def test_dirichlet_partition_skews_labels() -> None:
     assert set().union(*map(_ids, skewed)) == set(range(400))
 
     def max_share(clients) -> float:
-        return float(np.mean([np.bincount(c.data.labels, minlength=4).max() / len(c.data)
+        return float(np.mean([np.bincount(c.data.targets, minlength=4).max() / len(c.data)
                               for c in clients]))  # fmt: skip
 
     assert max_share(skewed) > 0.5 and max_share(even) < 0.35

@@ -108,7 +108,7 @@ def test_optional_back_ends_recover_exact_and_noisy_sums(solver) -> None:
 
 
 def test_an_unknown_or_missing_solver_is_refused_by_name(monkeypatch) -> None:
-    from gradleak.attacks import milp
+    from gradleak.attacks.disaggregation import milp
     from gradleak.errors import ConfigError
 
     p, _, sums = _case()

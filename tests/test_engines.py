@@ -10,8 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from gradleak.errors import ConfigError
-from gradleak.experiments import RunStore
-from gradleak.experiments import run_experiment
+from gradleak.experiments import RunStore, run_experiment
 from gradleak.experiments.config import validate_config
 from gradleak.experiments.runner import build_scenario
 from gradleak.rundir import OwnedDir
@@ -124,6 +123,7 @@ SECAGG = {**CONFIG, "name": "secagg",
               {"size": 15, "batch_size": 5}]},
           "training": {"rounds": 4, "lr": 0.02, "clients_per_round": 0.75},
           "aggregation": {"strategy": "secure-sum"}, "defenses": [], "checkpoints": {"keep_every": 1},
+          "audit": {**CONFIG["audit"], "threshold": -10.0},  # every audited update withheld
           "engine": {"name": "flower", "threads": 1}}  # fmt: skip
 
 
@@ -223,8 +223,8 @@ def test_nvflare_filter_errors_are_recorded_and_withhold_the_update(tmp_path) ->
     pytest.importorskip("nvflare")
     import numpy as np
     from nvflare.apis.dxo import DXO, DataKind
-    from nvflare.apis.fl_context import FLContext
     from nvflare.apis.fl_constant import ReservedKey
+    from nvflare.apis.fl_context import FLContext
     from nvflare.apis.shareable import Shareable
 
     from gradleak.engines.nvflare import ROW, RelativeDataLeakageValueFilter, UpdateFilters

@@ -9,25 +9,29 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gradleak.data.dataset import ImageDataset, normalize
+from gradleak.data.dataset import Dataset
 from gradleak.data.partition import ClientData
 from gradleak.fl import ClientUpdate, FedAvg, LocalTraining, UpdateMeta, train_client
 from gradleak.fl.server import evaluate
 from gradleak.fl.simulator import Simulator
+from gradleak.fl.tasks import Classification
+from gradleak.images import ImageSpec
+from gradleak.images.data import normalize
 from gradleak.models import build_model
 
 MEAN, STD = (0.5,), (0.25,)
+SPEC = ImageSpec((1, 8, 8), MEAN, STD)
 
 
 def _client(n: int = 12, bs: int = 12, cid: int = 1, seed: int = 0) -> ClientData:
     g = torch.Generator().manual_seed(seed)
-    data = ImageDataset(torch.rand(n, 1, 8, 8, generator=g), torch.randint(0, 3, (n,), generator=g))
+    data = Dataset(torch.rand(n, 1, 8, 8, generator=g), torch.randint(0, 3, (n,), generator=g))
     return ClientData(cid, data, bs)
 
 
 def _model(name: str = "mlp"):
     torch.manual_seed(0)
-    return build_model(name, channels=1, image_size=8, num_classes=3)
+    return build_model(name, spec=ImageSpec.square(1, 8), num_classes=3)
 
 
 def _state(model) -> dict[str, torch.Tensor]:
@@ -38,12 +42,12 @@ def test_one_full_batch_step_is_minus_lr_times_the_gradient() -> None:
     model, client = _model(), _client()
     state = _state(model)
     update, loss = train_client(model, state, client, round=1, settings=LocalTraining(lr=0.1),
-                                mean=MEAN, std=STD, seed=0)  # fmt: skip
+                                spec=SPEC, task=Classification(), seed=0)  # fmt: skip
     # Independent: the gradient of the mean cross-entropy at the global weights.
     ref = _model()
     ref.load_state_dict(state)
-    x = (client.data.images - 0.5) / 0.25
-    ce = F.cross_entropy(ref(x), client.data.labels)
+    x = (client.data.examples - 0.5) / 0.25
+    ce = F.cross_entropy(ref(x), client.data.targets)
     grads = torch.autograd.grad(ce, list(ref.parameters()))
     for (name, _), g in zip(ref.named_parameters(), grads, strict=True):
         torch.testing.assert_close(update.delta[name], -0.1 * g, rtol=1e-4, atol=1e-6)
@@ -56,7 +60,7 @@ def test_several_epochs_and_steps_follow_sgd() -> None:
     model, client = _model(), _client(n=10, bs=4)
     state = _state(model)
     settings = LocalTraining(epochs=2, lr=0.05)
-    update, _ = train_client(model, state, client, round=3, settings=settings, mean=MEAN, std=STD, seed=7)
+    update, _ = train_client(model, state, client, round=3, settings=settings, spec=SPEC, task=Classification(), seed=7)
     assert update.meta.steps == 2 * math.ceil(10 / 4)
     # Independent replay: plain SGD over the same batches (drawn from the same derived seed).
     from gradleak.seeding import torch_generator
@@ -64,7 +68,7 @@ def test_several_epochs_and_steps_follow_sgd() -> None:
     ref = _model()
     ref.load_state_dict(state)
     params = dict(ref.named_parameters())
-    x, y = normalize(client.data.images, MEAN, STD), client.data.labels
+    x, y = normalize(client.data.examples, MEAN, STD), client.data.targets
     gen = torch_generator(7, "client", 3, 1)
     for _ in range(2):
         perm = torch.randperm(10, generator=gen)
@@ -81,8 +85,8 @@ def test_several_epochs_and_steps_follow_sgd() -> None:
 def test_update_includes_batch_norm_buffers() -> None:
     model, client = _model("convnet"), _client(n=8, bs=4)
     state = _state(model)
-    update, _ = train_client(model, state, client, round=1, settings=LocalTraining(), mean=MEAN,
-                             std=STD, seed=0)  # fmt: skip
+    update, _ = train_client(model, state, client, round=1, settings=LocalTraining(), spec=SPEC,
+                             task=Classification(), seed=0)  # fmt: skip
     assert set(update.delta) == set(state)
     assert "features.1.running_mean" in update.buffers
     assert "features.1.weight" not in update.buffers
@@ -93,7 +97,7 @@ def test_update_includes_batch_norm_buffers() -> None:
 def test_client_training_is_deterministic() -> None:
     model, client = _model("convnet"), _client(n=9, bs=2)
     state = _state(model)
-    kw = dict(round=2, settings=LocalTraining(momentum=0.9), mean=MEAN, std=STD, seed=3)
+    kw = dict(round=2, settings=LocalTraining(momentum=0.9), spec=SPEC, task=Classification(), seed=3)
     a, _ = train_client(model, state, client, **kw)
     b, _ = train_client(model, state, client, **kw)
     assert all(torch.equal(a.delta[k], b.delta[k]) for k in a.delta)
@@ -127,7 +131,7 @@ def test_fedavg_without_updates_keeps_the_model() -> None:
 def test_update_round_trips_through_safetensors(tmp_path) -> None:
     model, client = _model("convnet"), _client(n=4, bs=2)
     update, _ = train_client(model, _state(model), client, round=1, settings=LocalTraining(),
-                             mean=MEAN, std=STD, seed=0)  # fmt: skip
+                             spec=SPEC, task=Classification(), seed=0)  # fmt: skip
     back = ClientUpdate.from_bytes(update.to_bytes(), "u.safetensors")
     assert back.meta == update.meta and back.buffers == update.buffers
     assert all(torch.equal(back.delta[k], update.delta[k]) for k in update.delta)
@@ -136,16 +140,16 @@ def test_update_round_trips_through_safetensors(tmp_path) -> None:
 def test_evaluate_counts_correct_predictions() -> None:
     model = _model()
     data = _client(n=20).data
-    acc, loss = evaluate(model, _state(model), data, MEAN, STD)
+    acc, loss = evaluate(model, _state(model), data, SPEC, Classification())
     with torch.no_grad():
-        logits = model(normalize(data.images, MEAN, STD))
-    assert acc == float((logits.argmax(1) == data.labels).float().mean())
-    assert loss == pytest.approx(float(F.cross_entropy(logits, data.labels)), rel=1e-5)
+        logits = model(normalize(data.examples, MEAN, STD))
+    assert acc == float((logits.argmax(1) == data.targets).float().mean())
+    assert loss == pytest.approx(float(F.cross_entropy(logits, data.targets)), rel=1e-5)
 
 
 def test_participation_fraction_is_seeded() -> None:
     clients = [_client(n=4, bs=2, cid=i) for i in range(1, 11)]
-    sim = Simulator(model=_model(), clients=clients, test=clients[0].data, mean=MEAN, std=STD,
+    sim = Simulator(model=_model(), clients=clients, test=clients[0].data, spec=SPEC, task=Classification(),
                     strategy=FedAvg(), training=LocalTraining(), seed=1, clients_per_round=0.3)  # fmt: skip
     picks = [[c.client_id for c in sim.participants(r)] for r in range(1, 6)]
     assert all(len(p) == 3 for p in picks)

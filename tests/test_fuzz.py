@@ -25,9 +25,9 @@ import yaml
 from typer.testing import CliRunner
 
 from gradleak.cli import app
-from gradleak.data import formats
 from gradleak.errors import GradleakError
 from gradleak.experiments.config import validate_config
+from gradleak.images import formats
 
 runner = CliRunner()
 
@@ -331,7 +331,9 @@ def test_report_on_a_damaged_run_is_one_line_or_a_correct_report(finished_run: P
     """Generated damages of every file of a finished run (a seeded sample of them in CI;
     GRADLEAK_FUZZ_ALL=1 tries all): ``gradleak report`` on the run (or its sweep, for sweep.json)
     exits 2 with one line, or writes the report; an unreadable audit image is named as left out."""
-    from gradleak.report.html import _audit_images
+    from gradleak.modality import RENDERERS
+    from gradleak.report.html import _audit_examples, _example_bytes
+    from gradleak.rundir import OwnedDir
 
     cases = _damages(finished_run)
     if not os.environ.get("GRADLEAK_FUZZ_ALL"):
@@ -353,7 +355,8 @@ def test_report_on_a_damaged_run_is_one_line_or_a_correct_report(finished_run: P
         page = (target / "report" / "index.html").read_text()
         assert "gradleak" in page, name
         if name.split()[-1].endswith(".npz") and (run / name.split()[-1]).is_file():
-            assert "Left out" in page or _audit_images(run / name.split()[-1]) is not None, name
+            shown = _audit_examples(OwnedDir(run, "run"), name.split()[-1], _example_bytes(64), RENDERERS.get("image"))
+            assert "Left out" in page or shown is not None, name
         counts["report"] += 1
     print(f"{len(cases)} damaged runs: {counts}")
     assert counts["clear"] > 0 and counts["report"] > 0, counts

@@ -8,7 +8,9 @@ import torch
 from scipy.ndimage import gaussian_filter
 from skimage.metrics import peak_signal_noise_ratio
 
-from gradleak.metrics import assign, label_accuracy, mse, psnr, score, ssim
+from gradleak.images import ImageSpec
+from gradleak.images.metrics import distances, mse, psnr, ssim
+from gradleak.metrics import assign, label_accuracy, score
 
 
 def _reference_ssim(a: np.ndarray, b: np.ndarray) -> float:
@@ -83,9 +85,10 @@ def test_matching_pairs_each_original_with_its_reconstruction() -> None:
     truth = torch.rand(5, 1, 16, 16, generator=g)
     perm = torch.tensor([3, 0, 4, 1, 2])
     recon = (truth[perm] + 0.05 * torch.randn(5, 1, 16, 16, generator=g)).clamp(0, 1)
-    idx = assign(recon, truth)
+    spec = ImageSpec.square(1, 16)
+    idx = assign(recon, truth, spec)
     assert torch.equal(perm[torch.as_tensor(idx)], torch.arange(5))  # recon[idx[j]] is truth[j]
-    s = score(recon, truth)
+    s = score(recon, truth, spec)
     # Each original compared with its own reconstruction, not with the batch.
     expected = psnr(recon[torch.as_tensor(idx)], truth)
     assert torch.allclose(s.psnr, expected)
@@ -93,8 +96,6 @@ def test_matching_pairs_each_original_with_its_reconstruction() -> None:
 
 
 def test_the_matching_cost_is_every_pair_s_mean_squared_error() -> None:
-    from gradleak.metrics import distances
-
     g = torch.Generator().manual_seed(3)
     recon, truth = torch.rand(7, 3, 5, 5, generator=g), torch.rand(4, 3, 5, 5, generator=g)
     expected = torch.stack([torch.stack([mse(recon[i : i + 1], truth[j : j + 1])[0] for j in range(4)]) for i in range(7)])

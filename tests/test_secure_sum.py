@@ -65,7 +65,7 @@ def test_disaggregation_config_errors_name_the_key(tmp_path) -> None:
         run_experiment(validate_config(unknown), tmp_path / "c")
     with pytest.raises(ConfigError, match="disaggregation.solver: Input should be 'highs', 'scip' or 'gurobi'"):
         validate_config({**CHAIN, "disaggregation": {"window": 5, "solver": "cplex"}})
-    from gradleak.attacks import milp
+    from gradleak.attacks.disaggregation import milp
 
     with pytest.MonkeyPatch.context() as mp:  # as on a machine without PySCIPOpt
         mp.setattr(milp.importlib.util, "find_spec", lambda name: None)

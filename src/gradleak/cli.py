@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import errno
-import json
 import logging
 import sys
 from collections.abc import Sequence
@@ -178,7 +177,7 @@ def attack(
     update_path: Annotated[Path, typer.Option("--update", help="The client's update: local minus global weights.")],
     meta_path: Annotated[Path, typer.Option("--meta", help="JSON metadata: num_images, image_shape, num_classes, lr, ...")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output directory (reconstructions are private data).")],
-    preset_name: Annotated[str, typer.Option("--preset", help="dlg, idlg, inverting-gradients, gradinversion.")] = "inverting-gradients",
+    preset_name: Annotated[str, typer.Option("--preset", help="The attack: dlg, idlg, inverting-gradients, gradinversion, bn-statistics, or another registered one.")] = "inverting-gradients",
     truth: Annotated[Optional[Path], typer.Option("--truth", help="npz with the true 'images' (and 'labels') for metrics.")] = None,
     prior: Annotated[Optional[Path], typer.Option("--prior", help="Starting image for init=prior (an image file, or npz 'images').")] = None,
     set_: AttackSetOpt = None,
@@ -187,24 +186,25 @@ def attack(
     quiet: QuietOpt = False,
 ) -> None:
     """Reconstruct a client's images from a saved update, as an honest-but-curious server would."""
-    from gradleak.attacks import preset
     from gradleak.attacks.offline import attack_saved_update, load_saved_update
+    from gradleak.attacks.registry import attack_factory
     from gradleak.experiments.config import parse_override
 
     try:
-        from gradleak.experiments.runner import resolve_device
+        from gradleak.experiments.scenario import resolve_device
 
-        settings = preset(preset_name, **dict(parse_override(o) for o in set_ or []))
+        attack = attack_factory(preset_name, key="--preset")(**dict(parse_override(o) for o in set_ or []))
         saved = load_saved_update(model=model, global_path=global_path, update_path=update_path,
                                   meta_path=meta_path, out=out, truth_path=truth, prior_path=prior)  # fmt: skip
         kwargs = dict(seed=seed, device=resolve_device(device))
         if quiet:
-            summary = attack_saved_update(saved, settings, **kwargs)
+            summary = attack_saved_update(saved, attack, **kwargs)
         else:
             with _progress(TextColumn("loss {task.fields[loss]:.4g}")) as progress:
-                task = progress.add_task(preset_name, total=settings.iterations, loss=float("nan"))
+                total = getattr(getattr(attack, "settings", None), "iterations", None)
+                task = progress.add_task(preset_name, total=total, loss=float("nan"))
                 summary = attack_saved_update(
-                    saved, settings, **kwargs, progress=lambda i, loss: progress.update(task, completed=i, loss=loss)
+                    saved, attack, **kwargs, progress=lambda i, loss: progress.update(task, completed=i, loss=loss)
                 )
     except KeyboardInterrupt:
         _interrupted(f"; {out} may hold partial files")
@@ -212,10 +212,14 @@ def attack(
         _fail(_os_error(exc, out))
     except GradleakError as exc:
         _fail(exc)
-    line = f"labels {summary['labels']} ({summary['label_strategy']}), {summary['seconds']:.1f} s"
+    if not summary["feasible"]:
+        line = f"infeasible: {summary['reason']} ({summary['seconds']:.1f} s)"
+    else:
+        line = f"labels {summary['labels']} ({summary['label_strategy']}), {summary['seconds']:.1f} s"
     if "metrics" in summary:
-        m = summary["metrics"]
-        line += f"; PSNR {m['psnr']:.2f} dB, SSIM {m['ssim']:.3f}, label accuracy {m['label_accuracy']}"
+        m = {k: v for k, v in summary["metrics"].items() if k not in ("per_example", "label_accuracy")}
+        line += "; " + ", ".join(f"{k.upper()} {v:.4g}" for k, v in m.items())
+        line += f", label accuracy {summary['metrics']['label_accuracy']}"
     console.print(line, highlight=False, soft_wrap=True, markup=False)
     console.print(f"written to {out}", highlight=False, soft_wrap=True, markup=False)
 
@@ -385,7 +389,10 @@ def config_reference_cmd(
 @app.command()
 def models() -> None:
     """List the built-in models."""
+    from gradleak.modality import load_modalities
     from gradleak.models import MODELS
+
+    load_modalities()
 
     for name in MODELS.names():
         typer.echo(name)

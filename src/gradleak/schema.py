@@ -9,7 +9,9 @@ import types
 import typing
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, model_validator
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+
+from gradleak.errors import ConfigError
 
 SECTION = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
@@ -52,3 +54,28 @@ class Section(BaseModel):
             fields = cls.model_fields
             data = {k: _as_text(v, fields[k].annotation) if k in fields else v for k, v in data.items()}
         return data
+
+
+def problem(err: Any) -> str:
+    """One pydantic error as the words after its key."""
+    if err["type"] == "extra_forbidden":
+        return "unknown key"
+    if err["type"] == "missing":
+        return "required key is missing"
+    msg = err["msg"]
+    if "input" in err and not isinstance(err["input"], dict | list):
+        msg += f" (got {err['input']!r})"
+    return msg
+
+
+def one_line(exc: ValidationError, prefix: str = "", loc: list[Any] | None = None) -> ConfigError:
+    """A validation error as the one line the user sees: the first problem under its dotted key
+    (``prefix`` before it, ``loc`` instead of pydantic's own location), and how many more there are."""
+    err = exc.errors()[0]
+    parts = [str(p) for p in (err["loc"] if loc is None else loc)]
+    key = ".".join(p for p in (prefix, *parts) if p)
+    msg = problem(err)
+    more = len(exc.errors()) - 1
+    if more:
+        msg += f" (and {more} more problem{'s' if more > 1 else ''})"
+    return ConfigError(key, msg)

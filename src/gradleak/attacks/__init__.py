@@ -1,4 +1,6 @@
-"""Attacks an honest-but-curious server can run on one client's update.
+"""Attacks an honest-but-curious server can run on one client's update, grouped by family:
+``optimisation`` (gradient inversion), ``exact`` (analytic recovery, labels), ``disaggregation``
+(secure sums). ``base`` holds the protocol every attack follows and the registry ``ATTACKS``.
 
 The names below load on first use (PEP 562), so that the torch-free parts of the package (gradient
 disaggregation, the MILP back-ends) import without torch.
@@ -10,25 +12,35 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 _WHERE = {
-    "GradientInversion": "gradleak.attacks.engine",
-    "idlg_label": "gradleak.attacks.labels",
-    "label_counts": "gradleak.attacks.labels",
-    "label_set": "gradleak.attacks.labels",
-    "recover_labels": "gradleak.attacks.labels",
-    "PRESETS": "gradleak.attacks.settings",
-    "PRESET_SOURCES": "gradleak.attacks.settings",
-    "AttackSettings": "gradleak.attacks.settings",
-    "preset": "gradleak.attacks.settings",
-    "Reconstruction": "gradleak.attacks.view",
-    "ServerView": "gradleak.attacks.view",
-    "UpdateMismatch": "gradleak.attacks.view",
+    "ATTACKS": "gradleak.attacks.base",
+    "Attack": "gradleak.attacks.base",
+    "Reconstruction": "gradleak.attacks.base",
+    "ServerView": "gradleak.attacks.base",
+    "UpdateMismatch": "gradleak.fl.update",
+    "GradientInversion": "gradleak.attacks.optimisation",
+    "PRESETS": "gradleak.attacks.optimisation",
+    "PRESET_SOURCES": "gradleak.attacks.optimisation",
+    "AttackSettings": "gradleak.attacks.optimisation",
+    "preset": "gradleak.attacks.optimisation",
+    "idlg_label": "gradleak.attacks.exact.labels",
+    "label_counts": "gradleak.attacks.exact.labels",
+    "label_set": "gradleak.attacks.exact.labels",
+    "recover_labels": "gradleak.attacks.exact.labels",
+    "load_attacks": "gradleak.attacks.registry",
 }
 
 if TYPE_CHECKING:
-    from gradleak.attacks.engine import GradientInversion
-    from gradleak.attacks.labels import idlg_label, label_counts, label_set, recover_labels
-    from gradleak.attacks.settings import PRESET_SOURCES, PRESETS, AttackSettings, preset
-    from gradleak.attacks.view import Reconstruction, ServerView, UpdateMismatch
+    from gradleak.attacks.base import ATTACKS, Attack, Reconstruction, ServerView
+    from gradleak.attacks.exact.labels import idlg_label, label_counts, label_set, recover_labels
+    from gradleak.attacks.optimisation import (
+        PRESET_SOURCES,
+        PRESETS,
+        AttackSettings,
+        GradientInversion,
+        preset,
+    )
+    from gradleak.attacks.registry import load_attacks
+    from gradleak.fl.update import UpdateMismatch
 
 
 def __getattr__(name: str) -> Any:

@@ -1,4 +1,5 @@
-"""Bringing your own update: reading a global model, an update and its metadata from files.
+"""Bringing your own update: reading a global model, an update and its metadata from files, for
+any modality (its metadata is registered in ``modality.METADATA``).
 
 Tensors come from safetensors, npz (no pickles) or ``.pt`` files read with ``weights_only=True``.
 """
@@ -8,16 +9,18 @@ from __future__ import annotations
 import io
 import math
 from pathlib import Path
-from typing import Literal
+from typing import Any
 
 import numpy as np
 import torch
 from pydantic import Field, ValidationError, model_validator
+from torch import nn
 
 from gradleak.errors import ConfigError, DataError
 from gradleak.fl.update import FLOAT_DTYPES, INT_DTYPES, UpdateMeta
+from gradleak.modality import METADATA, InputSpec, load_modalities
 from gradleak.safeio import load_npz, load_safetensors, read_file, read_json
-from gradleak.schema import Section
+from gradleak.schema import Section, one_line
 
 
 def load_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -57,57 +60,84 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 class UpdateMetadata(Section):
-    """What the protocol sends with an update (the ``--meta`` JSON file)."""
+    """What the protocol sends with an update (the ``--meta`` JSON file), the part every modality
+    shares: the local training facts, the classes, and the labels where the threat model gives them.
+    Each modality's metadata (``modality.METADATA``, chosen by the file's ``modality`` key) adds what
+    its examples are and how to read its truth and prior."""
 
-    num_images: int = Field(gt=0, description="Images the client trained on this round.")
-    image_shape: tuple[int, int, int] = Field(description="Channels, height, width.")
     num_classes: int = Field(gt=1, description="Outputs of the classifier.")
     lr: float = Field(gt=0, description="The client's local learning rate.")
     epochs: int | None = Field(None, gt=0, description="Local epochs (default 1).")
     local_steps: int | None = Field(None, gt=0, description="Local SGD steps (alternative to epochs).")
-    batch_size: int | None = Field(None, gt=0, description="Local batch size (default: num_images).")
+    batch_size: int | None = Field(None, gt=0, description="Local batch size (default: all the client's examples).")
     momentum: float = Field(0.0, ge=0, lt=1, description="Local SGD momentum.")
-    batch_norm: Literal["train", "eval", "auto"] = Field(
-        "auto", description="How the client ran batch-norm layers: train (batch statistics, running "
-        "statistics updated), eval (running statistics, buffers unchanged), or auto: eval when every "
-        "running mean and variance in the update is unchanged, else train.",
-    )
     labels: list[int] | None = Field(None, description="The labels, where the threat model gives them to the server.")
-    mean: list[float] = Field(description="Per-channel normalisation mean of the client's input pipeline.")
-    std: list[float] = Field(description="Per-channel normalisation std.")
+
+    @property
+    def num_examples(self) -> int:
+        raise NotImplementedError
+
+    def bn_mode(self) -> str | None:
+        """How the client ran batch-norm layers, where the modality sends it (None: inferred)."""
+        return None
 
     @model_validator(mode="after")
     def _consistent(self) -> UpdateMetadata:
-        c = self.image_shape[0]
-        if len(self.mean) != c or len(self.std) != c:
-            raise ValueError(f"mean and std need {c} values for {c}-channel images")
-        if self.labels is not None and len(self.labels) != self.num_images:
-            raise ValueError(f"{len(self.labels)} labels for {self.num_images} images")
+        n = self.num_examples
+        if self.labels is not None and len(self.labels) != n:
+            raise ValueError(f"{len(self.labels)} labels for {n} examples")
         if self.labels is not None and not all(0 <= k < self.num_classes for k in self.labels):
             raise ValueError(f"labels must be class indices from 0 to {self.num_classes - 1}")
-        if not all(s > 0 for s in self.std):
-            raise ValueError("std values must be positive (each channel is divided by its std)")
         if self.epochs is not None and self.local_steps is not None:
             raise ValueError("give epochs or local_steps, not both")
-        per_epoch = math.ceil(self.num_images / (self.batch_size or self.num_images))
+        per_epoch = math.ceil(n / (self.batch_size or n))
         if self.local_steps is not None and self.local_steps % per_epoch:
             raise ValueError(f"local_steps {self.local_steps} is not a whole number of epochs of {per_epoch} steps")
         return self
 
     def update_meta(self) -> UpdateMeta:
-        bs = self.batch_size or self.num_images
-        per_epoch = math.ceil(self.num_images / bs)
+        n = self.num_examples
+        bs = self.batch_size or n
+        per_epoch = math.ceil(n / bs)
         epochs = self.epochs or (self.local_steps // per_epoch if self.local_steps else 1)
-        return UpdateMeta(client_id=0, round=0, num_samples=self.num_images, lr=self.lr,
-                          epochs=epochs, steps=epochs * per_epoch, batch_size=bs, momentum=self.momentum,
-                          bn_mode=None if self.batch_norm == "auto" else self.batch_norm)  # fmt: skip
+        return UpdateMeta(client_id=0, round=0, num_samples=n, lr=self.lr, epochs=epochs, steps=epochs * per_epoch,
+                          batch_size=bs, momentum=self.momentum, bn_mode=self.bn_mode())  # fmt: skip
+
+    def known_labels(self) -> torch.Tensor | None:
+        return None if self.labels is None else torch.tensor(self.labels)
+
+    def spec(self) -> InputSpec:
+        """The input spec of the client's examples."""
+        raise NotImplementedError
+
+    def build_model(self, name: str) -> nn.Module:
+        """The model the update belongs to (``--model``)."""
+        from gradleak.models import build_model
+
+        return build_model(name, spec=self.spec(), num_classes=self.num_classes)
+
+    def load_truth(self, path: Path) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The client's true examples (and labels, where the file has them), for the metrics."""
+        raise NotImplementedError
+
+    def load_prior(self, path: Path) -> torch.Tensor:
+        """What the server guesses without the update, from a file (``--prior``)."""
+        raise NotImplementedError
+
+    def write_result(self, owner: Any, rec: Any, truth: torch.Tensor | None, found: Any) -> None:
+        """The reconstruction in this modality's own files under ``owner`` (``found``: its score
+        against ``truth``, which orders the examples as the originals, or None)."""
+        raise NotImplementedError
 
 
 def load_metadata(path: Path) -> UpdateMetadata:
+    """The ``--meta`` file, validated by its modality's metadata (``modality``: image by default)."""
+    raw = read_json(path)
+    kind = raw.get("modality", "image") if isinstance(raw, dict) else "image"
+    load_modalities()
     try:
-        return UpdateMetadata.model_validate(read_json(path))
+        model = METADATA.get(str(kind), key=f"{path.name}: modality")
+        return model.model_validate(raw)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        key = ".".join(str(p) for p in err["loc"]) or "meta"
-        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
-        raise ConfigError(f"{path.name}: {key}", msg) from None
+        line = one_line(exc)
+        raise ConfigError(f"{path.name}: {line.key or 'meta'}", line.problem) from None

@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from gradleak.attacks.settings import AttackSettings, preset
+from gradleak.attacks.base import Attack
 from gradleak.schema import Section
 
 
@@ -16,17 +16,23 @@ class AuditConfig(Section):
     clients: list[int] | Literal["all"] = Field("all", description="Client ids to audit, or all.")
     start_round: int = Field(1, gt=0, description="First audited round.")
     frequency: int = Field(1, gt=0, description="Audit every k-th round from start_round.")
-    preset: str = Field("inverting-gradients", description="Attack preset (see the attack settings).")
+    preset: str = Field(
+        "inverting-gradients", description="The attack, by name: an optimisation preset (dlg, idlg, "
+        "inverting-gradients, gradinversion, bn-statistics; see the attack settings) or another registered attack.",
+    )
     attack: dict[str, Any] = Field(
         default_factory=lambda: {"iterations": 300},
-        description="Changes to the preset's settings, e.g. {iterations: 300}.",
+        description="Changes to the attack's settings, e.g. {iterations: 300}.",
     )
-    prior: Literal["mean-image", "none"] = Field(
+    prior: str = Field(
         "mean-image",
-        description="Start image for presets with init=prior: the test split's mean image "
-        "(public data on the server), or none (the mean colour).",
+        description="What the server would guess without the update, the baseline of RDLV (and the start "
+        "of presets with init=prior). Images: mean-image (the test split's mean image, public data on the "
+        "server) or none (the dataset's mean colour).",
     )
-    metric: Literal["ssim", "psnr", "mse"] = Field("ssim", description="Similarity S of the RDLV.")
+    metric: str = Field(
+        "ssim", description="Similarity S of the RDLV, one of the data's metrics (images: ssim, psnr or mse)."
+    )
     reduce: Literal["max", "min"] = Field("max", description="A client's RDLV over its images.")
     threshold: float | None = Field(
         None, description="Withhold an update from aggregation when its RDLV exceeds this."
@@ -35,11 +41,14 @@ class AuditConfig(Section):
 
     @model_validator(mode="after")
     def _valid_attack(self) -> AuditConfig:
-        self.settings()  # raises ConfigError naming the bad key
+        self.build_attack()  # raises ConfigError naming the bad key
         return self
 
-    def settings(self) -> AttackSettings:
-        return preset(self.preset, **self.attack)
+    def build_attack(self) -> Attack:
+        """The configured attack (its settings changed by ``attack``)."""
+        from gradleak.attacks.registry import attack_factory
+
+        return attack_factory(self.preset)(**self.attack)
 
     def applies(self, round: int, client_id: int) -> bool:
         if self.clients != "all" and client_id not in self.clients:

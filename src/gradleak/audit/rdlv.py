@@ -1,12 +1,15 @@
-"""The Relative Data Leakage Value (Hatamizadeh et al., IEEE TMI 2023).
+"""The Relative Data Leakage Value (Hatamizadeh et al., IEEE TMI 2023), for any attack and modality.
 
-For training image i, paired with reconstruction r (started from prior p_r):
-    RDLV_i = (S(r, i) - S(p_r, i)) / |S(p_r, i)|
-with S a similarity (SSIM by default, or PSNR); for MSE, a distance, the relative reduction
-(D(p_r, i) - D(r, i)) / D(p_r, i). Positive: the reconstruction is closer to the image than the
-attack's start was. Each image is paired with one reconstruction by the assignment of least total
-pixel error (``metrics.assign``, the same pairing as SSIM and PSNR), so the cost is linear in the
-batch beyond that matching; the client's value for the round is the max (or min) over its images.
+For training example i, paired with reconstruction r, against the audit's prior p (what the server
+would guess without the update: the mean image of public data, the unigram text, ...):
+    RDLV_i = (S(r, i) - S(p, i)) / |S(p, i)|
+with S a similarity of the examples' input spec (SSIM by default for images); for a distance (MSE)
+the relative reduction (D(p, i) - D(r, i)) / D(p, i). Positive: the reconstruction is closer to the
+example than the prior was. Measured against the audit's prior rather than an attack's start, it
+means the same for an exact attack (which has no start) as for an optimisation. Each example is
+paired with one reconstruction by the assignment of least total ``spec.cost`` (the same pairing as
+every other metric), so the cost is linear in the batch beyond that matching; the client's value
+for the round is the max (or min) over its examples.
 """
 
 from __future__ import annotations
@@ -16,11 +19,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from gradleak.metrics.image import HIGHER_IS_BETTER, METRICS
 from gradleak.metrics.matching import assign
+from gradleak.modality import InputSpec
 
-# The denominator is |S(p_r, i)| floored here: the published formula whenever the prior's similarity
-# is positive, and a prior unrelated to the image cannot turn a small gain into an unbounded value
+# The denominator is |S(p, i)| floored here: the published formula whenever the prior's similarity
+# is positive, and a prior unrelated to the example cannot turn a small gain into an unbounded value
 # or flip its sign.
 MIN_DENOMINATOR = 1e-3
 
@@ -28,19 +31,19 @@ MIN_DENOMINATOR = 1e-3
 @dataclass(frozen=True)
 class RDLV:
     value: float  # the client's RDLV for the round
-    per_image: list[float]  # RDLV of each training image
-    best: list[int]  # index of the reconstruction paired with each training image
+    per_example: list[float]  # RDLV of each training example
+    best: list[int]  # index of the reconstruction paired with each training example
 
 
-def rdlv(recon: torch.Tensor, prior: torch.Tensor, truth: torch.Tensor, *, metric: str = "ssim",
+def rdlv(recon: torch.Tensor, prior: torch.Tensor, truth: torch.Tensor, spec: InputSpec, *, metric: str,
          reduce: str = "max", assignment: np.ndarray | None = None) -> RDLV:  # fmt: skip
-    """The RDLV of a batch of reconstructions (``prior[r]``: the start of ``recon[r]``), each image
-    paired by ``assignment`` (default: ``metrics.assign``)."""
-    idx = assign(recon, truth) if assignment is None else assignment
-    pick = torch.as_tensor(idx)
-    s = METRICS[metric](recon[pick], truth)
-    p = METRICS[metric](prior[pick], truth)
-    gain = s - p if HIGHER_IS_BETTER[metric] else p - s
-    per_image = gain / p.abs().clamp_min(MIN_DENOMINATOR)
-    value = per_image.max() if reduce == "max" else per_image.min()
-    return RDLV(float(value), [float(v) for v in per_image], [int(i) for i in idx])
+    """The RDLV of a batch of reconstructions against ``prior`` (one example, or one per original),
+    each original paired by ``assignment`` (default: ``metrics.assign``)."""
+    idx = assign(recon, truth, spec) if assignment is None else assignment
+    m = spec.metrics[metric]
+    s = m(recon[torch.as_tensor(idx)], truth)
+    p = m(prior.expand(len(truth), *prior.shape[1:]) if len(prior) == 1 else prior, truth)
+    gain = s - p if m.higher_is_better else p - s
+    per_example = gain / p.abs().clamp_min(MIN_DENOMINATOR)
+    value = per_example.max() if reduce == "max" else per_example.min()
+    return RDLV(float(value), [float(v) for v in per_example], [int(i) for i in idx])

@@ -1,16 +1,7 @@
-"""Data: bundled real sets, user formats, and client partitions."""
+"""Data of any modality: in-memory datasets, client partitions, and the registry of sources."""
 
-from gradleak.data.dataset import DataBundle, ImageDataset, denormalize, normalize
+from gradleak.data.dataset import DataBundle, Dataset
 from gradleak.data.partition import ClientData, ClientSpec, Partition
-from gradleak.data.sources import DataSource
+from gradleak.data.sources import SOURCES, SourceConfig
 
-__all__ = [
-    "ClientData",
-    "ClientSpec",
-    "DataBundle",
-    "DataSource",
-    "ImageDataset",
-    "Partition",
-    "denormalize",
-    "normalize",
-]
+__all__ = ["SOURCES", "ClientData", "ClientSpec", "DataBundle", "Dataset", "Partition", "SourceConfig"]

@@ -11,7 +11,7 @@ from typing import Annotated, Literal
 import numpy as np
 from pydantic import Field
 
-from gradleak.data.dataset import ImageDataset
+from gradleak.data.dataset import Dataset
 from gradleak.errors import ConfigError
 from gradleak.schema import Section
 from gradleak.seeding import numpy_rng
@@ -22,7 +22,7 @@ class ClientData:
     """One client's private training data and its local-training settings."""
 
     client_id: int
-    data: ImageDataset
+    data: Dataset
     batch_size: int
     lr: float | None = None  # None: the experiment's training.lr
 
@@ -30,11 +30,11 @@ class ClientData:
 class ClientSpec(Section):
     """One row of an explicit partition table."""
 
-    size: int = Field(gt=0, description="Number of training images of this client.")
+    size: int = Field(gt=0, description="Number of training examples of this client.")
     batch_size: int = Field(gt=0, description="Local mini-batch size.")
     lr: float | None = Field(None, gt=0, description="Local learning rate; null = training.lr.")
     classes: list[int] | None = Field(
-        None, min_length=1, description="Draw this client's images only from these classes (label "
+        None, min_length=1, description="Draw this client's examples only from these classes (label "
         "skew by hand); null = any class.",
     )
 
@@ -43,7 +43,7 @@ class _Partition(Section):
     def check(self, pool_size: int) -> None:
         """Raise ConfigError when the pool cannot serve this partition."""
 
-    def split(self, pool: ImageDataset, seed: int) -> list[ClientData]:
+    def split(self, pool: Dataset, seed: int) -> list[ClientData]:
         raise NotImplementedError
 
     @property
@@ -75,10 +75,10 @@ class ExplicitPartition(_Partition):
                     f"batch size {c.batch_size} is larger than the client's {c.size} images",
                 )
 
-    def split(self, pool: ImageDataset, seed: int) -> list[ClientData]:
+    def split(self, pool: Dataset, seed: int) -> list[ClientData]:
         self.check(len(pool))
         order = numpy_rng(seed, "partition").permutation(len(pool))
-        labels, used, out = pool.labels.numpy(), np.zeros(len(pool), dtype=bool), []
+        labels, used, out = pool.targets.numpy(), np.zeros(len(pool), dtype=bool), []
         for i, c in enumerate(self.clients):
             free = order[~used[order]]  # unused images, in the seeded order
             if c.classes is not None:
@@ -125,7 +125,7 @@ class IIDPartition(_Equal):
                 f"{self.clients} x {self.samples_per_client} images exceed the pool of {pool_size}",
             )
 
-    def split(self, pool: ImageDataset, seed: int) -> list[ClientData]:
+    def split(self, pool: Dataset, seed: int) -> list[ClientData]:
         self.check(len(pool))
         order = numpy_rng(seed, "partition").permutation(len(pool))
         if self.samples_per_client:
@@ -142,10 +142,10 @@ class DirichletPartition(_Equal):
     scheme: Literal["dirichlet"] = "dirichlet"
     alpha: float = Field(0.5, gt=0, description="Concentration; small values give strong skew.")
 
-    def split(self, pool: ImageDataset, seed: int) -> list[ClientData]:
+    def split(self, pool: Dataset, seed: int) -> list[ClientData]:
         self.check(len(pool))
         rng = numpy_rng(seed, "partition")
-        labels = pool.labels.numpy()
+        labels = pool.targets.numpy()
         for _ in range(100):  # redraw until every client has at least one image
             parts: list[list[int]] = [[] for _ in range(self.clients)]
             for c in np.unique(labels):

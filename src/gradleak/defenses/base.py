@@ -42,7 +42,6 @@ def generator(ctx: FilterContext, index: int) -> torch.Generator:
     return torch_generator(ctx.seed, "defense", index, ctx.round, ctx.client.client_id)
 
 
-def record(ctx: FilterContext, index: int, **values: Any) -> None:
-    """Add fields to the result row, prefixed with the filter's position when there are several."""
-    for k, v in values.items():
-        ctx.record[k if index == 0 else f"{k}_{index}"] = v
+def fields(index: int, **values: Any) -> dict[str, Any]:
+    """Fields for the result row, suffixed with the filter's position after the first."""
+    return {k if index == 0 else f"{k}_{index}": v for k, v in values.items()}

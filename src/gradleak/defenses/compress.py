@@ -12,8 +12,8 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from gradleak.defenses.base import DefenseConfig, record, trained, with_delta
-from gradleak.fl.filters import FilterContext
+from gradleak.defenses.base import DefenseConfig, fields, trained, with_delta
+from gradleak.fl.filters import FilterContext, Filtered
 from gradleak.fl.update import ClientUpdate
 
 
@@ -43,11 +43,11 @@ class _Prune:
     index: int
     sparsity: float
 
-    def __call__(self, update: ClientUpdate, ctx: FilterContext) -> ClientUpdate:
+    def __call__(self, update: ClientUpdate, ctx: FilterContext) -> Filtered:
         changes = {k: prune_tensor(update.delta[k], self.sparsity) for k in trained(update)}
         zeros = sum(int((v == 0).sum()) for v in changes.values())
-        record(ctx, self.index, pruned_fraction=zeros / max(1, sum(v.numel() for v in changes.values())))
-        return with_delta(update, changes)
+        fraction = zeros / max(1, sum(v.numel() for v in changes.values()))
+        return Filtered(with_delta(update, changes), fields(self.index, pruned_fraction=fraction))
 
 
 @dataclass(frozen=True)
@@ -55,8 +55,8 @@ class _Quantize:
     index: int
     fmt: str
 
-    def __call__(self, update: ClientUpdate, ctx: FilterContext) -> ClientUpdate:
-        return with_delta(update, {k: quantize_tensor(update.delta[k], self.fmt) for k in trained(update)})
+    def __call__(self, update: ClientUpdate, ctx: FilterContext) -> Filtered:
+        return Filtered(with_delta(update, {k: quantize_tensor(update.delta[k], self.fmt) for k in trained(update)}))
 
 
 class Prune(DefenseConfig):

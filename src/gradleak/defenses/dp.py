@@ -19,8 +19,8 @@ import torch
 from opacus.accountants import RDPAccountant
 from pydantic import Field
 
-from gradleak.defenses.base import DefenseConfig, generator, record, trained, with_delta
-from gradleak.fl.filters import FilterContext
+from gradleak.defenses.base import DefenseConfig, fields, generator, trained, with_delta
+from gradleak.fl.filters import FilterContext, Filtered
 from gradleak.fl.update import ClientUpdate
 
 
@@ -41,7 +41,7 @@ class _DPFilter:
     delta: float
     sample_rate: float
 
-    def __call__(self, update: ClientUpdate, ctx: FilterContext) -> ClientUpdate:
+    def __call__(self, update: ClientUpdate, ctx: FilterContext) -> Filtered:
         names = trained(update)
         norm = math.sqrt(math.fsum(float(update.delta[k].double().pow(2).sum()) for k in names))
         factor = min(1.0, self.clip / norm) if norm > 0 else 1.0
@@ -56,9 +56,8 @@ class _DPFilter:
         for k in update.buffers:
             changes[k] = torch.zeros_like(update.delta[k])
         eps = epsilon(self.noise_multiplier, self.sample_rate, ctx.participation, self.delta)
-        record(ctx, self.index, dp_epsilon=eps, dp_delta=self.delta, dp_norm_before_clip=norm,
-               dp_clip_factor=factor)  # fmt: skip
-        return with_delta(update, changes)
+        found = fields(self.index, dp_epsilon=eps, dp_delta=self.delta, dp_norm_before_clip=norm, dp_clip_factor=factor)
+        return Filtered(with_delta(update, changes), found)
 
 
 class DPGaussian(DefenseConfig):

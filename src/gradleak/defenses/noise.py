@@ -14,8 +14,15 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from gradleak.defenses.base import DefenseConfig, float_buffers, generator, record, trained, with_delta
-from gradleak.fl.filters import FilterContext
+from gradleak.defenses.base import (
+    DefenseConfig,
+    fields,
+    float_buffers,
+    generator,
+    trained,
+    with_delta,
+)
+from gradleak.fl.filters import FilterContext, Filtered
 from gradleak.fl.update import ClientUpdate
 
 
@@ -35,14 +42,14 @@ class _NoiseFilter:
     percentile: float = 95.0
     include_buffers: bool = False
 
-    def __call__(self, update: ClientUpdate, ctx: FilterContext) -> ClientUpdate:
+    def __call__(self, update: ClientUpdate, ctx: FilterContext) -> Filtered:
         names = trained(update) + (float_buffers(update) if self.include_buffers else [])
         scale = self.scale
         if scale is None:
             scale = adaptive_sigma([update.delta[k] for k in names], self.sigma0, self.percentile)
-        record(ctx, self.index, noise_scale=scale)
+        found = fields(self.index, noise_scale=scale)
         if scale == 0.0:
-            return update
+            return Filtered(update, found)
         gen = generator(ctx, self.index)
         changes = {}
         for k in names:
@@ -53,7 +60,7 @@ class _NoiseFilter:
                 u = torch.rand(v.shape, generator=gen, dtype=torch.float64) - 0.5
                 noise = -scale * torch.sign(u) * torch.log1p(-2 * u.abs())
             changes[k] = (v.double() + noise).to(v.dtype)
-        return with_delta(update, changes)
+        return Filtered(with_delta(update, changes), found)
 
 
 class AdaptiveGaussian(DefenseConfig):

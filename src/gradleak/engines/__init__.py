@@ -8,10 +8,28 @@ run store are gradleak's own, so a run gives the same results on every engine.
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 from typing import Any
 
 from gradleak.errors import ConfigError
+
+# Engines by name: the module and class of each, imported only when a run uses it (flwr, ray and
+# nvflare are optional and slow to import). Each class offers ``for_config(config, run_dir, **kwargs)``.
+ENGINES = {
+    "pool": "gradleak.engines.pool:PoolSimulator",
+    "flower": "gradleak.engines.flower:FlowerSimulator",
+    "nvflare": "gradleak.engines.nvflare:NVFlareSimulator",
+}
+
+
+def engine_class(name: str) -> Any:
+    """The simulator class of the engine ``name`` (imported now)."""
+    if name not in ENGINES:
+        raise ConfigError("engine.name", f"unknown engine {name!r} (known: {', '.join(sorted(ENGINES))})")
+    module, _, attr = ENGINES[name].partition(":")
+    return getattr(importlib.import_module(module), attr)
+
 
 EXTRAS = {"flower": ("flwr", "ray"), "nvflare": ("nvflare",), "ray": ("ray",)}
 

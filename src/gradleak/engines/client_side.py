@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import logging
+import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -14,6 +17,8 @@ from gradleak.errors import GradleakError
 from gradleak.fl.simulator import ClientResult, Simulator
 from gradleak.fl.update import ClientUpdate, UpdateMeta
 
+log = logging.getLogger("gradleak")
+
 _SIDES: dict[tuple[str, str], Simulator] = {}
 
 
@@ -24,7 +29,7 @@ def client_simulator(config_json: str, run_dir: str) -> Simulator:
     key = (config_json, run_dir)
     if key not in _SIDES:
         from gradleak.experiments.config import ExperimentConfig
-        from gradleak.experiments.runner import build_scenario
+        from gradleak.experiments.scenario import build_scenario
 
         config = ExperimentConfig.model_validate(json.loads(config_json))
         if config.engine.threads:
@@ -54,6 +59,32 @@ def with_meta(update: ClientUpdate, fields: dict[str, Any]) -> dict[str, Any]:
 def update_from(delta: dict[str, torch.Tensor], fields: dict[str, Any]) -> ClientUpdate:
     """The update that ``with_meta(update, ...)`` described, with ``delta`` as received."""
     return ClientUpdate(delta, UpdateMeta(**fields["meta"]), frozenset(fields["buffers"]))
+
+
+def filter_leaving(
+    locate: Callable[[], tuple[Simulator, int, dict[str, torch.Tensor], int]],
+    update: ClientUpdate,
+    fields: dict[str, Any],
+    started: float,
+    extra: Callable[[ClientUpdate], dict[str, Any]] | None = None,
+) -> tuple[ClientUpdate, bool]:
+    """The experiment's update filters on an update leaving a client, as every engine's filter hook
+    runs them: ``locate()`` gives (the client's simulator, round, global state, client id); the
+    row's fields (record, withheld, norm, seconds) are updated in ``fields``; returns (the update to
+    send, whether it is withheld). A failure withholds the update (failing closed) and is recorded
+    as ``filter_error``, never raised into the engine."""
+    try:
+        sim, round, global_state, client_id = locate()
+        out = sim.filter(round, global_state, find_client(sim, client_id), update)
+        update, record, withheld = out.update, dict(out.record), out.withhold
+        if extra is not None:
+            record.update(extra(update))
+    except Exception as exc:  # noqa: BLE001 - recorded in the row; the federation goes on
+        log.exception("gradleak's update filters failed")
+        record, withheld = {"filter_error": f"{type(exc).__name__}: {exc}"}, True
+    fields.update(record=record, withheld=withheld, norm=update.l2_norm(),
+                  seconds=fields["seconds"] + time.perf_counter() - started)  # fmt: skip
+    return update, withheld
 
 
 def result_from(delta: dict[str, torch.Tensor], fields: dict[str, Any]) -> ClientResult:

@@ -49,7 +49,12 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, RecordD
 from flwr.client.mod import secaggplus_mod  # noqa: E402
 from flwr.clientapp import ClientApp  # noqa: E402
 from flwr.common import (  # noqa: E402
-    Code, FitIns, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays,
+    Code,
+    FitIns,
+    FitRes,
+    Status,
+    ndarrays_to_parameters,
+    parameters_to_ndarrays,
 )  # fmt: skip
 from flwr.server import LegacyContext  # noqa: E402
 from flwr.server.compat.grid_client_proxy import GridClientProxy  # noqa: E402
@@ -62,7 +67,12 @@ from flwr.simulation import run_simulation  # noqa: E402
 from gradleak.data.partition import ClientData  # noqa: E402
 from gradleak.engines import SECAGG_MODULUS  # noqa: E402
 from gradleak.engines.client_side import (  # noqa: E402
-    client_simulator, find_client, result_from, update_from, with_meta,
+    client_simulator,
+    filter_leaving,
+    find_client,
+    result_from,
+    update_from,
+    with_meta,
 )  # fmt: skip
 from gradleak.errors import GradleakError  # noqa: E402
 from gradleak.fl.simulator import ClientResult, Hooks, Simulator  # noqa: E402
@@ -174,14 +184,14 @@ def client_app(config_json: str, run_dir: str, clip: float | None = None) -> Any
         start = time.perf_counter()
         sim = client_simulator(config_json, run_dir)
         update, fields = codec.read(reply, sim)
-        round, client_id, global_state = codec.task(msg, sim)
-        update, ctx = sim.filter(round, global_state, find_client(sim, client_id), update)
-        record = dict(ctx.record)
-        if clip is not None:
-            record["secagg_clipped"] = clipped_fraction(update, clip)
-        fields.update(record=record, withheld=ctx.withheld, norm=update.l2_norm(),
-                      seconds=fields["seconds"] + time.perf_counter() - start)  # fmt: skip
-        if ctx.withheld:  # the update stays on the client; the server learns only the row
+
+        def locate() -> tuple[Simulator, int, dict[str, torch.Tensor], int]:
+            round, client_id, global_state = codec.task(msg, sim)
+            return sim, round, global_state, client_id
+
+        secagg = None if clip is None else (lambda u: {"secagg_clipped": clipped_fraction(u, clip)})
+        update, withheld = filter_leaving(locate, update, fields, start, secagg)
+        if withheld:  # the update stays on the client; the server learns only the row
             return codec.withheld(update, fields, msg, sim)
         return codec.reply(update, fields, msg, sim)
 
@@ -224,6 +234,12 @@ class FlowerSimulator(Simulator):
         self._context: Any = None
         self._nodes: dict[int, int] = {}
         self._sums: dict[int, dict[str, torch.Tensor]] = {}
+
+    @classmethod
+    def for_config(cls, config: Any, run_dir: Path, **kwargs: Any) -> FlowerSimulator:
+        e, secure = config.engine, config.aggregation.strategy == "secure-sum"
+        return cls(config_json=config.model_dump_json(), run_dir=run_dir, cpus_per_client=e.cpus_per_client,
+                   secagg=e.secagg if secure else None, **kwargs)  # fmt: skip
 
     def run(self, state: dict[str, torch.Tensor], **kwargs: Any) -> dict[str, torch.Tensor]:
         """``Simulator.run`` inside a Flower ServerApp, with the clients on Flower's simulation."""

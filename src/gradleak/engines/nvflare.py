@@ -55,7 +55,14 @@ from nvflare.job_config.defs import FilterType
 from nvflare.recipe.sim_env import SimEnv
 
 from gradleak.data.partition import ClientData
-from gradleak.engines.client_side import client_simulator, find_client, result_from, update_from, with_meta
+from gradleak.engines.client_side import (
+    client_simulator,
+    filter_leaving,
+    find_client,
+    result_from,
+    update_from,
+    with_meta,
+)
 from gradleak.errors import GradleakError
 from gradleak.fl.simulator import ClientResult, RoundResult, Simulator
 from gradleak.fl.update import ClientUpdate, UpdateMeta
@@ -135,16 +142,13 @@ class UpdateFilters(DXOFilter):  # type: ignore[misc]
         start = time.perf_counter()
         fields = json.loads(dxo.meta[ROW])
         update = update_from(_tensors(dxo.data), fields)
-        try:
+
+        def locate() -> tuple[Simulator, int, dict[str, torch.Tensor], int]:
             sim = client_simulator(self._config_json(), self.run_dir)
             round, global_state = _GLOBAL[str(fl_ctx.get_identity_name())]
-            update, ctx = sim.filter(round, global_state, find_client(sim, _client_id(fl_ctx)), update)
-            record, withheld = ctx.record, ctx.withheld
-        except Exception as exc:  # noqa: BLE001 - recorded in the row; the job goes on
-            self.log_exception(fl_ctx, f"gradleak's update filters failed: {exc}")
-            record, withheld = {"filter_error": f"{type(exc).__name__}: {exc}"}, True
-        fields.update(record=record, withheld=withheld, norm=update.l2_norm(),
-                      seconds=fields["seconds"] + time.perf_counter() - start)  # fmt: skip
+            return sim, round, global_state, _client_id(fl_ctx)
+
+        update, withheld = filter_leaving(locate, update, fields, start)
         data = {} if withheld else _arrays(update.delta)
         return DXO(DataKind.WEIGHT_DIFF, data=data, meta={ROW: json.dumps(fields)})
 
@@ -193,8 +197,8 @@ class GradleakController(ModelController):  # type: ignore[misc]
 
 def _serve(controller: GradleakController) -> None:
     from gradleak.experiments.config import ExperimentConfig
-    from gradleak.experiments.runner import StoreHooks, build_scenario
-    from gradleak.experiments.store import RunStore
+    from gradleak.experiments.scenario import build_scenario
+    from gradleak.experiments.store import RunStore, StoreHooks
     from gradleak.rundir import OwnedDir
 
     config = ExperimentConfig.model_validate_json(controller.config_json)
@@ -252,6 +256,10 @@ class NVFlareSimulator(Simulator):
     def __init__(self, *, config_json: str, run_dir: Path, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.config_json, self.run_dir = config_json, run_dir
+
+    @classmethod
+    def for_config(cls, config: Any, run_dir: Path, **kwargs: Any) -> NVFlareSimulator:
+        return cls(config_json=config.model_dump_json(), run_dir=run_dir, **kwargs)
 
     def run(self, state: dict[str, torch.Tensor], *, first_round: int, last_round: int, **kwargs: Any) -> dict[str, torch.Tensor]:
         from gradleak.experiments.store import RunStore

@@ -129,6 +129,11 @@ class PoolSimulator(Simulator):
         self.kind = pool_kind(pool)
         self._workers: _Workers | None = None
 
+    @classmethod
+    def for_config(cls, config: Any, run_dir: Path, **kwargs: Any) -> PoolSimulator:
+        e = config.engine
+        return cls(config_json=config.model_dump_json(), run_dir=run_dir, workers=e.workers, pool=e.pool, **kwargs)
+
     def run(self, state: dict[str, torch.Tensor], **kwargs: Any) -> dict[str, torch.Tensor]:
         start = _ray if self.kind == "ray" else _processes
         with start(self.workers, self.config_json, str(self.run_dir)) as workers:

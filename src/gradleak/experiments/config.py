@@ -8,17 +8,23 @@ from __future__ import annotations
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin
+from typing import Annotated, Any, Literal, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from gradleak.audit.config import AuditConfig
 from gradleak.data.partition import Partition
-from gradleak.data.sources import DataSource
+from gradleak.data.sources import SOURCES
 from gradleak.defenses import Defense
 from gradleak.errors import ConfigError
-from gradleak.schema import Section
+from gradleak.modality import load_modalities
+from gradleak.schema import Section, one_line
+
+load_modalities()
+# ``data:`` is the tagged union of every registered source (each modality registers its own).
+_SOURCE_TYPES = tuple(SOURCES.values())
+DataSource = Annotated[typing.Union[_SOURCE_TYPES], Field(discriminator="source")]  # noqa: UP007 - built at run time
 
 
 class ModelConfig(Section):
@@ -237,12 +243,11 @@ class ExperimentConfig(Section):
 
     @model_validator(mode="after")
     def _attack_fits_the_training(self) -> ExperimentConfig:
-        from gradleak.attacks.engine import EVAL_MODE_PROBLEM
-
-        if self.audit is not None and self.training.batch_norm == "eval":
-            s = self.audit.settings()
-            if s.bn > 0 and s.match_weight == 0:
-                raise ConfigError("audit.preset", f"{self.audit.preset}: {EVAL_MODE_PROBLEM}")
+        if self.audit is not None:
+            refused = self.audit.build_attack().refuses(self.training)
+            if refused is not None:
+                key, problem = refused
+                raise ConfigError(key, f"{self.audit.preset}: {problem}")
         return self
 
     def defense_summary(self) -> str:
@@ -256,6 +261,23 @@ class ExperimentConfig(Section):
     def resolved(self) -> dict[str, Any]:
         """Plain data (JSON types) with every default filled in: what the run directory records."""
         return self.model_dump(mode="json")
+
+
+def first_difference(a: Any, b: Any, prefix: str = "") -> str | None:
+    """The first dotted key where two config trees differ, or None."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in list(a) + [k for k in b if k not in a]:
+            d = first_difference(a.get(k), b.get(k), f"{prefix}{k}.")
+            if d:
+                return d
+        return None
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            d = first_difference(x, y, f"{prefix}{i}.")
+            if d:
+                return d
+        return None
+    return None if a == b else prefix.rstrip(".")
 
 
 # The keys whose value selects a variant in a tagged union (data.source, partition.scheme,
@@ -309,29 +331,23 @@ def _has(node: Any, part: Any) -> bool:
 
 
 def _error_line(exc: ValidationError, raw: dict[str, Any]) -> ConfigError:
+    """The first problem as one line under its key, the variant names pydantic inserts left out and
+    an unknown or missing variant tag (``data.source: 'mnist' is not one of ...``) named as such."""
     err = exc.errors()[0]
     loc, _ = _strip_tags(list(err["loc"]), raw)
-    msg = err["msg"]
-    if err["type"] in ("union_tag_invalid", "union_tag_not_found"):
-        section = str(loc[0])
-        tag = {"data": "source", "partition": "scheme", "defenses": "name"}.get(section, "name")
-        loc.append(tag)
-        tags = ", ".join(_tag_values(section))
-        if err["type"] == "union_tag_not_found":
-            msg = f"required key is missing (one of {tags})"
-        else:
-            msg = f"{err['ctx']['tag']!r} is not one of {tags}"
-    key = ".".join(str(p) for p in loc)
-    if err["type"] == "extra_forbidden":
-        msg = "unknown key"
-    elif err["type"] == "missing":
-        msg = "required key is missing"
-    elif "input" in err and not isinstance(err["input"], dict | list):
-        msg += f" (got {err['input']!r})"
+    if err["type"] not in ("union_tag_invalid", "union_tag_not_found"):
+        return one_line(exc, loc=loc)
+    section = str(loc[0])
+    tag = {"data": "source", "partition": "scheme", "defenses": "name"}.get(section, "name")
+    tags = ", ".join(_tag_values(section))
+    if err["type"] == "union_tag_not_found":
+        msg = f"required key is missing (one of {tags})"
+    else:
+        msg = f"{err['ctx']['tag']!r} is not one of {tags}"
     more = len(exc.errors()) - 1
     if more:
         msg += f" (and {more} more problem{'s' if more > 1 else ''})"
-    return ConfigError(key, msg)
+    return ConfigError(".".join(str(p) for p in [*loc, tag]), msg)
 
 
 def _set(tree: dict[str, Any], dotted: str, value: Any) -> None:

@@ -7,7 +7,7 @@ from typing import Any, get_origin
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
-from gradleak.attacks.settings import PRESET_SOURCES, PRESETS, AttackSettings
+from gradleak.attacks.optimisation import PRESET_SOURCES, PRESETS, AttackSettings
 from gradleak.experiments.config import ExperimentConfig, model_variants
 
 
@@ -62,18 +62,25 @@ def config_reference() -> str:
         "",
     ]
     _section(ExperimentConfig, "", "Top level", out)
+    names = ", ".join(f"`{n}`" for n in PRESETS.names())
     out += [
         "# Attack settings",
         "",
-        "Every preset (`dlg`, `idlg`, `inverting-gradients`, `gradinversion`) is a set of these values;",
-        "change any of them with `gradleak attack --preset NAME --set key=value`.",
+        f"Every optimisation preset ({names}) is a set of these values; change any of them with",
+        "`audit.attack` in a config or `gradleak attack --preset NAME --set key=value`.",
         "",
     ]
     _section(AttackSettings, "", "Settings", out)
-    out += ["## Presets", "", "| preset | source | settings that differ from the defaults |", "|---|---|---|"]
+    out += ["## Presets", "", preset_table()]
+    return "\n".join(out).rstrip() + "\n"
+
+
+def preset_table() -> str:
+    """The optimisation presets as a Markdown table (in docs/config.md and the README, checked)."""
+    out = ["| preset | source | settings that differ from the defaults |", "|---|---|---|"]
     defaults = AttackSettings()
     for name in PRESETS.names():
         p = PRESETS.get(name)
         diff = ", ".join(f"`{k}={v!r}`" for k, v in p.model_dump().items() if getattr(defaults, k) != v)
         out.append(f"| `{name}` | {PRESET_SOURCES[name]} | {diff} |")
-    return "\n".join(out).rstrip() + "\n"
+    return "\n".join(out) + "\n"

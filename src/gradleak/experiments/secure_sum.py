@@ -21,13 +21,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from gradleak.attacks import ServerView
 from gradleak.attacks.disaggregation import ColumnJournal, disaggregate, window_counts
-from gradleak.attacks.milp import check_solver
+from gradleak.attacks.disaggregation.milp import check_solver
 from gradleak.audit.filter import LeakageAudit
 from gradleak.errors import ConfigError
 from gradleak.experiments.store import RunStore
-from gradleak.fl.update import UpdateMeta
+from gradleak.fl.update import ClientUpdate, UpdateMeta
 from gradleak.safeio import parse_json
 from gradleak.seeding import derive_seed
 
@@ -145,11 +144,8 @@ def _invert(scenario: Any, store: RunStore, audit: LeakageAudit, result: Any, co
         v = state[k]
         update[k] = flat[at : at + v.numel()].view_as(v).to(v.dtype)
         at += v.numel()
-    view = ServerView(
-        model=audit.model, global_state=state, update=update, meta=meta,
-        image_shape=audit.image_shape, num_classes=audit.num_classes, mean=audit.mean, std=audit.std,
-        known_labels=client.data.labels.clone() if audit.settings.labels == "known" else None,
-    )  # fmt: skip
+    buffers = frozenset(n for n, _ in audit.model.named_buffers())
+    view = audit.view(state, ClientUpdate(update, meta, buffers), client.data.targets)
     seed = derive_seed(scenario.config.seed, "disaggregation", cid)
-    record = audit.inspect(view, client.data.images, client.data.labels, seed=seed)
+    record = audit.inspect(view, client.data.examples, client.data.targets, seed=seed)
     return {"client": cid, "round": r, "rounds_taken_part": len(taken), **record}

@@ -28,19 +28,24 @@ values) and against the rows (each pending update's norm is its row's).
 from __future__ import annotations
 
 import json
+import logging
 import math
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
 
+from gradleak.data.partition import ClientData
 from gradleak.errors import DataError, GradleakError
-from gradleak.fl.simulator import ClientResult
+from gradleak.fl.simulator import ClientResult, Hooks, RoundResult
 from gradleak.fl.update import ClientUpdate, UpdateMismatch, check_state
 from gradleak.rundir import OwnedDir
 from gradleak.safeio import load_safetensors, safetensors_bytes
+
+log = logging.getLogger("gradleak")
 
 
 # The JSON types of the row fields that readers rely on (``None`` where the field may be null);
@@ -233,7 +238,7 @@ class RunStore:
             raise DataError(damaged % f"not an experiment config ({exc})") from None
         resolved["data"] = config["data"]
         if resolved != config:  # the run wrote every key: one missing or changed means damage
-            from gradleak.experiments.runner import first_difference
+            from gradleak.experiments.config import first_difference
 
             raise DataError(damaged % f"not the resolved config gradleak wrote (at {first_difference(resolved, config)})")
         return config
@@ -399,3 +404,31 @@ class RunStore:
             if keep is None or not keep.startswith(rel + "/"):
                 self.dir.remove_tree(rel)
         self.dir.remove_dir("pending")
+
+
+class StoreHooks:
+    """Records every client and round in the run store (and passes them on to a display)."""
+
+    def __init__(self, store: RunStore, keep_every: int, display: Hooks | None) -> None:
+        self.store, self.keep_every, self.display = store, keep_every, display
+
+    def round_started(self, round: int, clients: Sequence[ClientData]) -> None:
+        if self.display:
+            self.display.round_started(round, clients)
+
+    def client_done(self, result: ClientResult) -> None:
+        self.store.record_client(result)
+        m = result.update.meta
+        log.debug("round %d client %d: loss %.4f", m.round, m.client_id, result.train_loss)
+        if self.display:
+            self.display.client_done(result)
+
+    def round_done(self, result: RoundResult, state: dict[str, torch.Tensor]) -> None:
+        self.store.record_round(result.row(), state, self.keep_every, result.observed)
+        log.info(
+            "round %d: test accuracy %.4f, loss %.4f (%d/%d updates aggregated)",
+            result.round, result.test_accuracy, result.test_loss, result.aggregated,
+            len(result.clients),
+        )  # fmt: skip
+        if self.display:
+            self.display.round_done(result, state)

@@ -9,12 +9,11 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from gradleak.data.dataset import normalize
 from gradleak.data.partition import ClientData
 from gradleak.fl.update import ClientUpdate, UpdateMeta
+from gradleak.modality import InputSpec, Task
 from gradleak.seeding import torch_generator
 
 
@@ -50,8 +49,8 @@ def train_client(
     *,
     round: int,
     settings: LocalTraining,
-    mean: tuple[float, ...],
-    std: tuple[float, ...],
+    spec: InputSpec,
+    task: Task,
     seed: int,
     device: torch.device | str = "cpu",
 ) -> tuple[ClientUpdate, float]:
@@ -68,8 +67,8 @@ def train_client(
     opt = torch.optim.SGD(
         model.parameters(), lr=lr, momentum=settings.momentum, weight_decay=settings.weight_decay
     )
-    x = normalize(client.data.images, mean, std).to(device)
-    y = client.data.labels.to(device)
+    x = spec.model_inputs(client.data.examples).to(device)
+    y = client.data.targets.to(device)
     n, bs = len(y), client.batch_size
     gen = torch_generator(seed, "client", round, client.client_id)
     losses = []
@@ -77,7 +76,7 @@ def train_client(
         perm = torch.randperm(n, generator=gen).to(device)
         for start in range(0, n, bs):
             idx = perm[start : start + bs]
-            loss = F.cross_entropy(model(x[idx]), y[idx])
+            loss = task.loss(model, x[idx], y[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -1,9 +1,9 @@
 """The client-side update filter interface shared by defences and the leakage audit.
 
-A filter takes the update about to leave a client and returns the update to send, like NVFlare's
-filters and Flower's mods. Filters run in config order; the last one's output is what the server
-receives. A filter may withhold the update (``context.withheld = True``) and may add fields to the
-round's result row (``context.record``).
+A filter takes the update about to leave a client and returns what it found: the update to send,
+the fields it adds to the round's result row, and whether it withholds the update (like NVFlare's
+filters and Flower's mods, which answer with an error instead of the update). Filters run in config
+order; the last one's update is what the server receives.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from gradleak.data.partition import ClientData
 from gradleak.fl.update import ClientUpdate
 
 
-@dataclass
+@dataclass(frozen=True)
 class FilterContext:
     """What a filter may know beyond the update. ``client`` is ground truth: only metrics read it."""
 
@@ -26,19 +26,30 @@ class FilterContext:
     global_state: dict[str, torch.Tensor]
     seed: int = 0  # the experiment's seed, for filters that draw random numbers
     participation: int = 1  # rounds this client has taken part in so far, this one included
+
+
+@dataclass(frozen=True)
+class Filtered:
+    """What a filter hands on: the update (a new object; the input is left as it was), the fields it
+    adds to the result row, and whether the update is withheld from aggregation."""
+
+    update: ClientUpdate
     record: dict[str, Any] = field(default_factory=dict)
-    withheld: bool = False
+    withhold: bool = False
 
 
 class UpdateFilter(Protocol):
-    def __call__(self, update: ClientUpdate, context: FilterContext) -> ClientUpdate:
-        """Return the update to pass on (a new object; the input is left as it was)."""
+    def __call__(self, update: ClientUpdate, context: FilterContext) -> Filtered:
+        """What this filter found in the update leaving the client."""
         ...
 
 
-def apply_filters(
-    filters: list[UpdateFilter], update: ClientUpdate, context: FilterContext
-) -> ClientUpdate:
+def apply_filters(filters: list[UpdateFilter], update: ClientUpdate, context: FilterContext) -> Filtered:
+    """The filters in order: the last update, every filter's fields, withheld if any withholds."""
+    record: dict[str, Any] = {}
+    withhold = False
     for f in filters:
-        update = f(update, context)
-    return update
+        out = f(update, context)
+        update, withhold = out.update, withhold or out.withhold
+        record.update(out.record)
+    return Filtered(update, record, withhold)

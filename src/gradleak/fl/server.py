@@ -6,11 +6,11 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from gradleak.data.dataset import ImageDataset, normalize
+from gradleak.data.dataset import Dataset
 from gradleak.fl.update import ClientUpdate
+from gradleak.modality import InputSpec, Task
 from gradleak.registry import Registry
 
 
@@ -71,29 +71,19 @@ def step(global_state: dict[str, torch.Tensor], mean: dict[str, torch.Tensor]) -
     return new
 
 
-@torch.no_grad()
 def evaluate(
     model: nn.Module,
     state: dict[str, torch.Tensor],
-    test: ImageDataset,
-    mean: tuple[float, ...],
-    std: tuple[float, ...],
+    test: Dataset,
+    spec: InputSpec,
+    task: Task,
     *,
-    batch_size: int = 512,
     device: torch.device | str = "cpu",
 ) -> tuple[float, float]:
-    """(accuracy, mean cross-entropy) of the model with ``state`` on the test split."""
+    """(accuracy, mean loss) of the model with ``state`` on the test split, as ``task`` measures."""
     model.load_state_dict(state)
     model.to(device).eval()
-    correct, loss_sum = 0, 0.0
-    for start in range(0, len(test), batch_size):
-        x = normalize(test.images[start : start + batch_size], mean, std).to(device)
-        y = test.labels[start : start + batch_size].to(device)
-        logits = model(x)
-        loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
-        correct += int((logits.argmax(1) == y).sum())
-    n = max(len(test), 1)
-    return correct / n, loss_sum / n
+    return task.evaluate(model, test, spec, device=device)
 
 
 @STRATEGIES.register("secure-sum")

@@ -14,12 +14,13 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from gradleak.data.dataset import ImageDataset
+from gradleak.data.dataset import Dataset
 from gradleak.data.partition import ClientData
 from gradleak.fl.client import LocalTraining, train_client
-from gradleak.fl.filters import FilterContext, UpdateFilter, apply_filters
+from gradleak.fl.filters import FilterContext, Filtered, UpdateFilter, apply_filters
 from gradleak.fl.server import Strategy, evaluate
 from gradleak.fl.update import ClientUpdate
+from gradleak.modality import InputSpec, Task
 from gradleak.seeding import numpy_rng
 
 
@@ -102,9 +103,9 @@ class Simulator:
         *,
         model: nn.Module,
         clients: Sequence[ClientData],
-        test: ImageDataset,
-        mean: tuple[float, ...],
-        std: tuple[float, ...],
+        test: Dataset,
+        spec: InputSpec,
+        task: Task,
         strategy: Strategy,
         training: LocalTraining,
         seed: int,
@@ -115,7 +116,7 @@ class Simulator:
         self.model = model
         self.clients = list(clients)
         self.test = test
-        self.mean, self.std = mean, std
+        self.spec, self.task = spec, task
         self.strategy = strategy
         self.training = training
         self.seed = seed
@@ -143,25 +144,25 @@ class Simulator:
         """The client's local training: (its raw update, its mean loss)."""
         return train_client(
             self.model, global_state, client, round=round, settings=self.training,
-            mean=self.mean, std=self.std, seed=self.seed, device=self.device,
+            spec=self.spec, task=self.task, seed=self.seed, device=self.device,
         )  # fmt: skip
 
     def filter(
         self, round: int, global_state: dict[str, torch.Tensor], client: ClientData, update: ClientUpdate
-    ) -> tuple[ClientUpdate, FilterContext]:
-        """The update filters (defences, then the audit) on the client's way out: (the update the
-        server would receive, the context with the filters' record and verdict)."""
+    ) -> Filtered:
+        """The update filters (defences, then the audit) on the client's way out: the update the
+        server would receive, with what the filters recorded and whether one withholds it."""
         ctx = FilterContext(round=round, client=client, global_state=global_state, seed=self.seed,
                             participation=self.participation(round, client.client_id))  # fmt: skip
-        return apply_filters(self.filters, update, ctx), ctx
+        return apply_filters(self.filters, update, ctx)
 
     def run_client(
         self, round: int, global_state: dict[str, torch.Tensor], client: ClientData
     ) -> ClientResult:
         start = time.perf_counter()
         update, loss = self.train(round, global_state, client)
-        update, ctx = self.filter(round, global_state, client, update)
-        return ClientResult(update, loss, ctx.withheld, ctx.record, time.perf_counter() - start)
+        out = self.filter(round, global_state, client, update)
+        return ClientResult(out.update, loss, out.withhold, out.record, time.perf_counter() - start)
 
     def run_clients(
         self, round: int, global_state: dict[str, torch.Tensor], clients: Sequence[ClientData]
@@ -209,7 +210,7 @@ class Simulator:
                 state = self.strategy.aggregate(state, kept)
             else:
                 state = self.strategy.aggregate_observed(state, observed, len(kept))
-            acc, loss = evaluate(self.model, state, self.test, self.mean, self.std, device=self.device)
+            acc, loss = evaluate(self.model, state, self.test, self.spec, self.task, device=self.device)
             hooks.round_done(
                 RoundResult(r, [c.client_id for c in chosen], len(kept), acc, loss, observed), state
             )

@@ -1,6 +1,6 @@
-"""Leakage metrics: image similarity, matching of reconstructions to originals."""
+"""Leakage metrics of any modality: pairing reconstructions with originals, and scoring the pairs
+with the metrics of the examples' input spec (each modality's own metrics live in its package)."""
 
-from gradleak.metrics.image import METRICS, mse, psnr, ssim
-from gradleak.metrics.matching import ReconstructionScore, assign, distances, label_accuracy, score
+from gradleak.metrics.matching import ReconstructionScore, assign, label_accuracy, score
 
-__all__ = ["METRICS", "ReconstructionScore", "assign", "distances", "label_accuracy", "mse", "psnr", "score", "ssim"]
+__all__ = ["ReconstructionScore", "assign", "label_accuracy", "score"]

@@ -1,6 +1,6 @@
-"""The model zoo: plain-torch models registered by name."""
+"""Models by name: every modality registers its own (``MODELS``); the user's through
+``package.module:factory``."""
 
-from gradleak.models import zoo as _zoo  # noqa: F401  (registers the built-in models)
 from gradleak.models.registry import MODELS, build_model, resolve_factory
 
 __all__ = ["MODELS", "build_model", "resolve_factory"]

@@ -1,7 +1,8 @@
 """Models by name, or any user model through ``package.module:factory``.
 
-A factory receives ``channels``, ``image_size`` and ``num_classes`` (those its signature accepts)
-plus the config's ``kwargs``, and returns an ``nn.Module`` mapping N x C x H x W to N x classes.
+A factory receives what the data's input spec offers (``InputSpec.factory_args``: images give
+``channels`` and ``image_size``) and ``num_classes``, those its signature accepts, plus the
+config's ``kwargs``; it returns an ``nn.Module`` mapping a batch of model inputs to N x classes.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from torch import nn
 
 from gradleak import plugins
 from gradleak.errors import ConfigError
+from gradleak.modality import InputSpec, load_modalities
 from gradleak.registry import Registry
 from gradleak.resources import check_fits
 
@@ -25,6 +27,7 @@ MODELS: Registry[ModelFactory] = Registry("model")
 def resolve_factory(name: str, *, key: str = "model.name") -> ModelFactory:
     """A registered name, or ``package.module:factory`` imported from the user's code."""
     if ":" not in name:
+        load_modalities()
         return MODELS.get(name, key=key)
     return plugins.load(name, key=key)
 
@@ -32,14 +35,13 @@ def resolve_factory(name: str, *, key: str = "model.name") -> ModelFactory:
 def build_model(
     name: str,
     *,
-    channels: int,
-    image_size: int,
+    spec: InputSpec,
     num_classes: int,
     kwargs: dict[str, Any] | None = None,
 ) -> nn.Module:
     """Instantiate a model whose input and output follow the dataset."""
     factory = resolve_factory(name)
-    given = {"channels": channels, "image_size": image_size, "num_classes": num_classes}
+    given = {**spec.factory_args(), "num_classes": num_classes}
     params = inspect.signature(factory).parameters
     takes_all = any(p.kind is p.VAR_KEYWORD for p in params.values())
     call = {k: v for k, v in given.items() if takes_all or k in params}
@@ -53,15 +55,16 @@ def build_model(
         raise ConfigError("model.name" if ":" in name else "model.kwargs", f"{who} {plugins.describe(exc)}") from None
     if not isinstance(model, nn.Module):
         raise ConfigError("model.name", f"{name} returned {type(model).__name__}, not a torch nn.Module")
-    _probe(model, name, channels, image_size, num_classes)
+    _probe(model, name, spec, num_classes)
     return model
 
 
-def _probe(model: nn.Module, name: str, channels: int, image_size: int, num_classes: int) -> None:
-    """One forward pass on two blank images (eval mode, no gradient, no statistics updated): a
+def _probe(model: nn.Module, name: str, spec: InputSpec, num_classes: int) -> None:
+    """One forward pass on two blank examples (eval mode, no gradient, no statistics updated): a
     model that fails on the data's shape, or does not return N x num_classes, is refused now by
     name, not in the middle of training."""
-    x = torch.zeros(2, channels, image_size, image_size, device=next(iter(model.parameters()), torch.zeros(0)).device)
+    device = next(iter(model.parameters()), torch.zeros(0)).device
+    x = spec.model_inputs(spec.blank(2)).to(device)
     was = model.training
     try:
         with torch.no_grad():
@@ -70,8 +73,8 @@ def _probe(model: nn.Module, name: str, channels: int, image_size: int, num_clas
         model.train(was)
     if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, num_classes):
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise ConfigError("model.name", f"{name} maps 2 x {channels} x {image_size} x {image_size} images to "
-                                        f"{shape}, not 2 x {num_classes} class scores")  # fmt: skip
+        inputs = " x ".join(str(d) for d in x.shape)
+        raise ConfigError("model.name", f"{name} maps {inputs} inputs to {shape}, not 2 x {num_classes} class scores")
 
 
 # Copies of the weights a run holds at once (global model, a client's copy, its gradients and

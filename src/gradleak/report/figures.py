@@ -98,29 +98,6 @@ def rdlv_per_round(audited: list[dict[str, Any]], out: SubDir) -> bytes:
     return save(fig, out, "rdlv")
 
 
-def audit_grid(cid: int, rows: list[dict[str, Any]], images: list[dict[str, Any]], out: SubDir,
-               stem: str = "audit") -> bytes:  # fmt: skip
-    """Original | start | best reconstruction for one client's audited rounds (first image);
-    written as ``STEM_client_CID``."""
-    n = len(images)
-    fig, axes = plt.subplots(n, 3, figsize=(4.2, 1.5 * n + 0.4), squeeze=False)
-    for i, (row, img) in enumerate(zip(rows, images, strict=True)):
-        for j, key in enumerate(("originals", "priors", "reconstructions")):
-            a = img[key][0]
-            ax = axes[i][j]
-            ax.imshow(a[0] if a.shape[0] == 1 else a.transpose(1, 2, 0), cmap="gray", vmin=0, vmax=1)
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if i == 0:
-                ax.set_title(("original", "start", "reconstruction")[j], fontsize=8)
-        axes[i][0].set_ylabel(f"round {row['round']}", fontsize=8)
-        ssim, psnr = row.get("ssim"), row.get("psnr")
-        if isinstance(ssim, int | float) and isinstance(psnr, int | float):
-            axes[i][2].set_xlabel(f"SSIM {ssim:.2f}, PSNR {psnr:.1f}", fontsize=7)
-    fig.suptitle(f"client {cid}", fontsize=9)
-    return save(fig, out, f"{stem}_client_{cid}")
-
-
 def privacy_utility(points: list[dict[str, Any]], key: str, out: SubDir) -> bytes:
     """RDLV (worst round) against defence strength per client, final test accuracy on a second axis."""
     fig, ax = plt.subplots(figsize=(6.5, 3.8))

@@ -19,8 +19,10 @@ import numpy as np
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from gradleak.data.sources import SOURCES
 from gradleak.errors import DataError
 from gradleak.experiments.store import RunStore
+from gradleak.modality import RENDERERS, Renderer, load_modalities
 from gradleak.report import figures
 from gradleak.report.recommend import recommend
 from gradleak.rundir import OwnedDir, SubDir
@@ -124,6 +126,48 @@ def _worst(rows: list[dict[str, Any]]) -> float:
     return max(values) if values else -math.inf
 
 
+def _renderer(config: dict[str, Any]) -> Renderer | None:
+    """The renderer of the run's data kind (found through its data source), or None."""
+    load_modalities()
+    data = config.get("data")
+    source = data.get("source") if isinstance(data, dict) else None
+    if source not in SOURCES:
+        return None
+    kind = SOURCES.get(source).kind
+    return RENDERERS.get(kind) if kind in RENDERERS else None
+
+
+def _examples_row(r: dict[str, Any], arrays: dict[str, np.ndarray], metric: Any) -> tuple[str, Any]:
+    """One round of one client: its first original, the prior and its reconstruction, captioned
+    with the RDLV and the audit's metric."""
+    import torch
+
+    found = ", ".join(f"{m} {r[m]:.3g}" for m in ("rdlv", metric) if isinstance(m, str) and isinstance(r.get(m), int | float))
+    caption = f"round {r['round']}: original, prior, reconstruction" + (f" ({found})" if found else "")
+    return caption, torch.from_numpy(np.stack([arrays[k][0] for k in AUDIT_EXAMPLES]))
+
+
+def _examples_section(store: RunStore, renderer: Renderer | None, rows: list[dict[str, Any]], prefix: str,
+                      alt: str, metric: Any) -> list[str]:  # fmt: skip
+    """The renderer's view of the saved examples of ``rows`` (one client), damaged files named."""
+    if renderer is None:
+        return []
+    parts, kept = [], []
+    for r in rows:
+        rel = f"{prefix}/round_{r['round']:04d}/client_{r['client']}.npz"
+        if not store.dir.exists(rel):
+            continue
+        arrays = _audit_examples(store.dir, rel, _example_bytes(r.get("num_samples")), renderer)
+        if arrays is None:
+            parts.append(f"<p>Left out: <code>{esc(store.dir.path(rel))}</code> is damaged (not the "
+                         "originals, prior and reconstructions of an audit).</p>")  # fmt: skip
+        else:
+            kept.append(_examples_row(r, arrays, metric))
+    if kept:
+        parts.append(renderer.html(kept, alt))
+    return parts
+
+
 def _audit_section(store: RunStore, config: dict[str, Any], results: list[dict[str, Any]], out: SubDir) -> str:
     audited = [r for r in results if r.get("audited")]
     if not audited:
@@ -133,58 +177,49 @@ def _audit_section(store: RunStore, config: dict[str, Any], results: list[dict[s
                  for c in sorted({r["client"] for r in audited})}  # fmt: skip
     shown = sorted((c for c in by_client if by_client[c]), key=lambda c: _worst(by_client[c]), reverse=True)
     if len(shown) > GRID_CLIENTS:
-        parts.append(f"<p>Images of the {GRID_CLIENTS} clients with the highest RDLV, of {len(shown)} audited.</p>")
+        parts.append(f"<p>Examples of the {GRID_CLIENTS} clients with the highest RDLV, of {len(shown)} audited.</p>")
+    renderer = _renderer(config)
     for cid in sorted(shown[:GRID_CLIENTS]):
         rows = by_client[cid]
         pick = sorted({round(i * (len(rows) - 1) / max(1, GRID_ROUNDS - 1)) for i in range(GRID_ROUNDS)})
-        kept = []
-        for r in (rows[i] for i in pick if i < len(rows)):
-            rel = f"audit/round_{r['round']:04d}/client_{cid}.npz"
-            if not store.dir.exists(rel):
-                continue
-            images = _audit_images(store.dir, rel, _image_bytes(config, r["num_samples"]))
-            if images is None:
-                parts.append(f"<p>Left out: <code>{esc(store.dir.path(rel))}</code> is damaged (not the "
-                             "originals, start and reconstructions of an audit).</p>")  # fmt: skip
-            else:
-                kept.append((r, images))
-        if kept:
-            grid = figures.audit_grid(cid, [r for r, _ in kept], [i for _, i in kept], out)
-            parts.append(_img(grid, f"original, start and reconstruction of client {cid}"))
+        picked = [rows[i] for i in pick if i < len(rows)]
+        parts += _examples_section(store, renderer, picked, "audit", f"original, prior and reconstruction of client {cid}",
+                                   _audit_metric(config))  # fmt: skip
     table = [{k: r.get(k, "") for k in AUDIT_COLUMNS} for r in audited]
     parts += ["<h3>Audited updates</h3>", _table(table)]
     return "\n".join(parts)
 
 
-AUDIT_IMAGES = ("originals", "priors", "reconstructions")
+def _audit_metric(config: dict[str, Any]) -> Any:
+    audit = config.get("audit")
+    return audit.get("metric") if isinstance(audit, dict) else None
 
 
-def _image_bytes(config: dict[str, Any], count: Any) -> int:
-    """The most an audit's image file of ``count`` images can hold (three float64 copies of
-    three-channel images at the config's size), plus room for the file's own structure."""
-    data = config.get("data") if isinstance(config.get("data"), dict) else {}
-    size = data.get("image_size", 32)
-    size = size if isinstance(size, int) and 0 < size <= 4096 else 32
+AUDIT_EXAMPLES = ("originals", "priors", "reconstructions")
+# The most an audit's file may hold per example and array (a 2,048-pixel colour image in float64).
+EXAMPLE_BYTES = 2048 * 2048 * 3 * 8
+
+
+def _example_bytes(count: Any) -> int:
+    """The most an audit's file of ``count`` examples can hold, plus room for its own structure."""
     count = count if isinstance(count, int) and 0 < count <= 1 << 20 else 1
-    return 3 * count * 3 * size * size * 8 + (1 << 20)
+    return len(AUDIT_EXAMPLES) * count * EXAMPLE_BYTES + (1 << 20)
 
 
-def _audit_images(owner: OwnedDir, rel: str, limit: int) -> dict[str, np.ndarray] | None:
-    """An audit's saved images (N x C x H x W, C 1 or 3, the same shape each), or None when the file
-    is damaged or holds something else; never unpickles, never reads more than ``limit`` bytes."""
+def _audit_examples(owner: OwnedDir, rel: str, limit: int, renderer: Renderer) -> dict[str, np.ndarray] | None:
+    """An audit's saved examples (originals, priors, reconstructions: the same shape each, a batch
+    the renderer can show), or None when the file is damaged or holds something else; never
+    unpickles, never reads more than ``limit`` bytes."""
     try:
         arrays = load_npz(owner.read_bytes(rel, kind="tensors", limit=limit), owner.path(rel), limit=limit)
     except DataError:
         return None
-    if any(k not in arrays for k in AUDIT_IMAGES):
+    if any(k not in arrays for k in AUDIT_EXAMPLES):
         return None
-    images = {k: arrays[k] for k in AUDIT_IMAGES}
-    shapes = {a.shape for a in images.values()}
-    a = images["originals"]
-    if len(shapes) != 1 or a.ndim != 4 or len(a) == 0 or a.shape[1] not in (1, 3) or \
-            not all(np.issubdtype(v.dtype, np.floating) for v in images.values()):  # fmt: skip
+    found = {k: arrays[k] for k in AUDIT_EXAMPLES}
+    if len({a.shape for a in found.values()}) != 1 or not all(renderer.accepts(a) for a in found.values()):
         return None
-    return images
+    return found
 
 
 class _Record(BaseModel):
@@ -261,11 +296,10 @@ def _disaggregation_section(store: RunStore, config: dict[str, Any], out: SubDir
     if inverted:
         parts.append("<p>Each inverted client's recovered update, attacked as if there had been no "
                      "secure aggregation (global model of the middle round it took part in):</p>")
+        renderer = _renderer(config)
         for r in inverted:
-            f = f"disaggregation/round_{r.round:04d}/client_{r.client}.npz"
-            if store.dir.exists(f) and (images := _audit_images(store.dir, f, _image_bytes(config, 1 << 12))) is not None:
-                grid = figures.audit_grid(r.client, [r.model_dump()], [images], out, stem="disaggregated")
-                parts.append(_img(grid, f"client {r.client} from its disaggregated update"))
+            parts += _examples_section(store, renderer, [{**r.model_dump(), "num_samples": None}], "disaggregation",
+                                       f"client {r.client} from its disaggregated update", _audit_metric(config))  # fmt: skip
         cols = ("client", "round", "rounds_taken_part", *AUDIT_COLUMNS[4:9], "attack_seconds")
         parts.append(_table([{k: r.model_dump().get(k, "") for k in cols} for r in inverted]))
     return "\n".join(parts)

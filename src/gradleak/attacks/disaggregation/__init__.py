@@ -5,7 +5,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from gradleak.attacks.disaggregation.constraints import IllPosed, Interval, ParticipationLog, window_counts
+from gradleak.attacks.disaggregation.constraints import (
+    IllPosed,
+    Interval,
+    ParticipationLog,
+    window_counts,
+)
 from gradleak.attacks.disaggregation.core import (
     GAP_MAX,
     ColumnJournal,

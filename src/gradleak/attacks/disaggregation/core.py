@@ -33,16 +33,21 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 
 from gradleak.attacks.disaggregation.constraints import IllPosed, ParticipationLog
+from gradleak.attacks.disaggregation.milp import check_solver, solve
 from gradleak.attacks.disaggregation.programs import exact_program, l1_program, pivot_map
 from gradleak.attacks.disaggregation.search import Column, ColumnSearch
-from gradleak.attacks.disaggregation.subspace import basis, even_chunks, gap_ratio, is_exact, plan_chunks
-from gradleak.attacks.milp import check_solver, solve
+from gradleak.attacks.disaggregation.subspace import (
+    basis,
+    even_chunks,
+    gap_ratio,
+    is_exact,
+    plan_chunks,
+)
 from gradleak.errors import GradleakError
 
 log = logging.getLogger("gradleak")

@@ -1,4 +1,4 @@
-"""The mixed-integer programs of one client's column (solved by ``gradleak.attacks.milp``).
+"""The mixed-integer programs of one client's column (solved by ``gradleak.attacks.disaggregation.milp``).
 
 Exact sums (the chunk's singular value n+1 numerically zero): a feasibility problem in p alone. A
 vector of the column space is fixed by its entries at n pivot rounds (chosen by QR with column
@@ -17,7 +17,7 @@ import numpy as np
 from scipy.linalg import qr
 from scipy.sparse import csr_matrix, hstack, identity, vstack
 
-from gradleak.attacks.milp import Program
+from gradleak.attacks.disaggregation.milp import Program
 
 # In the exact case, how far (per round) a participation vector may lie from the column space.
 EXACT_TOL = 1e-6

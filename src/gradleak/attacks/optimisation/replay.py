@@ -23,8 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, replace_all_batch_norm_modules_
 
-from gradleak.attacks.surrogate import surrogate_relu
-from gradleak.attacks.view import ServerView
+from gradleak.attacks.base import ServerView
+from gradleak.attacks.optimisation.surrogate import surrogate_relu
 from gradleak.fl.client import set_batch_norm_mode
 
 Stats = dict[str, tuple[torch.Tensor, torch.Tensor]]  # layer name -> (batch mean, unbiased batch var)

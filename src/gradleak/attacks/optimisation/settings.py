@@ -6,10 +6,8 @@ from typing import Literal
 
 from pydantic import Field, ValidationError
 
-from gradleak.errors import ConfigError
-
 from gradleak.registry import Registry
-from gradleak.schema import Section
+from gradleak.schema import Section, one_line
 
 
 class AttackSettings(Section):
@@ -151,7 +149,4 @@ def preset(name: str, **overrides: object) -> AttackSettings:
     try:
         return AttackSettings.model_validate({**base.model_dump(), **overrides})
     except ValidationError as exc:
-        err = exc.errors()[0]
-        key = "attack." + ".".join(str(p) for p in err["loc"])
-        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
-        raise ConfigError(key, f"{msg} (got {err.get('input')!r})") from None
+        raise one_line(exc, "attack") from None

@@ -9,6 +9,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from gradleak.modality import Metric
+from gradleak.resources import check_fits
+
 
 def _prep(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if a.shape != b.shape:
@@ -82,5 +85,30 @@ def ssim(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return s[..., pad : h - pad, pad : w - pad].mean(dim=(2, 3)).mean(dim=1)
 
 
-METRICS = {"mse": mse, "psnr": psnr, "ssim": ssim}
-HIGHER_IS_BETTER = {"mse": False, "psnr": True, "ssim": True}
+# Rows of the cost matrix computed at once (bounds the temporary products).
+CHUNK = 256
+
+
+def distances(recon: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
+    """``out[i, j]`` = mean squared error of ``recon[i]`` and ``truth[j]`` (pixels clamped to
+    [0, 1]), R x M, from ``|a|^2 + |b|^2 - 2 a.b`` row chunk by row chunk, the product in float32
+    (it only ranks the pairs; the metrics are computed in float64 on the pairs chosen). Its
+    memory is checked before it is allocated."""
+    r, m = len(recon), len(truth)
+    d = int(np.prod(truth.shape[1:]))
+    check_fits(8 * r * m + 4 * (2 * CHUNK * max(m, d) + m * d), f"matching {r} reconstructions to {m} originals",
+               "audit.clients", "audit clients with smaller batches")  # fmt: skip
+    b = truth.detach().reshape(m, d).float().clamp(0, 1)
+    bb = b.double().pow(2).sum(1)
+    out = torch.empty(r, m, dtype=torch.float64)
+    for lo in range(0, r, CHUNK):
+        a = recon[lo : lo + CHUNK].detach().reshape(-1, d).float().clamp(0, 1)
+        out[lo : lo + CHUNK] = (a.double().pow(2).sum(1)[:, None] + bb[None] - 2 * (a @ b.T).double()).clamp_min(0) / d
+    return out
+
+
+METRICS = {
+    "ssim": Metric("ssim", ssim, higher_is_better=True),
+    "psnr": Metric("psnr", psnr, higher_is_better=True),
+    "mse": Metric("mse", mse, higher_is_better=False),
+}

@@ -1,31 +1,39 @@
-"""What an honest-but-curious server sees of one client's round, and what an attack returns.
+"""The attack protocol: what an honest-but-curious server sees of one client's round
+(``ServerView``), what an attack returns (``Reconstruction``), and the registry of attacks.
 
-``ServerView`` holds the architecture, the global weights, the update as it left the client and
-the protocol metadata. It has no field for client data: ground truth reaches only the metrics.
+``ServerView`` holds the architecture, the global weights, the update as it left the client, the
+protocol metadata and the input spec of the examples. It has no field for client data: ground truth
+reaches only the metrics. An attack is anything with ``applies(view)`` and ``run(view, ...)``;
+families (optimisation, exact, disaggregation) live in packages of their own and register their
+attacks by name in ``ATTACKS``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import nn
 
 from gradleak.fl.update import ClientUpdate, UpdateMeta, UpdateMismatch, check_state
+from gradleak.modality import InputSpec
+from gradleak.registry import Registry
+
+Progress = Callable[[int, float], None]
 
 
 @dataclass(frozen=True)
 class ServerView:
-    """The server's side of one (round, client): no images, no labels unless the protocol sends them."""
+    """The server's side of one (round, client): no examples, no labels unless the protocol sends them."""
 
     model: nn.Module
     global_state: dict[str, torch.Tensor]
     update: dict[str, torch.Tensor]
     meta: UpdateMeta
-    image_shape: tuple[int, int, int]
+    spec: InputSpec  # what an example is (the client's input pipeline, which the server knows)
     num_classes: int
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
     known_labels: torch.Tensor | None = None  # only where the threat model says the server knows them
 
     def __post_init__(self) -> None:
@@ -34,11 +42,6 @@ class ServerView:
         check_state(reference, self.update, "update", finite=False)
         if self.meta.bn_mode not in (None, "train", "eval"):
             raise UpdateMismatch(f"bn_mode must be 'train' or 'eval', got {self.meta.bn_mode!r}")
-        if len(self.mean) != self.image_shape[0] or len(self.std) != self.image_shape[0]:
-            raise UpdateMismatch(
-                f"normalisation has {len(self.mean)} means and {len(self.std)} stds "
-                f"for {self.image_shape[0]}-channel images"
-            )
 
     @classmethod
     def of(cls, model: nn.Module, global_state: dict[str, torch.Tensor], update: ClientUpdate,
@@ -47,7 +50,7 @@ class ServerView:
         return cls(model=model, global_state=global_state, update=update.delta, meta=update.meta, **kwargs)
 
     @property
-    def num_images(self) -> int:
+    def num_examples(self) -> int:
         return self.meta.num_samples
 
     @property
@@ -93,14 +96,44 @@ class ServerView:
 
 @dataclass
 class Reconstruction:
-    """An attack's result: images in [0, 1], labels, and how the optimisation went."""
+    """An attack's result: the examples it recovered (in the input spec's format), their labels,
+    and what it knows of its own success."""
 
-    images: torch.Tensor  # N x C x H x W in [0, 1]
-    labels: torch.Tensor  # N
+    examples: torch.Tensor | None  # None when the attack declares it could not recover the batch
+    labels: torch.Tensor | None
     label_strategy: str
-    prior: torch.Tensor  # the starting images of the chosen restart, N x C x H x W in [0, 1]
-    restart_scores: list[float]  # final objective of each restart; the lowest was chosen
+    start: torch.Tensor | None = None  # an optimisation's starting examples (chosen restart); None: exact
+    feasible: bool = True  # False: the attack found the batch beyond its reach (``reason`` says why)
+    reason: str = ""
+    confidence: float | None = None  # the attack's own certainty, where it has one
+    restart_scores: list[float] = field(default_factory=list)  # final objective of each restart
     match_scores: list[float] = field(default_factory=list)  # final matching term of each restart
     trace: list[float] = field(default_factory=list)  # total loss of the chosen restart
     iterations: int = 0
     seconds: float = 0.0
+
+
+@runtime_checkable
+class Attack(Protocol):
+    """An attack on one client's update, as the server sees it."""
+
+    name: str
+    wants_labels: bool  # the threat model gives the server the client's labels
+
+    def applies(self, view: ServerView) -> str | None:
+        """None when the attack can run on this view; else why not (the model, the metadata)."""
+        ...
+
+    def refuses(self, training: Any) -> tuple[str, str] | None:
+        """(config key, problem) when the federation's training settings leave the attack nothing
+        to work with (checked before any training); None otherwise."""
+        ...
+
+    def run(self, view: ServerView, *, seed: int = 0, prior: torch.Tensor | None = None,
+            progress: Progress | None = None, device: Any = "cpu") -> Reconstruction:  # fmt: skip
+        """Attack the view; ``prior``: what the server would guess without the update."""
+        ...
+
+
+# name -> a factory of the attack taking the settings it may change (``audit.attack``).
+ATTACKS: Registry[Callable[..., Attack]] = Registry("attack preset")

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from gradleak.attacks.view import ServerView
+from gradleak.attacks.base import ServerView
 
 
 def idlg_label(grad_weight: torch.Tensor) -> int:
@@ -52,7 +52,7 @@ def recover_labels(view: ServerView, probe: torch.Tensor) -> tuple[torch.Tensor 
     w_name, b_name = view.classifier()
     pg = view.pseudo_gradient()
     g_w = pg[w_name] / view.meta.steps
-    n = view.num_images
+    n = view.num_examples
     if n == 1:
         return torch.tensor([idlg_label(g_w)], dtype=torch.long), "idlg"
     if b_name is not None:

@@ -13,20 +13,21 @@ import math
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import vmap
 
-from gradleak.attacks.analytic import linear_input
-from gradleak.attacks.labels import recover_labels
-from gradleak.attacks.settings import AttackSettings
-from gradleak.attacks.simulate import ClientReplay, Replayed
-from gradleak.attacks.view import Reconstruction, ServerView
+from gradleak.attacks.base import Progress, Reconstruction, ServerView
+from gradleak.attacks.exact.analytic import linear_input
+from gradleak.attacks.exact.labels import recover_labels
+from gradleak.attacks.optimisation.replay import ClientReplay, Replayed
+from gradleak.attacks.optimisation.settings import AttackSettings
 from gradleak.errors import ConfigError
-
-Progress = Callable[[int, float], None]
+from gradleak.fl.update import UpdateMismatch
 
 
 def total_variation(x: torch.Tensor, kind: str) -> torch.Tensor:
@@ -273,6 +274,21 @@ class _Objective:
         return total, match
 
 
+@dataclass
+class _Setup:
+    """Everything one attack run needs before its loop: the objective, the variables and the
+    mapping between normalised and pixel space."""
+
+    objective: _Objective
+    images: _Images
+    y: torch.Tensor  # label logits (optimised) or one-hot labels, R x N x classes
+    labels: torch.Tensor | None  # the recovered (or known) labels; None: optimised
+    strategy: str
+    x0: torch.Tensor  # starting images in pixel space, R x N x C x H x W
+    mean: torch.Tensor
+    std: torch.Tensor
+
+
 class GradientInversion:
     """Reconstructs a client's images from its update, as configured by ``AttackSettings``.
 
@@ -281,17 +297,39 @@ class GradientInversion:
     in [0, 1] map to, and returned de-normalised in [0, 1].
     """
 
-    def __init__(self, settings: AttackSettings) -> None:
+    def __init__(self, settings: AttackSettings, name: str = "gradient-inversion") -> None:
         self.settings = settings
+        self.name = name
+        self.wants_labels = settings.labels == "known"
+
+    # -- the attack protocol ------------------------------------------------------------------
+    def applies(self, view: ServerView) -> str | None:
+        """Image classifiers only: the images are optimised through the model's class scores."""
+        if getattr(view.spec, "kind", None) != "image":
+            return f"optimises images; the examples are {getattr(view.spec, 'kind', 'unknown')}"
+        try:
+            view.classifier()
+        except UpdateMismatch as exc:
+            return str(exc)
+        return None
+
+    def refuses(self, training: Any) -> tuple[str, str] | None:
+        """An update of eval-mode batch norm reveals no statistics: a preset that matches nothing
+        else has nothing to work with."""
+        s = self.settings
+        if getattr(training, "batch_norm", "train") == "eval" and s.bn > 0 and s.match_weight == 0:
+            return "audit.preset", EVAL_MODE_PROBLEM
+        return None
 
     def _initial_images(
         self, view: ServerView, prior: torch.Tensor | None, gen: torch.Generator
     ) -> torch.Tensor:
         """Starting images in pixel space, R x N x C x H x W."""
-        s, (c, h, w) = self.settings, view.image_shape
-        shape = (s.restarts, view.num_images, c, h, w)
-        mean = torch.tensor(view.mean).view(1, 1, c, 1, 1)
-        std = torch.tensor(view.std).view(1, 1, c, 1, 1)
+        spec = view.spec
+        s, (c, h, w) = self.settings, spec.shape
+        shape = (s.restarts, view.num_examples, c, h, w)
+        mean = torch.tensor(spec.mean).view(1, 1, c, 1, 1)
+        std = torch.tensor(spec.std).view(1, 1, c, 1, 1)
         if s.init == "uniform":
             return torch.rand(shape, generator=gen)
         if s.init == "noise":  # standard normal in the normalised space
@@ -305,7 +343,104 @@ class GradientInversion:
             return False
         if self.settings.conv_backend == "onednn":
             return True
-        return conv_macs(view.model, view.image_shape) >= ONEDNN_MIN_MACS
+        return conv_macs(view.model, view.spec.shape) >= ONEDNN_MIN_MACS
+
+    def _replay(self, view: ServerView, dev: torch.device) -> ClientReplay:
+        """The client's round replayed on candidate images; refuses settings the update cannot serve."""
+        s = self.settings
+        unroll = {"always": True, "never": False, "auto": view.meta.steps > 1}[s.unroll]
+        exact_features = view.num_examples == 1 and view.meta.steps == 1 and view.classifier()[1] is not None
+        replay = ClientReplay(view, unroll=unroll, functional=s.restarts > 1, device=dev,
+                              relu_beta=s.relu_surrogate if s.match_weight > 0 else 0.0,
+                              features=s.features > 0 and exact_features)  # fmt: skip
+        if s.bn > 0 and not replay.bn_layers:
+            raise ConfigError("attack.bn", "batch-norm matching needs a model with batch-norm layers")
+        if s.bn > 0 and s.match_weight == 0 and replay.bn_mode == "eval":
+            raise ConfigError("attack.bn", EVAL_MODE_PROBLEM)
+        if s.labels == "known" and view.known_labels is None:
+            raise ConfigError("attack.labels", "'known' labels need labels in the server's view")
+        return replay
+
+    def _setup(self, view: ServerView, seed: int, prior: torch.Tensor | None, dev: torch.device) -> _Setup:
+        """The objective, the starting images (drawn on the CPU, so a seed gives the same start on
+        any device) and the labels: recovered from the update, or optimised jointly."""
+        s = self.settings
+        replay = self._replay(view, dev)
+        gen = torch.Generator().manual_seed(seed)
+        c = view.spec.shape[0]
+        mean = torch.tensor(view.spec.mean, dtype=torch.float32).view(1, 1, c, 1, 1).to(dev)
+        std = torch.tensor(view.spec.std, dtype=torch.float32).view(1, 1, c, 1, 1).to(dev)
+        x0 = self._initial_images(view, prior, gen)
+        if s.boxed:
+            x0 = x0.clamp(0, 1)
+        z0 = ((x0.to(dev) - mean) / std).contiguous()
+        n, k = view.num_examples, view.num_classes
+        labels, strategy = (None, "optimize")
+        if s.labels != "optimize":
+            labels, strategy = recover_labels(view, z0[0])
+        y0 = (torch.randn(s.restarts, n, k, generator=gen) if labels is None
+              else F.one_hot(labels, k).float().expand(s.restarts, n, k).contiguous()).to(dev)  # fmt: skip
+        images = _Images(z0, s.scales, (0 - mean) / std, (1 - mean) / std)
+        y = y0.clone().requires_grad_(labels is None)
+        return _Setup(_Objective(s, view, replay, dev), images, y, labels, strategy, x0, mean, std)
+
+    def _optimise(self, run: _Setup, progress: Progress | None, trace: list[torch.Tensor]) -> int:
+        """The optimisation loop; returns the iterations done (L-BFGS stops once it stalls)."""
+        s, images, y, objective = self.settings, run.images, run.y, run.objective
+        optimise_labels = run.labels is None
+        variables = images.variables + ([y] if optimise_labels else [])
+
+        def evaluate() -> torch.Tensor:
+            totals, _ = self._terms(run)
+            loss = totals.sum()
+            grads = torch.autograd.grad(loss, variables)
+            for v, g in zip(variables, grads, strict=True):
+                v.grad = g.sign() if (s.signed and v is not y) else g
+            trace.append(totals.detach())
+            return loss.detach()
+
+        if s.optimizer == "lbfgs":
+            opt: torch.optim.Optimizer = torch.optim.LBFGS(variables, lr=s.lr, line_search_fn="strong_wolfe")
+        else:
+            opt = torch.optim.Adam(variables, lr=s.lr, fused=True)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(s))
+        match_at = match_factor(s)
+        stalled, previous, done = 0, math.inf, 0
+        for it in range(s.iterations):
+            done = it + 1
+            objective.match_weight = s.match_weight * match_at(it)
+            if s.optimizer == "lbfgs":
+                loss = opt.step(evaluate)
+                # L-BFGS at its tolerance returns the same loss every step: stop instead
+                stalled = stalled + 1 if float(loss) >= previous else 0
+                previous = min(previous, float(loss))
+                if stalled >= 3:
+                    break
+            else:
+                loss = evaluate()
+                opt.step()
+            sched.step()
+            if s.boxed:
+                images.project()
+            if progress is not None:
+                progress(it + 1, float(loss))
+            if not math.isfinite(float(loss)):
+                break
+        objective.match_weight = s.match_weight * match_at(s.iterations)
+        return done
+
+    def _terms(self, run: _Setup) -> tuple[torch.Tensor, torch.Tensor]:
+        """(total, matching term) of every restart: one ``vmap`` batch, or one plain call."""
+        optimise_labels = run.labels is None
+
+        def per_restart(z: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return run.objective(z, F.softmax(y, dim=-1) if optimise_labels else y)
+
+        z = run.images.images()
+        if self.settings.restarts > 1:
+            return vmap(per_restart)(z, run.y)
+        total, match = per_restart(z[0], run.y[0])
+        return total[None], match[None]
 
     def run(
         self,
@@ -317,113 +452,24 @@ class GradientInversion:
         device: torch.device | str = "cpu",
     ) -> Reconstruction:
         """Attack one update. ``prior``: a 1 x C x H x W (or N x C x H x W) image in [0, 1] to
-        start from with ``init: prior`` (the dataset's mean colour when absent). Starting images
-        are drawn on the CPU, so a seed gives the same start on any ``device``."""
-        s = self.settings
+        start from with ``init: prior`` (the dataset's mean colour when absent)."""
         start = time.perf_counter()
-        unroll = {"always": True, "never": False, "auto": view.meta.steps > 1}[s.unroll]
-        batched = s.restarts > 1
         dev = torch.device(device)
-        exact_features = view.num_images == 1 and view.meta.steps == 1 and view.classifier()[1] is not None
-        replay = ClientReplay(view, unroll=unroll, functional=batched, device=dev,
-                              relu_beta=s.relu_surrogate if s.match_weight > 0 else 0.0,
-                              features=s.features > 0 and exact_features)  # fmt: skip
-        if s.bn > 0 and not replay.bn_layers:
-            raise ConfigError("attack.bn", "batch-norm matching needs a model with batch-norm layers")
-        if s.bn > 0 and s.match_weight == 0 and replay.bn_mode == "eval":
-            raise ConfigError("attack.bn", EVAL_MODE_PROBLEM)
-        if s.labels == "known" and view.known_labels is None:
-            raise ConfigError("attack.labels", "'known' labels need labels in the server's view")
-        gen = torch.Generator().manual_seed(seed)
-        c = view.image_shape[0]
-        mean = torch.tensor(view.mean, dtype=torch.float32).view(1, 1, c, 1, 1)
-        std = torch.tensor(view.std, dtype=torch.float32).view(1, 1, c, 1, 1)
-        x0 = self._initial_images(view, prior, gen)
-        if s.boxed:
-            x0 = x0.clamp(0, 1)
-        mean, std = mean.to(dev), std.to(dev)
-        lo, hi = (0 - mean) / std, (1 - mean) / std
-        z0 = ((x0.to(dev) - mean) / std).contiguous()
-        n, k = view.num_images, view.num_classes
-
-        labels, strategy = (None, "optimize")
-        if s.labels != "optimize":
-            labels, strategy = recover_labels(view, z0[0])
-        optimise_labels = labels is None
-        y0 = (torch.randn(s.restarts, n, k, generator=gen) if optimise_labels
-              else F.one_hot(labels, k).float().expand(s.restarts, n, k).contiguous()).to(dev)  # fmt: skip
-
-        objective = _Objective(s, view, replay, dev)
-
-        def as_labels(y: torch.Tensor) -> torch.Tensor:
-            return F.softmax(y, dim=-1) if optimise_labels else y
-
-        def per_restart(z: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            return objective(z, as_labels(y))
-
-        images = _Images(z0, s.scales, lo, hi)
-        y = y0.clone().requires_grad_(optimise_labels)
-        variables = images.variables + ([y] if optimise_labels else [])
         trace: list[torch.Tensor] = []
-
-        def terms() -> tuple[torch.Tensor, torch.Tensor]:
-            z = images.images()
-            if batched:
-                return vmap(per_restart)(z, y)
-            total, match = per_restart(z[0], y[0])
-            return total[None], match[None]
-
-        def evaluate() -> torch.Tensor:
-            totals, _ = terms()
-            loss = totals.sum()
-            grads = torch.autograd.grad(loss, variables)
-            for v, g in zip(variables, grads, strict=True):
-                v.grad = g.sign() if (s.signed and v is not y) else g
-            trace.append(totals.detach())
-            return loss.detach()
-
+        run = self._setup(view, seed, prior, dev)
         with _onednn(self.uses_onednn(view, dev)) if dev.type == "cpu" else nullcontext():
-            if s.optimizer == "lbfgs":
-                opt = torch.optim.LBFGS(variables, lr=s.lr, line_search_fn="strong_wolfe")
-            else:
-                opt = torch.optim.Adam(variables, lr=s.lr, fused=True)
-            sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(s))
-            match_at = match_factor(s)
-            stalled, previous, done = 0, math.inf, 0
-            for it in range(s.iterations):
-                done = it + 1
-                objective.match_weight = s.match_weight * match_at(it)
-                if s.optimizer == "lbfgs":
-                    loss = opt.step(evaluate)
-                    # L-BFGS at its tolerance returns the same loss every step: stop instead
-                    stalled = stalled + 1 if float(loss) >= previous else 0
-                    previous = min(previous, float(loss))
-                    if stalled >= 3:
-                        break
-                else:
-                    loss = evaluate()
-                    opt.step()
-                sched.step()
-                if s.boxed:
-                    images.project()
-                if progress is not None:
-                    progress(it + 1, float(loss))
-                if not math.isfinite(float(loss)):
-                    break
-            objective.match_weight = s.match_weight * match_at(s.iterations)
-            totals, matches = terms()
-
+            done = self._optimise(run, progress, trace)
+            totals, matches = self._terms(run)
         totals = totals.detach()
         scores = torch.where(torch.isfinite(totals), totals, torch.full_like(totals, math.inf))
         best = int(scores.argmin())
-        final_labels = labels if labels is not None else y.detach()[best].argmax(-1).cpu()
-        z = images.images().detach()
-        out = (z[best : best + 1] * std + mean)[0].clamp(0, 1).cpu()
+        final_labels = run.labels if run.labels is not None else run.y.detach()[best].argmax(-1).cpu()
+        z = run.images.images().detach()
         return Reconstruction(
-            images=out,
+            examples=(z[best : best + 1] * run.std + run.mean)[0].clamp(0, 1).cpu(),
             labels=final_labels,
-            label_strategy=strategy,
-            prior=x0[best].clamp(0, 1),
+            label_strategy=run.strategy,
+            start=run.x0[best].clamp(0, 1),
             restart_scores=[float(v) for v in scores],
             match_scores=[float(v) for v in matches.detach()],
             trace=[float(t[best]) for t in trace],

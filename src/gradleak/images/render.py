@@ -1,12 +1,17 @@
-"""Image grids as PNG bytes (rows of images with a caption per row)."""
+"""The image modality's one renderer: rows of images with a caption each, as a PNG grid (beside an
+audit's images, and embedded in reports)."""
 
 from __future__ import annotations
 
+import base64
+import html
 import io
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
+
+from gradleak.modality import RENDERERS, Renderer, Rows
 
 # At most this many images per row: a batch of 1,024 would otherwise be a PNG 135,000 pixels wide.
 MAX_CELLS = 16
@@ -32,3 +37,17 @@ def grid_png(rows: list[tuple[str, torch.Tensor]], scale: int = 4) -> bytes:
     buf = io.BytesIO()
     canvas.save(buf, format="PNG")
     return buf.getvalue()
+
+
+def grid_html(rows: Rows, alt: str) -> str:
+    """The grid embedded in a report page (a data: URL, the only kind of image the page allows)."""
+    data = base64.b64encode(grid_png(list(rows))).decode()
+    return f'<figure><img alt="{html.escape(alt, quote=True)}" src="data:image/png;base64,{data}"></figure>'
+
+
+def shows(array: np.ndarray) -> bool:
+    """A batch of images this renderer can show: N x C x H x W floats, C 1 or 3."""
+    return array.ndim == 4 and len(array) > 0 and array.shape[1] in (1, 3) and np.issubdtype(array.dtype, np.floating)
+
+
+RENDERERS.register("image")(Renderer("png", lambda rows: grid_png(list(rows)), grid_html, shows))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from gradleak.attacks.view import ServerView
+from gradleak.attacks.base import ServerView
 
 
 def linear_input(grad_weight: torch.Tensor, grad_bias: torch.Tensor) -> torch.Tensor:
@@ -45,9 +45,9 @@ def first_layer_images(view: ServerView) -> torch.Tensor:
     if bias not in pg:
         raise ValueError(f"{first} has no bias: the analytic recovery needs one")
     x = linear_input(pg[first], pg[bias])
-    c, h, w = view.image_shape
+    c, h, w = view.spec.shape
     if x.numel() != c * h * w:
         raise ValueError(f"{first} takes {x.numel()} inputs, not the {c * h * w} pixels of an image")
-    mean = torch.tensor(view.mean).view(c, 1, 1)
-    std = torch.tensor(view.std).view(c, 1, 1)
+    mean = torch.tensor(view.spec.mean).view(c, 1, 1)
+    std = torch.tensor(view.spec.std).view(c, 1, 1)
     return (x.view(1, c, h, w) * std + mean).clamp(0, 1)

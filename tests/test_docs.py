@@ -1,0 +1,30 @@
+"""The docs say what the code does: the README's preset table is the code's, and every module path
+the design notes name exists."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SRC = ROOT / "src" / "gradleak"
+
+
+def test_the_readme_preset_table_is_the_code_s() -> None:
+    from gradleak.experiments.reference import preset_table
+
+    assert preset_table() in (ROOT / "README.md").read_text()
+
+
+def test_every_module_the_design_notes_name_exists() -> None:
+    text = (ROOT / "docs" / "design.md").read_text()
+    named = set(re.findall(r"`([a-z_/]+(?:\.py|/))`", text))
+    assert len(named) > 30
+    missing = [p for p in sorted(named) if not (SRC / p).exists()]
+    assert not missing, missing
+
+
+def test_the_readme_layout_lists_every_package() -> None:
+    layout = (ROOT / "README.md").read_text().split("## Layout", 1)[1]
+    packages = [p.name for p in SRC.iterdir() if p.is_dir() and (p / "__init__.py").exists()]
+    assert packages and all(f"  {name}/" in layout for name in packages), packages
