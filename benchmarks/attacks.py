@@ -13,7 +13,8 @@ Cases (natural-photo tiles are scikit-image's photographs cut to 32 x 32, one pe
                        iterations, 4 tiles
   gradinversion        GradInversion on an untrained convnet (width 16), one-image update: full vs
                        batch-norm prior off vs matching term off, one tile per photograph (8)
-  resnet               the bn-statistics preset on an untrained resnet18 (width 16), train-mode batch
+  resnet               the bn-statistics preset on an untrained resnet18 (width 16), train-mode
+  batch
                        norm, one-image update, 8 tiles: full, and each ingredient changed alone
                        (statistics off, update matching on, NVFlare's term, no scales, one
                        restart, features on)
@@ -36,8 +37,8 @@ import time
 from statistics import mean
 
 import torch
-from cases import run_cases
 
+from cases import run_cases
 from gradleak.attacks import GradientInversion, ServerView, preset
 from gradleak.attacks.exact.analytic import first_layer_images
 from gradleak.attacks.exact.labels import idlg_label
@@ -60,22 +61,47 @@ def tile(i: int) -> ClientData:
     return ClientData(1, TILES.test.subset([int(idx)]), 1)
 
 
-def view_of(model_name: str, client: ClientData, *, seed: int, lr: float = 0.1, epochs: int = 1,
-            known: bool = False, kwargs: dict | None = None, raw: bool = False,
-            batch_norm: str = "train") -> ServerView:  # fmt: skip
+def view_of(
+    model_name: str,
+    client: ClientData,
+    *,
+    seed: int,
+    lr: float = 0.1,
+    epochs: int = 1,
+    known: bool = False,
+    kwargs: dict | None = None,
+    raw: bool = False,
+    batch_norm: str = "train",
+) -> ServerView:
     """The server's view of one client's update. ``raw``: the model sees unnormalised pixels in
     [0, 1], as in the DLG code (no ``Normalize``); otherwise the tiles' own mean and std.
     ``batch_norm``: how the client runs batch-norm layers (train, or eval: running statistics)."""
     mean, std = ((0.0,) * 3, (1.0,) * 3) if raw else (TILES.mean, TILES.std)
     torch.manual_seed(seed)
-    model = build_model(model_name, spec=ImageSpec.square(3, 32), num_classes=TILES.num_classes,
-                        kwargs=kwargs or {})  # fmt: skip
+    model = build_model(
+        model_name, spec=ImageSpec.square(3, 32), num_classes=TILES.num_classes, kwargs=kwargs or {}
+    )
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    update, _ = train_client(model, state, client, round=1, settings=LocalTraining(epochs=epochs, lr=lr, batch_norm=batch_norm),
-                             mean=mean, std=std, seed=seed)  # fmt: skip
-    return ServerView.of(model, state, update, image_shape=(3, 32, 32), num_classes=TILES.num_classes,
-                         mean=mean, std=std,
-                         known_labels=client.data.targets.clone() if known else None)  # fmt: skip
+    update, _ = train_client(
+        model,
+        state,
+        client,
+        round=1,
+        settings=LocalTraining(epochs=epochs, lr=lr, batch_norm=batch_norm),
+        mean=mean,
+        std=std,
+        seed=seed,
+    )
+    return ServerView.of(
+        model,
+        state,
+        update,
+        image_shape=(3, 32, 32),
+        num_classes=TILES.num_classes,
+        mean=mean,
+        std=std,
+        known_labels=client.data.targets.clone() if known else None,
+    )
 
 
 def quality(rec, client: ClientData) -> dict:
@@ -117,8 +143,9 @@ def _ig(iterations: int, images: int = 8, **overrides) -> dict:
     for i in range(images):
         client = tile(i)
         view = view_of("lenet", client, seed=i, known=True)
-        rec = GradientInversion(preset("inverting-gradients", iterations=iterations, labels="known",
-                                       **overrides)).run(view, device=DEVICE, seed=i)  # fmt: skip
+        rec = GradientInversion(
+            preset("inverting-gradients", iterations=iterations, labels="known", **overrides)
+        ).run(view, device=DEVICE, seed=i)
         runs.append({"image": i, **quality(rec, client)})
         print(iterations, runs[-1], file=sys.stderr)
     return {
@@ -147,11 +174,16 @@ def case_restarts() -> dict:
     view = view_of("lenet", client, seed=0, known=True)
     times = {}
     for r in (1, 8):
-        rec = GradientInversion(preset("inverting-gradients", iterations=200, restarts=r,
-                                       labels="known")).run(view, device=DEVICE, seed=0)  # fmt: skip
+        rec = GradientInversion(
+            preset("inverting-gradients", iterations=200, restarts=r, labels="known")
+        ).run(view, device=DEVICE, seed=0)
         times[r] = rec.seconds
-    return {"target": "8 restarts in at most 3 x the time of one", "seconds_1": times[1],
-            "seconds_8": times[8], "ratio": times[8] / times[1]}  # fmt: skip
+    return {
+        "target": "8 restarts in at most 3 x the time of one",
+        "seconds_1": times[1],
+        "seconds_8": times[8],
+        "ratio": times[8] / times[1],
+    }
 
 
 def case_fedavg() -> dict:
@@ -163,13 +195,24 @@ def case_fedavg() -> dict:
         rec = GradientInversion(settings).run(view, device=DEVICE, seed=i)
         runs.append({"image": i, "steps": view.meta.steps, **quality(rec, client)})
         print(runs[-1], file=sys.stderr)
-    return {"reference": "about 27 dB in 81 s", "target": "same quality in half the time",
-            "mean_psnr": mean(r["psnr"] for r in runs),
-            "seconds_per_image": mean(r["seconds"] for r in runs), "runs": runs}  # fmt: skip
+    return {
+        "reference": "about 27 dB in 81 s",
+        "target": "same quality in half the time",
+        "mean_psnr": mean(r["psnr"] for r in runs),
+        "seconds_per_image": mean(r["seconds"] for r in runs),
+        "runs": runs,
+    }
 
 
-def _ablation(model: str, kwargs: dict, preset_name: str, variants: dict[str, dict], batch_norm: str = "train",
-              iterations: int | None = None, images: list[int] | None = None) -> dict:  # fmt: skip
+def _ablation(
+    model: str,
+    kwargs: dict,
+    preset_name: str,
+    variants: dict[str, dict],
+    batch_norm: str = "train",
+    iterations: int | None = None,
+    images: list[int] | None = None,
+) -> dict:
     """Each variant of a preset on one tile per photograph (8, or the ``images`` named); per-image
     and mean PSNR/SSIM, with the start image's."""
     out: dict = {}
@@ -180,32 +223,47 @@ def _ablation(model: str, kwargs: dict, preset_name: str, variants: dict[str, di
             view = view_of(model, client, seed=i, kwargs=kwargs, batch_norm=batch_norm)
             over = {**kw, **({"iterations": iterations} if iterations else {})}
             rec = GradientInversion(preset(preset_name, **over)).run(view, device=DEVICE, seed=i)
-            runs.append({"image": i, **quality(rec, client),
-                         "start_psnr": float(psnr(rec.start, client.data.examples)),
-                         "start_ssim": float(ssim(rec.start, client.data.examples).mean()),
-                         "final_match": rec.match_scores[int(torch.tensor(rec.restart_scores).argmin())]})  # fmt: skip
+            runs.append(
+                {
+                    "image": i,
+                    **quality(rec, client),
+                    "start_psnr": float(psnr(rec.start, client.data.examples)),
+                    "start_ssim": float(ssim(rec.start, client.data.examples).mean()),
+                    "final_match": rec.match_scores[int(torch.tensor(rec.restart_scores).argmin())],
+                }
+            )
             print(name, runs[-1], file=sys.stderr)
-        out[name] = {"settings": kw, "mean_psnr": mean(r["psnr"] for r in runs),
-                     "mean_ssim": mean(r["ssim"] for r in runs),
-                     "mean_start_ssim": mean(r["start_ssim"] for r in runs),
-                     "seconds_per_image": mean(r["seconds"] for r in runs), "runs": runs}  # fmt: skip
+        out[name] = {
+            "settings": kw,
+            "mean_psnr": mean(r["psnr"] for r in runs),
+            "mean_ssim": mean(r["ssim"] for r in runs),
+            "mean_start_ssim": mean(r["start_ssim"] for r in runs),
+            "seconds_per_image": mean(r["seconds"] for r in runs),
+            "runs": runs,
+        }
     return out
 
 
 def _wins(out: dict, full: str, others: list[str]) -> dict:
     return {
         f"{v}_{m}": sum(f[m] > r[m] for f, r in zip(out[full]["runs"], out[v]["runs"], strict=True))
-        for v in others for m in ("psnr", "ssim")
-    }  # fmt: skip
+        for v in others
+        for m in ("psnr", "ssim")
+    }
 
 
 def case_gradinversion() -> dict:
     variants = {"full": {}, "bn_prior_off": {"bn": 0.0}, "matching_off": {"match_weight": 0.0}}
-    out: dict = {"target": "the full attack beats both ablations (mean PSNR and SSIM)",
-                 "model": "convnet width 16, untrained", "tiles": "one per photograph (8)",
-                 **_ablation("convnet", {"width": 16}, "gradinversion", variants)}  # fmt: skip
+    out: dict = {
+        "target": "the full attack beats both ablations (mean PSNR and SSIM)",
+        "model": "convnet width 16, untrained",
+        "tiles": "one per photograph (8)",
+        **_ablation("convnet", {"width": 16}, "gradinversion", variants),
+    }
     out["full_beats_both"] = all(
-        out["full"][m] > out[v][m] for v in ("bn_prior_off", "matching_off") for m in ("mean_psnr", "mean_ssim")
+        out["full"][m] > out[v][m]
+        for v in ("bn_prior_off", "matching_off")
+        for m in ("mean_psnr", "mean_ssim")
     )
     out["full_wins_per_image"] = _wins(out, "full", ["bn_prior_off", "matching_off"])
     return out
@@ -215,8 +273,12 @@ def case_gradinversion() -> dict:
 RESNET_VARIANTS = {
     "full": {},
     "bn_prior_off": {"bn": 0.0},  # nothing but the image priors left
-    "matching_on": {"match_weight": 0.1, "objective": "cosine", "match_schedule": "cosine",
-                    "relu_surrogate": 3.0},  # GradInversion's matching term added, scale-free
+    "matching_on": {
+        "match_weight": 0.1,
+        "objective": "cosine",
+        "match_schedule": "cosine",
+        "relu_surrogate": 3.0,
+    },  # GradInversion's matching term added, scale-free
     "nvflare_bn_term": {"bn_normalize": False, "bn_layer_decay": 1.0},
     "no_scales": {"scales": 0},
     "one_restart": {"restarts": 1},
@@ -226,16 +288,21 @@ RESNET_VARIANTS = {
 
 def case_resnet() -> dict:
     out: dict = {
-        "target": "resnet18 (width 16, 32 x 32, train-mode batch norm, one-image update, 8 tiles): the "
-                  "full attack beats both ablations in mean PSNR and SSIM, and its mean SSIM is at "
-                  "least 0.2 above the start image's",
-        "model": "resnet18 width 16, untrained", "preset": "bn-statistics",
+        "target": "resnet18 (width 16, 32 x 32, train-mode batch norm, one-image update, 8 tiles): "
+        "the "
+        "full attack beats both ablations in mean PSNR and SSIM, and its mean SSIM is at "
+        "least 0.2 above the start image's",
+        "model": "resnet18 width 16, untrained",
+        "preset": "bn-statistics",
         **_ablation("resnet18", {"width": 16}, "bn-statistics", RESNET_VARIANTS),
-    }  # fmt: skip
+    }
     full = out["full"]
     out["ssim_gain_over_start"] = full["mean_ssim"] - full["mean_start_ssim"]
-    out["full_beats"] = {v: all(full[m] > out[v][m] for m in ("mean_psnr", "mean_ssim"))
-                         for v in RESNET_VARIANTS if v != "full"}  # fmt: skip
+    out["full_beats"] = {
+        v: all(full[m] > out[v][m] for m in ("mean_psnr", "mean_ssim"))
+        for v in RESNET_VARIANTS
+        if v != "full"
+    }
     out["full_wins_per_image"] = _wins(out, "full", [v for v in RESNET_VARIANTS if v != "full"])
     return out
 
@@ -243,10 +310,20 @@ def case_resnet() -> dict:
 def case_eval_bn() -> dict:
     """An update whose batch-norm layers ran in eval mode (running statistics), as inversefed makes
     them: resnet20 (width 16), one image, Inverting Gradients; the replay must match it."""
-    out = _ablation("resnet20", {"width": 16}, "inverting-gradients", {"inverting-gradients": {}},
-                    batch_norm="eval", iterations=2000)["inverting-gradients"]  # fmt: skip
-    return {"target": "final 1 - cosine under 0.01", "model": "resnet20 width 16, batch norm in eval mode",
-            "max_final_1_minus_cosine": max(r["final_match"] for r in out["runs"]), **out}  # fmt: skip
+    out = _ablation(
+        "resnet20",
+        {"width": 16},
+        "inverting-gradients",
+        {"inverting-gradients": {}},
+        batch_norm="eval",
+        iterations=2000,
+    )["inverting-gradients"]
+    return {
+        "target": "final 1 - cosine under 0.01",
+        "model": "resnet20 width 16, batch norm in eval mode",
+        "max_final_1_minus_cosine": max(r["final_match"] for r in out["runs"]),
+        **out,
+    }
 
 
 def case_analytic() -> dict:
@@ -296,7 +373,8 @@ def _iteration(view: ServerView, settings, iterations: int = 20) -> tuple[float,
         counter = FlopCounterMode(display=False)
         with counter:
             GradientInversion(settings.model_copy(update={"iterations": n})).run(
-                view, device=DEVICE, seed=0)
+                view, device=DEVICE, seed=0
+            )
         flops.append(counter.get_total_flops())
     return steps[len(steps) // 2], (flops[1] - flops[0]) / 2
 
@@ -314,31 +392,46 @@ THROUGHPUT = [
 def case_throughput() -> dict:
     peak = _matmul_gflops()
     gpu = torch.cuda.get_device_name() if DEVICE.type == "cuda" else "cpu"
-    out: dict = {"device": str(DEVICE), "device_name": gpu,
-                 "setup": "one 32 x 32 image, one local step; seconds per attack iteration (median "
-                 "after warm-up); FLOPs per iteration counted by torch's FlopCounterMode",
-                 "matmul_gflops": peak, "models": {}}  # fmt: skip
+    out: dict = {
+        "device": str(DEVICE),
+        "device_name": gpu,
+        "setup": "one 32 x 32 image, one local step; seconds per attack iteration (median "
+        "after warm-up); FLOPs per iteration counted by torch's FlopCounterMode",
+        "matmul_gflops": peak,
+        "models": {},
+    }
     for label, name, kwargs, preset_name, overrides in THROUGHPUT:
         view = view_of(name, tile(0), seed=0, known="labels" in overrides, kwargs=kwargs)
         settings = preset(preset_name, **overrides)
         seconds, flops = _iteration(view, settings)
         out["models"][label] = {
-            "preset": preset_name, **overrides, "conv_backend": "onednn" if GradientInversion(settings)
-            .uses_onednn(view, DEVICE) else "native",
-            "seconds_per_iteration": seconds, "iterations_per_second": 1 / seconds,
-            "flops_per_iteration": flops, "achieved_gflops": flops / seconds / 1e9,
+            "preset": preset_name,
+            **overrides,
+            "conv_backend": "onednn"
+            if GradientInversion(settings).uses_onednn(view, DEVICE)
+            else "native",
+            "seconds_per_iteration": seconds,
+            "iterations_per_second": 1 / seconds,
+            "flops_per_iteration": flops,
+            "achieved_gflops": flops / seconds / 1e9,
             "fraction_of_matmul_rate": flops / seconds / 1e9 / peak,
-        }  # fmt: skip
+        }
         print(label, out["models"][label], file=sys.stderr)
     return out
 
 
 CASES = {
-    "dlg": case_dlg, "idlg-labels": case_idlg_labels, "inverting-gradients": case_inverting_gradients,
-    "restarts": case_restarts, "fedavg": case_fedavg, "gradinversion": case_gradinversion,
-    "resnet": case_resnet, "eval-bn": case_eval_bn,
-    "analytic": case_analytic, "throughput": case_throughput,
-}  # fmt: skip
+    "dlg": case_dlg,
+    "idlg-labels": case_idlg_labels,
+    "inverting-gradients": case_inverting_gradients,
+    "restarts": case_restarts,
+    "fedavg": case_fedavg,
+    "gradinversion": case_gradinversion,
+    "resnet": case_resnet,
+    "eval-bn": case_eval_bn,
+    "analytic": case_analytic,
+    "throughput": case_throughput,
+}
 
 
 def main() -> None:

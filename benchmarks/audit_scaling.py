@@ -47,7 +47,8 @@ xn = (x - 0.5) / 0.25
 grads = torch.autograd.grad(F.cross_entropy(model(xn), y), list(model.parameters()))
 update = {k: -0.1 * gr for (k, _), gr in zip(model.named_parameters(), grads)}
 meta = UpdateMeta(client_id=1, round=1, num_samples=n, lr=0.1, epochs=1, steps=1, batch_size=n)
-view = ServerView(model=model, global_state={k: v.detach().clone() for k, v in model.state_dict().items()},
+view = ServerView(model=model, global_state={k: v.detach().clone() for k, v in
+model.state_dict().items()},
                   update=update, meta=meta, spec=ImageSpec((3, 32, 32), mean, std), num_classes=8)
 rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 t = time.perf_counter()
@@ -62,14 +63,17 @@ scoring = time.perf_counter() - t
 rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 print(json.dumps({"batch": n, "attack_seconds": attack, "scoring_seconds": scoring,
                   "peak_rss_mib": rss / 1024, "rss_before_attack_mib": rss0 / 1024,
-                  "rss_after_attack_mib": rss_attack / 1024, "rdlv": leak.value, "ssim": float(s.ssim.mean())}))
+                  "rss_after_attack_mib": rss_attack / 1024, "rdlv": leak.value, "ssim":
+                  float(s.ssim.mean())}))
 """
 
 
 def _scaling() -> dict:
     rows = []
     for n in BATCHES:
-        out = subprocess.run([sys.executable, "-c", CHILD, str(n)], capture_output=True, text=True, check=True)
+        out = subprocess.run(
+            [sys.executable, "-c", CHILD, str(n)], capture_output=True, text=True, check=True
+        )
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
         print(rows[-1], file=sys.stderr)
     return {"batches": rows}

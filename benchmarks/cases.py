@@ -25,9 +25,14 @@ def run_cases(cases: dict[str, Callable[[], dict]], prefix: str, doc: str) -> No
     OUT.mkdir(parents=True, exist_ok=True)
     for name in names:
         t = time.perf_counter()
-        result = {"case": name, **cases[name](), "wall_seconds": time.perf_counter() - t,
-                  "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-                  "cpu_count": os.cpu_count()}  # fmt: skip
+        result = {
+            "case": name,
+            **cases[name](),
+            "wall_seconds": time.perf_counter() - t,
+            "torch": torch.__version__,
+            "torch_threads": torch.get_num_threads(),
+            "cpu_count": os.cpu_count(),
+        }
         text = json.dumps(result, indent=2)
         (OUT / f"{prefix}_{name}.json").write_text(text + "\n")
         print(text)

@@ -25,8 +25,8 @@ import sys
 import time
 
 import numpy as np
-from cases import run_cases
 
+from cases import run_cases
 from gradleak.attacks.disaggregation import (
     SolverFailure,
     disaggregate,
@@ -46,22 +46,46 @@ def _verdict(p: np.ndarray, r) -> dict:  # noqa: ANN001
     """Exactness and certainty of a result against the true participation."""
     wrong = [k for k in range(p.shape[1]) if not np.array_equal(r.participation[:, k], p[:, k])]
     certain = [bool(c.certain) for c in r.confidence]
-    return {"exact": not wrong, "wrong_entries": int((r.participation != p).sum()), "wrong_clients": wrong,
-            "certain_clients": int(sum(certain)),
-            "wrong_but_certain": [k for k in wrong if certain[k]],  # must stay empty
-            "chunks": len(r.chunks), "chunk_rounds": sorted({b - a for a, b in r.chunks}),
-            "methods": sorted({m for c in r.confidence for m in c.methods}),
-            "separation_right": float(min((c.separation for k, c in enumerate(r.confidence) if k not in wrong),
-                                          default=np.inf)),  # smallest among right columns
-            "separation_wrong": float(max((r.confidence[k].separation for k in wrong), default=-np.inf)),
-            "largest_gap_ratio": float(max(c.gap_ratio for c in r.confidence))}  # fmt: skip
+    return {
+        "exact": not wrong,
+        "wrong_entries": int((r.participation != p).sum()),
+        "wrong_clients": wrong,
+        "certain_clients": int(sum(certain)),
+        "wrong_but_certain": [k for k in wrong if certain[k]],  # must stay empty
+        "chunks": len(r.chunks),
+        "chunk_rounds": sorted({b - a for a, b in r.chunks}),
+        "methods": sorted({m for c in r.confidence for m in c.methods}),
+        "separation_right": float(
+            min(
+                (c.separation for k, c in enumerate(r.confidence) if k not in wrong), default=np.inf
+            )
+        ),  # smallest among right columns
+        "separation_wrong": float(
+            max((r.confidence[k].separation for k in wrong), default=-np.inf)
+        ),
+        "largest_gap_ratio": float(max(c.gap_ratio for c in r.confidence)),
+    }
 
 
-def _run(p: np.ndarray, sums: np.ndarray, u: np.ndarray | None = None, solver: str = "highs",
-         window: int = WINDOW, **kwargs) -> dict:  # fmt: skip
-    r = disaggregate(sums, window_counts(p, window), window, time_limit=600, solver=solver, **kwargs)
-    out = {"clients": p.shape[1], "rounds": p.shape[0], "dims": sums.shape[1], "solver": solver,
-           "seconds": r.seconds, **_verdict(p, r)}  # fmt: skip
+def _run(
+    p: np.ndarray,
+    sums: np.ndarray,
+    u: np.ndarray | None = None,
+    solver: str = "highs",
+    window: int = WINDOW,
+    **kwargs,
+) -> dict:
+    r = disaggregate(
+        sums, window_counts(p, window), window, time_limit=600, solver=solver, **kwargs
+    )
+    out = {
+        "clients": p.shape[1],
+        "rounds": p.shape[0],
+        "dims": sums.shape[1],
+        "solver": solver,
+        "seconds": r.seconds,
+        **_verdict(p, r),
+    }
     if u is not None:
         out["max_update_error"] = float(np.nanmax(np.abs(r.updates - u)))
         out["relative_update_error"] = relative_error(r.updates, u)
@@ -78,12 +102,16 @@ def _synthetic(n: int, t: int, d: int, rate: float = 0.5, seed: int = 0):
 
 def case_reference() -> dict:
     return {
-        "reference": "Gurobi: 20/200/200 exact in 0.6 s; 50/200/200 at 0.5 exact in 3-6 s; 100/400 refused "
-                     "by the free licence; plain HiGHS: 50/200 in 8-13 s, 100/400/400 in 160 s",
+        "reference": "Gurobi: 20/200/200 exact in 0.6 s; 50/200/200 at 0.5 exact in 3-6 s; 100/400 "
+        "refused "
+        "by the free licence; plain HiGHS: 50/200 in 8-13 s, 100/400/400 in 160 s",
         "target": "exact on all three; 50/200 in at most 5 s; 100/400 in at most 60 s",
-        "runs": [_run(*_synthetic(20, 200, 200)), _run(*_synthetic(50, 200, 200)),
-                 _run(*_synthetic(100, 400, 400))],
-    }  # fmt: skip
+        "runs": [
+            _run(*_synthetic(20, 200, 200)),
+            _run(*_synthetic(50, 200, 200)),
+            _run(*_synthetic(100, 400, 400)),
+        ],
+    }
 
 
 def _sampled(n: int, sample: int, time_limit: float) -> dict:
@@ -97,18 +125,27 @@ def _sampled(n: int, sample: int, time_limit: float) -> dict:
     for k in picks:
         t = time.perf_counter()
         try:
-            col = participation_columns(sums, counts, WINDOW, only=[k], time_limit=time_limit, workers=1)[k]
+            col = participation_columns(
+                sums, counts, WINDOW, only=[k], time_limit=time_limit, workers=1
+            )[k]
             exact.append(bool(np.array_equal(col, p[:, k])))
         except SolverFailure as exc:
             exact.append(False)
             timed_out += 1
             print(exc, file=sys.stderr)
         per_client.append(time.perf_counter() - t)
-    out = {"clients": n, "rounds": 4 * n, "dims": max(200, n), "sampled_clients": picks,
-           "seconds_per_client": per_client, "sampled_exact": exact, "time_limit_per_client": time_limit,
-           "sample_seconds": time.perf_counter() - start,
-           "estimated_seconds_all_clients_2_workers": float(np.mean(per_client)) * n / 2,
-           "estimate_is_a_lower_bound": timed_out > 0}  # clients at the time limit would need longer  # fmt: skip
+    out = {
+        "clients": n,
+        "rounds": 4 * n,
+        "dims": max(200, n),
+        "sampled_clients": picks,
+        "seconds_per_client": per_client,
+        "sampled_exact": exact,
+        "time_limit_per_client": time_limit,
+        "sample_seconds": time.perf_counter() - start,
+        "estimated_seconds_all_clients_2_workers": float(np.mean(per_client)) * n / 2,
+        "estimate_is_a_lower_bound": timed_out > 0,
+    }  # clients at the time limit would need longer
     print(out, file=sys.stderr)
     return out
 
@@ -125,9 +162,12 @@ def case_scale() -> dict:
             except SolverFailure as exc:
                 print(exc, file=sys.stderr)
         runs.append(_sampled(n, sample=4, time_limit=600))
-    return {"target": "a scale curve up to at least 1,000 clients",
-            "setup": "participation rate 0.5, rounds = 4 x clients, dims = max(200, clients), windows of 10",
-            "runs": runs}  # fmt: skip
+    return {
+        "target": "a scale curve up to at least 1,000 clients",
+        "setup": "participation rate 0.5, rounds = 4 x clients, dims = max(200, clients), windows "
+        "of 10",
+        "runs": runs,
+    }
 
 
 def case_solvers() -> dict:
@@ -157,12 +197,17 @@ def case_noise() -> dict:
         p, sums, u = _synthetic(20, 200, 200)
         noisy = sums + np.random.default_rng(1).normal(scale=std, size=sums.shape)
         runs.append({"noise_std": std, **_run(p, noisy, u)})
-    return {"reference": "the original (Gurobi's binary quadratic program): exact in 11-18 s at std 0.05-0.5",
-            "target": "exact at std 0.05 to 0.5, each in at most about 30 s; beyond, wrong columns flagged",
-            "runs": runs}  # fmt: skip
+    return {
+        "reference": "the original (Gurobi's binary quadratic program): exact in 11-18 s at std "
+        "0.05-0.5",
+        "target": "exact at std 0.05 to 0.5, each in at most about 30 s; beyond, wrong columns "
+        "flagged",
+        "runs": runs,
+    }
 
 
-# The instances of the original code's own tests (gradient_disaggregation.py of Lam et al.), generated
+# The instances of the original code's own tests (gradient_disaggregation.py of Lam et al.),
+# generated
 # as there (its generate_T: participation Bernoulli(sparsity)), with our seeds.
 
 
@@ -194,11 +239,19 @@ def _sanity_instance(seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, int
 
 
 def case_original() -> dict:
-    out = {"reference": "the original on test_recover_grad: relative update error 0.099; gradleak before "
-                        "chunking: 'Time limit reached' after about 200 s on both",
-           "target": "exact participation, update error no worse than the original's, each under 5 minutes "
-                     "on 2 cores", "runs": []}  # fmt: skip
-    for name, make in (("test_recover_grad", _recover_grad_instance), ("test_recover_grad_sanity", _sanity_instance)):
+    out = {
+        "reference": "the original on test_recover_grad: relative update error 0.099; gradleak "
+        "before "
+        "chunking: 'Time limit reached' after about 200 s on both",
+        "target": "exact participation, update error no worse than the original's, each under 5 "
+        "minutes "
+        "on 2 cores",
+        "runs": [],
+    }
+    for name, make in (
+        ("test_recover_grad", _recover_grad_instance),
+        ("test_recover_grad_sanity", _sanity_instance),
+    ):
         p, sums, u, window = make(0)
         out["runs"].append({"instance": name, **_run(p, sums, u, window=window)})
     return out
@@ -212,7 +265,13 @@ def case_drift() -> dict:
     runs = []
     for lr, train in ((1e-2, False), (1e-3, True), (1e-2, True)):
         p, sums = _fedavg_sums(lr, train)
-        runs.append({"model": "training" if train else "frozen", "client_lr": lr, **_run(p, sums, window=10)})
+        runs.append(
+            {
+                "model": "training" if train else "frozen",
+                "client_lr": lr,
+                **_run(p, sums, window=10),
+            }
+        )
     return {"target": "either exact, or every wrong client flagged as not certain", "runs": runs}
 
 
@@ -227,7 +286,11 @@ def _fedavg_sums(lr: float, train: bool, seed: int = 0) -> tuple[np.ndarray, np.
         def __init__(self) -> None:
             super().__init__()
             self.conv1, self.conv2 = nn.Conv2d(3, 6, 5), nn.Conv2d(6, 16, 5)
-            self.fc1, self.fc2, self.fc3 = nn.Linear(400, 120), nn.Linear(120, 84), nn.Linear(84, 10)
+            self.fc1, self.fc2, self.fc3 = (
+                nn.Linear(400, 120),
+                nn.Linear(120, 84),
+                nn.Linear(84, 10),
+            )
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             x = F.max_pool2d(F.relu(self.conv1(x)), 2)
@@ -288,25 +351,54 @@ def case_fedavg() -> dict:
         try:
             rounds = run_experiment(config, run)
         except GradleakError as exc:  # a solver time-out names the client: report it as the result
-            return {"target": "exact on real FedAvg updates", "error": str(exc),
-                    "run_seconds": time.perf_counter() - start}  # fmt: skip
+            return {
+                "target": "exact on real FedAvg updates",
+                "error": str(exc),
+                "run_seconds": time.perf_counter() - start,
+            }
         summary = json.loads((run / "disaggregation" / "summary.json").read_text())
         rows = [json.loads(line) for line in (run / "results.jsonl").read_text().splitlines()]
-    audited = [{k: r[k] for k in ("round", "client", "rdlv", "ssim", "psnr")} for r in rows if r.get("audited")]
+    audited = [
+        {k: r[k] for k in ("round", "client", "rdlv", "ssim", "psnr")}
+        for r in rows
+        if r.get("audited")
+    ]
     print(summary, file=sys.stderr)
-    return {"target": "exact on real FedAvg updates of a small model that trains between rounds",
-            "setup": "configs/secure-sum-chain.yaml", "run_seconds": time.perf_counter() - start,
-            "test_accuracy_first_round": rounds[0]["test_accuracy"],
-            "test_accuracy_last_round": rounds[-1]["test_accuracy"],
-            **{k: summary[k] for k in ("rounds", "clients", "window", "participation_exact", "wrong_entries",
-                                       "clients_exact", "certain_clients", "chunks", "seconds",
-                                       "singular_values")},
-            "inverted_from_recovered_update": summary["inverted"],
-            "audit_of_real_update": audited}  # fmt: skip
+    return {
+        "target": "exact on real FedAvg updates of a small model that trains between rounds",
+        "setup": "configs/secure-sum-chain.yaml",
+        "run_seconds": time.perf_counter() - start,
+        "test_accuracy_first_round": rounds[0]["test_accuracy"],
+        "test_accuracy_last_round": rounds[-1]["test_accuracy"],
+        **{
+            k: summary[k]
+            for k in (
+                "rounds",
+                "clients",
+                "window",
+                "participation_exact",
+                "wrong_entries",
+                "clients_exact",
+                "certain_clients",
+                "chunks",
+                "seconds",
+                "singular_values",
+            )
+        },
+        "inverted_from_recovered_update": summary["inverted"],
+        "audit_of_real_update": audited,
+    }
 
 
-CASES = {"reference": case_reference, "scale": case_scale, "solvers": case_solvers, "noise": case_noise,
-         "original": case_original, "drift": case_drift, "fedavg": case_fedavg}
+CASES = {
+    "reference": case_reference,
+    "scale": case_scale,
+    "solvers": case_solvers,
+    "noise": case_noise,
+    "original": case_original,
+    "drift": case_drift,
+    "fedavg": case_fedavg,
+}
 
 
 def main() -> None:

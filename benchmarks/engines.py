@@ -21,18 +21,24 @@ import time
 from pathlib import Path
 
 from cases import run_cases
-
 from gradleak.experiments import run_experiment
 from gradleak.experiments.config import validate_config
 
 CONFIG = {
-    "name": "engines", "device": "cpu", "data": {"source": "digits", "image_size": 8},
-    "partition": {"scheme": "explicit", "clients": [
-        {"size": 1, "batch_size": 1}, {"size": 20, "batch_size": 4}, {"size": 30, "batch_size": 8},
-    ]},
+    "name": "engines",
+    "device": "cpu",
+    "data": {"source": "digits", "image_size": 8},
+    "partition": {
+        "scheme": "explicit",
+        "clients": [
+            {"size": 1, "batch_size": 1},
+            {"size": 20, "batch_size": 4},
+            {"size": 30, "batch_size": 8},
+        ],
+    },
     "model": {"name": "mlp", "kwargs": {"hidden": [32]}},
     "training": {"rounds": 5, "lr": 0.1, "momentum": 0.5},
-}  # fmt: skip
+}
 
 
 class _Clock:
@@ -58,13 +64,18 @@ def _timed(engine: str) -> dict:
         run_experiment(config, Path(tmp) / "run", display=clock)
     total = time.perf_counter() - clock.start
     per_round = [b - a for a, b in zip(clock.ends, clock.ends[1:])]
-    return {"seconds_to_first_round_end": clock.ends[0] - clock.start,
-            "seconds_per_round_after": sum(per_round) / len(per_round), "total_seconds": total}  # fmt: skip
+    return {
+        "seconds_to_first_round_end": clock.ends[0] - clock.start,
+        "seconds_per_round_after": sum(per_round) / len(per_round),
+        "total_seconds": total,
+    }
 
 
 def case_startup() -> dict:
-    out = {"setup": "3 clients, MLP on digits 8 x 8, 5 rounds, no audit, torch threads 1",
-           "inprocess": _timed("inprocess")}  # fmt: skip
+    out = {
+        "setup": "3 clients, MLP on digits 8 x 8, 5 rounds, no audit, torch threads 1",
+        "inprocess": _timed("inprocess"),
+    }
     if importlib.util.find_spec("flwr") is not None:
         out["flower"] = _timed("flower")
     if importlib.util.find_spec("nvflare") is not None:
@@ -80,12 +91,21 @@ def _timed_by_totals(engine: str) -> dict:
     for rounds in (1, 5):
         start = time.perf_counter()
         with tempfile.TemporaryDirectory() as tmp:
-            config = validate_config({**CONFIG, "training": {**CONFIG["training"], "rounds": rounds},
-                                      "engine": {"name": engine, "threads": 1}})  # fmt: skip
+            config = validate_config(
+                {
+                    **CONFIG,
+                    "training": {**CONFIG["training"], "rounds": rounds},
+                    "engine": {"name": engine, "threads": 1},
+                }
+            )
             run_experiment(config, Path(tmp) / "run")
         totals[rounds] = time.perf_counter() - start
-    return {"seconds_to_first_round_end": totals[1], "seconds_per_round_after": (totals[5] - totals[1]) / 4,
-            "total_seconds": totals[5], "note": "from the totals of a 1-round and a 5-round run"}  # fmt: skip
+    return {
+        "seconds_to_first_round_end": totals[1],
+        "seconds_per_round_after": (totals[5] - totals[1]) / 4,
+        "total_seconds": totals[5],
+        "note": "from the totals of a 1-round and a 5-round run",
+    }
 
 
 def case_audits() -> dict:
@@ -97,18 +117,27 @@ def case_audits() -> dict:
     base["training"]["rounds"] = 6
     base["audit"]["frequency"] = 1
     base["audit"]["attack"]["iterations"] = 2000
-    out: dict = {"setup": "configs/demo.yaml, 6 rounds, clients 1 and 2 audited every round at 2,000 "
-                        "iterations, torch threads 1"}
+    out: dict = {
+        "setup": "configs/demo.yaml, 6 rounds, clients 1 and 2 audited every round at 2,000 "
+        "iterations, torch threads 1"
+    }
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for label, workers, pool in (("sequential", None, "auto"), ("workers_2", 2, "processes"),
-                                     ("ray_actors_2", 2, "ray")):  # fmt: skip
-            config = validate_config({**base, "engine": {"threads": 1, "workers": workers, "pool": pool}})
+        for label, workers, pool in (
+            ("sequential", None, "auto"),
+            ("workers_2", 2, "processes"),
+            ("ray_actors_2", 2, "ray"),
+        ):
+            config = validate_config(
+                {**base, "engine": {"threads": 1, "workers": workers, "pool": pool}}
+            )
             start = time.perf_counter()
             run_experiment(config, Path(tmp) / label)
             out[f"{label}_seconds"] = time.perf_counter() - start
             lines = (Path(tmp) / label / "results.jsonl").read_text().splitlines()
-            rows[label] = [{k: v for k, v in json.loads(x).items() if k != "attack_seconds"} for x in lines]
+            rows[label] = [
+                {k: v for k, v in json.loads(x).items() if k != "attack_seconds"} for x in lines
+            ]
     for label in ("workers_2", "ray_actors_2"):
         out[f"{label}_speedup"] = out["sequential_seconds"] / out[f"{label}_seconds"]
         out[f"{label}_same_results"] = rows["sequential"] == rows[label]

@@ -2,7 +2,8 @@
 
 Always the same case: the shipped config's federation (data, clients, training) with a batch-norm
 ResNet-18 at a quarter width on 32 x 32 images, CPU, rounds 1..N (default 2) from the seeded
-initial model, without the audit. Writes JSON to stdout and to --out (default benchmarks/results/round_time.json).
+initial model, without the audit. Writes JSON to stdout and to --out (default
+benchmarks/results/round_time.json).
 
     .venv/bin/python benchmarks/round_time.py [--rounds 2] [--out FILE]
 """
@@ -22,8 +23,14 @@ import torch
 from gradleak.experiments import build_scenario, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
-CASE = ["device=cpu", "model.name=resnet18", "model.kwargs={width: 16}", "data.image_size=32",
-        "audit=null", "defenses=[]"]  # fmt: skip
+CASE = [
+    "device=cpu",
+    "model.name=resnet18",
+    "model.kwargs={width: 16}",
+    "data.image_size=32",
+    "audit=null",
+    "defenses=[]",
+]
 
 
 class _Clock:

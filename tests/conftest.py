@@ -75,13 +75,36 @@ def saved_update(tmp_path: Path) -> list[str]:
 
     torch.manual_seed(0)
     model = build_model("lenet", spec=ImageSpec.square(1, 16), num_classes=10)
-    grads = torch.autograd.grad(F.cross_entropy(model(torch.rand(2, 1, 16, 16)), torch.tensor([3, 7])),
-                                list(model.parameters()))  # fmt: skip
-    save_file({k: v.detach().clone() for k, v in model.state_dict().items()}, str(tmp_path / "global.safetensors"))
-    save_file({k: -0.1 * g for (k, _), g in zip(model.named_parameters(), grads, strict=True)},
-              str(tmp_path / "update.safetensors"))  # fmt: skip
-    meta = {"num_images": 2, "image_shape": [1, 16, 16], "num_classes": 10, "lr": 0.1, "local_steps": 1,
-            "batch_size": 2, "mean": [0.5], "std": [0.25]}  # fmt: skip
+    grads = torch.autograd.grad(
+        F.cross_entropy(model(torch.rand(2, 1, 16, 16)), torch.tensor([3, 7])),
+        list(model.parameters()),
+    )
+    save_file(
+        {k: v.detach().clone() for k, v in model.state_dict().items()},
+        str(tmp_path / "global.safetensors"),
+    )
+    save_file(
+        {k: -0.1 * g for (k, _), g in zip(model.named_parameters(), grads, strict=True)},
+        str(tmp_path / "update.safetensors"),
+    )
+    meta = {
+        "num_images": 2,
+        "image_shape": [1, 16, 16],
+        "num_classes": 10,
+        "lr": 0.1,
+        "local_steps": 1,
+        "batch_size": 2,
+        "mean": [0.5],
+        "std": [0.25],
+    }
     (tmp_path / "meta.json").write_text(json.dumps(meta))
-    return ["--model", "lenet", "--global", str(tmp_path / "global.safetensors"), "--update",
-            str(tmp_path / "update.safetensors"), "--meta", str(tmp_path / "meta.json")]  # fmt: skip
+    return [
+        "--model",
+        "lenet",
+        "--global",
+        str(tmp_path / "global.safetensors"),
+        "--update",
+        str(tmp_path / "update.safetensors"),
+        "--meta",
+        str(tmp_path / "meta.json"),
+    ]

@@ -55,22 +55,44 @@ def user_files(tmp_path, monkeypatch):
     update = {k: -lr * gr for (k, _), gr in zip(model.named_parameters(), grads, strict=True)}
     save_file(glob, str(tmp_path / "global.safetensors"))
     torch.save(update, tmp_path / "update.pt")
-    meta = {"num_images": 1, "image_shape": [3, 12, 12], "num_classes": 5, "lr": lr,
-            "local_steps": 1, "batch_size": 1, "mean": mean, "std": std}  # fmt: skip
+    meta = {
+        "num_images": 1,
+        "image_shape": [3, 12, 12],
+        "num_classes": 5,
+        "lr": lr,
+        "local_steps": 1,
+        "batch_size": 1,
+        "mean": mean,
+        "std": std,
+    }
     (tmp_path / "meta.json").write_text(json.dumps(meta))
     np.savez(tmp_path / "truth.npz", images=image.numpy(), labels=label.numpy())
     return tmp_path
 
 
 def _args(d, *extra):
-    return ["attack", "--model", "acme_models:make", "--global", str(d / "global.safetensors"),
-            "--update", str(d / "update.pt"), "--meta", str(d / "meta.json"), "--out", str(d / "out"),
-            "-q", *extra]  # fmt: skip
+    return [
+        "attack",
+        "--model",
+        "acme_models:make",
+        "--global",
+        str(d / "global.safetensors"),
+        "--update",
+        str(d / "update.pt"),
+        "--meta",
+        str(d / "meta.json"),
+        "--out",
+        str(d / "out"),
+        "-q",
+        *extra,
+    ]
 
 
 def test_attack_reconstructs_a_user_models_update(user_files) -> None:
     d = user_files
-    result = runner.invoke(app, _args(d, "--truth", str(d / "truth.npz"), "--set", "iterations=400"))
+    result = runner.invoke(
+        app, _args(d, "--truth", str(d / "truth.npz"), "--set", "iterations=400")
+    )
     assert result.exit_code == 0, result.output
     rec = np.load(d / "out/reconstruction.npz")
     assert rec["images"].shape == (1, 3, 12, 12) and rec["labels"].tolist() == [2]
@@ -91,7 +113,10 @@ def test_mismatched_update_names_the_tensor(user_files) -> None:
     torch.save(update, d / "update.pt")
     result = runner.invoke(app, _args(d))
     assert result.exit_code == 2
-    assert "update: tensor 'head.weight' has shape (5, 10), the model expects (5, 216)" in result.output
+    assert (
+        "update: tensor 'head.weight' has shape (5, 10), the model expects (5, 216)"
+        in result.output
+    )
     assert not (d / "out").exists()
 
 
@@ -103,7 +128,10 @@ def test_bad_metadata_and_settings(user_files) -> None:
     assert result.exit_code == 2 and "mean and std need 3 values" in result.output
     (d / "meta.json").write_text(json.dumps(meta))
     result = runner.invoke(app, _args(d, "--set", "iterations=0"))
-    assert result.exit_code == 2 and "attack.iterations: Input should be greater than 0" in result.output
+    assert (
+        result.exit_code == 2
+        and "attack.iterations: Input should be greater than 0" in result.output
+    )
     result = runner.invoke(app, _args(d, "--preset", "nope"))
     assert result.exit_code == 2 and "unknown attack preset 'nope'" in result.output
 
@@ -125,8 +153,21 @@ def test_prior_start_and_device_option(user_files) -> None:
     from PIL import Image
 
     Image.new("RGB", (30, 30), (200, 40, 40)).save(d / "prior.png")
-    args = _args(d, "--preset", "gradinversion", "--prior", str(d / "prior.png"), "--set", "bn=0",
-                 "--set", "iterations=5", "--set", "init_noise=0", "--device", "cpu")  # fmt: skip
+    args = _args(
+        d,
+        "--preset",
+        "gradinversion",
+        "--prior",
+        str(d / "prior.png"),
+        "--set",
+        "bn=0",
+        "--set",
+        "iterations=5",
+        "--set",
+        "init_noise=0",
+        "--device",
+        "cpu",
+    )
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     start = np.load(d / "out/reconstruction.npz")["prior"]

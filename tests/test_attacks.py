@@ -27,21 +27,44 @@ from gradleak.models import build_model
 MEAN, STD = (0.45,), (0.25,)
 
 
-def _setup(model_name="lenet", n=1, bs=1, size=16, classes=10, epochs=1, lr=0.1, momentum=0.0,
-           seed=0, kwargs=None, labels=None, batch_norm="train"):  # fmt: skip
+def _setup(
+    model_name="lenet",
+    n=1,
+    bs=1,
+    size=16,
+    classes=10,
+    epochs=1,
+    lr=0.1,
+    momentum=0.0,
+    seed=0,
+    kwargs=None,
+    labels=None,
+    batch_norm="train",
+):
     """A model, a client with n smooth random images, and the server's view of its update."""
     g = torch.Generator().manual_seed(seed)
     base = torch.rand(n, 1, size // 4, size // 4, generator=g)
     images = F.interpolate(base, size=(size, size), mode="bilinear", align_corners=False)
-    y = torch.as_tensor(labels) if labels is not None else torch.randint(0, classes, (n,), generator=g)
+    y = (
+        torch.as_tensor(labels)
+        if labels is not None
+        else torch.randint(0, classes, (n,), generator=g)
+    )
     client = ClientData(1, Dataset(images.contiguous(), y), bs)
     torch.manual_seed(seed)
     spec = ImageSpec((1, size, size), MEAN, STD)
     model = build_model(model_name, spec=spec, num_classes=classes, kwargs=kwargs or {})
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    update, _ = train_client(model, state, client, round=1, spec=spec, task=Classification(), seed=seed,
-                             settings=LocalTraining(epochs=epochs, lr=lr, momentum=momentum,
-                                                    batch_norm=batch_norm))  # fmt: skip
+    update, _ = train_client(
+        model,
+        state,
+        client,
+        round=1,
+        spec=spec,
+        task=Classification(),
+        seed=seed,
+        settings=LocalTraining(epochs=epochs, lr=lr, momentum=momentum, batch_norm=batch_norm),
+    )
     view = ServerView.of(model, state, update, spec=spec, num_classes=classes)
     return model, state, client, update, view
 
@@ -108,13 +131,29 @@ def test_linear_input_and_classifier_inputs() -> None:
 
 
 @pytest.mark.parametrize("functional", [False, True])
-@pytest.mark.parametrize(("model_name", "kwargs", "batch_norm"), [
-    ("convnet", {"width": 4}, "train"), ("convnet", {"width": 4}, "eval"), ("lenet", {}, "train"),
-])  # fmt: skip
-def test_unrolled_replay_equals_the_real_client_update(functional, model_name, kwargs, batch_norm) -> None:
+@pytest.mark.parametrize(
+    ("model_name", "kwargs", "batch_norm"),
+    [
+        ("convnet", {"width": 4}, "train"),
+        ("convnet", {"width": 4}, "eval"),
+        ("lenet", {}, "train"),
+    ],
+)
+def test_unrolled_replay_equals_the_real_client_update(
+    functional, model_name, kwargs, batch_norm
+) -> None:
     # Full batches (batch order does not matter), 3 epochs, momentum: 3 local steps.
-    *_, client, update, view = _setup(model_name, n=3, bs=3, epochs=3, lr=0.05, momentum=0.5,
-                                      kwargs=kwargs, labels=[1, 4, 4], batch_norm=batch_norm)  # fmt: skip
+    *_, client, update, view = _setup(
+        model_name,
+        n=3,
+        bs=3,
+        epochs=3,
+        lr=0.05,
+        momentum=0.5,
+        kwargs=kwargs,
+        labels=[1, 4, 4],
+        batch_norm=batch_norm,
+    )
     replay = ClientReplay(view, unroll=True, functional=functional)
     assert replay.bn_mode == batch_norm
     x = normalize(client.data.examples, MEAN, STD)
@@ -124,7 +163,8 @@ def test_unrolled_replay_equals_the_real_client_update(functional, model_name, k
         torch.testing.assert_close(out.update[name], real[name], rtol=1e-4, atol=1e-5)
     if batch_norm == "eval":  # running statistics normalise, nothing is captured or updated
         assert all(not s for s in out.stats)
-        assert all(not bool(update.delta[f"{l.name}.running_var"].any()) for l in replay.bn_layers)
+        variances = [update.delta[f"{layer.name}.running_var"] for layer in replay.bn_layers]
+        assert all(not bool(v.any()) for v in variances)
         return
     deltas = replay.running_stat_deltas(out.stats)
     assert len(deltas) == 2 * len(replay.bn_layers) and len(out.stats) == 3
@@ -155,14 +195,18 @@ def test_the_batch_norm_mode_comes_from_the_metadata_or_from_the_buffers() -> No
         assert unsent.bn_mode == mode  # inferred: eval leaves every running statistic unchanged
     # The metadata wins over the buffers, and a model without batch norm reports train.
     *_, update, view = _setup("convnet", kwargs={"width": 4}, batch_norm="eval")
-    assert dataclasses.replace(view, meta=dataclasses.replace(view.meta, bn_mode="train")).bn_mode == "train"
+    assert (
+        dataclasses.replace(view, meta=dataclasses.replace(view.meta, bn_mode="train")).bn_mode
+        == "train"
+    )
     assert _setup("lenet")[-1].bn_mode == "train"
     with pytest.raises(UpdateMismatch, match="bn_mode must be 'train' or 'eval'"):
         dataclasses.replace(view, meta=dataclasses.replace(view.meta, bn_mode="frozen"))
 
 
 def test_revealed_statistics_of_several_steps_are_the_momentum_weighted_mean() -> None:
-    # 4 images in batches of 2, one epoch: 2 steps, fed in the client's order so the replay is exact.
+    # 4 images in batches of 2, one epoch: 2 steps, fed in the client's order so the replay is
+    # exact.
     from gradleak.seeding import torch_generator
 
     *_, client, update, view = _setup("convnet", n=4, bs=2, lr=0.05, kwargs={"width": 4})
@@ -177,7 +221,9 @@ def test_revealed_statistics_of_several_steps_are_the_momentum_weighted_mean() -
     assert weights == pytest.approx([m * (1 - m), m]) and keep == pytest.approx((1 - m) ** 2)
     revealed, replayed = replay.revealed_bn_stats(), replay.weighted_bn_stats(steps)
     for name, (mean, var) in revealed.items():
-        by_hand = [(m * (1 - m) * steps[0][name][j] + m * steps[1][name][j]) / (1 - keep) for j in (0, 1)]
+        by_hand = [
+            (m * (1 - m) * steps[0][name][j] + m * steps[1][name][j]) / (1 - keep) for j in (0, 1)
+        ]
         torch.testing.assert_close(mean, by_hand[0], rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(var, by_hand[1], rtol=1e-3, atol=1e-5)
         torch.testing.assert_close(replayed[name][0], mean, rtol=1e-4, atol=1e-5)
@@ -194,12 +240,14 @@ def test_revealed_batch_norm_statistics_of_one_step() -> None:
     x = normalize(client.data.examples, MEAN, STD)
     first_conv = view.model.features[0]
     with torch.no_grad():
-        h = F.conv2d(x, view.global_state["features.0.weight"], None, first_conv.stride, first_conv.padding)
+        h = F.conv2d(
+            x, view.global_state["features.0.weight"], None, first_conv.stride, first_conv.padding
+        )
     torch.testing.assert_close(mean0, h.mean((0, 2, 3)), rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(var0, h.var((0, 2, 3), unbiased=True), rtol=1e-3, atol=1e-5)
 
 
-# -- the surrogate second derivative of ReLU --------------------------------------------------------
+# -- the surrogate second derivative of ReLU -------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -225,7 +273,9 @@ def test_surrogate_relu_keeps_the_gradient_and_smooths_only_its_derivative(relu)
 
 
 @pytest.mark.parametrize("functional", [False, True])
-def test_surrogate_replay_simulates_the_real_update_and_changes_the_image_gradient(functional) -> None:
+def test_surrogate_replay_simulates_the_real_update_and_changes_the_image_gradient(
+    functional,
+) -> None:
     *_, client, _, view = _setup("convnet", kwargs={"width": 4})
     x = normalize(client.data.examples, MEAN, STD)
     y = F.one_hot(client.data.targets, 10).float()
@@ -261,7 +311,9 @@ def test_dlg_recovers_the_image_and_the_optimised_label() -> None:
     before = {k: v.clone() for k, v in view.global_state.items()}
     rec = GradientInversion(preset("dlg", iterations=40)).run(view, seed=0)
     # The attack leaves what it was shown untouched.
-    assert all(torch.equal(before[k], v) and not v.requires_grad for k, v in view.global_state.items())
+    assert all(
+        torch.equal(before[k], v) and not v.requires_grad for k, v in view.global_state.items()
+    )
     assert rec.label_strategy == "optimize"
     assert rec.labels.tolist() == client.data.targets.tolist()
     s = score(rec.examples, client.data.examples, view.spec, rec.labels, client.data.targets)
@@ -272,7 +324,10 @@ def test_inverting_gradients_improves_on_its_start_and_uses_the_analytic_label()
     *_, client, _, view = _setup(seed=2)
     rec = GradientInversion(preset("inverting-gradients", iterations=300)).run(view, seed=0)
     assert rec.label_strategy == "idlg" and rec.labels.tolist() == client.data.targets.tolist()
-    assert float(psnr(rec.examples, client.data.examples)) > float(psnr(rec.start, client.data.examples)) + 5
+    assert (
+        float(psnr(rec.examples, client.data.examples))
+        > float(psnr(rec.start, client.data.examples)) + 5
+    )
     assert rec.trace[-1] < rec.trace[0]
 
 
@@ -282,7 +337,9 @@ def test_the_matching_term_reaches_the_images_through_the_unrolled_steps() -> No
     assert view.meta.steps == 3
     settings = dict(iterations=300)
     full = GradientInversion(preset("inverting-gradients", **settings)).run(view, seed=0)
-    no_match = GradientInversion(preset("inverting-gradients", match_weight=0.0, **settings)).run(view, seed=0)
+    no_match = GradientInversion(preset("inverting-gradients", match_weight=0.0, **settings)).run(
+        view, seed=0
+    )
     truth = client.data.examples
     assert (full.examples - no_match.examples).abs().mean() > 0.05
     assert float(psnr(full.examples, truth)) > float(psnr(no_match.examples, truth)) + 3.0
@@ -291,18 +348,30 @@ def test_the_matching_term_reaches_the_images_through_the_unrolled_steps() -> No
 
 def test_restarts_run_batched_and_the_best_is_kept() -> None:
     *_, client, _, view = _setup(seed=4)
-    rec = GradientInversion(preset("inverting-gradients", iterations=60, restarts=3)).run(view, seed=0)
+    rec = GradientInversion(preset("inverting-gradients", iterations=60, restarts=3)).run(
+        view, seed=0
+    )
     assert len(rec.restart_scores) == 3 and len(set(rec.restart_scores)) == 3
     assert rec.examples.shape == client.data.examples.shape
     # The returned images are the restart with the lowest matching loss: recompute it.
     replay = ClientReplay(view, unroll=False, functional=False)
     z = normalize(rec.examples, MEAN, STD)
-    sim = {k: v.detach() for k, v in replay.simulate(z, F.one_hot(rec.labels, 10).float()).update.items()}
+    sim = {
+        k: v.detach()
+        for k, v in replay.simulate(z, F.one_hot(rec.labels, 10).float()).update.items()
+    }
     pg, names = view.pseudo_gradient(), view.parameter_names
     cosine = 1 - sum(float((sim[n] * pg[n]).sum()) for n in names) / math.sqrt(
-        sum(float(sim[n].pow(2).sum()) for n in names) * sum(float(pg[n].pow(2).sum()) for n in names))
-    tv = float((z[..., :, 1:] - z[..., :, :-1]).abs().mean() + (z[..., 1:, :] - z[..., :-1, :]).abs().mean())
-    objective = cosine + preset("inverting-gradients").tv * tv  # the images are boxed: no clamp loss
+        sum(float(sim[n].pow(2).sum()) for n in names)
+        * sum(float(pg[n].pow(2).sum()) for n in names)
+    )
+    tv = float(
+        (z[..., :, 1:] - z[..., :, :-1]).abs().mean()
+        + (z[..., 1:, :] - z[..., :-1, :]).abs().mean()
+    )
+    objective = (
+        cosine + preset("inverting-gradients").tv * tv
+    )  # the images are boxed: no clamp loss
     best, second = sorted(rec.restart_scores)[:2]
     assert rec.restart_scores.index(best) == rec.restart_scores.index(min(rec.restart_scores))
     assert abs(objective - best) < min(1e-5, (second - best) / 2)
@@ -330,24 +399,37 @@ def test_update_distance_equals_the_flat_formula(kind, weighted, monkeypatch) ->
     sim = [torch.randn(sh, generator=g, dtype=torch.float64) for sh in shapes]
     target = [torch.randn(sh, generator=g, dtype=torch.float64) for sh in shapes]
     weights = [1.0, 0.5, 2.0, 0.1, 3.0] if weighted else None
-    w = torch.cat([torch.full((t.numel(),), wi) for t, wi in zip(target, weights or [1.0] * 5)]).double()
+    w = torch.cat(
+        [torch.full((t.numel(),), wi) for t, wi in zip(target, weights or [1.0] * 5)]
+    ).double()
     s, t = torch.cat([x.flatten() for x in sim]), torch.cat([x.flatten() for x in target])
     expected = {
         "l2": (w * (s - t) ** 2).sum(),
         "l1": (w * (s - t).abs()).sum(),
         "cosine": 1 - (w * s * t).sum() / ((w * s * s).sum().sqrt() * (w * t * t).sum().sqrt()),
     }[kind]
-    torch.testing.assert_close(distance(sim, target, weights, kind), expected, rtol=1e-10, atol=1e-12)
-    assert [c.numel() for c in engine.chunks(sim)] == [12 + 70, 8 + 5 + 40]  # closed at >= 50 elements
+    torch.testing.assert_close(
+        distance(sim, target, weights, kind), expected, rtol=1e-10, atol=1e-12
+    )
+    assert [c.numel() for c in engine.chunks(sim)] == [
+        12 + 70,
+        8 + 5 + 40,
+    ]  # closed at >= 50 elements
 
 
 def test_the_convolution_back_end_follows_the_model_size() -> None:
     from gradleak.attacks.optimisation.engine import ONEDNN_MIN_MACS, conv_macs
 
-    one_conv = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, stride=2, padding=1), torch.nn.Flatten())
-    assert conv_macs(one_conv, (3, 32, 32)) == 8 * 16 * 16 * 3 * 3 * 3  # outputs x inputs per output
-    views = {name: _setup(name, size=32, kwargs=kw)[-1]
-             for name, kw in (("lenet", {}), ("resnet18", {"width": 16}))}  # fmt: skip
+    one_conv = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, stride=2, padding=1), torch.nn.Flatten()
+    )
+    assert (
+        conv_macs(one_conv, (3, 32, 32)) == 8 * 16 * 16 * 3 * 3 * 3
+    )  # outputs x inputs per output
+    views = {
+        name: _setup(name, size=32, kwargs=kw)[-1]
+        for name, kw in (("lenet", {}), ("resnet18", {"width": 16}))
+    }
     assert conv_macs(views["lenet"].model, (1, 32, 32)) < ONEDNN_MIN_MACS
     auto = GradientInversion(preset("inverting-gradients"))
     assert not auto.uses_onednn(views["lenet"], torch.device("cpu"))
@@ -364,10 +446,15 @@ def test_mismatched_updates_name_the_tensor() -> None:
     kw = dict(spec=ImageSpec((1, 16, 16), MEAN, STD), num_classes=10)
     bad = dict(update.delta)
     bad["fc.weight"] = torch.zeros(3, 3)
-    with pytest.raises(UpdateMismatch, match=r"update: tensor 'fc.weight' has shape \(3, 3\), the model expects \(10, 192\)"):
+    with pytest.raises(
+        UpdateMismatch,
+        match=r"update: tensor 'fc.weight' has shape \(3, 3\), the model expects \(10, 192\)",
+    ):
         ServerView(model=model, global_state=state, update=bad, meta=update.meta, **kw)
     missing = {k: v for k, v in update.delta.items() if k != "body.0.bias"}
-    with pytest.raises(UpdateMismatch, match="update: tensor 'body.0.bias' of the model is missing"):
+    with pytest.raises(
+        UpdateMismatch, match="update: tensor 'body.0.bias' of the model is missing"
+    ):
         ServerView(model=model, global_state=state, update=missing, meta=update.meta, **kw)
     extra = {**update.delta, "head.weight": torch.zeros(1)}
     with pytest.raises(UpdateMismatch, match="'head.weight' is not in the model"):

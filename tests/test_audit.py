@@ -18,17 +18,28 @@ SPEC = ImageSpec.square(1, 16)
 
 
 def _ssim(a: torch.Tensor, b: torch.Tensor) -> float:
-    return structural_similarity(a[0].numpy().astype(np.float64), b[0].numpy().astype(np.float64),
-                                 data_range=1.0, gaussian_weights=True, sigma=1.5,
-                                 use_sample_covariance=False)  # fmt: skip
+    return structural_similarity(
+        a[0].numpy().astype(np.float64),
+        b[0].numpy().astype(np.float64),
+        data_range=1.0,
+        gaussian_weights=True,
+        sigma=1.5,
+        use_sample_covariance=False,
+    )
 
 
 def _images():
     g = torch.Generator().manual_seed(0)
-    truth = torch.nn.functional.interpolate(torch.rand(2, 1, 4, 4, generator=g), size=(16, 16), mode="bilinear")
+    truth = torch.nn.functional.interpolate(
+        torch.rand(2, 1, 4, 4, generator=g), size=(16, 16), mode="bilinear"
+    )
     prior = (0.5 + 0.2 * torch.rand(2, 1, 16, 16, generator=g)).clamp(0, 1)
-    recon = torch.stack([(truth[1] + 0.05 * torch.randn(1, 16, 16, generator=g)).clamp(0, 1),
-                         (truth[0] + 0.15 * torch.randn(1, 16, 16, generator=g)).clamp(0, 1)])  # fmt: skip
+    recon = torch.stack(
+        [
+            (truth[1] + 0.05 * torch.randn(1, 16, 16, generator=g)).clamp(0, 1),
+            (truth[0] + 0.15 * torch.randn(1, 16, 16, generator=g)).clamp(0, 1),
+        ]
+    )
     return truth, prior, recon
 
 
@@ -46,11 +57,15 @@ def test_rdlv_formula_on_hand_made_images() -> None:
     expected = [_formula(recon, prior, truth, 1, 0), _formula(recon, prior, truth, 0, 1)]
     assert out.per_example == pytest.approx(expected, rel=1e-6)
     assert out.value == pytest.approx(max(expected), rel=1e-6)
-    assert rdlv(recon, prior, truth, SPEC, metric="ssim", reduce="min").value == pytest.approx(min(expected), rel=1e-6)
+    assert rdlv(recon, prior, truth, SPEC, metric="ssim", reduce="min").value == pytest.approx(
+        min(expected), rel=1e-6
+    )
     # One prior for every image (the audit's mean image) is broadcast
     one = rdlv(recon, prior[:1], truth, SPEC, metric="ssim")
-    assert one.per_example == pytest.approx([_formula(recon, prior[[0, 0]], truth, 1, 0),
-                                             _formula(recon, prior[[0, 0]], truth, 0, 1)], rel=1e-6)  # fmt: skip
+    assert one.per_example == pytest.approx(
+        [_formula(recon, prior[[0, 0]], truth, 1, 0), _formula(recon, prior[[0, 0]], truth, 0, 1)],
+        rel=1e-6,
+    )
 
 
 def test_rdlv_is_zero_when_nothing_was_learned_and_mse_variant() -> None:
@@ -58,7 +73,9 @@ def test_rdlv_is_zero_when_nothing_was_learned_and_mse_variant() -> None:
     assert rdlv(prior, prior, truth, SPEC, metric="ssim").value == pytest.approx(0.0, abs=1e-12)
     out = rdlv(truth, prior, truth, SPEC, metric="mse")
     p = [float(((prior[i] - truth[i]) ** 2).mean()) for i in range(2)]
-    assert out.per_example == pytest.approx([(p[0] - 0.0) / p[0], (p[1] - 0.0) / p[1]])  # all the error removed: 1
+    assert out.per_example == pytest.approx(
+        [(p[0] - 0.0) / p[0], (p[1] - 0.0) / p[1]]
+    )  # all the error removed: 1
 
 
 def test_scoring_a_large_batch_costs_one_ssim_per_image(monkeypatch) -> None:
@@ -83,16 +100,26 @@ def test_scoring_a_large_batch_costs_one_ssim_per_image(monkeypatch) -> None:
 
 
 def _audited(threshold=None, clients=(1,), rounds=2, defenses=()):
-    return validate_config({
-        "name": "audited", "device": "cpu",
-        "data": {"source": "digits", "image_size": 8},
-        "partition": {"scheme": "explicit", "clients": [{"size": 1, "batch_size": 1}, {"size": 40, "batch_size": 8}]},
-        "model": {"name": "mlp", "kwargs": {"hidden": [32]}},
-        "training": {"rounds": rounds, "lr": 0.1},
-        "defenses": list(defenses),
-        "audit": {"clients": list(clients), "preset": "inverting-gradients", "attack": {"iterations": 150},
-                  "threshold": threshold},
-    })  # fmt: skip
+    return validate_config(
+        {
+            "name": "audited",
+            "device": "cpu",
+            "data": {"source": "digits", "image_size": 8},
+            "partition": {
+                "scheme": "explicit",
+                "clients": [{"size": 1, "batch_size": 1}, {"size": 40, "batch_size": 8}],
+            },
+            "model": {"name": "mlp", "kwargs": {"hidden": [32]}},
+            "training": {"rounds": rounds, "lr": 0.1},
+            "defenses": list(defenses),
+            "audit": {
+                "clients": list(clients),
+                "preset": "inverting-gradients",
+                "attack": {"iterations": 150},
+                "threshold": threshold,
+            },
+        }
+    )
 
 
 def test_audited_rows_carry_the_leakage(tmp_path) -> None:
@@ -122,10 +149,15 @@ def test_defences_apply_before_the_audit(tmp_path) -> None:
     noisy = _audited(rounds=1, defenses=[{"name": "gaussian", "sigma": 1.0}])
     run_experiment(noisy, tmp_path / "noisy")
     run_experiment(_audited(rounds=1), tmp_path / "clean")
-    leak = {name: RunStore(tmp_path / name).results.read()[0]["rdlv"] for name in ("noisy", "clean")}
+    leak = {
+        name: RunStore(tmp_path / name).results.read()[0]["rdlv"] for name in ("noisy", "clean")
+    }
     assert leak["noisy"] < leak["clean"] - 0.2
     row = RunStore(tmp_path / "noisy").results.read()[0]
-    assert row["defenses"] == "gaussian(sigma=1.0, include_buffers=False)" and row["noise_scale"] == 1.0
+    assert (
+        row["defenses"] == "gaussian(sigma=1.0, include_buffers=False)"
+        and row["noise_scale"] == 1.0
+    )
 
 
 def test_audit_config_errors_name_the_key() -> None:
@@ -133,20 +165,29 @@ def test_audit_config_errors_name_the_key() -> None:
 
     raw = json.loads(json.dumps(_audited().resolved()))
     raw["audit"]["attack"] = {"iterations": 0}
-    with pytest.raises(ConfigError, match=r"^audit.attack.iterations: Input should be greater than 0"):
+    with pytest.raises(
+        ConfigError, match=r"^audit.attack.iterations: Input should be greater than 0"
+    ):
         validate_config(raw)
     raw["audit"]["attack"] = {}
     raw["defenses"] = [{"name": "adaptive-gaussian", "sigma0": -1}]
-    with pytest.raises(ConfigError, match=r"^defenses.0.sigma0: Input should be greater than or equal to 0"):
+    with pytest.raises(
+        ConfigError, match=r"^defenses.0.sigma0: Input should be greater than or equal to 0"
+    ):
         validate_config(raw)
     raw["defenses"] = [{"name": "blur"}]
-    with pytest.raises(ConfigError, match=r"^defenses.0.name: 'blur' is not one of adaptive-gaussian"):
+    with pytest.raises(
+        ConfigError, match=r"^defenses.0.name: 'blur' is not one of adaptive-gaussian"
+    ):
         validate_config(raw)
     # Clients that freeze batch norm reveal no statistics: an attack made of them alone is refused.
     raw["defenses"] = []
     raw["training"]["batch_norm"] = "eval"
     raw["audit"]["preset"] = "bn-statistics"
-    with pytest.raises(ConfigError, match=r"^audit.preset: bn-statistics: the client ran its batch-norm layers in eval"):
+    with pytest.raises(
+        ConfigError,
+        match=r"^audit.preset: bn-statistics: the client ran its batch-norm layers in eval",
+    ):
         validate_config(raw)
     raw["audit"]["preset"] = "gradinversion"  # it also matches the update: allowed
     assert validate_config(raw).training.batch_norm == "eval"

@@ -26,14 +26,24 @@ def _view(seed=0, size=16, width=8, batch_norm="train", model="resnet20", n=1, b
     """A one-image (or n-image) update of a small untrained ResNet on a smooth random RGB image."""
     g = torch.Generator().manual_seed(seed)
     base = torch.rand(n, 3, 4, 4, generator=g)
-    images = F.interpolate(base, size=(size, size), mode="bilinear", align_corners=False).contiguous()
+    images = F.interpolate(
+        base, size=(size, size), mode="bilinear", align_corners=False
+    ).contiguous()
     client = ClientData(1, Dataset(images, torch.randint(0, 10, (n,), generator=g)), bs)
     torch.manual_seed(seed)
     spec = ImageSpec((3, size, size), MEAN, STD)
     net = build_model(model, spec=spec, num_classes=10, kwargs={"width": width})
     state = {k: v.detach().clone() for k, v in net.state_dict().items()}
-    update, _ = train_client(net, state, client, round=1, spec=spec, task=Classification(), seed=seed,
-                             settings=LocalTraining(lr=0.1, batch_norm=batch_norm))  # fmt: skip
+    update, _ = train_client(
+        net,
+        state,
+        client,
+        round=1,
+        spec=spec,
+        task=Classification(),
+        seed=seed,
+        settings=LocalTraining(lr=0.1, batch_norm=batch_norm),
+    )
     view = ServerView.of(net, state, update, spec=spec, num_classes=10)
     return client, view
 
@@ -51,10 +61,20 @@ def _tile_view(i=0, batch_norm="train", model="resnet18", width=16):
     idx = int(torch.nonzero(tiles.test.targets == i % tiles.num_classes).flatten()[0])
     client = ClientData(1, tiles.test.subset([idx]), 1)
     torch.manual_seed(i)
-    net = build_model(model, spec=tiles.spec, num_classes=tiles.num_classes, kwargs={"width": width})
+    net = build_model(
+        model, spec=tiles.spec, num_classes=tiles.num_classes, kwargs={"width": width}
+    )
     state = {k: v.detach().clone() for k, v in net.state_dict().items()}
-    update, _ = train_client(net, state, client, round=1, spec=tiles.spec, task=Classification(), seed=i,
-                             settings=LocalTraining(lr=0.1, batch_norm=batch_norm))  # fmt: skip
+    update, _ = train_client(
+        net,
+        state,
+        client,
+        round=1,
+        spec=tiles.spec,
+        task=Classification(),
+        seed=i,
+        settings=LocalTraining(lr=0.1, batch_norm=batch_norm),
+    )
     view = ServerView.of(net, state, update, spec=tiles.spec, num_classes=tiles.num_classes)
     return client, view
 
@@ -80,7 +100,9 @@ def test_per_layer_normalisation_and_decay_beat_nvflares_plain_sum(photo) -> Non
     client, view = photo
     fast = dict(iterations=300, restarts=1)
     ours = GradientInversion(preset("bn-statistics", **fast)).run(view, seed=0)
-    plain = GradientInversion(preset("bn-statistics", bn_normalize=False, bn_layer_decay=1.0, **fast)).run(view, seed=0)
+    plain = GradientInversion(
+        preset("bn-statistics", bn_normalize=False, bn_layer_decay=1.0, **fast)
+    ).run(view, seed=0)
     assert _quality(ours, client)[0] > _quality(plain, client)[0] + 8
 
 
@@ -105,8 +127,11 @@ def test_coarse_scales_move_the_low_frequencies_further_per_step(photo) -> None:
     _, view = photo
 
     def first_step(scales: int) -> torch.Tensor:
-        rec = GradientInversion(preset("bn-statistics", scales=scales, iterations=1, restarts=1,
-                                       warmup=0, schedule="none")).run(view, seed=0)  # fmt: skip
+        rec = GradientInversion(
+            preset(
+                "bn-statistics", scales=scales, iterations=1, restarts=1, warmup=0, schedule="none"
+            )
+        ).run(view, seed=0)
         return rec.examples - rec.start
 
     low = {k: F.avg_pool2d(first_step(k), 8).norm() for k in (0, 3)}
@@ -123,8 +148,9 @@ def test_feature_inversion_brings_the_classifier_input_to_the_revealed_one(photo
     replay = ClientReplay(view, unroll=False, functional=False, features=True)
 
     def feature_error(weight: float) -> float:
-        rec = GradientInversion(preset("bn-statistics", features=weight, bn=0.0, iterations=100,
-                                       restarts=1)).run(view, seed=0)  # fmt: skip
+        rec = GradientInversion(
+            preset("bn-statistics", features=weight, bn=0.0, iterations=100, restarts=1)
+        ).run(view, seed=0)
         x = normalize(rec.examples, view.spec.mean, view.spec.std)
         with torch.no_grad():
             f = replay.simulate(x, torch.zeros(1, 8), update=False).features
@@ -141,7 +167,9 @@ def test_the_forward_only_replay_gives_the_same_statistics(photo) -> None:
     full, light = replay.simulate(x, y), replay.simulate(x, y, update=False)
     assert light.update is None and full.update is not None
     for name, (mean, var) in full.stats[0].items():
-        assert torch.equal(light.stats[0][name][0], mean) and torch.equal(light.stats[0][name][1], var)
+        assert torch.equal(light.stats[0][name][0], mean) and torch.equal(
+            light.stats[0][name][1], var
+        )
     assert torch.equal(light.features, full.features)
 
 
@@ -161,8 +189,12 @@ def test_unrolled_steps_without_matching_keep_every_statistic_exact() -> None:
     name = next(iter(light.stats[1]))
     (g_light,) = torch.autograd.grad(light.stats[1][name][1].sum(), x, retain_graph=True)
     (g_full,) = torch.autograd.grad(full.stats[1][name][1].sum(), x)
-    assert g_light[2:].abs().sum() > 0 and torch.count_nonzero(g_light[:2]) == 0  # batch 2's own images
-    assert torch.count_nonzero(g_full[:2]) > 0  # the full replay also sees batch 1 through the weights
+    assert (
+        g_light[2:].abs().sum() > 0 and torch.count_nonzero(g_light[:2]) == 0
+    )  # batch 2's own images
+    assert (
+        torch.count_nonzero(g_full[:2]) > 0
+    )  # the full replay also sees batch 1 through the weights
 
 
 def test_an_eval_mode_update_is_matched_by_inverting_gradients() -> None:
@@ -180,5 +212,7 @@ def test_an_eval_mode_update_is_matched_by_inverting_gradients() -> None:
 
 def test_bn_statistics_refuse_an_eval_mode_update_before_any_work() -> None:
     _, view = _view(batch_norm="eval")
-    with pytest.raises(ConfigError, match="attack.bn: the client ran its batch-norm layers in eval mode"):
+    with pytest.raises(
+        ConfigError, match="attack.bn: the client ran its batch-norm layers in eval mode"
+    ):
         GradientInversion(preset("bn-statistics")).run(view)

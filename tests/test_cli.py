@@ -43,15 +43,22 @@ def test_demo_trains_to_90_percent_audits_and_writes_a_report(tmp_path) -> None:
     results = (out / "results.jsonl").read_text().splitlines()
     assert len(results) == len(rounds) * 5
     audited = [json.loads(r) for r in results if '"audited": true' in r]
-    assert {(r["round"], r["client"]) for r in audited} == {(k, c) for k in (1, 3, 5, 7, 9) for c in (1, 2)}
+    assert {(r["round"], r["client"]) for r in audited} == {
+        (k, c) for k in (1, 3, 5, 7, 9) for c in (1, 2)
+    }
     assert all(r["rdlv"] > 0 for r in audited if r["client"] == 1)  # the one-image client leaks
     page = _Page()
     page.feed((out / "report/index.html").read_text())
     assert page.images == [
-        "test accuracy per round", "training loss per client", "RDLV per round",
-        "original, prior and reconstruction of client 1", "original, prior and reconstruction of client 2",
-    ]  # fmt: skip
-    assert {"Training", "Leakage audit", "Rounds", "Clients per round", "Config"} <= set(page.headings)
+        "test accuracy per round",
+        "training loss per client",
+        "RDLV per round",
+        "original, prior and reconstruction of client 1",
+        "original, prior and reconstruction of client 2",
+    ]
+    assert {"Training", "Leakage audit", "Rounds", "Clients per round", "Config"} <= set(
+        page.headings
+    )
     assert (out / "report/accuracy.svg").exists()
     # Running the demo again finds the finished run and only rebuilds the report.
     again = runner.invoke(app, ["demo", "--out", str(out), "-q"])
@@ -62,8 +69,18 @@ def test_demo_trains_to_90_percent_audits_and_writes_a_report(tmp_path) -> None:
 def test_run_with_overrides_and_report(tmp_path) -> None:
     root = Path(__file__).resolve().parents[1]
     out = tmp_path / "run"
-    args = ["run", str(root / "configs/demo.yaml"), "--out", str(out), "--set", "training.rounds=1",
-            "--set", "model.name=mlp", "--set", "model.kwargs={}"]  # fmt: skip
+    args = [
+        "run",
+        str(root / "configs/demo.yaml"),
+        "--out",
+        str(out),
+        "--set",
+        "training.rounds=1",
+        "--set",
+        "model.name=mlp",
+        "--set",
+        "model.kwargs={}",
+    ]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     assert yaml.safe_load((out / "config.yaml").read_text())["model"]["name"] == "mlp"
@@ -74,13 +91,28 @@ def test_run_with_overrides_and_report(tmp_path) -> None:
 
 
 def test_a_run_is_reported_after_its_data_has_moved(tmp_path, image_folder) -> None:
-    config = {"name": "moved", "device": "cpu", "data": {"source": "image-folder", "root": str(image_folder),
-              "image_size": 8, "test_fraction": 0.2},
-              "partition": {"scheme": "explicit", "clients": [{"size": 2, "batch_size": 2}, {"size": 2, "batch_size": 1}]},
-              "model": {"name": "mlp", "kwargs": {"hidden": [8]}}, "training": {"rounds": 1}}  # fmt: skip
+    config = {
+        "name": "moved",
+        "device": "cpu",
+        "data": {
+            "source": "image-folder",
+            "root": str(image_folder),
+            "image_size": 8,
+            "test_fraction": 0.2,
+        },
+        "partition": {
+            "scheme": "explicit",
+            "clients": [{"size": 2, "batch_size": 2}, {"size": 2, "batch_size": 1}],
+        },
+        "model": {"name": "mlp", "kwargs": {"hidden": [8]}},
+        "training": {"rounds": 1},
+    }
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
     out = tmp_path / "run"
-    assert runner.invoke(app, ["run", str(tmp_path / "c.yaml"), "--out", str(out), "-q"]).exit_code == 0
+    assert (
+        runner.invoke(app, ["run", str(tmp_path / "c.yaml"), "--out", str(out), "-q"]).exit_code
+        == 0
+    )
     image_folder.rename(tmp_path / "elsewhere")  # the report needs the run directory only
     (out / "report/index.html").unlink()
     result = runner.invoke(app, ["report", str(out)])
@@ -92,11 +124,26 @@ def test_a_run_is_reported_after_its_data_has_moved(tmp_path, image_folder) -> N
     ("args", "message"),
     [
         (["run", "nowhere.yaml"], "error: config file not found: nowhere.yaml"),
-        (["run", "{demo}", "--set", "training.rounds=0"], "error: training.rounds: Input should be greater than 0"),
-        (["run", "{demo}", "--set", "data.source=image-folder", "--set", "data.root=/no/such/dir"],
-         "error: data.root: Path does not point to a directory"),
-        (["run", "{demo}", "--set", "partition.clients.2.size=5000"],
-         "error: partition.clients: the clients ask for 5809 training images but the data source has 1438"),
+        (
+            ["run", "{demo}", "--set", "training.rounds=0"],
+            "error: training.rounds: Input should be greater than 0",
+        ),
+        (
+            [
+                "run",
+                "{demo}",
+                "--set",
+                "data.source=image-folder",
+                "--set",
+                "data.root=/no/such/dir",
+            ],
+            "error: data.root: Path does not point to a directory",
+        ),
+        (
+            ["run", "{demo}", "--set", "partition.clients.2.size=5000"],
+            "error: partition.clients: the clients ask for 5809 training images but the data "
+            "source has 1438",
+        ),
         (["report", "{tmp}"], "is not a gradleak run directory"),
     ],
 )
@@ -117,13 +164,29 @@ def test_every_command_has_help(command) -> None:
 
 
 def test_models_lists_the_zoo() -> None:
-    assert runner.invoke(app, ["models"]).output.split() == ["convnet", "lenet", "mlp", "resnet18", "resnet20"]
+    assert runner.invoke(app, ["models"]).output.split() == [
+        "convnet",
+        "lenet",
+        "mlp",
+        "resnet18",
+        "resnet20",
+    ]
 
 
 def test_error_text_is_never_read_as_markup(tmp_path) -> None:
     demo = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
-    result = runner.invoke(app, ["run", str(demo), "--out", str(tmp_path / "r"), "-q",
-                                 "--set", "model.name=no_such_model[k]"])  # fmt: skip
+    result = runner.invoke(
+        app,
+        [
+            "run",
+            str(demo),
+            "--out",
+            str(tmp_path / "r"),
+            "-q",
+            "--set",
+            "model.name=no_such_model[k]",
+        ],
+    )
     assert result.exit_code == 2
     assert "no_such_model[k]" in result.output, result.output
 
@@ -141,4 +204,7 @@ def test_a_full_disk_is_one_line(tmp_path, monkeypatch) -> None:
     result = runner.invoke(app, ["run", str(demo), "--out", str(tmp_path / "r"), "-q"])
     assert result.exit_code == 2
     lines = result.output.strip().splitlines()
-    assert len(lines) == 1 and "global_0000.safetensors: No space left on device (no space left" in lines[0]
+    assert (
+        len(lines) == 1
+        and "global_0000.safetensors: No space left on device (no space left" in lines[0]
+    )

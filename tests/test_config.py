@@ -28,25 +28,53 @@ def _write(tmp_path: Path, cfg: dict) -> Path:
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ("partition.clients.0.batch_size=0", "partition.clients.0.batch_size: Input should be greater than 0 (got 0)"),
+        (
+            "partition.clients.0.batch_size=0",
+            "partition.clients.0.batch_size: Input should be greater than 0 (got 0)",
+        ),
         ("training.rounds=-1", "training.rounds: Input should be greater than 0 (got -1)"),
         ("training.rounds=two", "training.rounds: Input should be a valid integer"),
         ("training.roundz=3", "training.roundz: unknown key"),
         ("colour=red", "colour: unknown key"),
         ("data.source=mnist", "data.source: 'mnist' is not one of digits, faces, tiles"),
-        ("partition={clients: 3}", "partition.scheme: required key is missing (one of explicit, iid, dirichlet)"),
-        ("training.clients_per_round=1.5", "training.clients_per_round: Input should be less than or equal to 1"),
-        ("aggregation.strategy=median", "aggregation.strategy: Value error, unknown strategy 'median'"),
+        (
+            "partition={clients: 3}",
+            "partition.scheme: required key is missing (one of explicit, iid, dirichlet)",
+        ),
+        (
+            "training.clients_per_round=1.5",
+            "training.clients_per_round: Input should be less than or equal to 1",
+        ),
+        (
+            "aggregation.strategy=median",
+            "aggregation.strategy: Value error, unknown strategy 'median'",
+        ),
         ("data.root=/nonexistent", "data.root: unknown key"),
-        ("partition.clients.5.size=3", "partition.clients.5.size: '5' is not an index of a list of 1"),
+        (
+            "partition.clients.5.size=3",
+            "partition.clients.5.size: '5' is not an index of a list of 1",
+        ),
         ("nokey", "--set: expected key=value, got 'nokey'"),
         ("training.lr=.inf", "training.lr: Input should be a finite number"),
-        ("defenses=[{name: gaussian, sigma: .nan}]", "defenses.0.sigma: Input should be a finite number"),
-        ("audit={clients: [1], threshold: .nan}", "audit.threshold: Input should be a finite number"),
+        (
+            "defenses=[{name: gaussian, sigma: .nan}]",
+            "defenses.0.sigma: Input should be a finite number",
+        ),
+        (
+            "audit={clients: [1], threshold: .nan}",
+            "audit.threshold: Input should be a finite number",
+        ),
         ("engine.workers=0", "engine.workers: Input should be greater than 0"),
-        ("training.rounds=true", "training.rounds: Input should be a valid integer, unable to parse string as an integer (got 'true')"),
+        (
+            "training.rounds=true",
+            "training.rounds: Input should be a valid integer, unable to parse string as an "
+            "integer (got 'true')",
+        ),
         ("partition.clients.0.lr=false", "partition.clients.0.lr: Input should be a valid number"),
-        ("audit={clients: [7]}", "audit.clients: client 7 is not one of the run's clients (1 to 1)"),
+        (
+            "audit={clients: [7]}",
+            "audit.clients: client 7 is not one of the run's clients (1 to 1)",
+        ),
         ("audit={clients: []}", "audit.clients: is empty"),
     ],
 )
@@ -81,21 +109,30 @@ def test_unreadable_files(tmp_path) -> None:
 
 
 def test_more_images_than_the_source_has(tmp_path) -> None:
-    cfg = {**BASE, "partition": {"scheme": "explicit", "clients": [{"size": 2000, "batch_size": 8}]}}
+    cfg = {
+        **BASE,
+        "partition": {"scheme": "explicit", "clients": [{"size": 2000, "batch_size": 8}]},
+    }
     config = load_config(_write(tmp_path, cfg))
-    with pytest.raises(ConfigError, match="partition.clients: the clients ask for 2000 training images"):
+    with pytest.raises(
+        ConfigError, match="partition.clients: the clients ask for 2000 training images"
+    ):
         build_scenario(config)
 
 
 def test_overrides_are_read_as_yaml(tmp_path) -> None:
-    config = load_config(_write(tmp_path, BASE), ["training.rounds=3", "model.kwargs={width: 4}",
-                                                  "partition.clients.0.lr=0.5"])  # fmt: skip
+    config = load_config(
+        _write(tmp_path, BASE),
+        ["training.rounds=3", "model.kwargs={width: 4}", "partition.clients.0.lr=0.5"],
+    )
     assert config.training.rounds == 3
     assert config.model.kwargs == {"width": 4}
     assert config.partition.clients[0].lr == 0.5
 
 
-def test_relative_data_paths_resolve_from_the_working_directory(tmp_path, monkeypatch, image_folder) -> None:
+def test_relative_data_paths_resolve_from_the_working_directory(
+    tmp_path, monkeypatch, image_folder
+) -> None:
     monkeypatch.chdir(image_folder.parent)
     cfg = {**BASE, "data": {"source": "image-folder", "root": image_folder.name}}
     assert load_config(_write(tmp_path, cfg)).data.root == image_folder
@@ -110,7 +147,17 @@ def test_shipped_configs_are_valid(name) -> None:
 def test_paper_config_has_the_papers_table() -> None:
     config = load_config(ROOT / "configs/paper-9-clients.yaml")
     table = [(c.batch_size, c.size) for c in config.partition.clients]
-    assert table == [(4, 8), (4, 32), (4, 128), (4, 512), (8, 8), (8, 32), (8, 128), (8, 512), (1, 1)]
+    assert table == [
+        (4, 8),
+        (4, 32),
+        (4, 128),
+        (4, 512),
+        (8, 8),
+        (8, 32),
+        (8, 128),
+        (8, 512),
+        (1, 1),
+    ]
     assert config.training.lr == 0.01 and config.training.local_epochs == 1
 
 
@@ -123,8 +170,10 @@ def test_config_reference_is_up_to_date() -> None:
 
 def test_hostile_config_files_end_in_one_line(tmp_path) -> None:
     bomb = tmp_path / "bomb.yaml"
-    bomb.write_text('a: &a ["x","x","x","x","x","x","x","x","x"]\nb: &b [*a,*a,*a,*a,*a,*a,*a,*a,*a]\n'
-                    'c: &c [*b,*b,*b,*b,*b,*b,*b,*b,*b]\nd: [*c,*c,*c,*c,*c,*c,*c,*c,*c]\n')  # fmt: skip
+    bomb.write_text(
+        'a: &a ["x","x","x","x","x","x","x","x","x"]\nb: &b [*a,*a,*a,*a,*a,*a,*a,*a,*a]\n'
+        "c: &c [*b,*b,*b,*b,*b,*b,*b,*b,*b]\nd: [*c,*c,*c,*c,*c,*c,*c,*c,*c]\n"
+    )
     with pytest.raises(ConfigError, match=r"not valid YAML: aliases \(\*a\) are not allowed"):
         load_config(bomb)
     latin = tmp_path / "latin.yaml"
@@ -132,7 +181,9 @@ def test_hostile_config_files_end_in_one_line(tmp_path) -> None:
     with pytest.raises(ConfigError, match="is not UTF-8 text"):
         load_config(latin)
     for i in range(20):  # a chain of 20 base: files
-        (tmp_path / f"c{i}.yaml").write_text(f"base: c{i + 1}.yaml\n" if i < 19 else yaml.safe_dump(BASE))
+        (tmp_path / f"c{i}.yaml").write_text(
+            f"base: c{i + 1}.yaml\n" if i < 19 else yaml.safe_dump(BASE)
+        )
     with pytest.raises(ConfigError, match="more than 16 nested base: files"):
         load_config(tmp_path / "c0.yaml")
     with pytest.raises(ConfigError, match="aliases"):

@@ -14,6 +14,8 @@ from PIL import Image
 
 from gradleak.data.dataset import Dataset, stratified_split
 from gradleak.data.partition import DirichletPartition, ExplicitPartition, IIDPartition
+from gradleak.errors import ConfigError, DataError
+from gradleak.images import formats
 from gradleak.images.sources import (
     Cifar10Source,
     DigitsSource,
@@ -22,8 +24,6 @@ from gradleak.images.sources import (
     SplitListSource,
     TilesSource,
 )
-from gradleak.errors import ConfigError, DataError
-from gradleak.images import formats
 from gradleak.seeding import derive_seed
 
 
@@ -95,7 +95,9 @@ def test_image_folder(image_folder) -> None:
     g = ImageFolderSource(root=image_folder, image_size=20, channels=1).load(seed=0)
     assert g.spec.shape == (1, 20, 20)
     # Grayscale conversion is PIL's luma of the file.
-    ref = np.asarray(Image.open(image_folder / "cat" / "0.png").convert("L"), dtype=np.float32) / 255
+    ref = (
+        np.asarray(Image.open(image_folder / "cat" / "0.png").convert("L"), dtype=np.float32) / 255
+    )
     pool = torch.cat([g.train.examples, g.test.examples])[:, 0].numpy()
     assert np.abs(pool - ref).reshape(len(pool), -1).max(1).min() < 1e-6
 
@@ -128,8 +130,9 @@ def test_cifar10_refuses_pickled_code(cifar_dir) -> None:
 
 def test_split_list(split_list) -> None:
     root, split_file = split_list
-    b = SplitListSource(root=root, split_file=split_file, image_size=16,
-                        class_names=["normal", "covid"]).load(seed=0)  # fmt: skip
+    b = SplitListSource(
+        root=root, split_file=split_file, image_size=16, class_names=["normal", "covid"]
+    ).load(seed=0)
     assert len(b.train) == 8 and len(b.test) == 4 and b.spec.shape == (1, 16, 16)
     assert b.train.targets.tolist() == [0, 1] * 4
     v = SplitListSource(root=root, split_file=split_file, test_split="validation").load(seed=0)
@@ -144,8 +147,14 @@ def test_split_list_label_forms(raw, expected) -> None:
 def test_split_list_errors(split_list, tmp_path) -> None:
     root, split_file = split_list
     bad = tmp_path / "bad.json"
-    bad.write_text(json.dumps({"training": [{"image": "missing.png", "label": [0]}],
-                               "testing": [{"image": "missing.png", "label": [0]}]}))  # fmt: skip
+    bad.write_text(
+        json.dumps(
+            {
+                "training": [{"image": "missing.png", "label": [0]}],
+                "testing": [{"image": "missing.png", "label": [0]}],
+            }
+        )
+    )
     with pytest.raises(DataError, match="image file not found: .*missing.png"):
         SplitListSource(root=root, split_file=bad).load(seed=0)
     bad.write_text(json.dumps({"training": [{"image": "a.png", "label": [1, 1]}]}))
@@ -164,8 +173,13 @@ def _ids(client) -> set[int]:
 
 
 def test_explicit_partition_sizes_disjoint_and_seeded() -> None:
-    p = ExplicitPartition(clients=[{"size": 8, "batch_size": 4}, {"size": 1, "batch_size": 1},
-                                   {"size": 30, "batch_size": 8, "lr": 0.1}])  # fmt: skip
+    p = ExplicitPartition(
+        clients=[
+            {"size": 8, "batch_size": 4},
+            {"size": 1, "batch_size": 1},
+            {"size": 30, "batch_size": 8, "lr": 0.1},
+        ]
+    )
     clients = p.split(_pool(), seed=5)
     assert [len(c.data) for c in clients] == [8, 1, 30]
     assert [c.batch_size for c in clients] == [4, 1, 8] and clients[2].lr == 0.1
@@ -178,16 +192,22 @@ def test_explicit_partition_sizes_disjoint_and_seeded() -> None:
 
 def test_explicit_partition_too_large() -> None:
     p = ExplicitPartition(clients=[{"size": 80, "batch_size": 4}, {"size": 30, "batch_size": 4}])
-    with pytest.raises(ConfigError, match="ask for 110 training images but the data source has 100"):
+    with pytest.raises(
+        ConfigError, match="ask for 110 training images but the data source has 100"
+    ):
         p.check(100)
     with pytest.raises(ConfigError, match=r"partition.clients.0.batch_size: batch size 9"):
         ExplicitPartition(clients=[{"size": 8, "batch_size": 9}]).check(100)
 
 
 def test_explicit_partition_classes_draw_from_those_classes_only() -> None:
-    p = ExplicitPartition(clients=[{"size": 5, "batch_size": 5, "classes": [2]},
-                                   {"size": 10, "batch_size": 2, "classes": [0, 3]},
-                                   {"size": 20, "batch_size": 4}])  # fmt: skip
+    p = ExplicitPartition(
+        clients=[
+            {"size": 5, "batch_size": 5, "classes": [2]},
+            {"size": 10, "batch_size": 2, "classes": [0, 3]},
+            {"size": 20, "batch_size": 4},
+        ]
+    )
     clients = p.split(_pool(), seed=1)
     assert set(clients[0].data.targets.tolist()) == {2}
     assert set(clients[1].data.targets.tolist()) <= {0, 3}
@@ -198,8 +218,12 @@ def test_explicit_partition_classes_draw_from_those_classes_only() -> None:
     plain = ExplicitPartition(clients=[{"size": 8, "batch_size": 4}, {"size": 3, "batch_size": 1}])
     order = np.random.default_rng(derive_seed(1, "partition")).permutation(100)
     assert _ids(plain.split(_pool(), seed=1)[1]) == set(order[8:11].tolist())
-    with pytest.raises(ConfigError, match=r"partition.clients.0.size: 30 images asked for, but only 25"):
-        ExplicitPartition(clients=[{"size": 30, "batch_size": 1, "classes": [1]}]).split(_pool(), seed=0)
+    with pytest.raises(
+        ConfigError, match=r"partition.clients.0.size: 30 images asked for, but only 25"
+    ):
+        ExplicitPartition(clients=[{"size": 30, "batch_size": 1, "classes": [1]}]).split(
+            _pool(), seed=0
+        )
 
 
 def test_iid_partition_covers_pool() -> None:
@@ -217,8 +241,9 @@ def test_dirichlet_partition_skews_labels() -> None:
     assert set().union(*map(_ids, skewed)) == set(range(400))
 
     def max_share(clients) -> float:
-        return float(np.mean([np.bincount(c.data.targets, minlength=4).max() / len(c.data)
-                              for c in clients]))  # fmt: skip
+        return float(
+            np.mean([np.bincount(c.data.targets, minlength=4).max() / len(c.data) for c in clients])
+        )
 
     assert max_share(skewed) > 0.5 and max_share(even) < 0.35
     again = DirichletPartition(clients=4, alpha=0.1).split(pool, seed=0)
@@ -250,9 +275,14 @@ def test_16_bit_and_float_images_are_scaled_by_their_depth_not_clipped(tmp_path)
 
 @pytest.mark.parametrize(
     ("raw", "message"),
-    [([1.0], "cannot read label [1.0]"), (True, "cannot read label True"), (-1, "label -1 is not a class index"),
-     (10**9, "label 1000000000 is not a class index"), ([0.5, 0.5], "cannot read label")],
-)  # fmt: skip
+    [
+        ([1.0], "cannot read label [1.0]"),
+        (True, "cannot read label True"),
+        (-1, "label -1 is not a class index"),
+        (10**9, "label 1000000000 is not a class index"),
+        ([0.5, 0.5], "cannot read label"),
+    ],
+)
 def test_split_list_labels_that_would_be_misread_are_refused(raw, message) -> None:
     with pytest.raises(DataError, match=re.escape(message)):
         formats._label_of(raw, "x")
@@ -266,24 +296,33 @@ def test_split_list_images_stay_inside_the_data_root(split_list, tmp_path) -> No
     bad = tmp_path / "bad.json"
     for image in ("../secret.png", str(outside), "link.png", 7):
         bad.write_text(json.dumps({"training": [{"image": image, "label": 0}], "testing": []}))
-        with pytest.raises(DataError, match="outside the data root .*data.allow_outside_root: true|must be a path string"):
+        with pytest.raises(
+            DataError,
+            match="outside the data root .*data.allow_outside_root: true|must be a path string",
+        ):
             formats.read_split_list(bad, root)
         if image != 7:  # the user's opt-in reads the file it names
             paths, _ = formats.read_split_list(bad, root, allow_outside_root=True)["training"]
             assert paths[0].resolve() == outside.resolve()
 
 
-def test_an_image_folder_link_out_of_the_root_is_refused_unless_allowed(image_folder, tmp_path) -> None:
+def test_an_image_folder_link_out_of_the_root_is_refused_unless_allowed(
+    image_folder, tmp_path
+) -> None:
     outside = tmp_path / "secret.png"
     Image.fromarray(np.full((8, 8, 3), 255, dtype=np.uint8)).save(outside)
     (image_folder / "cat" / "zz_link.png").symlink_to(outside)
-    with pytest.raises(DataError, match=r"zz_link.png leads outside the data root .*allow_outside_root: true"):
+    with pytest.raises(
+        DataError, match=r"zz_link.png leads outside the data root .*allow_outside_root: true"
+    ):
         formats.load_image_folder(image_folder, 8, 3)
     images, labels, _ = formats.load_image_folder(image_folder, 8, 3, allow_outside_root=True)
     assert len(images) == 11 and any(bool((im == 1).all()) for im in images)
 
 
-def test_non_regular_files_are_skipped_in_folders_and_refused_in_lists(image_folder, tmp_path) -> None:
+def test_non_regular_files_are_skipped_in_folders_and_refused_in_lists(
+    image_folder, tmp_path
+) -> None:
     os.mkfifo(image_folder / "cat" / "pipe.png")  # opening it would block forever
     images, labels, _ = formats.load_image_folder(image_folder, 8, 3)
     assert len(images) == 10
@@ -293,7 +332,9 @@ def test_non_regular_files_are_skipped_in_folders_and_refused_in_lists(image_fol
 
 def test_decompression_bombs_are_a_clear_error(tmp_path, monkeypatch) -> None:
     Image.fromarray(np.zeros((40, 40), dtype=np.uint8)).save(tmp_path / "big.png")
-    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 1,600 pixels: over the limit, under twice it
+    monkeypatch.setattr(
+        Image, "MAX_IMAGE_PIXELS", 1000
+    )  # 1,600 pixels: over the limit, under twice it
     with pytest.raises(DataError, match="cannot read image .*big.png"):
         formats.read_image(tmp_path / "big.png", 8, 1)
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 500)  # over twice the limit: Pillow's own error

@@ -1,4 +1,5 @@
-"""Defences against independent computations: adaptive sigma, clipping, sparsity, quantisation, epsilon."""
+"""Defences against independent computations: adaptive sigma, clipping, sparsity, quantisation,
+epsilon."""
 
 from __future__ import annotations
 
@@ -32,30 +33,51 @@ def _update(seed: int = 0) -> ClientUpdate:
         "bn.running_mean": torch.randn(8, generator=g),
         "bn.num_batches_tracked": torch.tensor(3),
     }
-    return ClientUpdate(delta, UpdateMeta(1, 2, 4, 0.1, 1, 1, 4),
-                        frozenset({"bn.running_mean", "bn.num_batches_tracked"}))  # fmt: skip
+    return ClientUpdate(
+        delta,
+        UpdateMeta(1, 2, 4, 0.1, 1, 1, 4),
+        frozenset({"bn.running_mean", "bn.num_batches_tracked"}),
+    )
 
 
 def _ctx(round: int = 2, participation: int = 2) -> FilterContext:
     data = Dataset(torch.zeros(1, 1, 2, 2), torch.zeros(1, dtype=torch.long))
-    return FilterContext(round=round, client=ClientData(1, data, 1), global_state={}, seed=7,
-                         participation=participation)  # fmt: skip
+    return FilterContext(
+        round=round,
+        client=ClientData(1, data, 1),
+        global_state={},
+        seed=7,
+        participation=participation,
+    )
 
 
 def test_adaptive_sigma_is_sigma0_times_the_95th_percentile_of_nonzero_values() -> None:
     u, ctx = _update(), _ctx()
     out = AdaptiveGaussian(sigma0=3.0).build(index=0, sample_rate=1.0)(u, ctx)
-    values = np.concatenate([u.delta[k].numpy().ravel() for k in ("conv.weight", "conv.bias", "fc.weight")])
+    values = np.concatenate(
+        [u.delta[k].numpy().ravel() for k in ("conv.weight", "conv.bias", "fc.weight")]
+    )
     expected = 3.0 * np.percentile(np.abs(values[values != 0]), 95)
     assert out.record["noise_scale"] == pytest.approx(expected, rel=1e-6)  # float32 values
-    noise = torch.cat([(out.update.delta[k] - u.delta[k]).flatten() for k in ("conv.weight", "conv.bias", "fc.weight")])
+    noise = torch.cat(
+        [
+            (out.update.delta[k] - u.delta[k]).flatten()
+            for k in ("conv.weight", "conv.bias", "fc.weight")
+        ]
+    )
     assert float(noise.std()) == pytest.approx(expected, rel=0.1)
     # Buffers are untouched by default; counters always.
     assert torch.equal(out.update.delta["bn.running_mean"], u.delta["bn.running_mean"])
-    assert torch.equal(out.update.delta["bn.num_batches_tracked"], u.delta["bn.num_batches_tracked"])
-    inc = AdaptiveGaussian(sigma0=3.0, include_buffers=True).build(index=0, sample_rate=1.0)(u, _ctx())
+    assert torch.equal(
+        out.update.delta["bn.num_batches_tracked"], u.delta["bn.num_batches_tracked"]
+    )
+    inc = AdaptiveGaussian(sigma0=3.0, include_buffers=True).build(index=0, sample_rate=1.0)(
+        u, _ctx()
+    )
     assert not torch.equal(inc.update.delta["bn.running_mean"], u.delta["bn.running_mean"])
-    assert torch.equal(inc.update.delta["bn.num_batches_tracked"], u.delta["bn.num_batches_tracked"])
+    assert torch.equal(
+        inc.update.delta["bn.num_batches_tracked"], u.delta["bn.num_batches_tracked"]
+    )
 
 
 def test_noise_is_seeded_per_round_and_client_and_leaves_the_input() -> None:
@@ -89,15 +111,21 @@ def test_dp_gaussian_clips_to_the_norm_and_zeroes_buffers() -> None:
     assert out.record["dp_norm_before_clip"] == pytest.approx(norm)
     assert float(out.update.delta["bn.running_mean"].abs().sum()) == 0.0
     assert math.isinf(out.record["dp_epsilon"])
-    small = DPGaussian(clip=10 * norm, noise_multiplier=0.0).build(index=0, sample_rate=1.0)(u, _ctx())
-    assert torch.equal(small.update.delta["fc.weight"], u.delta["fc.weight"])  # under the bound: unchanged
+    small = DPGaussian(clip=10 * norm, noise_multiplier=0.0).build(index=0, sample_rate=1.0)(
+        u, _ctx()
+    )
+    assert torch.equal(
+        small.update.delta["fc.weight"], u.delta["fc.weight"]
+    )  # under the bound: unchanged
 
 
 def test_dp_epsilon_matches_opacus_own_computation() -> None:
     from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 
     ctx = _ctx(round=12, participation=9)
-    out = DPGaussian(clip=1.0, noise_multiplier=1.3, delta=1e-5).build(index=0, sample_rate=0.5)(_update(), ctx)
+    out = DPGaussian(clip=1.0, noise_multiplier=1.3, delta=1e-5).build(index=0, sample_rate=0.5)(
+        _update(), ctx
+    )
     orders = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64))
     rdp = compute_rdp(q=0.5, noise_multiplier=1.3, steps=9, orders=orders)
     eps, _ = get_privacy_spent(orders=orders, rdp=rdp, delta=1e-5)
@@ -130,10 +158,14 @@ def test_quantisation_against_numpy() -> None:
     q8 = Quantize(format="int8").build(index=0, sample_rate=1.0)(u, _ctx())
     w = u.delta["fc.weight"].numpy()
     scale = np.abs(w).max() / 127
-    np.testing.assert_allclose(q8.update.delta["fc.weight"].numpy(), np.round(w / scale) * scale, rtol=1e-6)
+    np.testing.assert_allclose(
+        q8.update.delta["fc.weight"].numpy(), np.round(w / scale) * scale, rtol=1e-6
+    )
     assert len(np.unique(q8.update.delta["fc.weight"].numpy())) <= 255
     q16 = Quantize(format="fp16").build(index=0, sample_rate=1.0)(u, _ctx())
-    np.testing.assert_array_equal(q16.update.delta["fc.weight"].numpy(), w.astype(np.float16).astype(np.float32))
+    np.testing.assert_array_equal(
+        q16.update.delta["fc.weight"].numpy(), w.astype(np.float16).astype(np.float32)
+    )
 
 
 def test_two_filters_of_a_kind_record_apart() -> None:

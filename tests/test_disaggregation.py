@@ -82,25 +82,45 @@ def test_an_interrupted_disaggregation_continues_from_its_journal(tmp_path) -> N
         disaggregate(sums, window_counts(p, 10), 10, workers=1, journal=journal, progress=stop)
     assert len((tmp_path / "out" / "columns.jsonl").read_text().splitlines()) == 1 + 4
     solved = []
-    again = disaggregate(sums, window_counts(p, 10), 10, workers=1, journal=journal,
-                         progress=lambda done, total: solved.append(total))  # fmt: skip
+    again = disaggregate(
+        sums,
+        window_counts(p, 10),
+        10,
+        workers=1,
+        journal=journal,
+        progress=lambda done, total: solved.append(total),
+    )
     assert set(solved) == {2}
-    assert np.array_equal(again.participation, whole.participation) and np.array_equal(again.updates, whole.updates)
-    other = disaggregate(2 * sums, window_counts(p, 10), 10, workers=1, journal=journal,
-                         progress=lambda done, total: solved.append(total))  # fmt: skip
+    assert np.array_equal(again.participation, whole.participation) and np.array_equal(
+        again.updates, whole.updates
+    )
+    other = disaggregate(
+        2 * sums,
+        window_counts(p, 10),
+        10,
+        workers=1,
+        journal=journal,
+        progress=lambda done, total: solved.append(total),
+    )
     assert solved[-1] == 6 and np.array_equal(other.participation, p)
 
 
 @pytest.mark.parametrize("solver", ["scip", "gurobi"])
 def test_optional_back_ends_recover_exact_and_noisy_sums(solver) -> None:
-    pytest.importorskip({"scip": "pyscipopt", "gurobi": "gurobipy"}[solver])  # installed by the test extra
-    p, u, sums = _case(n=6, t=40, d=30, seed=5)  # small: within Gurobi's bundled size-limited licence
+    pytest.importorskip(
+        {"scip": "pyscipopt", "gurobi": "gurobipy"}[solver]
+    )  # installed by the test extra
+    p, u, sums = _case(
+        n=6, t=40, d=30, seed=5
+    )  # small: within Gurobi's bundled size-limited licence
     r = disaggregate(sums, window_counts(p, 10), 10, workers=1, solver=solver)
     assert np.array_equal(r.participation, p)
     np.testing.assert_allclose(r.updates, u, atol=1e-8)
     # Noise 0.01: SCIP takes about 24 s to prove the L1 program optimal at 0.05 (HiGHS: about 2 s).
     noisy = sums + np.random.default_rng(6).normal(scale=0.01, size=sums.shape)
-    assert np.array_equal(disaggregate(noisy, window_counts(p, 10), 10, workers=1, solver=solver).participation, p)
+    assert np.array_equal(
+        disaggregate(noisy, window_counts(p, 10), 10, workers=1, solver=solver).participation, p
+    )
     wrong = window_counts(p, 10)
     wrong[0, 0] += 1 if wrong[0, 0] < 10 else -1  # no binary column of the sums has these counts
     with pytest.raises(SolverFailure, match=r"client 4, rounds 0-39: (SCIP|Gurobi) status"):
@@ -115,7 +135,9 @@ def test_an_unknown_or_missing_solver_is_refused_by_name(monkeypatch) -> None:
     with pytest.raises(ConfigError, match="unknown solver 'cplex'"):
         disaggregate(sums, window_counts(p, 10), 10, solver="cplex")
     monkeypatch.setattr(milp.importlib.util, "find_spec", lambda name: None)
-    with pytest.raises(ConfigError, match=r"needs the pyscipopt package: pip install 'gradleak\[scip\]'"):
+    with pytest.raises(
+        ConfigError, match=r"needs the pyscipopt package: pip install 'gradleak\[scip\]'"
+    ):
         disaggregate(sums, window_counts(p, 10), 10, solver="scip")
 
 
@@ -126,10 +148,16 @@ def test_ill_posed_inputs_are_refused_before_solving() -> None:
     twins = p.copy()
     twins[:, 1] = twins[:, 0]  # two clients always together: their columns cannot be told apart
     with pytest.raises(IllPosed, match="rank below 6"):
-        disaggregate(twins @ np.random.default_rng(0).normal(size=(6, 40)), window_counts(twins, 10), 10)
+        disaggregate(
+            twins @ np.random.default_rng(0).normal(size=(6, 40)), window_counts(twins, 10), 10
+        )
     with pytest.raises(IllPosed, match="counts have 3 windows"):
         disaggregate(sums, np.zeros((3, 6), dtype=np.int64), 10)  # 60 rounds make 6 windows of 10
-    with pytest.raises(IllPosed, match=r"client 0: a participation count of \d+ in rounds 0-9 is negative or larger than its interval"):
+    with pytest.raises(
+        IllPosed,
+        match=r"client 0: a participation count of \d+ in rounds 0-9 is negative or larger than "
+        r"its interval",
+    ):
         disaggregate(sums, window_counts(p, 10) + 20, 10)
 
 
@@ -141,13 +169,37 @@ def test_cli_on_csv_and_npz_files(tmp_path) -> None:
     p, u, sums = _case()
     np.savetxt(tmp_path / "sums.csv", sums, delimiter=",")
     np.savez(tmp_path / "counts.npz", counts=window_counts(p, 10))
-    result = CliRunner().invoke(app, ["disaggregate", "--sums", str(tmp_path / "sums.csv"), "--counts",
-                                      str(tmp_path / "counts.npz"), "--window", "10", "--out", str(tmp_path / "o")])  # fmt: skip
+    result = CliRunner().invoke(
+        app,
+        [
+            "disaggregate",
+            "--sums",
+            str(tmp_path / "sums.csv"),
+            "--counts",
+            str(tmp_path / "counts.npz"),
+            "--window",
+            "10",
+            "--out",
+            str(tmp_path / "o"),
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert np.array_equal(np.loadtxt(tmp_path / "o/participation.csv", delimiter=",", dtype=int), p)
     np.testing.assert_allclose(np.load(tmp_path / "o/updates.npz")["updates"], u, atol=1e-9)
-    bad = CliRunner().invoke(app, ["disaggregate", "--sums", str(tmp_path / "sums.csv"), "--counts",
-                                   str(tmp_path / "counts.npz"), "--window", "7", "--out", str(tmp_path / "o")])  # fmt: skip
+    bad = CliRunner().invoke(
+        app,
+        [
+            "disaggregate",
+            "--sums",
+            str(tmp_path / "sums.csv"),
+            "--counts",
+            str(tmp_path / "counts.npz"),
+            "--window",
+            "7",
+            "--out",
+            str(tmp_path / "o"),
+        ],
+    )
     assert bad.exit_code == 2 and "counts have 6 windows" in bad.output
 
 
@@ -179,7 +231,8 @@ def test_certainty_does_not_fade_with_the_length_of_a_noisy_chunk() -> None:
 
 
 def test_updates_that_drift_are_solved_in_chunks_and_tracked_per_chunk() -> None:
-    # 12 clients, 240 rounds; every 80 rounds every update changes (as Lam et al.'s test_recover_grad).
+    # 12 clients, 240 rounds; every 80 rounds every update changes (as Lam et al.'s
+    # test_recover_grad).
     rng = np.random.default_rng(3)
     p = (rng.random((240, 12)) < 0.5).astype(np.int64)
     base = rng.normal(1, 0.1, size=(12, 50))
@@ -191,7 +244,8 @@ def test_updates_that_drift_are_solved_in_chunks_and_tracked_per_chunk() -> None
     for i in range(3):
         np.testing.assert_allclose(r.chunk_updates[i], periods[i], atol=1e-8)
     np.testing.assert_allclose(r.updates, np.mean(periods, axis=0), atol=1e-8)
-    # Solved as one span the sums have no 12-dimensional column space: nothing may come back certain.
+    # Solved as one span the sums have no 12-dimensional column space: nothing may come back
+    # certain.
     whole = disaggregate(sums, window_counts(p, 10), 10, chunk=0, workers=2)
     wrong = [k for k in range(12) if not np.array_equal(whole.participation[:, k], p[:, k])]
     assert wrong and not any(whole.certain[k] for k in wrong)
@@ -208,15 +262,27 @@ def test_per_client_intervals_of_any_shape(tmp_path) -> None:
             if rng.random() < 0.85:
                 rows.append((k, a, b, int(p[a:b, k].sum())))
     table = tmp_path / "counts.csv"
-    table.write_text("client,start,end,count\n" + "".join(f"{k},{a},{b},{c}\n" for k, a, b, c in rows))
+    table.write_text(
+        "client,start,end,count\n" + "".join(f"{k},{a},{b},{c}\n" for k, a, b, c in rows)
+    )
     plog = ParticipationLog.load(table, rounds=80)
-    assert [(k, iv.start, iv.end, iv.count) for k, ivs in enumerate(plog.intervals) for iv in ivs] == sorted(rows)
-    assert any(sum(iv.end - iv.start for iv in ivs) < 80 for ivs in plog.intervals)  # some rounds uncounted
+    assert [
+        (k, iv.start, iv.end, iv.count) for k, ivs in enumerate(plog.intervals) for iv in ivs
+    ] == sorted(rows)
+    assert any(
+        sum(iv.end - iv.start for iv in ivs) < 80 for ivs in plog.intervals
+    )  # some rounds uncounted
     r = disaggregate(sums, plog, workers=2)
     assert np.array_equal(r.participation, p)
     np.testing.assert_allclose(r.updates, u, atol=1e-8)
     arrays = tmp_path / "counts.npz"
-    np.savez(arrays, **{name: np.array([row[i] for row in rows]) for i, name in enumerate(("client", "start", "end", "count"))})
+    np.savez(
+        arrays,
+        **{
+            name: np.array([row[i] for row in rows])
+            for i, name in enumerate(("client", "start", "end", "count"))
+        },
+    )
     assert ParticipationLog.load(arrays, rounds=80) == plog
     with pytest.raises(IllPosed, match=r"client 2: intervals 3-9 and 8-11 overlap"):
         ParticipationLog(20, ((), (), (Interval(3, 10, 2), Interval(8, 12, 1))))
@@ -232,7 +298,9 @@ def test_an_ambiguous_column_is_never_returned_as_certain() -> None:
     r = disaggregate(sums, window_counts(twin, 10), 10, workers=1)
     assert not r.certain[0] and not r.certain[1] and "has the same counts" in r.confidence[0].reason
     assert r.certain[2:].all()
-    with pytest.raises(UncertainColumns, match=r"2 of 6 clients' columns are not certain: client 0:"):
+    with pytest.raises(
+        UncertainColumns, match=r"2 of 6 clients' columns are not certain: client 0:"
+    ):
         disaggregate(sums, window_counts(twin, 10), 10, workers=1, on_uncertain="fail")
 
 
@@ -277,5 +345,8 @@ def test_a_round_the_counts_leave_empty_must_sum_to_nothing() -> None:
     assert np.array_equal(r.participation[:10], np.zeros((10, 6)))
     loud = sums.copy()
     loud[3] = sums[20]  # a round the counts leave empty, with a sum as large as the others'
-    with pytest.raises(IllPosed, match=r"^round 3: the counts leave no client a way to take part, yet its sum has norm"):
+    with pytest.raises(
+        IllPosed,
+        match=r"^round 3: the counts leave no client a way to take part, yet its sum has norm",
+    ):
         disaggregate(loud, window_counts(p, 10), 10, workers=1)

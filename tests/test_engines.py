@@ -21,14 +21,25 @@ CONFIG = {
     "name": "engines",
     "device": "cpu",
     "data": {"source": "digits", "image_size": 8},
-    "partition": {"scheme": "explicit", "clients": [
-        {"size": 1, "batch_size": 1}, {"size": 20, "batch_size": 4}, {"size": 30, "batch_size": 8},
-    ]},  # fmt: skip
+    "partition": {
+        "scheme": "explicit",
+        "clients": [
+            {"size": 1, "batch_size": 1},
+            {"size": 20, "batch_size": 4},
+            {"size": 30, "batch_size": 8},
+        ],
+    },
     "model": {"name": "mlp", "kwargs": {"hidden": [32]}},
     "training": {"rounds": 3, "lr": 0.1, "momentum": 0.5},
     "defenses": [{"name": "gaussian", "sigma": 1e-4}],
-    "audit": {"clients": [1], "frequency": 2, "preset": "inverting-gradients",
-              "attack": {"iterations": 30}, "metric": "psnr", "threshold": 0.0},  # fmt: skip
+    "audit": {
+        "clients": [1],
+        "frequency": 2,
+        "preset": "inverting-gradients",
+        "attack": {"iterations": 30},
+        "metric": "psnr",
+        "threshold": 0.0,
+    },
     "engine": {"threads": 1},
 }
 
@@ -45,20 +56,33 @@ def test_secagg_overflow_too_few_participants_and_missing_extras_are_refused_bef
     monkeypatch.setattr(engines, "check_installed", lambda name: None)  # the checks come first
     secure = {**CONFIG, "audit": None, "aggregation": {"strategy": "secure-sum"}}
     # 3 participants x 2^31 - 1 levels overflow the 2^32 modulus; 2 x the same would not
-    cfg = validate_config({**secure, "engine": {"name": "flower", "secagg": {"quantization": 2**31 - 1}}})
-    with pytest.raises(ConfigError, match=r"^engine.secagg.quantization: 3 participants x 2147483647 levels "
-                                          r"overflow SecAgg\+'s modulus 2\^32: use at most 1431655765"):  # fmt: skip
+    cfg = validate_config(
+        {**secure, "engine": {"name": "flower", "secagg": {"quantization": 2**31 - 1}}}
+    )
+    with pytest.raises(
+        ConfigError,
+        match=r"^engine.secagg.quantization: 3 participants x 2147483647 levels "
+        r"overflow SecAgg\+'s modulus 2\^32: use at most 1431655765",
+    ):
         run_experiment(cfg, tmp_path / "a")
-    one = validate_config({**secure, "engine": {"name": "flower"}, "training": {"clients_per_round": 0.3}})
-    with pytest.raises(ConfigError, match=r"^training.clients_per_round: SecAgg\+ needs at least 2 participants"):
+    one = validate_config(
+        {**secure, "engine": {"name": "flower"}, "training": {"clients_per_round": 0.3}}
+    )
+    with pytest.raises(
+        ConfigError, match=r"^training.clients_per_round: SecAgg\+ needs at least 2 participants"
+    ):
         run_experiment(one, tmp_path / "a")
     monkeypatch.undo()
 
     monkeypatch.setattr(engines.importlib.util, "find_spec", lambda name: None)
-    with pytest.raises(ConfigError, match=r"engine.name.*pip install -c constraints.txt 'gradleak\[flower\]'"):
+    with pytest.raises(
+        ConfigError, match=r"engine.name.*pip install -c constraints.txt 'gradleak\[flower\]'"
+    ):
         run_experiment(validate_config({**CONFIG, "engine": {"name": "flower"}}), tmp_path / "b")
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
-    with pytest.raises(ConfigError, match=r"^engine.secagg.quantization: Input should be less than 2147483648"):
+    with pytest.raises(
+        ConfigError, match=r"^engine.secagg.quantization: Input should be less than 2147483648"
+    ):
         validate_config({**CONFIG, "engine": {"secagg": {"quantization": 2**31}}})
 
 
@@ -67,15 +91,20 @@ def _same_run(local: Path, other: Path) -> None:
     audit files are the same."""
     a, b = _rows(local / "results.jsonl"), _rows(other / "results.jsonl")
     assert [(r["round"], r["client"]) for r in a] == [(r["round"], r["client"]) for r in b]
-    assert any(r.get("withheld") for r in a) and any(r.get("audited") for r in a)  # both paths crossed
+    assert any(r.get("withheld") for r in a) and any(
+        r.get("audited") for r in a
+    )  # both paths crossed
     drop = {"attack_seconds"}  # wall-clock fields
-    assert [{k: v for k, v in r.items() if k not in drop} for r in a] == \
-        [{k: v for k, v in r.items() if k not in drop} for r in b]  # fmt: skip
+    assert [{k: v for k, v in r.items() if k not in drop} for r in a] == [
+        {k: v for k, v in r.items() if k not in drop} for r in b
+    ]
     assert (local / "rounds.jsonl").read_bytes() == (other / "rounds.jsonl").read_bytes()
     final = "checkpoints/global_0003.safetensors"
     sa, sb = load_file(local / final), load_file(other / final)
     assert sa.keys() == sb.keys() and all((sa[k] == sb[k]).all() for k in sa)
-    assert sorted(p.name for p in (local / "audit").rglob("*")) == sorted(p.name for p in (other / "audit").rglob("*"))
+    assert sorted(p.name for p in (local / "audit").rglob("*")) == sorted(
+        p.name for p in (other / "audit").rglob("*")
+    )
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +132,10 @@ def test_a_ray_pool_without_ray_is_refused_naming_the_extra(monkeypatch, tmp_pat
     monkeypatch.setattr(engines.importlib.util, "find_spec", lambda name: None)
     assert pool_kind("auto") == "processes"
     config = validate_config({**CONFIG, "engine": {"workers": 2, "pool": "ray"}})
-    with pytest.raises(ConfigError, match=r"^engine.pool: ray needs ray: pip install -c constraints.txt 'gradleak\[ray\]'"):
+    with pytest.raises(
+        ConfigError,
+        match=r"^engine.pool: ray needs ray: pip install -c constraints.txt 'gradleak\[ray\]'",
+    ):
         run_experiment(config, tmp_path / "a")
     assert not (tmp_path / "a").exists()
 
@@ -111,20 +143,33 @@ def test_a_ray_pool_without_ray_is_refused_naming_the_extra(monkeypatch, tmp_pat
 @pytest.mark.engines
 def test_flower_gives_the_in_process_results_exactly(sequential, tmp_path) -> None:
     pytest.importorskip("flwr")
-    run_experiment(validate_config({**CONFIG, "engine": {"name": "flower", "threads": 1}}), tmp_path / "flower")
+    run_experiment(
+        validate_config({**CONFIG, "engine": {"name": "flower", "threads": 1}}), tmp_path / "flower"
+    )
     _same_run(sequential, tmp_path / "flower")
 
 
 # SecAgg+: four clients, three a round, one of them withheld by the audit in its audited rounds
 # (it then sends zeros), float64 updates well inside the clip.
-SECAGG = {**CONFIG, "name": "secagg",
-          "partition": {"scheme": "explicit", "clients": [
-              {"size": 1, "batch_size": 1}, {"size": 20, "batch_size": 4}, {"size": 30, "batch_size": 8},
-              {"size": 15, "batch_size": 5}]},
-          "training": {"rounds": 4, "lr": 0.02, "clients_per_round": 0.75},
-          "aggregation": {"strategy": "secure-sum"}, "defenses": [], "checkpoints": {"keep_every": 1},
-          "audit": {**CONFIG["audit"], "threshold": -10.0},  # every audited update withheld
-          "engine": {"name": "flower", "threads": 1}}  # fmt: skip
+SECAGG = {
+    **CONFIG,
+    "name": "secagg",
+    "partition": {
+        "scheme": "explicit",
+        "clients": [
+            {"size": 1, "batch_size": 1},
+            {"size": 20, "batch_size": 4},
+            {"size": 30, "batch_size": 8},
+            {"size": 15, "batch_size": 5},
+        ],
+    },
+    "training": {"rounds": 4, "lr": 0.02, "clients_per_round": 0.75},
+    "aggregation": {"strategy": "secure-sum"},
+    "defenses": [],
+    "checkpoints": {"keep_every": 1},
+    "audit": {**CONFIG["audit"], "threshold": -10.0},  # every audited update withheld
+    "engine": {"name": "flower", "threads": 1},
+}
 
 
 @pytest.mark.engines
@@ -149,9 +194,15 @@ def test_secagg_round_sums_match_the_plain_sums(tmp_path) -> None:
         start = store.load_checkpoint(r["round"] - 1)
         results = [sim.run_client(r["round"], start, by_id[c]) for c in r["clients"]]
         assert [res.withheld for res in results] == [
-            row["withheld"] for row in rows if row["round"] == r["round"]]  # fmt: skip
-        plain = {k: sum((res.update.delta[k].double() for res in results if not res.withheld),
-                        torch.zeros_like(start[k], dtype=torch.float64)) for k in start}  # fmt: skip
+            row["withheld"] for row in rows if row["round"] == r["round"]
+        ]
+        plain = {
+            k: sum(
+                (res.update.delta[k].double() for res in results if not res.withheld),
+                torch.zeros_like(start[k], dtype=torch.float64),
+            )
+            for k in start
+        }
         got = load_file(tmp_path / f"run/secure_sum/round_{r['round']:04d}.safetensors")
         assert got.keys() == plain.keys() and all(v.dtype == torch.float64 for v in got.values())
         worst = max(worst, *(float((got[k] - plain[k]).abs().max()) for k in got))
@@ -177,8 +228,13 @@ def test_disaggregation_of_a_recorded_secagg_run_is_exact(tmp_path) -> None:
 def test_a_resume_repeats_a_round_that_must_run_whole(tmp_path) -> None:
     """Under SecAgg+ a round is one protocol run: a resume drops its finished clients and repeats
     it (a partial round's updates were never seen, so they cannot be summed later)."""
-    small = {**CONFIG, "audit": None, "defenses": [], "training": {"rounds": 2, "lr": 0.1},
-             "checkpoints": {"keep_every": 1}}
+    small = {
+        **CONFIG,
+        "audit": None,
+        "defenses": [],
+        "training": {"rounds": 2, "lr": 0.1},
+        "checkpoints": {"keep_every": 1},
+    }
     run_experiment(validate_config(small), tmp_path / "run")
     store = RunStore(tmp_path / "run").claim()
     rows = store.results.read()
@@ -213,9 +269,15 @@ def test_nvflare_gives_the_in_process_results_exactly(sequential, tmp_path) -> N
     run_experiment(config, tmp_path / "nvflare", display=seen)
     _same_run(sequential, tmp_path / "nvflare")
     rounds = _rows(tmp_path / "nvflare" / "rounds.jsonl")
-    expected = [e for r in rounds for e in [("start", r["round"], r["clients"]),
-                                            *[("client", r["round"], c) for c in r["clients"]],
-                                            ("done", r["round"], r["test_accuracy"])]]  # fmt: skip
+    expected = [
+        e
+        for r in rounds
+        for e in [
+            ("start", r["round"], r["clients"]),
+            *[("client", r["round"], c) for c in r["clients"]],
+            ("done", r["round"], r["test_accuracy"]),
+        ]
+    ]
     assert seen.events == expected
 
 
@@ -231,22 +293,52 @@ def test_nvflare_filter_errors_are_recorded_and_withhold_the_update(tmp_path) ->
 
     config_json = validate_config(CONFIG).model_dump_json()
     OwnedDir(tmp_path, "run").claim()  # the run directory the job's driver claimed
-    fields = {"train_loss": 1.0, "seconds": 0.5, "buffers": [], "meta": {
-        "client_id": 2, "round": 1, "num_samples": 20, "lr": 0.1, "epochs": 1, "steps": 5, "batch_size": 4}}  # fmt: skip
-    dxo = DXO(DataKind.WEIGHT_DIFF, data={"w": np.ones(3, dtype=np.float32)}, meta={ROW: json.dumps(fields)})
+    fields = {
+        "train_loss": 1.0,
+        "seconds": 0.5,
+        "buffers": [],
+        "meta": {
+            "client_id": 2,
+            "round": 1,
+            "num_samples": 20,
+            "lr": 0.1,
+            "epochs": 1,
+            "steps": 5,
+            "batch_size": 4,
+        },
+    }
+    dxo = DXO(
+        DataKind.WEIGHT_DIFF,
+        data={"w": np.ones(3, dtype=np.float32)},
+        meta={ROW: json.dumps(fields)},
+    )
     ctx = FLContext()
     ctx.set_prop(ReservedKey.IDENTITY_NAME, "site-2", private=False, sticky=False)
     # no global model was captured for this site: the audit cannot run
     out = UpdateFilters(config_json, str(tmp_path)).process_dxo(dxo, Shareable(), ctx)
     row = json.loads(out.meta[ROW])
     assert out.data == {} and row["withheld"] is True
-    assert row["record"] == {"filter_error": "KeyError: 'site-2'"} and row["norm"] == pytest.approx(3**0.5)
+    assert row["record"] == {"filter_error": "KeyError: 'site-2'"} and row["norm"] == pytest.approx(
+        3**0.5
+    )
 
     # NVFlare's RDLV filter arguments set the audit (its rounds count from 0)
-    f = RelativeDataLeakageValueFilter(config_json, str(tmp_path), frequency=3, start_round=2, rdlv_reduce="min",
-                                       rdlv_threshold=0.5, prior="none")  # fmt: skip
+    f = RelativeDataLeakageValueFilter(
+        config_json,
+        str(tmp_path),
+        frequency=3,
+        start_round=2,
+        rdlv_reduce="min",
+        rdlv_threshold=0.5,
+        prior="none",
+    )
     audit = json.loads(f._config_json())["audit"]
-    assert (audit["frequency"], audit["start_round"], audit["reduce"], audit["threshold"], audit["prior"]) == (
-        3, 3, "min", 0.5, "none")  # fmt: skip
+    assert (
+        audit["frequency"],
+        audit["start_round"],
+        audit["reduce"],
+        audit["threshold"],
+        audit["prior"],
+    ) == (3, 3, "min", 0.5, "none")
     with pytest.raises(ConfigError, match="^audit.reduce"):
         RelativeDataLeakageValueFilter(config_json, str(tmp_path), rdlv_reduce="mean")

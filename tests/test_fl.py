@@ -41,8 +41,16 @@ def _state(model) -> dict[str, torch.Tensor]:
 def test_one_full_batch_step_is_minus_lr_times_the_gradient() -> None:
     model, client = _model(), _client()
     state = _state(model)
-    update, loss = train_client(model, state, client, round=1, settings=LocalTraining(lr=0.1),
-                                spec=SPEC, task=Classification(), seed=0)  # fmt: skip
+    update, loss = train_client(
+        model,
+        state,
+        client,
+        round=1,
+        settings=LocalTraining(lr=0.1),
+        spec=SPEC,
+        task=Classification(),
+        seed=0,
+    )
     # Independent: the gradient of the mean cross-entropy at the global weights.
     ref = _model()
     ref.load_state_dict(state)
@@ -52,15 +60,26 @@ def test_one_full_batch_step_is_minus_lr_times_the_gradient() -> None:
     for (name, _), g in zip(ref.named_parameters(), grads, strict=True):
         torch.testing.assert_close(update.delta[name], -0.1 * g, rtol=1e-4, atol=1e-6)
     assert loss == pytest.approx(float(ce.detach()), rel=1e-5)
-    assert update.meta == UpdateMeta(client_id=1, round=1, num_samples=12, lr=0.1, epochs=1,
-                                     steps=1, batch_size=12, momentum=0.0, bn_mode="train")  # fmt: skip
+    assert update.meta == UpdateMeta(
+        client_id=1,
+        round=1,
+        num_samples=12,
+        lr=0.1,
+        epochs=1,
+        steps=1,
+        batch_size=12,
+        momentum=0.0,
+        bn_mode="train",
+    )
 
 
 def test_several_epochs_and_steps_follow_sgd() -> None:
     model, client = _model(), _client(n=10, bs=4)
     state = _state(model)
     settings = LocalTraining(epochs=2, lr=0.05)
-    update, _ = train_client(model, state, client, round=3, settings=settings, spec=SPEC, task=Classification(), seed=7)
+    update, _ = train_client(
+        model, state, client, round=3, settings=settings, spec=SPEC, task=Classification(), seed=7
+    )
     assert update.meta.steps == 2 * math.ceil(10 / 4)
     # Independent replay: plain SGD over the same batches (drawn from the same derived seed).
     from gradleak.seeding import torch_generator
@@ -79,14 +98,24 @@ def test_several_epochs_and_steps_follow_sgd() -> None:
                 for p, g in zip(params.values(), grads, strict=True):
                     p -= 0.05 * g
     for name, p in params.items():
-        torch.testing.assert_close(update.delta[name], p.detach() - state[name], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(
+            update.delta[name], p.detach() - state[name], rtol=1e-4, atol=1e-6
+        )
 
 
 def test_update_includes_batch_norm_buffers() -> None:
     model, client = _model("convnet"), _client(n=8, bs=4)
     state = _state(model)
-    update, _ = train_client(model, state, client, round=1, settings=LocalTraining(), spec=SPEC,
-                             task=Classification(), seed=0)  # fmt: skip
+    update, _ = train_client(
+        model,
+        state,
+        client,
+        round=1,
+        settings=LocalTraining(),
+        spec=SPEC,
+        task=Classification(),
+        seed=0,
+    )
     assert set(update.delta) == set(state)
     assert "features.1.running_mean" in update.buffers
     assert "features.1.weight" not in update.buffers
@@ -97,7 +126,9 @@ def test_update_includes_batch_norm_buffers() -> None:
 def test_client_training_is_deterministic() -> None:
     model, client = _model("convnet"), _client(n=9, bs=2)
     state = _state(model)
-    kw = dict(round=2, settings=LocalTraining(momentum=0.9), spec=SPEC, task=Classification(), seed=3)
+    kw = dict(
+        round=2, settings=LocalTraining(momentum=0.9), spec=SPEC, task=Classification(), seed=3
+    )
     a, _ = train_client(model, state, client, **kw)
     b, _ = train_client(model, state, client, **kw)
     assert all(torch.equal(a.delta[k], b.delta[k]) for k in a.delta)
@@ -106,11 +137,16 @@ def test_client_training_is_deterministic() -> None:
 def test_fedavg_is_the_sample_weighted_mean() -> None:
     rng = np.random.default_rng(0)
     g = {"w": rng.normal(size=(3, 2)).astype(np.float32), "n": np.array(5)}
-    deltas = [{"w": rng.normal(size=(3, 2)).astype(np.float32), "n": np.array(s)} for s in (2, 3, 4)]
+    deltas = [
+        {"w": rng.normal(size=(3, 2)).astype(np.float32), "n": np.array(s)} for s in (2, 3, 4)
+    ]
     counts = [1, 8, 3]
     updates = [
-        ClientUpdate({k: torch.from_numpy(v) for k, v in d.items()},
-                     UpdateMeta(i, 1, n, 0.1, 1, 1, 1), frozenset({"n"}))  # fmt: skip
+        ClientUpdate(
+            {k: torch.from_numpy(v) for k, v in d.items()},
+            UpdateMeta(i, 1, n, 0.1, 1, 1, 1),
+            frozenset({"n"}),
+        )
         for i, (d, n) in enumerate(zip(deltas, counts, strict=True))
     ]
     new = FedAvg().aggregate({k: torch.from_numpy(v) for k, v in g.items()}, updates)
@@ -130,8 +166,16 @@ def test_fedavg_without_updates_keeps_the_model() -> None:
 
 def test_update_round_trips_through_safetensors(tmp_path) -> None:
     model, client = _model("convnet"), _client(n=4, bs=2)
-    update, _ = train_client(model, _state(model), client, round=1, settings=LocalTraining(),
-                             spec=SPEC, task=Classification(), seed=0)  # fmt: skip
+    update, _ = train_client(
+        model,
+        _state(model),
+        client,
+        round=1,
+        settings=LocalTraining(),
+        spec=SPEC,
+        task=Classification(),
+        seed=0,
+    )
     back = ClientUpdate.from_bytes(update.to_bytes(), "u.safetensors")
     assert back.meta == update.meta and back.buffers == update.buffers
     assert all(torch.equal(back.delta[k], update.delta[k]) for k in update.delta)
@@ -149,8 +193,17 @@ def test_evaluate_counts_correct_predictions() -> None:
 
 def test_participation_fraction_is_seeded() -> None:
     clients = [_client(n=4, bs=2, cid=i) for i in range(1, 11)]
-    sim = Simulator(model=_model(), clients=clients, test=clients[0].data, spec=SPEC, task=Classification(),
-                    strategy=FedAvg(), training=LocalTraining(), seed=1, clients_per_round=0.3)  # fmt: skip
+    sim = Simulator(
+        model=_model(),
+        clients=clients,
+        test=clients[0].data,
+        spec=SPEC,
+        task=Classification(),
+        strategy=FedAvg(),
+        training=LocalTraining(),
+        seed=1,
+        clients_per_round=0.3,
+    )
     picks = [[c.client_id for c in sim.participants(r)] for r in range(1, 6)]
     assert all(len(p) == 3 for p in picks)
     assert len({tuple(p) for p in picks}) > 1  # changes between rounds

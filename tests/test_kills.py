@@ -25,7 +25,10 @@ CONFIG = {
     "name": "kills",
     "device": "cpu",
     "data": {"source": "digits", "image_size": 8},
-    "partition": {"scheme": "explicit", "clients": [{"size": 4, "batch_size": 2}, {"size": 6, "batch_size": 3}]},
+    "partition": {
+        "scheme": "explicit",
+        "clients": [{"size": 4, "batch_size": 2}, {"size": 6, "batch_size": 3}],
+    },
     "model": {"name": "mlp", "kwargs": {"hidden": [8]}},
     "training": {"rounds": 2, "lr": 0.1},
     "engine": {"threads": 1},
@@ -57,12 +60,17 @@ finally:
 
 def _run(args: list[str], run_dir: Path, kill_at: int) -> subprocess.CompletedProcess:
     env = {**os.environ, "KILL_AT": str(kill_at), "RUN_DIR": str(run_dir), "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-c", CHILD, *args], env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-c", CHILD, *args], env=env, capture_output=True, text=True, timeout=300
+    )
 
 
 def _outputs(run: Path) -> tuple[bytes, bytes, bytes]:
-    return ((run / "results.jsonl").read_bytes(), (run / "rounds.jsonl").read_bytes(),
-            (run / "checkpoints/global_0002.safetensors").read_bytes())  # fmt: skip
+    return (
+        (run / "results.jsonl").read_bytes(),
+        (run / "rounds.jsonl").read_bytes(),
+        (run / "checkpoints/global_0002.safetensors").read_bytes(),
+    )
 
 
 @pytest.mark.slow
@@ -73,7 +81,9 @@ def test_a_kill_at_every_file_operation_resumes_to_the_same_results(tmp_path: Pa
     done = _run(["run", str(config), "--out", str(whole), "-q"], whole, 0)
     assert done.returncode == 0, done.stderr
     operations = int(done.stdout.split("OPERATIONS")[-1])
-    assert operations > 60  # manifest, config, checkpoints, updates, rows, report: every one is a trial
+    assert (
+        operations > 60
+    )  # manifest, config, checkpoints, updates, rows, report: every one is a trial
     expected = _outputs(whole)
     every = int(os.environ.get("GRADLEAK_KILL_EVERY", str(max(1, operations // 14))))
     for k in sorted({*range(1, operations + 1, every), operations}):
@@ -87,8 +97,9 @@ def test_a_kill_at_every_file_operation_resumes_to_the_same_results(tmp_path: Pa
         assert not leftovers, (k, leftovers)
         assert json.loads((run / "results.jsonl").read_text().splitlines()[-1])["round"] == 2
         store = RunStore(run)  # one timing row per result row, none lost or repeated
-        assert [(t["round"], t["client"]) for t in store.timings.read()] == \
-            [(r["round"], r["client"]) for r in store.results.read()], k  # fmt: skip
+        assert [(t["round"], t["client"]) for t in store.timings.read()] == [
+            (r["round"], r["client"]) for r in store.results.read()
+        ], k
 
 
 def test_two_processes_on_one_directory_one_runs_the_other_is_refused(tmp_path: Path) -> None:
@@ -96,9 +107,16 @@ def test_two_processes_on_one_directory_one_runs_the_other_is_refused(tmp_path: 
     config.write_text(yaml.safe_dump({**CONFIG, "training": {"rounds": 3, "lr": 0.1}}))
     out = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    procs = [subprocess.Popen([sys.executable, "-m", "gradleak", "run", str(config), "--out", str(out), "-q", *extra],
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for extra in ([], ["--resume"])]  # fmt: skip
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "gradleak", "run", str(config), "--out", str(out), "-q", *extra],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for extra in ([], ["--resume"])
+    ]
     results = [(p.wait(timeout=300), p.stdout.read()) for p in procs]  # type: ignore[union-attr]
     codes = sorted(code for code, _ in results)
     # either one was refused while the other ran, or the second found the first's run finished
@@ -107,14 +125,20 @@ def test_two_processes_on_one_directory_one_runs_the_other_is_refused(tmp_path: 
     for code, output in results:
         if code == 2:
             lines = [line for line in output.splitlines() if line.strip()]
-            assert len(lines) == 1 and ("in use by another gradleak process" in lines[0]
-                                        or "already holds a run" in lines[0]), output  # fmt: skip
+            assert len(lines) == 1 and (
+                "in use by another gradleak process" in lines[0]
+                or "already holds a run" in lines[0]
+            ), output
     store = RunStore(out)
-    assert [(r["round"], r["client"]) for r in store.results.read()] == [(r, c) for r in (1, 2, 3) for c in (1, 2)]
+    assert [(r["round"], r["client"]) for r in store.results.read()] == [
+        (r, c) for r in (1, 2, 3) for c in (1, 2)
+    ]
     assert len(store.rounds.read()) == 3
 
 
-def test_ctrl_c_at_any_moment_of_any_command_ends_cleanly(tmp_path: Path, saved_update: list[str]) -> None:
+def test_ctrl_c_at_any_moment_of_any_command_ends_cleanly(
+    tmp_path: Path, saved_update: list[str]
+) -> None:
     """SIGINT at generated moments (while Python loads, while starting, during the work, while
     writing) of every long command: a traceback never; exit 130 with at most the 'interrupted'
     line, or 0 when the work was already done; an interrupted run resumes to completion."""
@@ -125,12 +149,21 @@ def test_ctrl_c_at_any_moment_of_any_command_ends_cleanly(tmp_path: Path, saved_
     import numpy as np
 
     config = tmp_path / "c.yaml"
-    audited = {**CONFIG, "training": {"rounds": 3, "lr": 0.1},
-               "audit": {"clients": [1], "attack": {"iterations": 300}}}  # fmt: skip
+    audited = {
+        **CONFIG,
+        "training": {"rounds": 3, "lr": 0.1},
+        "audit": {"clients": [1], "attack": {"iterations": 300}},
+    }
     config.write_text(yaml.safe_dump(audited))
     done = tmp_path / "done"
-    assert subprocess.run([sys.executable, "-m", "gradleak", "run", str(config), "--out", str(done), "-q"],
-                          env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True).returncode == 0  # fmt: skip
+    assert (
+        subprocess.run(
+            [sys.executable, "-m", "gradleak", "run", str(config), "--out", str(done), "-q"],
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+            capture_output=True,
+        ).returncode
+        == 0
+    )
     rng = np.random.default_rng(0)
     p = (rng.random((24, 6)) < 0.5).astype(float)
     np.savez(tmp_path / "sums.npz", sums=p @ rng.normal(size=(6, 50)))
@@ -140,17 +173,40 @@ def test_ctrl_c_at_any_moment_of_any_command_ends_cleanly(tmp_path: Path, saved_
         "run": lambda o: ["run", str(config), "--out", o],
         "report": lambda o: ["report", str(done)],
         "attack": lambda o: ["attack", *attack, "--out", o],
-        "sweep": lambda o: ["sweep", str(config), "-s", "audit.attack.iterations=100,200", "--out", o],
-        "disaggregate": lambda o: ["disaggregate", "--sums", str(tmp_path / "sums.npz"), "--counts",
-                                   str(tmp_path / "counts.csv"), "--window", "6", "--workers", "1", "--out", o],
-    }  # fmt: skip
+        "sweep": lambda o: [
+            "sweep",
+            str(config),
+            "-s",
+            "audit.attack.iterations=100,200",
+            "--out",
+            o,
+        ],
+        "disaggregate": lambda o: [
+            "disaggregate",
+            "--sums",
+            str(tmp_path / "sums.npz"),
+            "--counts",
+            str(tmp_path / "counts.csv"),
+            "--window",
+            "6",
+            "--workers",
+            "1",
+            "--out",
+            o,
+        ],
+    }
     moments = random.Random(0)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
     for name, args in commands.items():
         for i, delay in enumerate([moments.uniform(0.05, 1.0), moments.uniform(1.0, 6.0)]):
             out = str(tmp_path / f"{name}{i}")
-            proc = subprocess.Popen([sys.executable, "-m", "gradleak", *args(out)], env=env,
-                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "gradleak", *args(out)],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
             time.sleep(delay)
             proc.send_signal(signal.SIGINT)
             output = proc.communicate(timeout=120)[0]
@@ -162,15 +218,32 @@ def test_ctrl_c_at_any_moment_of_any_command_ends_cleanly(tmp_path: Path, saved_
                 said = [line for line in output.splitlines() if line.startswith("interrupted")]
                 assert len(said) <= 1, case
             if name == "run" and Path(out, "config.yaml").exists():
-                resumed = subprocess.run([sys.executable, "-m", "gradleak", "run", str(config), "--out", out, "-q",
-                                          "--resume"], env=env, capture_output=True, text=True)  # fmt: skip
+                resumed = subprocess.run(
+                    [
+                        sys.executable,
+                        "-m",
+                        "gradleak",
+                        "run",
+                        str(config),
+                        "--out",
+                        out,
+                        "-q",
+                        "--resume",
+                    ],
+                    env=env,
+                    capture_output=True,
+                    text=True,
+                )
                 assert resumed.returncode == 0, (case, resumed.stderr[-1500:])
-                assert Path(out, "rounds.jsonl").read_bytes() == (done / "rounds.jsonl").read_bytes(), case
+                assert (
+                    Path(out, "rounds.jsonl").read_bytes() == (done / "rounds.jsonl").read_bytes()
+                ), case
 
 
 @pytest.mark.slow
 def test_demo_after_a_start_killed_at_each_step_continues(tmp_path: Path) -> None:
-    """``gradleak demo`` killed at each file operation of its start (the lock, the config, checkpoint
+    """``gradleak demo`` killed at each file operation of its start (the lock, the config,
+    checkpoint
     0, the log) and called again: it finishes, with the uninterrupted demo's rounds."""
     small = ["-s", "training.rounds=1", "-s", "audit=null", "-q"]
     whole = tmp_path / "whole"

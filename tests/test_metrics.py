@@ -41,7 +41,9 @@ def test_ssim_of_colour_images_averages_channels() -> None:
     assert got == pytest.approx(np.mean([_reference_ssim(a[c], b[c]) for c in range(3)]), abs=1e-6)
 
 
-@pytest.mark.parametrize(("channels", "size"), [(1, 4), (1, 7), (1, 8), (3, 10), (3, 11), (1, 16), (3, 32), (1, 33)])
+@pytest.mark.parametrize(
+    ("channels", "size"), [(1, 4), (1, 7), (1, 8), (3, 10), (3, 11), (1, 16), (3, 32), (1, 33)]
+)
 def test_ssim_equals_scikit_image_on_every_size(channels: int, size: int) -> None:
     """Against scikit-image's structural_similarity (the reference), image by image, on sizes below,
     at and above the 11-pixel window, grey and colour."""
@@ -53,8 +55,16 @@ def test_ssim_equals_scikit_image_on_every_size(channels: int, size: int) -> Non
     got = ssim(torch.from_numpy(a), torch.from_numpy(b))
     win = 11 if size >= 11 else size - (1 - size % 2)
     for i in range(5):
-        ref = structural_similarity(a[i], b[i], data_range=1.0, channel_axis=0, gaussian_weights=True, sigma=1.5,
-                                    use_sample_covariance=False, win_size=win)  # fmt: skip
+        ref = structural_similarity(
+            a[i],
+            b[i],
+            data_range=1.0,
+            channel_axis=0,
+            gaussian_weights=True,
+            sigma=1.5,
+            use_sample_covariance=False,
+            win_size=win,
+        )
         assert float(got[i]) == pytest.approx(ref, abs=1e-10)
 
 
@@ -69,7 +79,9 @@ def test_psnr_and_mse_against_scikit_image() -> None:
     a, b = rng.random((3, 1, 16, 16)), rng.random((3, 1, 16, 16))
     ta, tb = torch.from_numpy(a), torch.from_numpy(b)
     for i in range(3):
-        assert float(psnr(ta, tb)[i]) == pytest.approx(peak_signal_noise_ratio(b[i], a[i], data_range=1))
+        assert float(psnr(ta, tb)[i]) == pytest.approx(
+            peak_signal_noise_ratio(b[i], a[i], data_range=1)
+        )
         assert float(mse(ta, tb)[i]) == pytest.approx(((a[i] - b[i]) ** 2).mean())
 
 
@@ -98,7 +110,12 @@ def test_matching_pairs_each_original_with_its_reconstruction() -> None:
 def test_the_matching_cost_is_every_pair_s_mean_squared_error() -> None:
     g = torch.Generator().manual_seed(3)
     recon, truth = torch.rand(7, 3, 5, 5, generator=g), torch.rand(4, 3, 5, 5, generator=g)
-    expected = torch.stack([torch.stack([mse(recon[i : i + 1], truth[j : j + 1])[0] for j in range(4)]) for i in range(7)])
+    expected = torch.stack(
+        [
+            torch.stack([mse(recon[i : i + 1], truth[j : j + 1])[0] for j in range(4)])
+            for i in range(7)
+        ]
+    )
     assert torch.allclose(distances(recon, truth), expected, atol=1e-6)
 
 

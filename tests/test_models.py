@@ -26,14 +26,18 @@ def test_lenet_is_the_dlg_architecture() -> None:
     model = build_model("lenet", spec=ImageSpec.square(3, 32), num_classes=10)
     convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
     assert [(c.in_channels, c.out_channels, c.kernel_size, c.stride) for c in convs] == [
-        (3, 12, (5, 5), (2, 2)), (12, 12, (5, 5), (2, 2)), (12, 12, (5, 5), (1, 1)),
-    ]  # fmt: skip
+        (3, 12, (5, 5), (2, 2)),
+        (12, 12, (5, 5), (2, 2)),
+        (12, 12, (5, 5), (1, 1)),
+    ]
     assert sum(isinstance(m, nn.Sigmoid) for m in model.modules()) == 3
     assert model.fc.in_features == 768  # the 12 x 8 x 8 of the DLG paper at 32 x 32
 
 
 def test_lenet_uniform_init() -> None:
-    model = build_model("lenet", spec=ImageSpec.square(1, 16), num_classes=10, kwargs={"init": "uniform"})
+    model = build_model(
+        "lenet", spec=ImageSpec.square(1, 16), num_classes=10, kwargs={"init": "uniform"}
+    )
     values = torch.cat([p.detach().flatten() for p in model.parameters()])
     assert float(values.min()) >= -0.5 and float(values.max()) <= 0.5 and float(values.std()) > 0.25
 
@@ -50,12 +54,15 @@ def test_user_model_from_module(tmp_path, monkeypatch) -> None:
     (tmp_path / "my_models.py").write_text(
         "import torch.nn as nn\n"
         "def tiny(channels, num_classes, hidden=5):\n"
-        "    return nn.Sequential(nn.Flatten(), nn.LazyLinear(hidden), nn.ReLU(), nn.Linear(hidden, num_classes))\n"
+        "    return nn.Sequential(nn.Flatten(), nn.LazyLinear(hidden), nn.ReLU(), "
+        "nn.Linear(hidden, num_classes))\n"
         "def not_a_model(**kw):\n"
         "    return 3\n"
     )
     monkeypatch.syspath_prepend(str(tmp_path))
-    model = build_model("my_models:tiny", spec=ImageSpec.square(1, 8), num_classes=4, kwargs={"hidden": 6})
+    model = build_model(
+        "my_models:tiny", spec=ImageSpec.square(1, 8), num_classes=4, kwargs={"hidden": 6}
+    )
     assert model(torch.rand(3, 1, 8, 8)).shape == (3, 4)
     with pytest.raises(ConfigError, match="model.name: my_models:not_a_model returned int"):
         build_model("my_models:not_a_model", spec=ImageSpec.square(1, 8), num_classes=4)
@@ -66,7 +73,11 @@ def test_user_model_from_module(tmp_path, monkeypatch) -> None:
 
 
 def test_bad_model_name_and_kwargs() -> None:
-    with pytest.raises(ConfigError, match="model.name: unknown model 'vgg' \\(known: convnet, lenet"):
+    with pytest.raises(
+        ConfigError, match="model.name: unknown model 'vgg' \\(known: convnet, lenet"
+    ):
         build_model("vgg", spec=ImageSpec.square(1, 8), num_classes=2)
-    with pytest.raises(ConfigError, match="model.kwargs: convnet: .*unexpected keyword argument 'depth'"):
+    with pytest.raises(
+        ConfigError, match="model.kwargs: convnet: .*unexpected keyword argument 'depth'"
+    ):
         build_model("convnet", spec=ImageSpec.square(1, 8), num_classes=2, kwargs={"depth": 3})

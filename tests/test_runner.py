@@ -21,9 +21,14 @@ SMALL = {
     "name": "small",
     "device": "cpu",
     "data": {"source": "digits", "image_size": 8},
-    "partition": {"scheme": "explicit", "clients": [
-        {"size": 20, "batch_size": 4}, {"size": 30, "batch_size": 8}, {"size": 1, "batch_size": 1},
-    ]},  # fmt: skip
+    "partition": {
+        "scheme": "explicit",
+        "clients": [
+            {"size": 20, "batch_size": 4},
+            {"size": 30, "batch_size": 8},
+            {"size": 1, "batch_size": 1},
+        ],
+    },
     "model": {"name": "mlp", "kwargs": {"hidden": [32]}},
     "training": {"rounds": 4, "lr": 0.1, "momentum": 0.5},
 }
@@ -60,14 +65,17 @@ def test_run_records_every_round_and_client(tmp_path) -> None:
     rounds = run_experiment(validate_config(SMALL), tmp_path / "run")
     store = RunStore(tmp_path / "run")
     rows = store.results.read()
-    assert [(r["round"], r["client"]) for r in rows] == [(r, c) for r in range(1, 5) for c in (1, 2, 3)]
+    assert [(r["round"], r["client"]) for r in rows] == [
+        (r, c) for r in range(1, 5) for c in (1, 2, 3)
+    ]
     assert [r["round"] for r in rounds] == [1, 2, 3, 4]
     assert all(r["aggregated"] == 3 for r in rounds)
     assert rows[0]["steps"] == 5 and rows[1]["steps"] == 4 and rows[2]["steps"] == 1
     assert len(store.timings.read()) == 12
     assert sorted(p.name for p in store.checkpoints.iterdir()) == [
-        "global_0000.safetensors", "global_0004.safetensors",
-    ]  # fmt: skip
+        "global_0000.safetensors",
+        "global_0004.safetensors",
+    ]
     assert not store.pending.exists()
     assert store.read_config()["training"]["rounds"] == 4
     assert rounds[-1]["test_accuracy"] > 0.3  # it learns (chance is 0.1)
@@ -87,7 +95,9 @@ def test_runs_are_bitwise_reproducible(tmp_path) -> None:
     _same_outputs(tmp_path / "a", tmp_path / "b")
     other = validate_config({**SMALL, "seed": 1})
     run_experiment(other, tmp_path / "c")
-    assert (tmp_path / "a/results.jsonl").read_bytes() != (tmp_path / "c/results.jsonl").read_bytes()
+    assert (tmp_path / "a/results.jsonl").read_bytes() != (
+        tmp_path / "c/results.jsonl"
+    ).read_bytes()
 
 
 def test_an_existing_run_is_not_overwritten(tmp_path) -> None:
@@ -127,7 +137,9 @@ def test_a_torn_last_line_is_no_row_and_resume_cuts_it(tmp_path, name) -> None:
     rows = len(torn.read())
     with torn.path.open("a") as f:
         f.write('{"round": 3, "cli')  # what kill -9 in the middle of a write leaves
-    assert len(torn.read()) == rows  # for every reader: resume, report (a torn rounds line crashed both)
+    assert (
+        len(torn.read()) == rows
+    )  # for every reader: resume, report (a torn rounds line crashed both)
     run_experiment(cfg, tmp_path / "cut", resume=True)
     _same_outputs(tmp_path / "whole", tmp_path / "cut")
 
@@ -149,7 +161,9 @@ def test_a_start_killed_before_checkpoint_0_resumes_and_leftovers_go(tmp_path, m
         run_experiment(cfg, tmp_path / "cut")
     monkeypatch.setattr(rundir, "on_change", None)
     assert (tmp_path / "cut/checkpoints/global_0000.safetensors.tmp").exists()
-    (tmp_path / "cut/checkpoints/mine.tmp").write_bytes(b"the user's")  # not gradleak's: never deleted
+    (tmp_path / "cut/checkpoints/mine.tmp").write_bytes(
+        b"the user's"
+    )  # not gradleak's: never deleted
     with pytest.raises(GradleakError, match="already holds a run: pass --resume"):
         run_experiment(cfg, tmp_path / "cut")
     run_experiment(cfg, tmp_path / "cut", resume=True)
@@ -157,7 +171,9 @@ def test_a_start_killed_before_checkpoint_0_resumes_and_leftovers_go(tmp_path, m
     assert [p.name for p in (tmp_path / "cut").rglob("*.tmp")] == ["mine.tmp"]
     assert (tmp_path / "cut/checkpoints/mine.tmp").read_bytes() == b"the user's"
     # a pending update of a finished round that gradleak wrote (and listed) goes on resume
-    RunStore(tmp_path / "cut").claim().dir.write_bytes("pending/round_0002/client_1.safetensors", b"x")
+    RunStore(tmp_path / "cut").claim().dir.write_bytes(
+        "pending/round_0002/client_1.safetensors", b"x"
+    )
     run_experiment(cfg, tmp_path / "cut", resume=True)
     assert not (tmp_path / "cut/pending").exists()
     _same_outputs(tmp_path / "whole", tmp_path / "cut")
@@ -178,8 +194,13 @@ def test_a_run_directory_belongs_to_one_process(tmp_path) -> None:
 
 def _gradleak(*args: str) -> subprocess.Popen:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, "-m", "gradleak", *args], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    return subprocess.Popen(
+        [sys.executable, "-m", "gradleak", *args],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def test_resume_after_kill_9_gives_the_same_results(tmp_path) -> None:
@@ -215,15 +236,29 @@ def test_resume_after_kill_9_gives_the_same_results(tmp_path) -> None:
 @pytest.mark.slow
 def test_paper_federation_two_rounds_writes_18_rows(tmp_path) -> None:
     # Reduced for CI: 2 rounds and a 30-step audit attack (the shipped config runs 10 and 300).
-    config = load_config(ROOT / "configs/paper-9-clients.yaml",
-                         ["training.rounds=2", "audit.attack.iterations=30"])  # fmt: skip
+    config = load_config(
+        ROOT / "configs/paper-9-clients.yaml", ["training.rounds=2", "audit.attack.iterations=30"]
+    )
     run_experiment(config, tmp_path)
     rows = RunStore(tmp_path).results.read()
     assert len(rows) == 18
     assert [(r["round"], r["client"]) for r in rows if r.get("audited")] == [
-        (1, 1), (1, 5), (1, 9), (2, 1), (2, 5), (2, 9)]  # fmt: skip
+        (1, 1),
+        (1, 5),
+        (1, 9),
+        (2, 1),
+        (2, 5),
+        (2, 9),
+    ]
     assert {(r["client"], r["batch_size"], r["num_samples"]) for r in rows if r["round"] == 2} == {
-        (1, 4, 8), (2, 4, 32), (3, 4, 128), (4, 4, 512), (5, 8, 8), (6, 8, 32), (7, 8, 128),
-        (8, 8, 512), (9, 1, 1),
-    }  # fmt: skip
+        (1, 4, 8),
+        (2, 4, 32),
+        (3, 4, 128),
+        (4, 4, 512),
+        (5, 8, 8),
+        (6, 8, 32),
+        (7, 8, 128),
+        (8, 8, 512),
+        (9, 1, 1),
+    }
     assert [r["steps"] for r in rows[:9]] == [2, 8, 32, 128, 1, 4, 16, 64, 1]

@@ -37,12 +37,15 @@ SMALL: dict[str, Any] = {
     "name": "safety",
     "device": "cpu",
     "data": {"source": "digits", "image_size": 8},
-    "partition": {"scheme": "explicit", "clients": [{"size": 4, "batch_size": 2}, {"size": 6, "batch_size": 3}]},
+    "partition": {
+        "scheme": "explicit",
+        "clients": [{"size": 4, "batch_size": 2}, {"size": 6, "batch_size": 3}],
+    },
     "model": {"name": "mlp", "kwargs": {"hidden": [8]}},
     "training": {"rounds": 2, "lr": 0.1},
     "engine": {"threads": 1},
     "audit": {"clients": [1], "attack": {"iterations": 5}, "metric": "psnr"},
-}  # fmt: skip
+}
 
 
 class Hang(BaseException):
@@ -74,7 +77,9 @@ def _one_line(result: Any, logged: bool = False) -> str:
     lines = [line for line in result.output.splitlines() if line.strip()]
     if logged:
         lines = [line for line in lines if not line.startswith((" ", "["))]
-    assert result.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error: "), result.output
+    assert result.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error: "), (
+        result.output
+    )
     return lines[0]
 
 
@@ -129,7 +134,9 @@ def _foreign(tmp: Path, layout: dict[str, str]) -> Path:
 
 
 @pytest.mark.parametrize("layout", FOREIGN_LAYOUTS, ids=[",".join(x) for x in FOREIGN_LAYOUTS])
-def test_every_writing_command_refuses_a_directory_that_is_not_its_own(tmp_path, saved_update, layout) -> None:
+def test_every_writing_command_refuses_a_directory_that_is_not_its_own(
+    tmp_path, saved_update, layout
+) -> None:
     rng = np.random.default_rng(0)
     p = (rng.random((12, 3)) < 0.5).astype(float)
     np.savez(tmp_path / "sums.npz", sums=p @ rng.normal(size=(3, 20)))
@@ -142,10 +149,22 @@ def test_every_writing_command_refuses_a_directory_that_is_not_its_own(tmp_path,
         ["run", str(config), "--out", str(d), "-q", "--resume"],
         ["sweep", str(config), "-s", "training.lr=0.1,0.2", "--out", str(d), "-q"],
         ["attack", *saved_update, "-s", "iterations=2", "--out", str(d), "-q"],
-        ["disaggregate", "--sums", str(tmp_path / "sums.npz"), "--counts", str(tmp_path / "counts.csv"),
-         "--window", "6", "--workers", "1", "--out", str(d), "-q"],
+        [
+            "disaggregate",
+            "--sums",
+            str(tmp_path / "sums.npz"),
+            "--counts",
+            str(tmp_path / "counts.csv"),
+            "--window",
+            "6",
+            "--workers",
+            "1",
+            "--out",
+            str(d),
+            "-q",
+        ],
         ["report", str(d)],
-    ]  # fmt: skip
+    ]
     for args in commands:
         if args[0] == "attack" and ".gradleak" in layout:
             continue  # an attack's own output: it may write there
@@ -154,18 +173,39 @@ def test_every_writing_command_refuses_a_directory_that_is_not_its_own(tmp_path,
     assert _snapshot(tmp_path) == before  # not one of the user's files deleted or changed
 
 
-def test_outputs_that_are_files_or_under_files_are_refused_before_any_work(tmp_path, saved_update) -> None:
+def test_outputs_that_are_files_or_under_files_are_refused_before_any_work(
+    tmp_path, saved_update
+) -> None:
     (tmp_path / "f").write_text("mine")
     config = _config(tmp_path)
     for out in (tmp_path / "f", tmp_path / "f" / "below"):
-        assert "is a file" in _one_line(_invoke(["attack", *saved_update, "-s", "iterations=100000", "--out", str(out)]))
+        assert "is a file" in _one_line(
+            _invoke(["attack", *saved_update, "-s", "iterations=100000", "--out", str(out)])
+        )
         assert "is a file" in _one_line(_invoke(["run", str(config), "--out", str(out), "-q"]))
     assert (tmp_path / "f").read_text() == "mine"
 
 
-@pytest.mark.parametrize("name", ["../x", ".", "..", "/tmp/abs", "a/b", "x" * 101, "a\x00b", "a\nb", ".hidden",
-                                  "<script>", "", "ü"])  # fmt: skip
-def test_a_name_that_would_leave_runs_is_refused_naming_the_key(tmp_path, monkeypatch, name) -> None:
+@pytest.mark.parametrize(
+    "name",
+    [
+        "../x",
+        ".",
+        "..",
+        "/tmp/abs",
+        "a/b",
+        "x" * 101,
+        "a\x00b",
+        "a\nb",
+        ".hidden",
+        "<script>",
+        "",
+        "ü",
+    ],
+)
+def test_a_name_that_would_leave_runs_is_refused_naming_the_key(
+    tmp_path, monkeypatch, name
+) -> None:
     monkeypatch.chdir(tmp_path)
     config = tmp_path / "c.yaml"
     config.write_text(json.dumps({**SMALL, "name": name}))
@@ -179,17 +219,34 @@ def test_sweep_point_directories_are_plain_names_inside_the_sweep(tmp_path) -> N
 
     for v in ("../../x", "a/b", "y" * 300, ".hidden", "/abs", "\x00"):
         name = _dir_name({"model.kwargs.note": v})
-        assert "/" not in name and "\x00" not in name and not name.startswith(".") and 0 < len(name) <= 100
+        assert (
+            "/" not in name
+            and "\x00" not in name
+            and not name.startswith(".")
+            and 0 < len(name) <= 100
+        )
     assert _dir_name({"k": "y" * 300}) != _dir_name({"k": "y" * 299})  # a long name keeps a hash
     out = tmp_path / "sweep"
     config = _config(tmp_path, training={"rounds": 1, "lr": 0.1}, audit=None)
-    assert _invoke(["sweep", str(config), "-s", "training.lr=0.1,0.2", "--out", str(out), "-q"]).exit_code == 0
+    assert (
+        _invoke(
+            ["sweep", str(config), "-s", "training.lr=0.1,0.2", "--out", str(out), "-q"]
+        ).exit_code
+        == 0
+    )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c0.yaml", "sweep"]
-    assert {p.name for p in out.iterdir()} == {".gradleak", ".lock", "report", "sweep.json", "training.lr=0.1",
-                                               "training.lr=0.2"}  # fmt: skip
+    assert {p.name for p in out.iterdir()} == {
+        ".gradleak",
+        ".lock",
+        "report",
+        "sweep.json",
+        "training.lr=0.1",
+        "training.lr=0.2",
+    }
 
 
 # -- links and special files inside a run -------------------------------------------------------
+
 
 def _link_cases(run: Path, outside: Path) -> list[tuple[str, Any]]:
     target = outside / "victim.txt"
@@ -203,12 +260,18 @@ def _link_cases(run: Path, outside: Path) -> list[tuple[str, Any]]:
         ("results.jsonl FIFO", lambda: _fifo(run / "results.jsonl")),
         ("checkpoint FIFO", lambda: _fifo(run / "checkpoints/global_0002.safetensors")),
         ("checkpoints/ -> outside", lambda: _symlink(run / "checkpoints", outside)),
-        ("audit npz -> /dev/urandom", lambda: _symlink(run / "audit/round_0001/client_1.npz", Path("/dev/urandom"))),
+        (
+            "audit npz -> /dev/urandom",
+            lambda: _symlink(run / "audit/round_0001/client_1.npz", Path("/dev/urandom")),
+        ),
         ("manifest FIFO", lambda: _fifo(run / ".gradleak")),
         ("manifest -> outside", lambda: _symlink(run / ".gradleak", target)),
         ("run.log -> outside", lambda: _symlink(run / "run.log", target)),
         (".lock -> outside", lambda: _symlink(run / ".lock", target)),
-        ("report/index.html hard link to outside", lambda: _hardlink(run / "report/index.html", target)),
+        (
+            "report/index.html hard link to outside",
+            lambda: _hardlink(run / "report/index.html", target),
+        ),
     ]
 
 
@@ -259,12 +322,38 @@ def test_links_and_special_files_in_a_run_are_never_followed_or_opened(finished,
 
 # -- hostile JSON and npz inside a run ----------------------------------------------------------
 
-PAYLOADS = ["<script>document.title='PWNED'</script>", '"><img src=x onerror=alert(1)>', "javascript:alert(1)",
-            "</pre><script>alert(1)</script>", "<svg onload=alert(1)>"]  # fmt: skip
+PAYLOADS = [
+    "<script>document.title='PWNED'</script>",
+    '"><img src=x onerror=alert(1)>',
+    "javascript:alert(1)",
+    "</pre><script>alert(1)</script>",
+    "<svg onload=alert(1)>",
+]
 
 # The page's whole vocabulary: any other tag or attribute came from data.
-ALLOWED_TAGS = {"html", "head", "meta", "title", "style", "body", "h1", "h2", "h3", "p", "code", "figure", "img",
-                "table", "thead", "tbody", "tr", "th", "td", "pre", "b"}  # fmt: skip
+ALLOWED_TAGS = {
+    "html",
+    "head",
+    "meta",
+    "title",
+    "style",
+    "body",
+    "h1",
+    "h2",
+    "h3",
+    "p",
+    "code",
+    "figure",
+    "img",
+    "table",
+    "thead",
+    "tbody",
+    "tr",
+    "th",
+    "td",
+    "pre",
+    "b",
+}
 ALLOWED_ATTRS = {"lang", "charset", "http-equiv", "content", "alt", "src"}
 
 
@@ -299,17 +388,40 @@ def _inject(run: Path, payload: str) -> None:
     disaggregation summary, the data section of the config (checked as written)."""
     rows = [json.loads(line) for line in (run / "results.jsonl").read_text().splitlines()]
     for r in rows:
-        r.update({payload: payload, "defenses": payload, "label_strategy": payload, "attack": payload})
+        r.update(
+            {payload: payload, "defenses": payload, "label_strategy": payload, "attack": payload}
+        )
     (run / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     config = yaml.safe_load((run / "config.yaml").read_text())
     config["data"]["root_note"] = payload
     (run / "config.yaml").write_text(yaml.safe_dump(config))
     (run / "disaggregation").mkdir(exist_ok=True)
-    summary = {"rounds": 2, "clients": 2, "window": 1, "dimensions": 3, "participation_exact": False,
-               "wrong_entries": 1, "clients_exact": 1, "seconds": 1.0, "chunks": [[0, 2]], "certain_clients": 0,
-               "per_client": [{"client": 1, "exact": True, "certain": False, "separation": None, "gap_ratio": 0.1,
-                               "rounds_taken_part": 1, "methods": [payload], "reason": payload, payload: payload}],
-               "inverted": [{"client": 1, "note": payload}]}  # fmt: skip
+    summary = {
+        "rounds": 2,
+        "clients": 2,
+        "window": 1,
+        "dimensions": 3,
+        "participation_exact": False,
+        "wrong_entries": 1,
+        "clients_exact": 1,
+        "seconds": 1.0,
+        "chunks": [[0, 2]],
+        "certain_clients": 0,
+        "per_client": [
+            {
+                "client": 1,
+                "exact": True,
+                "certain": False,
+                "separation": None,
+                "gap_ratio": 0.1,
+                "rounds_taken_part": 1,
+                "methods": [payload],
+                "reason": payload,
+                payload: payload,
+            }
+        ],
+        "inverted": [{"client": 1, "note": payload}],
+    }
     (run / "disaggregation/summary.json").write_text(json.dumps(summary))
 
 
@@ -328,7 +440,9 @@ def test_no_script_from_data_reaches_a_report(finished, tmp_path, payload) -> No
 
 
 def test_damaged_disaggregation_summaries_are_left_out_by_name(finished, tmp_path) -> None:
-    for i, text in enumerate(["[" * 100000, '{"rounds": "<script>"}', "null", '{"rounds": 1e999}', "\xff\xfe"]):
+    for i, text in enumerate(
+        ["[" * 100000, '{"rounds": "<script>"}', "null", '{"rounds": 1e999}', "\xff\xfe"]
+    ):
         run = _copy(finished, tmp_path / f"run{i}")
         (run / "disaggregation").mkdir()
         (run / "disaggregation/summary.json").write_bytes(text.encode("latin-1"))
@@ -341,7 +455,11 @@ def test_damaged_disaggregation_summaries_are_left_out_by_name(finished, tmp_pat
 def _npz_with_header(path: Path, header_bytes: int) -> None:
     import zipfile
 
-    header = ("{'descr': '<f4', 'fortran_order': False, 'shape': (1, 1, 8, 8), " + " " * header_bytes + "}\n")
+    header = (
+        "{'descr': '<f4', 'fortran_order': False, 'shape': (1, 1, 8, 8), "
+        + " " * header_bytes
+        + "}\n"
+    )
     data = b"\x93NUMPY\x02\x00" + len(header).to_bytes(4, "little") + header.encode() + bytes(256)
     with zipfile.ZipFile(path, "w") as z:
         for key in ("originals", "priors", "reconstructions"):
@@ -360,8 +478,10 @@ def _zip_bomb(path: Path) -> None:
                     f.write(bytes(1 << 20))  # compresses to almost nothing
 
 
-@pytest.mark.parametrize("damage", ["huge npy header", "zip bomb", "object array", "deep rows", "deep manifest",
-                                    "huge row file"])  # fmt: skip
+@pytest.mark.parametrize(
+    "damage",
+    ["huge npy header", "zip bomb", "object array", "deep rows", "deep manifest", "huge row file"],
+)
 def test_hostile_files_in_a_run_are_one_line_or_left_out(finished, tmp_path, damage) -> None:
     run = _copy(finished, tmp_path / "run")
     npz = run / "audit/round_0001/client_1.npz"
@@ -370,7 +490,12 @@ def test_hostile_files_in_a_run_are_one_line_or_left_out(finished, tmp_path, dam
     elif damage == "zip bomb":
         _zip_bomb(npz)
     elif damage == "object array":
-        np.savez(npz, originals=np.array([{"a": 1}], dtype=object), priors=np.zeros(1), reconstructions=np.zeros(1))
+        np.savez(
+            npz,
+            originals=np.array([{"a": 1}], dtype=object),
+            priors=np.zeros(1),
+            reconstructions=np.zeros(1),
+        )
     elif damage == "deep rows":
         with (run / "results.jsonl").open("a") as f:
             f.write("[" * 200000 + "]" * 200000 + "\n")
@@ -389,6 +514,7 @@ def test_hostile_files_in_a_run_are_one_line_or_left_out(finished, tmp_path, dam
 
 
 # -- what a resume reads back -------------------------------------------------------------------
+
 
 def _damage_tensors(path: Path, how: str) -> None:
     from safetensors.torch import load_file
@@ -417,7 +543,9 @@ def _damage_tensors(path: Path, how: str) -> None:
         save_file(state, str(path))
 
 
-@pytest.mark.parametrize("how", ["nan", "float64", "int32", "shape", "extra", "missing", "truncated", "flipped header"])
+@pytest.mark.parametrize(
+    "how", ["nan", "float64", "int32", "shape", "extra", "missing", "truncated", "flipped header"]
+)
 def test_resume_checks_every_tensor_it_reads_back(finished, tmp_path, how) -> None:
     run = _copy(finished, tmp_path / "run")
     path = run / "checkpoints/global_0002.safetensors"
@@ -458,8 +586,11 @@ def test_a_damaged_pending_update_is_named_on_resume(tmp_path) -> None:
             header = f.metadata()
         state = load_file(str(target))
         key = next(k for k in state if k.endswith("weight"))
-        state[key] = {"nan": lambda t: t.clone().fill_(float("nan")), "float64": lambda t: t.double(),
-                      "shape": lambda t: t[:1].clone()}[how](state[key])  # fmt: skip
+        state[key] = {
+            "nan": lambda t: t.clone().fill_(float("nan")),
+            "float64": lambda t: t.double(),
+            "shape": lambda t: t[:1].clone(),
+        }[how](state[key])
         save_file(state, str(target), metadata=header)
         line = _one_line(_invoke(["run", str(config), "--out", str(cut), "-q", "--resume"]))
         assert "client_1.safetensors" in line, line
@@ -467,8 +598,11 @@ def test_a_damaged_pending_update_is_named_on_resume(tmp_path) -> None:
 
 # -- tensors a user brings ----------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("dtype", ["float8_e4m3fn", "bool", "int32", "complex64", "uint16"])
-def test_an_update_of_an_unsupported_dtype_is_one_line_naming_the_tensor(tmp_path, saved_update, dtype) -> None:
+def test_an_update_of_an_unsupported_dtype_is_one_line_naming_the_tensor(
+    tmp_path, saved_update, dtype
+) -> None:
     from safetensors.torch import load_file
 
     args = list(saved_update)
@@ -481,13 +615,16 @@ def test_an_update_of_an_unsupported_dtype_is_one_line_naming_the_tensor(tmp_pat
     args[args.index("--update") + 1] = str(bad)
     line = _one_line(_invoke(["attack", *args, "-s", "iterations=2", "--out", str(tmp_path / "o")]))
     assert name in line and "dtype" in line or "is " + dtype in line, line
-    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir()) or \
-        sorted(p.name for p in (tmp_path / "o").iterdir()) == [".gradleak"]  # fmt: skip
+    assert (
+        not (tmp_path / "o").exists()
+        or not any((tmp_path / "o").iterdir())
+        or sorted(p.name for p in (tmp_path / "o").iterdir()) == [".gradleak"]
+    )
 
 
 # -- the user's plugin code ---------------------------------------------------------------------
 
-PLUGIN = '''
+PLUGIN = """
 import sys
 import torch
 from torch import nn
@@ -515,31 +652,64 @@ def make(fail="none"):
     if fail == "factory-exits-3":
         sys.exit(3)
     return Net(fail)
-'''
+"""
 
 
-@pytest.mark.parametrize("fail", ["factory-raises", "factory-exits", "factory-exits-3", "forward-raises",
-                                  "forward-exits", "forward-later", "import-raises", "import-exits"])  # fmt: skip
+@pytest.mark.parametrize(
+    "fail",
+    [
+        "factory-raises",
+        "factory-exits",
+        "factory-exits-3",
+        "forward-raises",
+        "forward-exits",
+        "forward-later",
+        "import-raises",
+        "import-exits",
+    ],
+)
 def test_a_plugin_s_exception_or_exit_is_one_line_naming_it(tmp_path, fail) -> None:
     module = "userplugin_" + fail.replace("-", "_")
     code = PLUGIN
     if fail == "import-raises":
-        code = "raise ImportError('no') if False else None\nraise KeyError('broken at import')\n" + code
+        code = (
+            "raise ImportError('no') if False else None\nraise KeyError('broken at import')\n"
+            + code
+        )
     if fail == "import-exits":
         code = "import sys\nsys.exit(0)\n" + code
     (tmp_path / f"{module}.py").write_text(code)
-    config = _config(tmp_path, model={"name": f"{module}:make", "kwargs": {"fail": fail}}, audit=None)
+    config = _config(
+        tmp_path, model={"name": f"{module}:make", "kwargs": {"fail": fail}}, audit=None
+    )
     env = {**os.environ, "PYTHONPATH": str(tmp_path), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "gradleak", "run", str(config), "--out", str(tmp_path / "out"), "-q"],
-                          env=env, capture_output=True, text=True, timeout=180)  # fmt: skip
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "gradleak",
+            "run",
+            str(config),
+            "--out",
+            str(tmp_path / "out"),
+            "-q",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     output = proc.stdout + proc.stderr
-    lines = [line for line in output.splitlines() if line.strip() and not line.startswith((" ", "["))]  # not log lines
+    lines = [
+        line for line in output.splitlines() if line.strip() and not line.startswith((" ", "["))
+    ]  # not log lines
     assert proc.returncode == 2, output
     assert "Traceback" not in output and len(lines) == 1 and lines[0].startswith("error: "), output
     assert module in lines[0], lines[0]
 
 
 # -- concurrency and size -----------------------------------------------------------------------
+
 
 def test_a_second_sweep_on_one_directory_is_refused(tmp_path) -> None:
     from gradleak.rundir import OwnedDir
@@ -548,18 +718,28 @@ def test_a_second_sweep_on_one_directory_is_refused(tmp_path) -> None:
     config = _config(tmp_path, training={"rounds": 1, "lr": 0.1}, audit=None)
     owner = OwnedDir(out, "sweep").claim()
     with owner.locked("gradleak sweep"):  # as a sweep running in another process holds it
-        line = _one_line(_invoke(["sweep", str(config), "-s", "training.lr=0.1,0.2", "--out", str(out), "-q"]))
+        line = _one_line(
+            _invoke(["sweep", str(config), "-s", "training.lr=0.1,0.2", "--out", str(out), "-q"])
+        )
     assert "in use by another gradleak sweep" in line
     assert not (out / "sweep.json").exists()
-    assert _invoke(["sweep", str(config), "-s", "training.lr=0.1,0.2", "--out", str(out), "-q"]).exit_code == 0
+    assert (
+        _invoke(
+            ["sweep", str(config), "-s", "training.lr=0.1,0.2", "--out", str(out), "-q"]
+        ).exit_code
+        == 0
+    )
 
 
 def test_figures_of_many_clients_keep_a_readable_size(tmp_path) -> None:
     from PIL import Image
 
-    config = _config(tmp_path, partition={"scheme": "iid", "clients": 300, "batch_size": 4},
-                     training={"rounds": 2, "lr": 0.1}, audit={"clients": "all", "attack": {"iterations": 1},
-                     "save_images": False})  # fmt: skip
+    config = _config(
+        tmp_path,
+        partition={"scheme": "iid", "clients": 300, "batch_size": 4},
+        training={"rounds": 2, "lr": 0.1},
+        audit={"clients": "all", "attack": {"iterations": 1}, "save_images": False},
+    )
     out = tmp_path / "run"
     assert _invoke(["run", str(config), "--out", str(out), "-q"], seconds=600).exit_code == 0
     for png in (out / "report").glob("*.png"):
@@ -567,18 +747,34 @@ def test_figures_of_many_clients_keep_a_readable_size(tmp_path) -> None:
             assert max(im.size) <= 2000, (png.name, im.size)
 
 
-@pytest.mark.skipif(shutil.which("chromium") is None, reason="no headless browser installed (the parser test holds)")
+@pytest.mark.skipif(
+    shutil.which("chromium") is None, reason="no headless browser installed (the parser test holds)"
+)
 def test_a_hostile_report_runs_no_script_in_a_real_browser(finished, tmp_path) -> None:
     """The report of a run whose files carry script payloads, opened in headless Chromium: had any
     script run, it would have renamed the page or added an element; neither happened."""
     run = _copy(finished, tmp_path / "run")
-    payload = ("<script>document.title='PWNED'</script><img src=x onerror=\"document.title='PWNED'\">"
-               "<svg onload=\"document.body.setAttribute('data-pwned','1')\">")  # fmt: skip
+    payload = (
+        "<script>document.title='PWNED'</script><img src=x onerror=\"document.title='PWNED'\">"
+        "<svg onload=\"document.body.setAttribute('data-pwned','1')\">"
+    )
     _inject(run, payload)
     assert _invoke(["report", str(run)]).exit_code == 0
     page = run / "report/index.html"
-    dom = subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=3000",
-                          "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120).stdout  # fmt: skip
+    dom = subprocess.run(
+        [
+            "chromium",
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--virtual-time-budget=3000",
+            "--dump-dom",
+            page.as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    ).stdout
     assert "<title>gradleak report: safety</title>" in dom, dom[:300]
     assert "PWNED</title>" not in dom and "data-pwned" not in dom.split("<body", 1)[1][:200]
     assert "&lt;script&gt;document.title" in dom  # the payload is there, as text

@@ -23,21 +23,33 @@ CHAIN = {
     "name": "chain",
     "device": "cpu",
     "data": {"source": "digits", "image_size": 8},
-    "partition": {"scheme": "explicit", "clients": [
-        {"size": 1, "batch_size": 1, "classes": [0]}, {"size": 4, "batch_size": 4, "classes": [1]},
-        {"size": 8, "batch_size": 8, "classes": [2]}, {"size": 16, "batch_size": 16, "classes": [3]},
-        {"size": 32, "batch_size": 32, "classes": [4]},
-    ]},  # fmt: skip
+    "partition": {
+        "scheme": "explicit",
+        "clients": [
+            {"size": 1, "batch_size": 1, "classes": [0]},
+            {"size": 4, "batch_size": 4, "classes": [1]},
+            {"size": 8, "batch_size": 8, "classes": [2]},
+            {"size": 16, "batch_size": 16, "classes": [3]},
+            {"size": 32, "batch_size": 32, "classes": [4]},
+        ],
+    },
     "model": {"name": "mlp", "kwargs": {"hidden": [32]}},
     "training": {"rounds": 20, "lr": 0.01, "clients_per_round": 0.6},
     "aggregation": {"strategy": "secure-sum"},
     "disaggregation": {"window": 5, "invert": [1]},
-    "audit": {"clients": [], "preset": "inverting-gradients", "attack": {"iterations": 200}, "metric": "psnr"},
+    "audit": {
+        "clients": [],
+        "preset": "inverting-gradients",
+        "attack": {"iterations": 200},
+        "metric": "psnr",
+    },
 }
 
 
 def _update(cid: int, n: int, value: float) -> ClientUpdate:
-    meta = UpdateMeta(client_id=cid, round=1, num_samples=n, lr=0.1, epochs=1, steps=1, batch_size=n)
+    meta = UpdateMeta(
+        client_id=cid, round=1, num_samples=n, lr=0.1, epochs=1, steps=1, batch_size=n
+    )
     delta = {"w": torch.full((2, 2), value), "count": torch.tensor(2)}
     return ClientUpdate(delta, meta, frozenset({"count"}))
 
@@ -61,20 +73,33 @@ def test_disaggregation_config_errors_name_the_key(tmp_path) -> None:
     with pytest.raises(ConfigError, match="disaggregation.invert: needs an audit"):
         run_experiment(validate_config(no_audit), tmp_path / "b")
     unknown = {**CHAIN, "disaggregation": {"window": 5, "invert": [9]}}
-    with pytest.raises(ConfigError, match=r"disaggregation.invert: client 9 is not one of the run's clients \(1 to 5\)"):
+    with pytest.raises(
+        ConfigError,
+        match=r"disaggregation.invert: client 9 is not one of the run's clients \(1 to 5\)",
+    ):
         run_experiment(validate_config(unknown), tmp_path / "c")
-    with pytest.raises(ConfigError, match="disaggregation.solver: Input should be 'highs', 'scip' or 'gurobi'"):
+    with pytest.raises(
+        ConfigError, match="disaggregation.solver: Input should be 'highs', 'scip' or 'gurobi'"
+    ):
         validate_config({**CHAIN, "disaggregation": {"window": 5, "solver": "cplex"}})
     from gradleak.attacks.disaggregation import milp
 
     with pytest.MonkeyPatch.context() as mp:  # as on a machine without PySCIPOpt
         mp.setattr(milp.importlib.util, "find_spec", lambda name: None)
         scip = {**CHAIN, "disaggregation": {"window": 5, "invert": [1], "solver": "scip"}}
-        with pytest.raises(ConfigError, match=r"disaggregation.solver: solver 'scip' needs the pyscipopt package"):
+        with pytest.raises(
+            ConfigError, match=r"disaggregation.solver: solver 'scip' needs the pyscipopt package"
+        ):
             run_experiment(validate_config(scip), tmp_path / "d")
-    short = {**CHAIN, "training": {**CHAIN["training"], "rounds": 4}}  # 5 clients need 5 rounds at least
-    with pytest.raises(ConfigError, match=r"^training.rounds: disaggregation needs at least as many rounds as "
-                                          r"clients: 4 rounds for 5 clients$"):  # fmt: skip
+    short = {
+        **CHAIN,
+        "training": {**CHAIN["training"], "rounds": 4},
+    }  # 5 clients need 5 rounds at least
+    with pytest.raises(
+        ConfigError,
+        match=r"^training.rounds: disaggregation needs at least as many rounds as "
+        r"clients: 4 rounds for 5 clients$",
+    ):
         run_experiment(validate_config(short), tmp_path / "e")
     assert not any((tmp_path / d).exists() for d in ("a", "b", "c", "d", "e"))
 
@@ -98,7 +123,11 @@ def test_chain_recovers_participation_and_the_one_image_client(tmp_path) -> None
     (inv,) = summary["inverted"]
     assert inv["client"] == 1 and inv["rounds_taken_part"] == int(truth[:, 0].sum())
     assert inv["psnr"] > 25 and inv["rdlv"] > 0.5 and inv["label_accuracy"] == 1.0
-    saved = np.load(tmp_path / "run" / "disaggregation" / f"round_{inv['round']:04d}" / "client_1.npz")
+    saved = np.load(
+        tmp_path / "run" / "disaggregation" / f"round_{inv['round']:04d}" / "client_1.npz"
+    )
     assert saved["reconstructions"].shape == (1, 1, 8, 8)
     page = build_run_report(tmp_path / "run").read_text()
-    assert "Secure aggregation: gradient disaggregation" in page and "recovered <b>exactly</b>" in page
+    assert (
+        "Secure aggregation: gradient disaggregation" in page and "recovered <b>exactly</b>" in page
+    )

@@ -15,14 +15,18 @@ from gradleak.report.html import build_sweep_report, sweep_summary
 from gradleak.report.recommend import recommend
 
 CONFIG = {
-    "name": "tiny", "device": "cpu",
+    "name": "tiny",
+    "device": "cpu",
     "data": {"source": "digits", "image_size": 8},
-    "partition": {"scheme": "explicit", "clients": [{"size": 1, "batch_size": 1}, {"size": 40, "batch_size": 8}]},
+    "partition": {
+        "scheme": "explicit",
+        "clients": [{"size": 1, "batch_size": 1}, {"size": 40, "batch_size": 8}],
+    },
     "model": {"name": "mlp", "kwargs": {"hidden": [32]}},
     "training": {"rounds": 2, "lr": 0.1},
     "defenses": [{"name": "gaussian", "sigma": 0.0}],
     "audit": {"clients": [1], "attack": {"iterations": 100, "init": "prior"}, "metric": "psnr"},
-}  # fmt: skip
+}
 
 
 @pytest.fixture
@@ -34,12 +38,16 @@ def config(tmp_path):
 
 def test_values_and_grids(config, tmp_path) -> None:
     assert split_values("a.b=0,0.5,[1,2]") == ("a.b", [0, 0.5, [1, 2]])
-    fixed, points = plan(config, ["training.lr=0.1,0.2", "defenses.0.sigma=0,1", "training.rounds=1"], tmp_path)
+    fixed, points = plan(
+        config, ["training.lr=0.1,0.2", "defenses.0.sigma=0,1", "training.rounds=1"], tmp_path
+    )
     assert fixed == ["training.rounds=1"]
     assert [p.values for p in points] == [
-        {"training.lr": 0.1, "defenses.0.sigma": 0}, {"training.lr": 0.1, "defenses.0.sigma": 1},
-        {"training.lr": 0.2, "defenses.0.sigma": 0}, {"training.lr": 0.2, "defenses.0.sigma": 1},
-    ]  # fmt: skip
+        {"training.lr": 0.1, "defenses.0.sigma": 0},
+        {"training.lr": 0.1, "defenses.0.sigma": 1},
+        {"training.lr": 0.2, "defenses.0.sigma": 0},
+        {"training.lr": 0.2, "defenses.0.sigma": 1},
+    ]
     assert len({p.run_dir for p in points}) == 4
     with pytest.raises(ConfigError, match="nothing to sweep"):
         plan(config, ["training.lr=0.1"], tmp_path)
@@ -70,10 +78,18 @@ def test_sweep_resumes_and_skips_finished_points(config, tmp_path) -> None:
     first = out / executed[0]
     before = (first / "results.jsonl").read_bytes()
     again = []
-    run_sweep(config, ["defenses.0.sigma=0,10"], out, execute=lambda r: (again.append(r.run_dir.name), r.execute()))
+    run_sweep(
+        config,
+        ["defenses.0.sigma=0,10"],
+        out,
+        execute=lambda r: (again.append(r.run_dir.name), r.execute()),
+    )
     assert again == ["defenses.0.sigma=10"]  # the finished point is skipped
     assert (first / "results.jsonl").read_bytes() == before
-    assert all(len(RunStore(out / d).rounds.read()) == 2 for d in ("defenses.0.sigma=0", "defenses.0.sigma=10"))
+    assert all(
+        len(RunStore(out / d).rounds.read()) == 2
+        for d in ("defenses.0.sigma=0", "defenses.0.sigma=10")
+    )
 
     summary = sweep_summary(out, level=0.0, budget=1.0)
     by_sigma = {p["values"]["defenses.0.sigma"]: p for p in summary["points"]}
@@ -106,22 +122,35 @@ def _point(value, accuracy, **rdlv):
 
 
 def test_the_recommendation_meets_the_leakage_level_within_the_accuracy_budget() -> None:
-    points = [_point(0, 0.98, c9=2.9, c1=1.4), _point(1, 0.975, c9=0.5, c1=0.2),
-              _point(3, 0.95, c9=-0.1, c1=-0.2), _point(5, 0.10, c9=-0.3, c1=-0.2),
-              _point(4, 0.84, c9=-0.2, c1=-0.1)]  # fmt: skip
+    points = [
+        _point(0, 0.98, c9=2.9, c1=1.4),
+        _point(1, 0.975, c9=0.5, c1=0.2),
+        _point(3, 0.95, c9=-0.1, c1=-0.2),
+        _point(5, 0.10, c9=-0.3, c1=-0.2),
+        _point(4, 0.84, c9=-0.2, c1=-0.1),
+    ]
     rec = recommend(points, "sigma0", level=0.0, budget=0.05)
     assert (rec.value, rec.accuracy, rec.baseline_value) == (3, 0.95, 0)
     assert rec.accuracy_cost == pytest.approx(0.03)
     assert rec.verdict().startswith("Recommended: sigma0 = 3, the smallest value")
-    # A tighter budget: the private points all cost too much; say so, and name the first private one.
+    # A tighter budget: the private points all cost too much; say so, and name the first private
+    # one.
     tight = recommend(points, "sigma0", level=0.0, budget=0.02)
     assert tight.value is None and tight.smallest_private == {"value": 3, "accuracy": 0.95}
     assert tight.verdict().startswith("No recommendation: no swept value has both")
     # A diverged point (accuracy 0.10, or not finite) is never recommended for its low leakage.
-    diverged = [_point(0, 0.98, c9=2.0), _point(5, 0.10, c9=-0.3), _point(10, float("nan"), c9=-0.5)]
+    diverged = [
+        _point(0, 0.98, c9=2.0),
+        _point(5, 0.10, c9=-0.3),
+        _point(10, float("nan"), c9=-0.5),
+    ]
     assert recommend(diverged, "sigma0", level=0.0, budget=0.05).value is None
     # No point meets the leakage level at all.
-    leaky = recommend([_point(0, 0.98, c9=2.0), _point(1, 0.97, c9=0.4)], "sigma0", level=0.0, budget=0.05)
+    leaky = recommend(
+        [_point(0, 0.98, c9=2.0), _point(1, 0.97, c9=0.4)], "sigma0", level=0.0, budget=0.05
+    )
     assert leaky.value is None and leaky.smallest_private is None
-    assert leaky.verdict() == ("No recommendation: no swept value reaches every audited client's RDLV at 0 "
-                               "or below in every audited round.")
+    assert leaky.verdict() == (
+        "No recommendation: no swept value reaches every audited client's RDLV at 0 "
+        "or below in every audited round."
+    )

@@ -1,4 +1,5 @@
-"""The gradleak command line: ``gradleak --help`` lists the commands, each has its own ``--help``."""
+"""The gradleak command line: ``gradleak --help`` lists the commands, each has its own
+``--help``."""
 
 from __future__ import annotations
 
@@ -45,8 +46,9 @@ class ProgressDisplay:
         self.clients = progress.add_task("clients", total=1)
 
     def round_started(self, round: int, clients: Sequence[ClientData]) -> None:
-        self.progress.update(self.clients, total=len(clients), completed=0,
-                             description=f"round {round} clients")  # fmt: skip
+        self.progress.update(
+            self.clients, total=len(clients), completed=0, description=f"round {round} clients"
+        )
 
     def client_done(self, result) -> None:  # noqa: ANN001
         self.progress.advance(self.clients)
@@ -58,8 +60,14 @@ class ProgressDisplay:
 
 def _progress(*extra: TextColumn) -> Progress:
     """The progress bar layout every long command uses."""
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TimeElapsedColumn(), *extra, console=console)  # fmt: skip
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        *extra,
+        console=console,
+    )
 
 
 def _execute(run, quiet: bool) -> None:  # noqa: ANN001  (a gradleak.experiments.Run)
@@ -99,8 +107,9 @@ def _interrupted(hint: str = "") -> NoReturn:
     raise typer.Exit(130)
 
 
-def _run(config_path: Path, out: Optional[Path], overrides: list[str], resume: bool,
-         quiet: bool) -> Path:  # fmt: skip
+def _run(
+    config_path: Path, out: Optional[Path], overrides: list[str], resume: bool, quiet: bool
+) -> Path:
     from gradleak.experiments import Run, load_config
     from gradleak.report.html import build_run_report
 
@@ -111,20 +120,33 @@ def _run(config_path: Path, out: Optional[Path], overrides: list[str], resume: b
         _execute(Run(config, run_dir, resume=resume), quiet)
         page = build_run_report(run_dir)
     except KeyboardInterrupt:  # anywhere: while starting, training or drawing the report
-        hint = "" if run_dir is None else (
-            f"; continue with: gradleak run {config_path} --out {run_dir} --resume"
-            + "".join(f" --set {o}" for o in overrides))  # fmt: skip
+        hint = (
+            ""
+            if run_dir is None
+            else (
+                f"; continue with: gradleak run {config_path} --out {run_dir} --resume"
+                + "".join(f" --set {o}" for o in overrides)
+            )
+        )
         _interrupted(hint)
     except OSError as exc:
-        raise _os_error(exc, run_dir, "; the run can be continued with --resume once it is fixed") from None
-    console.print(f"results: {run_dir / 'results.jsonl'}\nreport:  {page}", markup=False, highlight=False)
+        raise _os_error(
+            exc, run_dir, "; the run can be continued with --resume once it is fixed"
+        ) from None
+    console.print(
+        f"results: {run_dir / 'results.jsonl'}\nreport:  {page}", markup=False, highlight=False
+    )
     return run_dir
 
 
-OutOpt = Annotated[Optional[Path], typer.Option("--out", "-o", help="Run directory (default runs/NAME).")]
+OutOpt = Annotated[
+    Optional[Path], typer.Option("--out", "-o", help="Run directory (default runs/NAME).")
+]
 SetOpt = Annotated[
     Optional[list[str]],
-    typer.Option("--set", "-s", help="Override a config key: --set training.rounds=2 (repeatable)."),
+    typer.Option(
+        "--set", "-s", help="Override a config key: --set training.rounds=2 (repeatable)."
+    ),
 ]
 AttackSetOpt = Annotated[
     Optional[list[str]],
@@ -172,17 +194,46 @@ def demo(
 
 @app.command()
 def attack(
-    model: Annotated[str, typer.Option("--model", help="Built-in model name or package.module:factory.")],
-    global_path: Annotated[Path, typer.Option("--global", help="Global model weights (.safetensors, .npz, .pt).")],
-    update_path: Annotated[Path, typer.Option("--update", help="The client's update: local minus global weights.")],
-    meta_path: Annotated[Path, typer.Option("--meta", help="JSON metadata: num_images, image_shape, num_classes, lr, ...")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output directory (reconstructions are private data).")],
-    preset_name: Annotated[str, typer.Option("--preset", help="The attack: dlg, idlg, inverting-gradients, gradinversion, bn-statistics, or another registered one.")] = "inverting-gradients",
-    truth: Annotated[Optional[Path], typer.Option("--truth", help="npz with the true 'images' (and 'labels') for metrics.")] = None,
-    prior: Annotated[Optional[Path], typer.Option("--prior", help="Starting image for init=prior (an image file, or npz 'images').")] = None,
+    model: Annotated[
+        str, typer.Option("--model", help="Built-in model name or package.module:factory.")
+    ],
+    global_path: Annotated[
+        Path, typer.Option("--global", help="Global model weights (.safetensors, .npz, .pt).")
+    ],
+    update_path: Annotated[
+        Path, typer.Option("--update", help="The client's update: local minus global weights.")
+    ],
+    meta_path: Annotated[
+        Path,
+        typer.Option("--meta", help="JSON metadata: num_images, image_shape, num_classes, lr, ..."),
+    ],
+    out: Annotated[
+        Path,
+        typer.Option("--out", "-o", help="Output directory (reconstructions are private data)."),
+    ],
+    preset_name: Annotated[
+        str,
+        typer.Option(
+            "--preset",
+            help="The attack: dlg, idlg, inverting-gradients, gradinversion, bn-statistics, or "
+            "another registered one.",
+        ),
+    ] = "inverting-gradients",
+    truth: Annotated[
+        Optional[Path],
+        typer.Option("--truth", help="npz with the true 'images' (and 'labels') for metrics."),
+    ] = None,
+    prior: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--prior", help="Starting image for init=prior (an image file, or npz 'images')."
+        ),
+    ] = None,
     set_: AttackSetOpt = None,
     seed: Annotated[int, typer.Option(help="Seed of the starting images.")] = 0,
-    device: Annotated[str, typer.Option(help="cpu, cuda, or auto (a GPU when there is one).")] = "cpu",
+    device: Annotated[
+        str, typer.Option(help="cpu, cuda, or auto (a GPU when there is one).")
+    ] = "cpu",
     quiet: QuietOpt = False,
 ) -> None:
     """Reconstruct a client's images from a saved update, as an honest-but-curious server would."""
@@ -193,9 +244,18 @@ def attack(
     try:
         from gradleak.experiments.scenario import resolve_device
 
-        attack = attack_factory(preset_name, key="--preset")(**dict(parse_override(o) for o in set_ or []))
-        saved = load_saved_update(model=model, global_path=global_path, update_path=update_path,
-                                  meta_path=meta_path, out=out, truth_path=truth, prior_path=prior)  # fmt: skip
+        attack = attack_factory(preset_name, key="--preset")(
+            **dict(parse_override(o) for o in set_ or [])
+        )
+        saved = load_saved_update(
+            model=model,
+            global_path=global_path,
+            update_path=update_path,
+            meta_path=meta_path,
+            out=out,
+            truth_path=truth,
+            prior_path=prior,
+        )
         kwargs = dict(seed=seed, device=resolve_device(device))
         if quiet:
             summary = attack_saved_update(saved, attack, **kwargs)
@@ -204,7 +264,10 @@ def attack(
                 total = getattr(getattr(attack, "settings", None), "iterations", None)
                 task = progress.add_task(preset_name, total=total, loss=float("nan"))
                 summary = attack_saved_update(
-                    saved, attack, **kwargs, progress=lambda i, loss: progress.update(task, completed=i, loss=loss)
+                    saved,
+                    attack,
+                    **kwargs,
+                    progress=lambda i, loss: progress.update(task, completed=i, loss=loss),
                 )
     except KeyboardInterrupt:
         _interrupted(f"; {out} may hold partial files")
@@ -215,9 +278,15 @@ def attack(
     if not summary["feasible"]:
         line = f"infeasible: {summary['reason']} ({summary['seconds']:.1f} s)"
     else:
-        line = f"labels {summary['labels']} ({summary['label_strategy']}), {summary['seconds']:.1f} s"
+        line = (
+            f"labels {summary['labels']} ({summary['label_strategy']}), {summary['seconds']:.1f} s"
+        )
     if "metrics" in summary:
-        m = {k: v for k, v in summary["metrics"].items() if k not in ("per_example", "label_accuracy")}
+        m = {
+            k: v
+            for k, v in summary["metrics"].items()
+            if k not in ("per_example", "label_accuracy")
+        }
         line += "; " + ", ".join(f"{k.upper()} {v:.4g}" for k, v in m.items())
         line += f", label accuracy {summary['metrics']['label_accuracy']}"
     console.print(line, highlight=False, soft_wrap=True, markup=False)
@@ -226,23 +295,38 @@ def attack(
 
 LevelOpt = Annotated[
     Optional[float],
-    typer.Option("--level", help="RDLV a defence must bring every audited client to (default: the config's recommendation.level, 0)."),
+    typer.Option(
+        "--level",
+        help="RDLV a defence must bring every audited client to (default: the config's "
+        "recommendation.level, 0).",
+    ),
 ]
 BudgetOpt = Annotated[
     Optional[float],
-    typer.Option("--accuracy-budget", min=0, max=1, help="Accuracy a recommended defence may cost, as a fraction "
-                 "(default: the config's recommendation.accuracy_budget, 0.05)."),
+    typer.Option(
+        "--accuracy-budget",
+        min=0,
+        max=1,
+        help="Accuracy a recommended defence may cost, as a fraction "
+        "(default: the config's recommendation.accuracy_budget, 0.05).",
+    ),
 ]
 
 
 @app.command()
 def sweep(
-    config: Annotated[Path, typer.Argument(help="Experiment YAML file (its sweep: section adds axes).")],
+    config: Annotated[
+        Path, typer.Argument(help="Experiment YAML file (its sweep: section adds axes).")
+    ],
     set_: Annotated[
         Optional[list[str]],
-        typer.Option("--set", "-s", help="key=v1,v2,... sweeps a key; key=v fixes it (repeatable)."),
+        typer.Option(
+            "--set", "-s", help="key=v1,v2,... sweeps a key; key=v fixes it (repeatable)."
+        ),
     ] = None,
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Sweep directory (default runs/NAME).")] = None,
+    out: Annotated[
+        Optional[Path], typer.Option("--out", "-o", help="Sweep directory (default runs/NAME).")
+    ] = None,
     level: LevelOpt = None,
     accuracy_budget: BudgetOpt = None,
     quiet: QuietOpt = False,
@@ -262,14 +346,22 @@ def sweep(
     try:
         sweep_dir = run_sweep(config, set_ or [], out, execute=execute)
         page = build_sweep_report(sweep_dir, level, accuracy_budget)
-        verdict = sweep_summary(sweep_dir, level, accuracy_budget).get("recommendation", {}).get("verdict")
+        verdict = (
+            sweep_summary(sweep_dir, level, accuracy_budget)
+            .get("recommendation", {})
+            .get("verdict")
+        )
         if verdict:
             console.print(verdict, highlight=False, soft_wrap=True, markup=False)
         console.print(f"report: {page}", highlight=False, soft_wrap=True, markup=False)
     except KeyboardInterrupt:
         _interrupted("; run the same command again to continue the sweep")
     except OSError as exc:
-        _fail(_os_error(exc, out, "; run the same command again to continue the sweep once it is fixed"))
+        _fail(
+            _os_error(
+                exc, out, "; run the same command again to continue the sweep once it is fixed"
+            )
+        )
     except GradleakError as exc:
         _fail(exc)
 
@@ -310,7 +402,9 @@ def _read_matrix(path: Path, name: str) -> np.ndarray:
             raise DataError(f"{path} holds no arrays")
         return f[name] if name in f else next(iter(f.values()))
     try:
-        return np.loadtxt(io.StringIO(read_file(path, kind="rows").decode()), delimiter=",", ndmin=2)
+        return np.loadtxt(
+            io.StringIO(read_file(path, kind="rows").decode()), delimiter=",", ndmin=2
+        )
     except (ValueError, UnicodeDecodeError) as exc:
         raise DataError(f"{path} is not a numeric CSV matrix: {exc}") from None
 
@@ -318,23 +412,59 @@ def _read_matrix(path: Path, name: str) -> np.ndarray:
 @app.command()
 def disaggregate(
     sums: Annotated[Path, typer.Option("--sums", help="Round sums, T x d (npz 'sums' or CSV).")],
-    counts: Annotated[Path, typer.Option("--counts", help="Participation counts: a windows x clients matrix "
-                      "(with --window), or a table client,start,end,count (CSV with that header, or npz arrays).")],
+    counts: Annotated[
+        Path,
+        typer.Option(
+            "--counts",
+            help="Participation counts: a windows x clients matrix "
+            "(with --window), or a table client,start,end,count (CSV with that header, or npz "
+            "arrays).",
+        ),
+    ],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output directory.")],
-    window: Annotated[Optional[int], typer.Option("--window", min=1, help="Rounds per window of a count matrix.")] = None,
-    chunk: Annotated[Optional[int], typer.Option("--chunk", min=0, help="Rounds per chunk (default: chosen from "
-                     "the sums' spectrum; 0: all rounds at once).")] = None,
-    workers: Annotated[Optional[int], typer.Option("--workers", min=1, help="Processes solving clients in parallel "
-                       "(default: the machine's cores).")] = None,
-    time_limit: Annotated[float, typer.Option(help="Seconds a solver may spend on one client's program.")] = 60.0,
-    solver: Annotated[str, typer.Option(help="MILP back-end: highs (default), scip or gurobi (when installed).")] = "highs",
-    separation: Annotated[float, typer.Option(min=0.0, max=1.0, help="How much worse the best alternative "
-                          "column must fit, per round it changes, as a fraction of what a change costs on "
-                          "exact sums, for a column to be certain.")] = 0.25,
-    on_uncertain: Annotated[str, typer.Option(help="warn: report uncertain clients; fail: exit with an error.")] = "warn",
+    window: Annotated[
+        Optional[int], typer.Option("--window", min=1, help="Rounds per window of a count matrix.")
+    ] = None,
+    chunk: Annotated[
+        Optional[int],
+        typer.Option(
+            "--chunk",
+            min=0,
+            help="Rounds per chunk (default: chosen from "
+            "the sums' spectrum; 0: all rounds at once).",
+        ),
+    ] = None,
+    workers: Annotated[
+        Optional[int],
+        typer.Option(
+            "--workers",
+            min=1,
+            help="Processes solving clients in parallel (default: the machine's cores).",
+        ),
+    ] = None,
+    time_limit: Annotated[
+        float, typer.Option(help="Seconds a solver may spend on one client's program.")
+    ] = 60.0,
+    solver: Annotated[
+        str, typer.Option(help="MILP back-end: highs (default), scip or gurobi (when installed).")
+    ] = "highs",
+    separation: Annotated[
+        float,
+        typer.Option(
+            min=0.0,
+            max=1.0,
+            help="How much worse the best alternative "
+            "column must fit, per round it changes, as a fraction of what a change costs on "
+            "exact sums, for a column to be certain.",
+        ),
+    ] = 0.25,
+    on_uncertain: Annotated[
+        str, typer.Option(help="warn: report uncertain clients; fail: exit with an error.")
+    ] = "warn",
     quiet: QuietOpt = False,
 ) -> None:
-    """Recover who took part in which round, and each client's update, from secure-aggregation sums."""
+    """Recover who took part in which round, and each client's update, from secure-aggregation
+    sums."""
     from gradleak.attacks.disaggregation import ColumnJournal, ParticipationLog
     from gradleak.attacks.disaggregation import disaggregate as run
     from gradleak.rundir import OwnedDir
@@ -347,34 +477,57 @@ def disaggregate(
         owner.check_claimable()  # before any work: a foreign or unwritable --out fails now
         s = _read_matrix(sums, "sums")
         if not np.issubdtype(s.dtype, np.number) or not np.isfinite(s).all():
-            raise GradleakError(f"{sums}: the sums hold NaN or infinite values (or are not numbers)")
+            raise GradleakError(
+                f"{sums}: the sums hold NaN or infinite values (or are not numbers)"
+            )
         plog = ParticipationLog.load(counts, rounds=s.shape[0], window=window)
         owner.claim()
-        kwargs = dict(chunk=chunk, workers=workers, time_limit=time_limit, solver=solver, separation=separation,
-                      on_uncertain=on_uncertain, journal=ColumnJournal(owner))  # fmt: skip
+        kwargs = dict(
+            chunk=chunk,
+            workers=workers,
+            time_limit=time_limit,
+            solver=solver,
+            separation=separation,
+            on_uncertain=on_uncertain,
+            journal=ColumnJournal(owner),
+        )
         if quiet:
             result = run(s, plog, **kwargs)
         else:
             with _progress() as progress:
                 task = progress.add_task("columns", total=None)
-                result = run(s, plog, **kwargs, progress=lambda i, n: progress.update(task, completed=i, total=n))
+                result = run(
+                    s,
+                    plog,
+                    **kwargs,
+                    progress=lambda i, n: progress.update(task, completed=i, total=n),
+                )
         result.save(owner)
     except KeyboardInterrupt:
-        _interrupted(f"; the columns solved so far are kept in {out}: run the same command again to continue")
+        _interrupted(
+            f"; the columns solved so far are kept in {out}: run the same command again to continue"
+        )
     except OSError as exc:
         _fail(_os_error(exc, out))
     except GradleakError as exc:
         _fail(exc)
     certain = int(result.certain.sum())
     n = result.participation.shape[1]
-    console.print(f"recovered {n} clients over {result.participation.shape[0]} rounds in {len(result.chunks)} "
-                  f"chunk(s) in {result.seconds:.1f} s; {certain} of {n} certain; written to {out}",
-                  highlight=False, soft_wrap=True, markup=False)  # fmt: skip
+    console.print(
+        f"recovered {n} clients over {result.participation.shape[0]} rounds in "
+        f"{len(result.chunks)} "
+        f"chunk(s) in {result.seconds:.1f} s; {certain} of {n} certain; written to {out}",
+        highlight=False,
+        soft_wrap=True,
+        markup=False,
+    )
 
 
 @app.command("config-reference")
 def config_reference_cmd(
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write here instead of stdout.")] = None,
+    out: Annotated[
+        Optional[Path], typer.Option("--out", "-o", help="Write here instead of stdout.")
+    ] = None,
 ) -> None:
     """Print the reference of every config key (the source of docs/config.md)."""
     from gradleak.experiments.reference import config_reference

@@ -1,4 +1,5 @@
-"""The ``gradleak`` command's entry point: the CLI is imported inside a Ctrl-C guard, so an interrupt
+"""The ``gradleak`` command's entry point: the CLI is imported inside a Ctrl-C guard, so an
+interrupt
 while Python still loads the libraries ends as cleanly as one during the work (no traceback)."""
 
 from __future__ import annotations

@@ -5,7 +5,8 @@ these protocols and on registries, never on pixels or tokens.
 - ``InputSpec``: what one example is, how a batch becomes what the model reads, how examples are
   compared (the leakage metrics, each knowing its direction, and the cheap cost that pairs
   reconstructions with originals), what the server would guess without an update (the prior of
-  RDLV), and how a batch is shown in a report. Its ``kind`` is the data-kind tag (NVFlare-style) that
+  RDLV), and how a batch is shown in a report. Its ``kind`` is the data-kind tag (NVFlare-style)
+  that
   travels with every update and audit row.
 - ``Task``: the loss clients train with and the evaluation the server reports.
 - ``Renderer``: how captioned rows of examples are shown, found by the data kind: a file beside an
@@ -79,7 +80,6 @@ class InputSpec(Protocol):
         ...
 
 
-
 @runtime_checkable
 class Task(Protocol):
     """What clients optimise and what the server reports of the global model."""
@@ -90,7 +90,9 @@ class Task(Protocol):
         """The mean loss of a batch (``inputs`` as ``InputSpec.model_inputs`` made them)."""
         ...
 
-    def evaluate(self, model: nn.Module, test: Dataset, spec: InputSpec, *, device: Any) -> tuple[float, float]:
+    def evaluate(
+        self, model: nn.Module, test: Dataset, spec: InputSpec, *, device: Any
+    ) -> tuple[float, float]:
         """(accuracy, mean loss) of ``model`` on ``test``."""
         ...
 
@@ -113,7 +115,8 @@ class Renderer:
 
 TASKS: Registry[type[Task]] = Registry("task")
 RENDERERS: Registry[Renderer] = Registry("renderer")
-# The metadata of a saved update (``gradleak attack --meta``), by data kind (``attacks.files.UpdateMetadata``).
+# The metadata of a saved update (``gradleak attack --meta``), by data kind
+# (``attacks.files.UpdateMetadata``).
 METADATA: Registry[type] = Registry("modality")
 
 # Modalities: name -> the package that registers its components (imported on first use).
@@ -131,5 +134,15 @@ def load_modalities() -> list[str]:
     return sorted(MODALITIES)
 
 
-__all__ = ["METADATA", "MODALITIES", "RENDERERS", "TASKS", "InputSpec", "Metric", "Renderer", "Rows", "Task",
-           "load_modalities"]
+__all__ = [
+    "METADATA",
+    "MODALITIES",
+    "RENDERERS",
+    "TASKS",
+    "InputSpec",
+    "Metric",
+    "Renderer",
+    "Rows",
+    "Task",
+    "load_modalities",
+]

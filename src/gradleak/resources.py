@@ -38,12 +38,19 @@ def check_fits(nbytes: float, what: str, key: str, advice: str) -> None:
     """Refuse, naming ``key``, work that needs more than ``SHARE`` of the memory available."""
     free = available_bytes()
     if nbytes > SHARE * free:
-        raise ConfigError(key, f"{what} need about {_gib(nbytes)}, more than {SHARE:.0%} of the {_gib(free)} "
-                               f"of memory available: {advice}")  # fmt: skip
+        raise ConfigError(
+            key,
+            f"{what} need about {_gib(nbytes)}, more than {SHARE:.0%} of the {_gib(free)} "
+            f"of memory available: {advice}",
+        )
 
 
 def check_images_fit(count: int, channels: int, size: int, copies: int = 3) -> None:
     """``count`` float32 images of ``channels`` x ``size`` x ``size`` (``copies`` at once while
     they are converted, resized and split)."""
-    check_fits(copies * count * channels * size * size * FLOAT32,
-               f"{count} images of {channels} x {size} x {size}", "data.image_size", "use a smaller image_size")  # fmt: skip
+    check_fits(
+        copies * count * channels * size * size * FLOAT32,
+        f"{count} images of {channels} x {size} x {size}",
+        "data.image_size",
+        "use a smaller image_size",
+    )

@@ -125,7 +125,11 @@ class OwnedDir:
                     nxt = os.open(part, _DIR, dir_fd=fd)
                 except FileNotFoundError:
                     if not create:
-                        raise FileNotFoundError(errno.ENOENT, "no such directory", str(self.path("/".join(parts[: i + 1])))) from None
+                        raise FileNotFoundError(
+                            errno.ENOENT,
+                            "no such directory",
+                            str(self.path("/".join(parts[: i + 1]))),
+                        ) from None
                     sub = "/".join(parts[: i + 1]) + "/"
                     self._list(sub)
                     _changing("mkdir", sub)
@@ -134,8 +138,10 @@ class OwnedDir:
                     nxt = os.open(part, _DIR, dir_fd=fd)
                 except OSError as exc:
                     if exc.errno in (errno.ELOOP, errno.ENOTDIR):
-                        raise NotOwned(f"{self.path('/'.join(parts[: i + 1]))} is a symbolic link or a file, "
-                                       "not a directory gradleak made: move it away") from None  # fmt: skip
+                        raise NotOwned(
+                            f"{self.path('/'.join(parts[: i + 1]))} is a symbolic link or a file, "
+                            "not a directory gradleak made: move it away"
+                        ) from None
                     raise
                 os.close(fd)
                 fd = nxt
@@ -178,7 +184,8 @@ class OwnedDir:
 
     def read_bytes(self, rel: str, *, kind: str, limit: int | None = None) -> bytes:
         """The content of the regular file ``rel``, at most ``limit`` bytes (default
-        ``LIMITS[kind]``); a link, a special file or an oversized file is a ``DataError`` naming it."""
+        ``LIMITS[kind]``); a link, a special file or an oversized file is a ``DataError`` naming
+        it."""
         where = self.path(rel)
         try:
             with self._parent(rel) as (dfd, name):
@@ -186,7 +193,9 @@ class OwnedDir:
                     fd = os.open(name, _READ, dir_fd=dfd)
                 except OSError as exc:
                     if exc.errno == errno.ELOOP:
-                        raise DataError(f"{where} is a symbolic link (not followed inside a gradleak directory)") from None
+                        raise DataError(
+                            f"{where} is a symbolic link (not followed inside a gradleak directory)"
+                        ) from None
                     raise
                 try:
                     return read_fd(fd, where, LIMITS[kind] if limit is None else limit)
@@ -200,7 +209,8 @@ class OwnedDir:
             raise DataError(f"cannot read {where}: {exc.strerror or exc}") from None
 
     def listdir(self, rel: str = "") -> list[str]:
-        """Names in the directory ``rel`` (sorted; [] when it is missing or not a real directory)."""
+        """Names in the directory ``rel`` (sorted; [] when it is missing or not a real
+        directory)."""
         try:
             if not rel:
                 fd = self._root_fd()
@@ -239,9 +249,14 @@ class OwnedDir:
                 else:
                     raise ValueError("unknown entry")
             except (ValueError, TypeError, AttributeError, RecursionError):
-                raise DataError(f"{self.path(MANIFEST)}, line {i}: not a manifest entry; the directory is damaged") from None
+                raise DataError(
+                    f"{self.path(MANIFEST)}, line {i}: not a manifest entry; the directory is "
+                    "damaged"
+                ) from None
         if kind is not None and kind not in KINDS:
-            raise DataError(f"{self.path(MANIFEST)}: unknown kind {kind!r}; the directory is damaged")
+            raise DataError(
+                f"{self.path(MANIFEST)}: unknown kind {kind!r}; the directory is damaged"
+            )
         return kind, owned
 
     @property
@@ -258,7 +273,10 @@ class OwnedDir:
             try:
                 st = os.fstat(fd)
                 if not stat.S_ISREG(st.st_mode) or st.st_nlink > 1:
-                    raise NotOwned(f"{self.path(MANIFEST)} is not gradleak's manifest (not a regular file of one link)")
+                    raise NotOwned(
+                        f"{self.path(MANIFEST)} is not gradleak's manifest (not a regular file of "
+                        "one link)"
+                    )
                 os.write(fd, line)
                 os.fsync(fd)
             finally:
@@ -279,7 +297,8 @@ class OwnedDir:
             self.owned.discard(rel)
 
     def is_owned(self, rel: str) -> bool:
-        """Whether the manifest names ``rel`` (read again when another process may have added it)."""
+        """Whether the manifest names ``rel`` (read again when another process may have added
+        it)."""
         if rel in (MANIFEST, LOCK) or rel in self.owned:
             return True
         self._owned = None
@@ -296,14 +315,17 @@ class OwnedDir:
 
     def check_claimable(self) -> None:
         """Refuse (one line, writing nothing) a directory that ``claim`` would refuse: a file, a
-        directory that is neither empty nor gradleak's of this kind, or one this user cannot write."""
+        directory that is neither empty nor gradleak's of this kind, or one this user cannot
+        write."""
         assert self.kind in KINDS, self.kind
         where = self.root
         while not os.path.lexists(where) and where != where.parent:
             where = where.parent
         if where != self.root:  # it will be created: its nearest existing parent must take it
             if not where.is_dir():
-                raise NotOwned(f"{self.root}: {where} is a file, not a directory: choose another --out")
+                raise NotOwned(
+                    f"{self.root}: {where} is a file, not a directory: choose another --out"
+                )
             if not os.access(where, os.W_OK | os.X_OK):
                 raise NotOwned(f"{self.root} cannot be created: {where} is not writable")
             return
@@ -313,10 +335,15 @@ class OwnedDir:
         if kind is None:
             extra = [n for n in self.listdir() if n != MANIFEST]
             if extra:
-                raise NotOwned(f"{self.root} is not empty and is not {self._what()} directory (it has no {MANIFEST} "
-                               f"manifest; it holds {extra[0]!r}): choose a new or empty directory")  # fmt: skip
+                raise NotOwned(
+                    f"{self.root} is not empty and is not {self._what()} directory (it has no "
+                    f"{MANIFEST} "
+                    f"manifest; it holds {extra[0]!r}): choose a new or empty directory"
+                )
         elif kind != self.kind:
-            raise NotOwned(f"{self.root} holds a gradleak {kind}, not {self._what()}: choose another directory")
+            raise NotOwned(
+                f"{self.root} holds a gradleak {kind}, not {self._what()}: choose another directory"
+            )
         if not os.access(self.root, os.W_OK | os.X_OK):
             raise NotOwned(f"{self.root} is not writable")
 
@@ -361,11 +388,15 @@ class OwnedDir:
         if st is None:
             return None
         if not self.is_owned(rel):
-            raise NotOwned(f"{self.path(rel)} exists and was not written by gradleak: move it away, or choose "
-                           "another directory")  # fmt: skip
+            raise NotOwned(
+                f"{self.path(rel)} exists and was not written by gradleak: move it away, or choose "
+                "another directory"
+            )
         if not stat.S_ISREG(st.st_mode):
-            raise NotOwned(f"{self.path(rel)} is not a regular file (a link, a directory or a special file): "
-                           "move it away")  # fmt: skip
+            raise NotOwned(
+                f"{self.path(rel)} is not a regular file (a link, a directory or a special file): "
+                "move it away"
+            )
         return st
 
     def write_bytes(self, rel: str, data: bytes) -> None:
@@ -428,7 +459,8 @@ class OwnedDir:
             os.fsync(f.fileno())
 
     def remove(self, rel: str) -> None:
-        """Delete ``rel`` if the manifest names it (a foreign file is left alone), never through a link."""
+        """Delete ``rel`` if the manifest names it (a foreign file is left alone), never through a
+        link."""
         if not self._writable or not self.is_owned(rel) or rel in (MANIFEST, LOCK):
             return
         try:
@@ -446,9 +478,15 @@ class OwnedDir:
         """Delete the listed files under the directory ``rel``, then each listed directory that is
         left empty (one holding anything else stays)."""
         prefix = check_relative(rel).rstrip("/") + "/"
-        for path in sorted((p for p in self.owned if p.startswith(prefix) and not p.endswith("/")), reverse=True):
+        for path in sorted(
+            (p for p in self.owned if p.startswith(prefix) and not p.endswith("/")), reverse=True
+        ):
             self.remove(path)
-        for path in sorted((p for p in self.owned if p.startswith(prefix) and p.endswith("/")), key=len, reverse=True) + [prefix]:
+        for path in sorted(
+            (p for p in self.owned if p.startswith(prefix) and p.endswith("/")),
+            key=len,
+            reverse=True,
+        ) + [prefix]:
             self.remove_dir(path)
 
     def remove_dir(self, rel: str) -> None:
@@ -481,7 +519,12 @@ class OwnedDir:
         releases it); refuse when another process holds it."""
         with self._parent(LOCK) as (dfd, name):
             _changing("lock", LOCK)
-            fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o644, dir_fd=dfd)
+            fd = os.open(
+                name,
+                os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                0o644,
+                dir_fd=dfd,
+            )
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             os.close(fd)
             raise NotOwned(f"{self.path(LOCK)} is not a regular file: move it away")
@@ -489,8 +532,10 @@ class OwnedDir:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            raise GradleakError(f"{self.root} is in use by another {what}: wait for it to end, or choose "
-                                "another --out") from None  # fmt: skip
+            raise GradleakError(
+                f"{self.root} is in use by another {what}: wait for it to end, or choose "
+                "another --out"
+            ) from None
         return fd
 
     @staticmethod
@@ -544,11 +589,27 @@ def safe_component(name: str, key: str) -> str:
     a dot, at most 100 characters), else a ``ConfigError`` naming ``key``."""
     from gradleak.errors import ConfigError
 
-    if not isinstance(name, str) or not name or len(name) > 100 or name.startswith(".") or \
-            any(not (c.isascii() and (c.isalnum() or c in "._-=,+")) for c in name):  # fmt: skip
-        raise ConfigError(key, f"{name!r} is not a plain name: use 1 to 100 letters, digits, '.', '_', '-', "
-                               "'=', ',' or '+', not starting with '.' (it names a directory)")  # fmt: skip
+    if (
+        not isinstance(name, str)
+        or not name
+        or len(name) > 100
+        or name.startswith(".")
+        or any(not (c.isascii() and (c.isalnum() or c in "._-=,+")) for c in name)
+    ):
+        raise ConfigError(
+            key,
+            f"{name!r} is not a plain name: use 1 to 100 letters, digits, '.', '_', '-', "
+            "'=', ',' or '+', not starting with '.' (it names a directory)",
+        )
     return name
 
 
-__all__ = ["KINDS", "MANIFEST", "NotOwned", "OwnedDir", "SubDir", "check_relative", "safe_component"]
+__all__ = [
+    "KINDS",
+    "MANIFEST",
+    "NotOwned",
+    "OwnedDir",
+    "SubDir",
+    "check_relative",
+    "safe_component",
+]

@@ -49,7 +49,9 @@ def read_fd(fd: int, where: object, limit: int) -> bytes:
     if not stat.S_ISREG(st.st_mode):
         raise DataError(f"{where} is not a regular file")
     if st.st_size > limit:
-        raise DataError(f"{where} has {st.st_size:,} bytes, more than the {limit:,} such a file may have")
+        raise DataError(
+            f"{where} has {st.st_size:,} bytes, more than the {limit:,} such a file may have"
+        )
     chunks, size = [], 0
     while True:  # the file may grow while it is read: never past the limit
         chunk = os.read(fd, min(limit + 1 - size, 1 << 24))
@@ -88,7 +90,9 @@ def json_depth(value: Any) -> int:
         node, depth = stack.pop()
         if isinstance(node, dict | list):
             deepest = max(deepest, depth)
-            stack.extend((v, depth + 1) for v in (node.values() if isinstance(node, dict) else node))
+            stack.extend(
+                (v, depth + 1) for v in (node.values() if isinstance(node, dict) else node)
+            )
     return deepest
 
 
@@ -100,7 +104,8 @@ def check_depth(value: Any, where: object, max_depth: int = MAX_JSON_DEPTH) -> A
 
 
 def parse_json(data: bytes, where: object, *, max_depth: int = MAX_JSON_DEPTH) -> Any:
-    """JSON text as plain data; undecodable, invalid or too deeply nested text is a ``DataError``."""
+    """JSON text as plain data; undecodable, invalid or too deeply nested text is a
+    ``DataError``."""
     try:
         value = json.loads(data.decode("utf-8"))
     except UnicodeDecodeError:
@@ -117,10 +122,20 @@ def read_json(path: Path, *, max_depth: int = MAX_JSON_DEPTH) -> Any:
     return parse_json(read_file(path, kind="json"), path, max_depth=max_depth)
 
 
-_NPZ_ERRORS = (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error, NotImplementedError)
+_NPZ_ERRORS = (
+    OSError,
+    ValueError,
+    KeyError,
+    EOFError,
+    zipfile.BadZipFile,
+    zlib.error,
+    NotImplementedError,
+)
 
 
-def load_npz(data: bytes, where: object, *, limit: int = LIMITS["tensors"]) -> dict[str, np.ndarray]:
+def load_npz(
+    data: bytes, where: object, *, limit: int = LIMITS["tensors"]
+) -> dict[str, np.ndarray]:
     """The arrays of an npz file (never unpickles): each array's header is read and its size
     checked, all together at most ``limit`` bytes, before any array is decompressed."""
     try:
@@ -130,24 +145,31 @@ def load_npz(data: bytes, where: object, *, limit: int = LIMITS["tensors"]) -> d
             for info in members:
                 with z.open(info) as f:
                     version = np.lib.format.read_magic(f)
-                    read_header = {(1, 0): np.lib.format.read_array_header_1_0,
-                                   (2, 0): np.lib.format.read_array_header_2_0}.get(version)  # fmt: skip
+                    read_header = {
+                        (1, 0): np.lib.format.read_array_header_1_0,
+                        (2, 0): np.lib.format.read_array_header_2_0,
+                    }.get(version)
                     if read_header is None:
                         raise ValueError(f"unsupported .npy version {version}")
                     shape, _, dtype = read_header(f, max_header_size=MAX_NPY_HEADER)
                 if dtype.hasobject:
-                    raise ValueError(f"{info.filename[:-4]} holds Python objects (pickles are never loaded)")
+                    raise ValueError(
+                        f"{info.filename[:-4]} holds Python objects (pickles are never loaded)"
+                    )
                 total += int(np.prod(shape, dtype=np.float64)) * dtype.itemsize
                 if total > limit:
                     raise ValueError(f"its arrays hold more than {limit:,} bytes")
             out = {}
             for info in members:
                 with z.open(info) as f:
-                    out[info.filename[:-4]] = np.lib.format.read_array(f, allow_pickle=False,
-                                                                       max_header_size=MAX_NPY_HEADER)  # fmt: skip
+                    out[info.filename[:-4]] = np.lib.format.read_array(
+                        f, allow_pickle=False, max_header_size=MAX_NPY_HEADER
+                    )
             return out
     except _NPZ_ERRORS as exc:
-        raise DataError(f"{where} is not a readable npz file ({type(exc).__name__}: {exc})".replace("\n", " ")) from None
+        raise DataError(
+            f"{where} is not a readable npz file ({type(exc).__name__}: {exc})".replace("\n", " ")
+        ) from None
 
 
 def npz_bytes(**arrays: np.ndarray) -> bytes:
@@ -167,12 +189,18 @@ def load_safetensors(data: bytes, where: object) -> tuple[dict[str, Any], dict[s
         n = int.from_bytes(data[:8], "little")
         header = json.loads(data[8 : 8 + n]) if 8 + n <= len(data) else {}
     except (SafetensorError, ValueError, RuntimeError, OverflowError, MemoryError) as exc:
-        raise DataError(f"{where} is not a readable safetensors file ({exc})".replace("\n", " ")) from None
+        raise DataError(
+            f"{where} is not a readable safetensors file ({exc})".replace("\n", " ")
+        ) from None
     metadata = header.get("__metadata__") if isinstance(header, dict) else None
-    # Names in sorted order, as safetensors' load_file gives them (load's own order is a hash map's),
+    # Names in sorted order, as safetensors' load_file gives them (load's own order is a hash
+    # map's),
     # each tensor copied into memory of torch's own alignment: values read from the middle of a byte
-    # string made a replayed attack differ in the last bits (vectorised kernels depend on alignment).
-    return {k: tensors[k].clone() for k in sorted(tensors)}, metadata if isinstance(metadata, dict) else {}
+    # string made a replayed attack differ in the last bits (vectorised kernels depend on
+    # alignment).
+    return {k: tensors[k].clone() for k in sorted(tensors)}, metadata if isinstance(
+        metadata, dict
+    ) else {}
 
 
 def safetensors_bytes(tensors: dict[str, Any], metadata: dict[str, str] | None = None) -> bytes:

@@ -30,11 +30,14 @@ def _numeric_list(annotation: Any) -> bool:
     """Whether a field takes a list of numbers (``list[int]``, possibly inside a union)."""
     union = typing.get_origin(annotation) in (typing.Union, types.UnionType)
     options = typing.get_args(annotation) if union else (annotation,)
-    return any(typing.get_origin(a) is list and _numeric_only(typing.get_args(a)[0]) for a in options)
+    return any(
+        typing.get_origin(a) is list and _numeric_only(typing.get_args(a)[0]) for a in options
+    )
 
 
 def _as_text(value: Any, annotation: Any) -> Any:
-    """A boolean where a number (or a list item of numbers) belongs, as the text it was written as."""
+    """A boolean where a number (or a list item of numbers) belongs, as the text it was written
+    as."""
     if isinstance(value, bool) and _numeric_only(annotation):
         return str(value).lower()
     if isinstance(value, list) and _numeric_list(annotation):
@@ -52,7 +55,9 @@ class Section(BaseModel):
         field's own validation refuses it under its own key."""
         if isinstance(data, dict):
             fields = cls.model_fields
-            data = {k: _as_text(v, fields[k].annotation) if k in fields else v for k, v in data.items()}
+            data = {
+                k: _as_text(v, fields[k].annotation) if k in fields else v for k, v in data.items()
+            }
         return data
 
 
@@ -70,7 +75,8 @@ def problem(err: Any) -> str:
 
 def one_line(exc: ValidationError, prefix: str = "", loc: list[Any] | None = None) -> ConfigError:
     """A validation error as the one line the user sees: the first problem under its dotted key
-    (``prefix`` before it, ``loc`` instead of pydantic's own location), and how many more there are."""
+    (``prefix`` before it, ``loc`` instead of pydantic's own location), and how many more there
+    are."""
     err = exc.errors()[0]
     parts = [str(p) for p in (err["loc"] if loc is None else loc)]
     key = ".".join(p for p in (prefix, *parts) if p)

@@ -26,7 +26,8 @@ Progress = Callable[[int, float], None]
 
 @dataclass(frozen=True)
 class ServerView:
-    """The server's side of one (round, client): no examples, no labels unless the protocol sends them."""
+    """The server's side of one (round, client): no examples, no labels unless the protocol sends
+    them."""
 
     model: nn.Module
     global_state: dict[str, torch.Tensor]
@@ -34,7 +35,9 @@ class ServerView:
     meta: UpdateMeta
     spec: InputSpec  # what an example is (the client's input pipeline, which the server knows)
     num_classes: int
-    known_labels: torch.Tensor | None = None  # only where the threat model says the server knows them
+    known_labels: torch.Tensor | None = (
+        None  # only where the threat model says the server knows them
+    )
 
     def __post_init__(self) -> None:
         reference = self.model.state_dict()
@@ -44,10 +47,13 @@ class ServerView:
             raise UpdateMismatch(f"bn_mode must be 'train' or 'eval', got {self.meta.bn_mode!r}")
 
     @classmethod
-    def of(cls, model: nn.Module, global_state: dict[str, torch.Tensor], update: ClientUpdate,
-           **kwargs) -> ServerView:  # fmt: skip
+    def of(
+        cls, model: nn.Module, global_state: dict[str, torch.Tensor], update: ClientUpdate, **kwargs
+    ) -> ServerView:
         """The view of a simulated client's update (keyword arguments as the fields)."""
-        return cls(model=model, global_state=global_state, update=update.delta, meta=update.meta, **kwargs)
+        return cls(
+            model=model, global_state=global_state, update=update.delta, meta=update.meta, **kwargs
+        )
 
     @property
     def num_examples(self) -> int:
@@ -90,7 +96,11 @@ class ServerView:
         if last is None:
             raise UpdateMismatch(f"the model has no linear layer with {self.num_classes} outputs")
         prefix = f"{last}." if last else ""
-        bias = f"{prefix}bias" if getattr(self.model.get_submodule(last), "bias", None) is not None else None
+        bias = (
+            f"{prefix}bias"
+            if getattr(self.model.get_submodule(last), "bias", None) is not None
+            else None
+        )
         return f"{prefix}weight", bias
 
 
@@ -102,8 +112,12 @@ class Reconstruction:
     examples: torch.Tensor | None  # None when the attack declares it could not recover the batch
     labels: torch.Tensor | None
     label_strategy: str
-    start: torch.Tensor | None = None  # an optimisation's starting examples (chosen restart); None: exact
-    feasible: bool = True  # False: the attack found the batch beyond its reach (``reason`` says why)
+    start: torch.Tensor | None = (
+        None  # an optimisation's starting examples (chosen restart); None: exact
+    )
+    feasible: bool = (
+        True  # False: the attack found the batch beyond its reach (``reason`` says why)
+    )
     reason: str = ""
     confidence: float | None = None  # the attack's own certainty, where it has one
     restart_scores: list[float] = field(default_factory=list)  # final objective of each restart
@@ -129,8 +143,15 @@ class Attack(Protocol):
         to work with (checked before any training); None otherwise."""
         ...
 
-    def run(self, view: ServerView, *, seed: int = 0, prior: torch.Tensor | None = None,
-            progress: Progress | None = None, device: Any = "cpu") -> Reconstruction:  # fmt: skip
+    def run(
+        self,
+        view: ServerView,
+        *,
+        seed: int = 0,
+        prior: torch.Tensor | None = None,
+        progress: Progress | None = None,
+        device: Any = "cpu",
+    ) -> Reconstruction:
         """Attack the view; ``prior``: what the server would guess without the update."""
         ...
 

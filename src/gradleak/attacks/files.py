@@ -30,8 +30,11 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
     tensors = _read_tensors(path)
     for name, t in tensors.items():
         if t.dtype not in (*FLOAT_DTYPES, *INT_DTYPES):
-            raise DataError(f"{path}: tensor {name!r} is {str(t.dtype).replace('torch.', '')}, not a supported dtype "
-                            "(float16, bfloat16, float32, float64 or an integer type)")  # fmt: skip
+            raise DataError(
+                f"{path}: tensor {name!r} is {str(t.dtype).replace('torch.', '')}, not a supported "
+                "dtype "
+                "(float16, bfloat16, float32, float64 or an integer type)"
+            )
         if t.is_floating_point() and not torch.isfinite(t).all():
             raise DataError(f"{path}: {name} holds NaN or infinite values")
     return tensors
@@ -46,7 +49,14 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
         return load_safetensors(data, path)[0]
     if suffix == ".npz":
         arrays = load_npz(data, path)
-        bad = next((k for k, a in arrays.items() if a.dtype.kind not in "fiub" or a.dtype.byteorder == ">"), None)
+        bad = next(
+            (
+                k
+                for k, a in arrays.items()
+                if a.dtype.kind not in "fiub" or a.dtype.byteorder == ">"
+            ),
+            None,
+        )
         if bad is not None:
             raise DataError(f"{path}: array {bad!r} is {arrays[bad].dtype}, not a supported dtype")
         return {k: torch.from_numpy(np.ascontiguousarray(a)) for k, a in arrays.items()}
@@ -54,7 +64,9 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
         obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any reader error becomes one clear line
         raise DataError(f"cannot read {path}: {exc}".replace("\n", " ")) from None
-    if isinstance(obj, dict) and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
+    if isinstance(obj, dict) and all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()
+    ):
         return dict(obj)
     raise DataError(f"{path} does not hold a mapping of names to tensors")
 
@@ -62,16 +74,23 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
 class UpdateMetadata(Section):
     """What the protocol sends with an update (the ``--meta`` JSON file), the part every modality
     shares: the local training facts, the classes, and the labels where the threat model gives them.
-    Each modality's metadata (``modality.METADATA``, chosen by the file's ``modality`` key) adds what
+    Each modality's metadata (``modality.METADATA``, chosen by the file's ``modality`` key) adds
+    what
     its examples are and how to read its truth and prior."""
 
     num_classes: int = Field(gt=1, description="Outputs of the classifier.")
     lr: float = Field(gt=0, description="The client's local learning rate.")
     epochs: int | None = Field(None, gt=0, description="Local epochs (default 1).")
-    local_steps: int | None = Field(None, gt=0, description="Local SGD steps (alternative to epochs).")
-    batch_size: int | None = Field(None, gt=0, description="Local batch size (default: all the client's examples).")
+    local_steps: int | None = Field(
+        None, gt=0, description="Local SGD steps (alternative to epochs)."
+    )
+    batch_size: int | None = Field(
+        None, gt=0, description="Local batch size (default: all the client's examples)."
+    )
     momentum: float = Field(0.0, ge=0, lt=1, description="Local SGD momentum.")
-    labels: list[int] | None = Field(None, description="The labels, where the threat model gives them to the server.")
+    labels: list[int] | None = Field(
+        None, description="The labels, where the threat model gives them to the server."
+    )
 
     @property
     def num_examples(self) -> int:
@@ -92,7 +111,10 @@ class UpdateMetadata(Section):
             raise ValueError("give epochs or local_steps, not both")
         per_epoch = math.ceil(n / (self.batch_size or n))
         if self.local_steps is not None and self.local_steps % per_epoch:
-            raise ValueError(f"local_steps {self.local_steps} is not a whole number of epochs of {per_epoch} steps")
+            raise ValueError(
+                f"local_steps {self.local_steps} is not a whole number of epochs of {per_epoch} "
+                "steps"
+            )
         return self
 
     def update_meta(self) -> UpdateMeta:
@@ -100,8 +122,17 @@ class UpdateMetadata(Section):
         bs = self.batch_size or n
         per_epoch = math.ceil(n / bs)
         epochs = self.epochs or (self.local_steps // per_epoch if self.local_steps else 1)
-        return UpdateMeta(client_id=0, round=0, num_samples=n, lr=self.lr, epochs=epochs, steps=epochs * per_epoch,
-                          batch_size=bs, momentum=self.momentum, bn_mode=self.bn_mode())  # fmt: skip
+        return UpdateMeta(
+            client_id=0,
+            round=0,
+            num_samples=n,
+            lr=self.lr,
+            epochs=epochs,
+            steps=epochs * per_epoch,
+            batch_size=bs,
+            momentum=self.momentum,
+            bn_mode=self.bn_mode(),
+        )
 
     def known_labels(self) -> torch.Tensor | None:
         return None if self.labels is None else torch.tensor(self.labels)
@@ -131,7 +162,8 @@ class UpdateMetadata(Section):
 
 
 def load_metadata(path: Path) -> UpdateMetadata:
-    """The ``--meta`` file, validated by its modality's metadata (``modality``: image by default)."""
+    """The ``--meta`` file, validated by its modality's metadata (``modality``: image by
+    default)."""
     raw = read_json(path)
     kind = raw.get("modality", "image") if isinstance(raw, dict) else "image"
     load_modalities()

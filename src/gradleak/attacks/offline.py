@@ -78,18 +78,29 @@ def attack_saved_update(
         raise ConfigError("--preset", f"{attack.name} does not apply to this update: {reason}")
     rec = attack.run(view, seed=seed, prior=prior, progress=progress, device=device)
     summary: dict[str, Any] = {
-        "attack": attack.name, "feasible": rec.feasible, "reason": rec.reason, "confidence": rec.confidence,
-        "labels": None if rec.labels is None else rec.labels.tolist(), "label_strategy": rec.label_strategy,
-        "restart_scores": rec.restart_scores, "final_loss": rec.trace[-1] if rec.trace else None,
-        "iterations": rec.iterations, "seconds": rec.seconds,
+        "attack": attack.name,
+        "feasible": rec.feasible,
+        "reason": rec.reason,
+        "confidence": rec.confidence,
+        "labels": None if rec.labels is None else rec.labels.tolist(),
+        "label_strategy": rec.label_strategy,
+        "restart_scores": rec.restart_scores,
+        "final_loss": rec.trace[-1] if rec.trace else None,
+        "iterations": rec.iterations,
+        "seconds": rec.seconds,
         "settings": attack.settings.model_dump() if hasattr(attack, "settings") else {},
-    }  # fmt: skip
+    }
     found = None
     if truth is not None and rec.feasible and rec.examples is not None:
         examples, labels = truth
         found = score(rec.examples, examples, view.spec, rec.labels, labels)
-        summary["metrics"] = {**found.summary(), "per_example": {
-            **{k: v.tolist() for k, v in found.values.items()}, "assignment": found.assignment.tolist()}}  # fmt: skip
+        summary["metrics"] = {
+            **found.summary(),
+            "per_example": {
+                **{k: v.tolist() for k, v in found.values.items()},
+                "assignment": found.assignment.tolist(),
+            },
+        }
         owner.write_text("metrics.json", json.dumps(summary["metrics"], indent=2))
     saved.meta.write_result(owner, rec, truth[0] if truth else None, found)
     owner.write_text("attack.json", json.dumps(summary, indent=2))

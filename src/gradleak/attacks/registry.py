@@ -19,6 +19,7 @@ def load_attacks() -> None:
 
 
 def attack_factory(name: str, *, key: str = "audit.preset") -> Callable[..., Attack]:
-    """The factory of the attack registered as ``name`` (a ``ConfigError`` naming ``key`` lists the known ones)."""
+    """The factory of the attack registered as ``name`` (a ``ConfigError`` naming ``key`` lists the
+    known ones)."""
     load_attacks()
     return ATTACKS.get(name, key=key)

@@ -17,8 +17,10 @@ class AuditConfig(Section):
     start_round: int = Field(1, gt=0, description="First audited round.")
     frequency: int = Field(1, gt=0, description="Audit every k-th round from start_round.")
     preset: str = Field(
-        "inverting-gradients", description="The attack, by name: an optimisation preset (dlg, idlg, "
-        "inverting-gradients, gradinversion, bn-statistics; see the attack settings) or another registered attack.",
+        "inverting-gradients",
+        description="The attack, by name: an optimisation preset (dlg, idlg, "
+        "inverting-gradients, gradinversion, bn-statistics; see the attack settings) or another "
+        "registered attack.",
     )
     attack: dict[str, Any] = Field(
         default_factory=lambda: {"iterations": 300},
@@ -26,18 +28,24 @@ class AuditConfig(Section):
     )
     prior: str = Field(
         "mean-image",
-        description="What the server would guess without the update, the baseline of RDLV (and the start "
-        "of presets with init=prior). Images: mean-image (the test split's mean image, public data on the "
+        description="What the server would guess without the update, the baseline of RDLV (and the "
+        "start "
+        "of presets with init=prior). Images: mean-image (the test split's mean image, public data "
+        "on the "
         "server) or none (the dataset's mean colour).",
     )
     metric: str = Field(
-        "ssim", description="Similarity S of the RDLV, one of the data's metrics (images: ssim, psnr or mse)."
+        "ssim",
+        description="Similarity S of the RDLV, one of the data's metrics (images: ssim, psnr or "
+        "mse).",
     )
     reduce: Literal["max", "min"] = Field("max", description="A client's RDLV over its images.")
     threshold: float | None = Field(
         None, description="Withhold an update from aggregation when its RDLV exceeds this."
     )
-    save_images: bool = Field(True, description="Write originals, starts and reconstructions (npz, PNG).")
+    save_images: bool = Field(
+        True, description="Write originals, starts and reconstructions (npz, PNG)."
+    )
 
     @model_validator(mode="after")
     def _valid_attack(self) -> AuditConfig:

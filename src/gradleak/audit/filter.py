@@ -47,58 +47,122 @@ class LeakageAudit:
         self.defenses = defenses
         self.device = device
 
-    def view(self, global_state: dict[str, torch.Tensor], update: ClientUpdate, labels: torch.Tensor) -> ServerView:
-        """What the server sees of this update (the labels only where the threat model gives them)."""
-        return ServerView.of(self.model, global_state, update, spec=self.spec, num_classes=self.num_classes,
-                             known_labels=labels.clone() if self.attack.wants_labels else None)  # fmt: skip
+    def view(
+        self, global_state: dict[str, torch.Tensor], update: ClientUpdate, labels: torch.Tensor
+    ) -> ServerView:
+        """What the server sees of this update (the labels only where the threat model gives
+        them)."""
+        return ServerView.of(
+            self.model,
+            global_state,
+            update,
+            spec=self.spec,
+            num_classes=self.num_classes,
+            known_labels=labels.clone() if self.attack.wants_labels else None,
+        )
 
     def __call__(self, update: ClientUpdate, ctx: FilterContext) -> Filtered:
         cid = ctx.client.client_id
         if not self.config.applies(ctx.round, cid):
             return Filtered(update)
         truth, labels = ctx.client.data.examples, ctx.client.data.targets
-        if not all(torch.isfinite(v).all() for v in (*update.delta.values(), *ctx.global_state.values())):
+        if not all(
+            torch.isfinite(v).all() for v in (*update.delta.values(), *ctx.global_state.values())
+        ):
             # Training diverged (e.g. under heavy noise): there is nothing finite to invert.
-            return Filtered(update, dict(audited=True, rdlv=None, attack=self.config.preset, defenses=self.defenses,
-                                         audit_note="update or global model not finite; not attacked"))  # fmt: skip
+            return Filtered(
+                update,
+                dict(
+                    audited=True,
+                    rdlv=None,
+                    attack=self.config.preset,
+                    defenses=self.defenses,
+                    audit_note="update or global model not finite; not attacked",
+                ),
+            )
         view = self.view(ctx.global_state, update, labels)
-        record = self.inspect(view, truth, labels, seed=derive_seed(ctx.seed, "audit", ctx.round, cid))
+        record = self.inspect(
+            view, truth, labels, seed=derive_seed(ctx.seed, "audit", ctx.round, cid)
+        )
         threshold = self.config.threshold
         leaked = threshold is not None and record["rdlv"] is not None and record["rdlv"] > threshold
         return Filtered(update, record, withhold=leaked)
 
-    def inspect(self, view: ServerView, truth: torch.Tensor, labels: torch.Tensor, *, seed: int) -> dict[str, Any]:
+    def inspect(
+        self, view: ServerView, truth: torch.Tensor, labels: torch.Tensor, *, seed: int
+    ) -> dict[str, Any]:
         """Attack one view, score it against the client's examples and the prior, save the examples
         (when enabled) and return the audit record: RDLV, each metric of the spec, label accuracy,
         the attack's own verdict and time."""
         base = dict(audited=True, attack=self.config.preset, defenses=self.defenses)
         reason = self.attack.applies(view)
         if reason is not None:
-            return {**base, "rdlv": None, "audit_note": f"{self.config.preset} does not apply: {reason}"}
+            return {
+                **base,
+                "rdlv": None,
+                "audit_note": f"{self.config.preset} does not apply: {reason}",
+            }
         rec = self.attack.run(view, seed=seed, prior=self.prior, device=self.device)
         if not rec.feasible or rec.examples is None:
-            return {**base, "rdlv": None, "audit_note": f"infeasible: {rec.reason}", "attack_seconds": rec.seconds}
-        pairs = assign(rec.examples, truth, self.spec)  # one matching for every metric: linear beyond it
-        leak = rdlv(rec.examples, self.prior, truth, self.spec, metric=self.config.metric,
-                    reduce=self.config.reduce, assignment=pairs)  # fmt: skip
+            return {
+                **base,
+                "rdlv": None,
+                "audit_note": f"infeasible: {rec.reason}",
+                "attack_seconds": rec.seconds,
+            }
+        pairs = assign(
+            rec.examples, truth, self.spec
+        )  # one matching for every metric: linear beyond it
+        leak = rdlv(
+            rec.examples,
+            self.prior,
+            truth,
+            self.spec,
+            metric=self.config.metric,
+            reduce=self.config.reduce,
+            assignment=pairs,
+        )
         s = score(rec.examples, truth, self.spec, rec.labels, labels, assignment=pairs)
         if self.config.save_images and self.out_dir is not None:
-            self._save(view.meta.round, view.meta.client_id, truth, rec.examples[torch.as_tensor(leak.best)])
+            self._save(
+                view.meta.round,
+                view.meta.client_id,
+                truth,
+                rec.examples[torch.as_tensor(leak.best)],
+            )
         found = {k: v for k, v in s.summary().items() if k != "label_accuracy"}
-        extra = {} if rec.confidence is None or not math.isfinite(rec.confidence) else {"confidence": rec.confidence}
+        extra = (
+            {}
+            if rec.confidence is None or not math.isfinite(rec.confidence)
+            else {"confidence": rec.confidence}
+        )
         return dict(
-            audited=True, rdlv=leak.value, **found, label_accuracy=s.label_accuracy,
-            label_strategy=rec.label_strategy, attack=self.config.preset, **extra,
-            defenses=self.defenses, attack_seconds=rec.seconds,
-        )  # fmt: skip
+            audited=True,
+            rdlv=leak.value,
+            **found,
+            label_accuracy=s.label_accuracy,
+            label_strategy=rec.label_strategy,
+            attack=self.config.preset,
+            **extra,
+            defenses=self.defenses,
+            attack_seconds=rec.seconds,
+        )
 
     def _save(self, round: int, cid: int, truth: torch.Tensor, matched: torch.Tensor) -> None:
         """Originals, the prior and the paired reconstructions; only inside the run directory."""
         assert self.out_dir is not None
         stem = f"round_{round:04d}/client_{cid}"
-        priors = self.prior.expand(len(truth), *self.prior.shape[1:]) if len(self.prior) == 1 else self.prior
-        self.out_dir.write_bytes(f"{stem}.npz", npz_bytes(originals=truth.numpy(), priors=priors.numpy(),
-                                                          reconstructions=matched.numpy()))  # fmt: skip
+        priors = (
+            self.prior.expand(len(truth), *self.prior.shape[1:])
+            if len(self.prior) == 1
+            else self.prior
+        )
+        self.out_dir.write_bytes(
+            f"{stem}.npz",
+            npz_bytes(
+                originals=truth.numpy(), priors=priors.numpy(), reconstructions=matched.numpy()
+            ),
+        )
         renderer = RENDERERS.get(self.spec.kind)
         rows = [("original", truth), ("prior", priors), ("reconstruction", matched)]
         self.out_dir.write_bytes(f"{stem}.{renderer.suffix}", renderer.file(rows))

@@ -35,8 +35,16 @@ class RDLV:
     best: list[int]  # index of the reconstruction paired with each training example
 
 
-def rdlv(recon: torch.Tensor, prior: torch.Tensor, truth: torch.Tensor, spec: InputSpec, *, metric: str,
-         reduce: str = "max", assignment: np.ndarray | None = None) -> RDLV:  # fmt: skip
+def rdlv(
+    recon: torch.Tensor,
+    prior: torch.Tensor,
+    truth: torch.Tensor,
+    spec: InputSpec,
+    *,
+    metric: str,
+    reduce: str = "max",
+    assignment: np.ndarray | None = None,
+) -> RDLV:
     """The RDLV of a batch of reconstructions against ``prior`` (one example, or one per original),
     each original paired by ``assignment`` (default: ``metrics.assign``)."""
     idx = assign(recon, truth, spec) if assignment is None else assignment

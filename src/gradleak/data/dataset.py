@@ -27,7 +27,9 @@ class Dataset:
 
     def __post_init__(self) -> None:
         if self.targets.ndim != 1:
-            raise ValueError(f"targets must be one integer per example, got shape {tuple(self.targets.shape)}")
+            raise ValueError(
+                f"targets must be one integer per example, got shape {tuple(self.targets.shape)}"
+            )
         if len(self.examples) != len(self.targets):
             raise ValueError(f"{len(self.examples)} examples but {len(self.targets)} targets")
 
@@ -56,7 +58,9 @@ class DataBundle:
         return len(self.classes)
 
 
-def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def stratified_split(
+    labels: np.ndarray, fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Indices (keep, held_out): ``fraction`` of each class held out, chosen by ``seed``."""
     rng = numpy_rng(seed, "test-split")
     keep, held = [], []

@@ -34,7 +34,9 @@ class ClientSpec(Section):
     batch_size: int = Field(gt=0, description="Local mini-batch size.")
     lr: float | None = Field(None, gt=0, description="Local learning rate; null = training.lr.")
     classes: list[int] | None = Field(
-        None, min_length=1, description="Draw this client's examples only from these classes (label "
+        None,
+        min_length=1,
+        description="Draw this client's examples only from these classes (label "
         "skew by hand); null = any class.",
     )
 
@@ -55,7 +57,9 @@ class ExplicitPartition(_Partition):
     """A table of clients, each with its own number of images and batch size."""
 
     scheme: Literal["explicit"] = "explicit"
-    clients: list[ClientSpec] = Field(min_length=1, description="One entry per client, in id order.")
+    clients: list[ClientSpec] = Field(
+        min_length=1, description="One entry per client, in id order."
+    )
 
     @property
     def num_clients(self) -> int:
@@ -86,7 +90,8 @@ class ExplicitPartition(_Partition):
             if len(free) < c.size:
                 raise ConfigError(
                     f"partition.clients.{i}.size",
-                    f"{c.size} images asked for, but only {len(free)} unused ones of classes {c.classes} are left",
+                    f"{c.size} images asked for, but only {len(free)} unused ones of classes "
+                    f"{c.classes} are left",
                 )
             pick = free[: c.size]
             used[pick] = True
@@ -150,7 +155,7 @@ class DirichletPartition(_Equal):
             parts: list[list[int]] = [[] for _ in range(self.clients)]
             for c in np.unique(labels):
                 idx = rng.permutation(np.flatnonzero(labels == c))
-                cuts = (np.cumsum(rng.dirichlet([self.alpha] * self.clients))[:-1] * len(idx))
+                cuts = np.cumsum(rng.dirichlet([self.alpha] * self.clients))[:-1] * len(idx)
                 for k, chunk in enumerate(np.split(idx, cuts.astype(int))):
                     parts[k].extend(chunk.tolist())
             if all(parts):
@@ -159,7 +164,8 @@ class DirichletPartition(_Equal):
                     for k, p in enumerate(parts)
                 ]
         raise ConfigError(
-            "partition.alpha", f"alpha={self.alpha} leaves some client empty; raise alpha or the pool"
+            "partition.alpha",
+            f"alpha={self.alpha} leaves some client empty; raise alpha or the pool",
         )
 
 

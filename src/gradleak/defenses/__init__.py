@@ -15,6 +15,12 @@ Defense = Annotated[
 ]
 
 __all__ = [
-    "AdaptiveGaussian", "DPGaussian", "Defense", "DefenseConfig", "GaussianNoise", "LaplaceNoise",
-    "Prune", "Quantize",
-]  # fmt: skip
+    "AdaptiveGaussian",
+    "DPGaussian",
+    "Defense",
+    "DefenseConfig",
+    "GaussianNoise",
+    "LaplaceNoise",
+    "Prune",
+    "Quantize",
+]

@@ -56,14 +56,20 @@ class _Quantize:
     fmt: str
 
     def __call__(self, update: ClientUpdate, ctx: FilterContext) -> Filtered:
-        return Filtered(with_delta(update, {k: quantize_tensor(update.delta[k], self.fmt) for k in trained(update)}))
+        return Filtered(
+            with_delta(
+                update, {k: quantize_tensor(update.delta[k], self.fmt) for k in trained(update)}
+            )
+        )
 
 
 class Prune(DefenseConfig):
     """Magnitude pruning: in every parameter tensor, zero the given fraction of smallest entries."""
 
     name: Literal["prune"] = "prune"
-    sparsity: float = Field(ge=0, lt=1, description="Fraction of each tensor's entries set to zero.")
+    sparsity: float = Field(
+        ge=0, lt=1, description="Fraction of each tensor's entries set to zero."
+    )
 
     def build(self, *, index: int, sample_rate: float) -> _Prune:
         return _Prune(index, self.sparsity)

@@ -56,7 +56,13 @@ class _DPFilter:
         for k in update.buffers:
             changes[k] = torch.zeros_like(update.delta[k])
         eps = epsilon(self.noise_multiplier, self.sample_rate, ctx.participation, self.delta)
-        found = fields(self.index, dp_epsilon=eps, dp_delta=self.delta, dp_norm_before_clip=norm, dp_clip_factor=factor)
+        found = fields(
+            self.index,
+            dp_epsilon=eps,
+            dp_delta=self.delta,
+            dp_norm_before_clip=norm,
+            dp_clip_factor=factor,
+        )
         return Filtered(with_delta(update, changes), found)
 
 
@@ -66,8 +72,12 @@ class DPGaussian(DefenseConfig):
 
     name: Literal["dp-gaussian"] = "dp-gaussian"
     clip: float = Field(gt=0, description="L2 bound of a client's update (its sensitivity).")
-    noise_multiplier: float = Field(ge=0, description="Noise std in units of clip; 0: clipping only (epsilon inf).")
-    delta: float = Field(1e-5, gt=0, lt=1, description="The delta of the reported (epsilon, delta).")
+    noise_multiplier: float = Field(
+        ge=0, description="Noise std in units of clip; 0: clipping only (epsilon inf)."
+    )
+    delta: float = Field(
+        1e-5, gt=0, lt=1, description="The delta of the reported (epsilon, delta)."
+    )
 
     def build(self, *, index: int, sample_rate: float) -> _DPFilter:
         return _DPFilter(index, self.clip, self.noise_multiplier, self.delta, sample_rate)

@@ -74,7 +74,9 @@ class AdaptiveGaussian(DefenseConfig):
     include_buffers: bool = Field(False, description="Also noise batch-norm running statistics.")
 
     def build(self, *, index: int, sample_rate: float) -> _NoiseFilter:
-        return _NoiseFilter(index, "gaussian", None, self.sigma0, self.percentile, self.include_buffers)
+        return _NoiseFilter(
+            index, "gaussian", None, self.sigma0, self.percentile, self.include_buffers
+        )
 
 
 class GaussianNoise(DefenseConfig):

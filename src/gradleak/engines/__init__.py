@@ -15,7 +15,8 @@ from typing import Any
 from gradleak.errors import ConfigError
 
 # Engines by name: the module and class of each, imported only when a run uses it (flwr, ray and
-# nvflare are optional and slow to import). Each class offers ``for_config(config, run_dir, **kwargs)``.
+# nvflare are optional and slow to import). Each class offers ``for_config(config, run_dir,
+# **kwargs)``.
 ENGINES = {
     "pool": "gradleak.engines.pool:PoolSimulator",
     "flower": "gradleak.engines.flower:FlowerSimulator",
@@ -26,7 +27,9 @@ ENGINES = {
 def engine_class(name: str) -> Any:
     """The simulator class of the engine ``name`` (imported now)."""
     if name not in ENGINES:
-        raise ConfigError("engine.name", f"unknown engine {name!r} (known: {', '.join(sorted(ENGINES))})")
+        raise ConfigError(
+            "engine.name", f"unknown engine {name!r} (known: {', '.join(sorted(ENGINES))})"
+        )
     module, _, attr = ENGINES[name].partition(":")
     return getattr(importlib.import_module(module), attr)
 
@@ -47,8 +50,11 @@ def check_config(config: Any, num_clients: int) -> None:
     check_installed(engine)
     if config.aggregation.strategy == "secure-sum":
         if engine == "nvflare":
-            raise ConfigError("aggregation.strategy", "secure-sum is not available on nvflare (gradleak drives "
-                              "no secure-aggregation protocol there): use engine.name flower or inprocess")  # fmt: skip
+            raise ConfigError(
+                "aggregation.strategy",
+                "secure-sum is not available on nvflare (gradleak drives "
+                "no secure-aggregation protocol there): use engine.name flower or inprocess",
+            )
         check_secagg(config, num_clients)
 
 
@@ -58,13 +64,17 @@ def check_secagg(config: Any, num_clients: int) -> None:
 
     n = participant_count(config.training.clients_per_round, num_clients)
     if n < 2:
-        raise ConfigError("training.clients_per_round",
-                          f"SecAgg+ needs at least 2 participants a round; this draws {n} of {num_clients}")  # fmt: skip
+        raise ConfigError(
+            "training.clients_per_round",
+            f"SecAgg+ needs at least 2 participants a round; this draws {n} of {num_clients}",
+        )
     q = config.engine.secagg.quantization
     if n * q >= SECAGG_MODULUS:
-        raise ConfigError("engine.secagg.quantization",
-                          f"{n} participants x {q} levels overflow SecAgg+'s modulus 2^32: "
-                          f"use at most {(SECAGG_MODULUS - 1) // n} levels")  # fmt: skip
+        raise ConfigError(
+            "engine.secagg.quantization",
+            f"{n} participants x {q} levels overflow SecAgg+'s modulus 2^32: "
+            f"use at most {(SECAGG_MODULUS - 1) // n} levels",
+        )
 
 
 def check_installed(engine: str, key: str = "engine.name") -> None:
@@ -73,5 +83,6 @@ def check_installed(engine: str, key: str = "engine.name") -> None:
     if missing:
         raise ConfigError(
             key,
-            f"{engine} needs {', '.join(missing)}: pip install -c constraints.txt 'gradleak[{engine}]'",
+            f"{engine} needs {', '.join(missing)}: pip install -c constraints.txt "
+            f"'gradleak[{engine}]'",
         )

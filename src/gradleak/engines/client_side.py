@@ -36,7 +36,9 @@ def client_simulator(config_json: str, run_dir: str) -> Simulator:
             torch.set_num_threads(config.engine.threads)
         from gradleak.rundir import OwnedDir
 
-        _SIDES[key] = build_scenario(config).simulator(OwnedDir(Path(run_dir), "run").join(), engine="local")
+        _SIDES[key] = build_scenario(config).simulator(
+            OwnedDir(Path(run_dir), "run").join(), engine="local"
+        )
     return _SIDES[key]
 
 
@@ -82,12 +84,19 @@ def filter_leaving(
     except Exception as exc:  # noqa: BLE001 - recorded in the row; the federation goes on
         log.exception("gradleak's update filters failed")
         record, withheld = {"filter_error": f"{type(exc).__name__}: {exc}"}, True
-    fields.update(record=record, withheld=withheld, norm=update.l2_norm(),
-                  seconds=fields["seconds"] + time.perf_counter() - started)  # fmt: skip
+    fields.update(
+        record=record,
+        withheld=withheld,
+        norm=update.l2_norm(),
+        seconds=fields["seconds"] + time.perf_counter() - started,
+    )
     return update, withheld
 
 
 def result_from(delta: dict[str, torch.Tensor], fields: dict[str, Any]) -> ClientResult:
-    """The server's ``ClientResult`` of a filtered reply (empty ``delta``: the update was not seen)."""
+    """The server's ``ClientResult`` of a filtered reply (empty ``delta``: the update was not
+    seen)."""
     f = fields
-    return ClientResult(update_from(delta, f), f["train_loss"], f["withheld"], f["record"], f["seconds"], f["norm"])
+    return ClientResult(
+        update_from(delta, f), f["train_loss"], f["withheld"], f["record"], f["seconds"], f["norm"]
+    )

@@ -55,7 +55,7 @@ from flwr.common import (  # noqa: E402
     Status,
     ndarrays_to_parameters,
     parameters_to_ndarrays,
-)  # fmt: skip
+)
 from flwr.server import LegacyContext  # noqa: E402
 from flwr.server.compat.grid_client_proxy import GridClientProxy  # noqa: E402
 from flwr.server.strategy import Strategy as FlowerStrategy  # noqa: E402
@@ -73,7 +73,7 @@ from gradleak.engines.client_side import (  # noqa: E402
     result_from,
     update_from,
     with_meta,
-)  # fmt: skip
+)
 from gradleak.errors import GradleakError  # noqa: E402
 from gradleak.fl.simulator import ClientResult, Hooks, Simulator  # noqa: E402
 from gradleak.fl.update import ClientUpdate  # noqa: E402
@@ -88,7 +88,7 @@ def _quiet() -> None:
     logging.getLogger("flwr").setLevel(logging.WARNING)
 
 
-# -- the messages ------------------------------------------------------------------------------------
+# -- the messages ----------------------------------------------------------------------------------
 
 
 class PlainMessages:
@@ -104,8 +104,15 @@ class PlainMessages:
     @staticmethod
     def reply(update: ClientUpdate, fields: dict[str, Any], msg: Any, sim: Simulator) -> Any:
         row = json.dumps(with_meta(update, fields))
-        return Message(RecordDict({UPDATE: ArrayRecord(torch_state_dict=update.delta),
-                                   RESULT: ConfigRecord({"json": row})}), reply_to=msg)  # fmt: skip
+        return Message(
+            RecordDict(
+                {
+                    UPDATE: ArrayRecord(torch_state_dict=update.delta),
+                    RESULT: ConfigRecord({"json": row}),
+                }
+            ),
+            reply_to=msg,
+        )
 
     @staticmethod
     def read(reply: Any, sim: Simulator) -> tuple[ClientUpdate, dict[str, Any]]:
@@ -129,7 +136,10 @@ class SecAggMessages:
     def task(msg: Any, sim: Simulator) -> tuple[int, int, dict[str, torch.Tensor]]:
         fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
         arrays = parameters_to_ndarrays(fitins.parameters)
-        state = {k: torch.from_numpy(a.copy()) for k, a in zip(sim.model.state_dict(), arrays, strict=True)}
+        state = {
+            k: torch.from_numpy(a.copy())
+            for k, a in zip(sim.model.state_dict(), arrays, strict=True)
+        }
         return int(fitins.config["round"]), int(fitins.config["client"]), state
 
     @staticmethod
@@ -149,12 +159,17 @@ class SecAggMessages:
         fields = json.loads(str(fit.metrics["json"]))
         state = sim.model.state_dict()
         arrays = parameters_to_ndarrays(fit.parameters)
-        delta = {k: torch.from_numpy(a.copy()).to(state[k].dtype) for k, a in zip(state, arrays, strict=True)}
+        delta = {
+            k: torch.from_numpy(a.copy()).to(state[k].dtype)
+            for k, a in zip(state, arrays, strict=True)
+        }
         return update_from(delta, fields), fields
 
     @staticmethod
     def withheld(update: ClientUpdate, fields: dict[str, Any], msg: Any, sim: Simulator) -> Any:
-        zeros = ClientUpdate({k: torch.zeros_like(v) for k, v in update.delta.items()}, update.meta, update.buffers)
+        zeros = ClientUpdate(
+            {k: torch.zeros_like(v) for k, v in update.delta.items()}, update.meta, update.buffers
+        )
         return SecAggMessages.reply(zeros, fields, msg, sim)
 
 
@@ -165,7 +180,7 @@ def clipped_fraction(update: ClientUpdate, clip: float) -> float:
     return over / max(total, 1)
 
 
-# -- the client side (runs in Ray's actor processes) ------------------------------------------------
+# -- the client side (runs in Ray's actor processes) -----------------------------------------------
 
 
 def client_app(config_json: str, run_dir: str, clip: float | None = None) -> Any:
@@ -208,12 +223,14 @@ def client_app(config_json: str, run_dir: str, clip: float | None = None) -> Any
         sim = client_simulator(config_json, run_dir)
         round, client_id, global_state = codec.task(msg, sim)
         update, loss = sim.train(round, global_state, find_client(sim, client_id))
-        return codec.reply(update, {"train_loss": loss, "seconds": time.perf_counter() - start}, msg, sim)
+        return codec.reply(
+            update, {"train_loss": loss, "seconds": time.perf_counter() - start}, msg, sim
+        )
 
     return app
 
 
-# -- the server side ---------------------------------------------------------------------------------
+# -- the server side -------------------------------------------------------------------------------
 
 
 class FlowerSimulator(Simulator):
@@ -224,8 +241,15 @@ class FlowerSimulator(Simulator):
     ``observe`` returns, and the run records) and each client's row, never an update.
     """
 
-    def __init__(self, *, config_json: str, run_dir: Path, cpus_per_client: float = 1.0,
-                 secagg: Any = None, **kwargs: Any) -> None:  # fmt: skip
+    def __init__(
+        self,
+        *,
+        config_json: str,
+        run_dir: Path,
+        cpus_per_client: float = 1.0,
+        secagg: Any = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(**kwargs)
         self.config_json, self.run_dir, self.cpus_per_client = config_json, run_dir, cpus_per_client
         self.secagg = secagg
@@ -238,8 +262,13 @@ class FlowerSimulator(Simulator):
     @classmethod
     def for_config(cls, config: Any, run_dir: Path, **kwargs: Any) -> FlowerSimulator:
         e, secure = config.engine, config.aggregation.strategy == "secure-sum"
-        return cls(config_json=config.model_dump_json(), run_dir=run_dir, cpus_per_client=e.cpus_per_client,
-                   secagg=e.secagg if secure else None, **kwargs)  # fmt: skip
+        return cls(
+            config_json=config.model_dump_json(),
+            run_dir=run_dir,
+            cpus_per_client=e.cpus_per_client,
+            secagg=e.secagg if secure else None,
+            **kwargs,
+        )
 
     def run(self, state: dict[str, torch.Tensor], **kwargs: Any) -> dict[str, torch.Tensor]:
         """``Simulator.run`` inside a Flower ServerApp, with the clients on Flower's simulation."""
@@ -258,11 +287,14 @@ class FlowerSimulator(Simulator):
 
         clip = None if self.secagg is None else self.secagg.clip
         run_simulation(
-            server_app=server, client_app=client_app(self.config_json, str(self.run_dir), clip),
+            server_app=server,
+            client_app=client_app(self.config_json, str(self.run_dir), clip),
             num_supernodes=len(self.clients),
-            backend_config={"client_resources": {"num_cpus": self.cpus_per_client, "num_gpus": 0.0},
-                            "init_args": {"num_cpus": os.cpu_count() or 1, "include_dashboard": False}},
-        )  # fmt: skip
+            backend_config={
+                "client_resources": {"num_cpus": self.cpus_per_client, "num_gpus": 0.0},
+                "init_args": {"num_cpus": os.cpu_count() or 1, "include_dashboard": False},
+            },
+        )
         if "error" in out:
             raise out["error"]
         if "state" not in out:
@@ -274,9 +306,13 @@ class FlowerSimulator(Simulator):
         deadline = time.monotonic() + timeout
         while len(nodes := list(grid.get_node_ids())) < len(self.clients):
             if time.monotonic() > deadline:
-                raise GradleakError(f"only {len(nodes)} of {len(self.clients)} Flower nodes started")
+                raise GradleakError(
+                    f"only {len(nodes)} of {len(self.clients)} Flower nodes started"
+                )
             time.sleep(0.1)
-        replies = grid.send_and_receive([Message(RecordDict(), dst_node_id=n, message_type="query") for n in nodes])
+        replies = grid.send_and_receive(
+            [Message(RecordDict(), dst_node_id=n, message_type="query") for n in nodes]
+        )
         found = {}
         for reply in replies:
             if reply.has_error():
@@ -291,10 +327,20 @@ class FlowerSimulator(Simulator):
         if self.secagg is not None:
             yield from self._secagg_round(round, global_state, clients)
             return
-        tasks = [Message(RecordDict({GLOBAL: ArrayRecord(torch_state_dict=global_state),
-                                     TASK: ConfigRecord({"round": round, "client": c.client_id})}),
-                         dst_node_id=self._nodes[c.client_id], message_type="train", group_id=str(round))
-                 for c in clients]  # fmt: skip
+        tasks = [
+            Message(
+                RecordDict(
+                    {
+                        GLOBAL: ArrayRecord(torch_state_dict=global_state),
+                        TASK: ConfigRecord({"round": round, "client": c.client_id}),
+                    }
+                ),
+                dst_node_id=self._nodes[c.client_id],
+                message_type="train",
+                group_id=str(round),
+            )
+            for c in clients
+        ]
         by_node = {r.metadata.src_node_id: r for r in self._grid.send_and_receive(tasks)}
         for c in clients:
             reply = by_node.get(self._nodes[c.client_id])
@@ -313,11 +359,18 @@ class FlowerSimulator(Simulator):
         strategy = _SecAggRound(self._grid, self._context.run_id, tasks, params)
         context = LegacyContext(self._context, strategy=strategy)
         context.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord({Key.CURRENT_ROUND: round})
-        context.state.array_records[MAIN_PARAMS_RECORD] = compat.parameters_to_arrayrecord(params, True)
+        context.state.array_records[MAIN_PARAMS_RECORD] = compat.parameters_to_arrayrecord(
+            params, True
+        )
         s = self.secagg
-        SecAggPlusWorkflow(num_shares=s.shares, reconstruction_threshold=s.threshold, max_weight=1.0,
-                           clipping_range=s.clip, quantization_range=s.quantization,
-                           modulus_range=SECAGG_MODULUS)(self._grid, context)  # fmt: skip
+        SecAggPlusWorkflow(
+            num_shares=s.shares,
+            reconstruction_threshold=s.threshold,
+            max_weight=1.0,
+            clipping_range=s.clip,
+            quantization_range=s.quantization,
+            modulus_range=SECAGG_MODULUS,
+        )(self._grid, context)
         if strategy.failures or strategy.results is None:
             why = "; ".join(str(f) for f in strategy.failures) or "too few clients answered"
             raise GradleakError(f"round {round}: the SecAgg+ round failed: {why}")
@@ -347,26 +400,36 @@ class _SecAggRound(FlowerStrategy):  # type: ignore[misc]
     """The legacy Flower strategy that ``SecAggPlusWorkflow`` drives for one round: it sends the
     chosen nodes their tasks and keeps what the protocol reveals (nothing is aggregated here)."""
 
-    def __init__(self, grid: Grid, run_id: int, tasks: dict[int, dict[str, int]], params: Any) -> None:
+    def __init__(
+        self, grid: Grid, run_id: int, tasks: dict[int, dict[str, int]], params: Any
+    ) -> None:
         self.grid, self.run_id, self.tasks, self.params = grid, run_id, tasks, params
         self.results: list[Any] | None = None
         self.failures: list[Any] = []
 
     def configure_fit(self, server_round: int, parameters: Any, client_manager: Any) -> list[Any]:
-        return [(GridClientProxy(node, self.grid, self.run_id), FitIns(self.params, dict(task)))
-                for node, task in self.tasks.items()]  # fmt: skip
+        return [
+            (GridClientProxy(node, self.grid, self.run_id), FitIns(self.params, dict(task)))
+            for node, task in self.tasks.items()
+        ]
 
-    def aggregate_fit(self, server_round: int, results: Any, failures: Any) -> tuple[None, dict[str, Any]]:
+    def aggregate_fit(
+        self, server_round: int, results: Any, failures: Any
+    ) -> tuple[None, dict[str, Any]]:
         self.results, self.failures = list(results), list(failures)
         return None, {}
 
     def initialize_parameters(self, client_manager: Any) -> None:
         return None
 
-    def configure_evaluate(self, server_round: int, parameters: Any, client_manager: Any) -> list[Any]:
+    def configure_evaluate(
+        self, server_round: int, parameters: Any, client_manager: Any
+    ) -> list[Any]:
         return []
 
-    def aggregate_evaluate(self, server_round: int, results: Any, failures: Any) -> tuple[None, dict[str, Any]]:
+    def aggregate_evaluate(
+        self, server_round: int, results: Any, failures: Any
+    ) -> tuple[None, dict[str, Any]]:
         return None, {}
 
     def evaluate(self, server_round: int, parameters: Any) -> None:
@@ -379,9 +442,13 @@ def _decode(reply: Any, round: int, client_id: int) -> ClientResult:
         try:
             fields = json.loads(reply.error.reason)
         except (TypeError, ValueError):
-            raise GradleakError(f"round {round}: client {client_id} failed: {reply.error.reason}") from None
+            raise GradleakError(
+                f"round {round}: client {client_id} failed: {reply.error.reason}"
+            ) from None
         return result_from({}, fields)
-    return result_from(reply.content[UPDATE].to_torch_state_dict(), json.loads(reply.content[RESULT]["json"]))
+    return result_from(
+        reply.content[UPDATE].to_torch_state_dict(), json.loads(reply.content[RESULT]["json"])
+    )
 
 
 __all__ = ["FlowerSimulator", "Hooks", "client_app"]

@@ -95,7 +95,7 @@ def _arrays(state: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
     return {k: v.detach().cpu().numpy() for k, v in state.items()}
 
 
-# -- the client side --------------------------------------------------------------------------------
+# -- the client side -------------------------------------------------------------------------------
 
 
 class GradleakTrainer(Executor):  # type: ignore[misc]
@@ -106,20 +106,28 @@ class GradleakTrainer(Executor):  # type: ignore[misc]
         super().__init__()
         self.config_json, self.run_dir = config_json, run_dir
 
-    def execute(self, task_name: str, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
+    def execute(
+        self, task_name: str, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal
+    ) -> Shareable:
         start = time.perf_counter()
         sim = client_simulator(self.config_json, self.run_dir)
         global_state = _tensors(from_shareable(shareable).data)
-        update, loss = sim.train(_round(shareable), global_state, find_client(sim, _client_id(fl_ctx)))
+        update, loss = sim.train(
+            _round(shareable), global_state, find_client(sim, _client_id(fl_ctx))
+        )
         fields = with_meta(update, {"train_loss": loss, "seconds": time.perf_counter() - start})
-        return DXO(DataKind.WEIGHT_DIFF, data=_arrays(update.delta), meta={ROW: json.dumps(fields)}).to_shareable()
+        return DXO(
+            DataKind.WEIGHT_DIFF, data=_arrays(update.delta), meta={ROW: json.dumps(fields)}
+        ).to_shareable()
 
 
 class GlobalModelCapture(DXOFilter):  # type: ignore[misc]
     """Task-data filter: keeps the global model a site receives, for the result filter's audit."""
 
     def __init__(self) -> None:
-        super().__init__(supported_data_kinds=[DataKind.WEIGHTS], data_kinds_to_filter=[DataKind.WEIGHTS])
+        super().__init__(
+            supported_data_kinds=[DataKind.WEIGHTS], data_kinds_to_filter=[DataKind.WEIGHTS]
+        )
 
     def process_dxo(self, dxo: DXO, shareable: Shareable, fl_ctx: FLContext) -> DXO:
         _GLOBAL[str(fl_ctx.get_identity_name())] = (_round(shareable), _tensors(dxo.data))
@@ -132,7 +140,9 @@ class UpdateFilters(DXOFilter):  # type: ignore[misc]
     exception withholds it too and is recorded (``filter_error``), never aborting the job."""
 
     def __init__(self, config_json: str, run_dir: str) -> None:
-        super().__init__(supported_data_kinds=[DataKind.WEIGHT_DIFF], data_kinds_to_filter=[DataKind.WEIGHT_DIFF])
+        super().__init__(
+            supported_data_kinds=[DataKind.WEIGHT_DIFF], data_kinds_to_filter=[DataKind.WEIGHT_DIFF]
+        )
         self.config_json, self.run_dir = config_json, run_dir
 
     def _config_json(self) -> str:
@@ -160,8 +170,16 @@ class RelativeDataLeakageValueFilter(UpdateFilters):
     with ``prior`` (gradleak's: mean-image or none) as the reference. The similarity stays the
     config's ``audit.metric`` (NVFlare's default, SSIM, is gradleak's default too)."""
 
-    def __init__(self, config_json: str, run_dir: str, frequency: int = 1, start_round: int = 0,
-                 rdlv_reduce: str = "max", rdlv_threshold: float = 1.0, prior: str = "mean-image") -> None:  # fmt: skip
+    def __init__(
+        self,
+        config_json: str,
+        run_dir: str,
+        frequency: int = 1,
+        start_round: int = 0,
+        rdlv_reduce: str = "max",
+        rdlv_threshold: float = 1.0,
+        prior: str = "mean-image",
+    ) -> None:
         super().__init__(config_json, run_dir)
         self.frequency, self.start_round, self.prior = frequency, start_round, prior
         self.rdlv_reduce, self.rdlv_threshold = rdlv_reduce, rdlv_threshold
@@ -171,12 +189,18 @@ class RelativeDataLeakageValueFilter(UpdateFilters):
         from gradleak.experiments.config import validate_config
 
         raw = json.loads(self.config_json)
-        raw["audit"] = {**(raw.get("audit") or {}), "frequency": self.frequency, "start_round": self.start_round + 1,
-                        "reduce": self.rdlv_reduce, "threshold": self.rdlv_threshold, "prior": self.prior}  # fmt: skip
+        raw["audit"] = {
+            **(raw.get("audit") or {}),
+            "frequency": self.frequency,
+            "start_round": self.start_round + 1,
+            "reduce": self.rdlv_reduce,
+            "threshold": self.rdlv_threshold,
+            "prior": self.prior,
+        }
         return validate_config(raw).model_dump_json()
 
 
-# -- the server side --------------------------------------------------------------------------------
+# -- the server side -------------------------------------------------------------------------------
 
 
 class GradleakController(ModelController):  # type: ignore[misc]
@@ -209,8 +233,13 @@ def _serve(controller: GradleakController) -> None:
     reference = scenario.model.state_dict()
     last, done = store.resume_point(reference=reference)
     server = _ControllerSimulator(controller, **scenario.simulator_args(store.dir))
-    server.run(store.load_checkpoint(last, reference), first_round=last + 1, last_round=config.training.rounds,
-               hooks=StoreHooks(store, scenario.keep_every, None), done=done)  # fmt: skip
+    server.run(
+        store.load_checkpoint(last, reference),
+        first_round=last + 1,
+        last_round=config.training.rounds,
+        hooks=StoreHooks(store, scenario.keep_every, None),
+        done=done,
+    )
 
 
 class _ControllerSimulator(Simulator):
@@ -223,9 +252,15 @@ class _ControllerSimulator(Simulator):
     def run_clients(
         self, round: int, global_state: dict[str, torch.Tensor], clients: Sequence[ClientData]
     ) -> Iterator[ClientResult]:
-        model = FLModel(params_type=ParamsType.FULL, params=_arrays(global_state), current_round=round - 1,
-                        total_rounds=None)  # fmt: skip
-        replies = self.controller.send_model_and_wait(TASK, data=model, targets=[site(c.client_id) for c in clients])
+        model = FLModel(
+            params_type=ParamsType.FULL,
+            params=_arrays(global_state),
+            current_round=round - 1,
+            total_rounds=None,
+        )
+        replies = self.controller.send_model_and_wait(
+            TASK, data=model, targets=[site(c.client_id) for c in clients]
+        )
         by_site = {r.meta.get("client_name"): r for r in replies}
         for c in clients:
             reply = by_site.get(site(c.client_id))
@@ -234,7 +269,7 @@ class _ControllerSimulator(Simulator):
             yield result_from(_tensors(reply.params or {}), json.loads(reply.meta[ROW]))
 
 
-# -- the starting process ---------------------------------------------------------------------------
+# -- the starting process --------------------------------------------------------------------------
 
 
 def build_job(config_json: str, run_dir: str, client_ids: Sequence[int], error_file: str) -> FedJob:
@@ -245,7 +280,12 @@ def build_job(config_json: str, run_dir: str, client_ids: Sequence[int], error_f
     for cid in client_ids:
         job.to(GradleakTrainer(config_json, run_dir), site(cid), tasks=[TASK])
         job.to(GlobalModelCapture(), site(cid), tasks=[TASK], filter_type=FilterType.TASK_DATA)
-        job.to(UpdateFilters(config_json, run_dir), site(cid), tasks=[TASK], filter_type=FilterType.TASK_RESULT)
+        job.to(
+            UpdateFilters(config_json, run_dir),
+            site(cid),
+            tasks=[TASK],
+            filter_type=FilterType.TASK_RESULT,
+        )
     return job
 
 
@@ -261,15 +301,21 @@ class NVFlareSimulator(Simulator):
     def for_config(cls, config: Any, run_dir: Path, **kwargs: Any) -> NVFlareSimulator:
         return cls(config_json=config.model_dump_json(), run_dir=run_dir, **kwargs)
 
-    def run(self, state: dict[str, torch.Tensor], *, first_round: int, last_round: int, **kwargs: Any) -> dict[str, torch.Tensor]:
+    def run(
+        self, state: dict[str, torch.Tensor], *, first_round: int, last_round: int, **kwargs: Any
+    ) -> dict[str, torch.Tensor]:
         from gradleak.experiments.store import RunStore
 
         workspace = Path(tempfile.mkdtemp(prefix="gradleak-nvflare-"))
         error = workspace / "error.txt"
         ids = [c.client_id for c in self.clients]
         _allow_gradleak(workspace / "gradleak")
-        env = SimEnv(clients=[site(i) for i in ids], num_threads=len(ids), workspace_root=str(workspace),
-                     log_config=_quiet_console(workspace))  # fmt: skip
+        env = SimEnv(
+            clients=[site(i) for i in ids],
+            num_threads=len(ids),
+            workspace_root=str(workspace),
+            log_config=_quiet_console(workspace),
+        )
         job = build_job(self.config_json, str(self.run_dir), ids, str(error))
         display = getattr(kwargs.get("hooks"), "display", None)  # the rows are recorded by the job
         follower = _Follower(self, display) if display is not None else None
@@ -288,7 +334,9 @@ class NVFlareSimulator(Simulator):
         store = RunStore(self.run_dir)
         rounds = store.rounds.read()
         if not rounds or rounds[-1]["round"] < last_round:
-            raise GradleakError(f"the NVFlare job ended before round {last_round} (logs: {workspace})")
+            raise GradleakError(
+                f"the NVFlare job ended before round {last_round} (logs: {workspace})"
+            )
         shutil.rmtree(workspace, ignore_errors=True)
         return store.load_checkpoint(last_round)
 
@@ -322,19 +370,31 @@ class _Follower(threading.Thread):
             rounds, results = self.store.rounds.read(), self.store.results.read()
         except GradleakError:
             return
-        events = sorted([((r["round"], 0), r) for r in results[self.rows:]] +
-                        [((r["round"], 1), r) for r in rounds[self.rounds:]], key=lambda e: e[0])  # fmt: skip
+        events = sorted(
+            [((r["round"], 0), r) for r in results[self.rows :]]
+            + [((r["round"], 1), r) for r in rounds[self.rounds :]],
+            key=lambda e: e[0],
+        )
         self.rows, self.rounds = len(results), len(rounds)
         for (r, is_round), row in events:
             if r > self.started:
                 self.display.round_started(r, self.sim.participants(r))
                 self.started = r
             if is_round:
-                fields = (row[k] for k in ("round", "clients", "aggregated", "test_accuracy", "test_loss"))
+                fields = (
+                    row[k] for k in ("round", "clients", "aggregated", "test_accuracy", "test_loss")
+                )
                 self.display.round_done(RoundResult(*fields), {})
             else:
-                meta = UpdateMeta(row["client"], r, row["num_samples"], row["lr"], row["epochs"], row["steps"],
-                                  row["batch_size"])  # fmt: skip
+                meta = UpdateMeta(
+                    row["client"],
+                    r,
+                    row["num_samples"],
+                    row["lr"],
+                    row["epochs"],
+                    row["steps"],
+                    row["batch_size"],
+                )
                 self.display.client_done(ClientResult.from_row(row, ClientUpdate({}, meta)))
 
 
@@ -355,5 +415,12 @@ def _allow_gradleak(job_workspace: Path) -> None:
     (local / "resources.json").write_text(json.dumps(resources, indent=2))
 
 
-__all__ = ["GlobalModelCapture", "GradleakController", "GradleakTrainer", "NVFlareSimulator",
-           "RelativeDataLeakageValueFilter", "UpdateFilters", "build_job"]  # fmt: skip
+__all__ = [
+    "GlobalModelCapture",
+    "GradleakController",
+    "GradleakTrainer",
+    "NVFlareSimulator",
+    "RelativeDataLeakageValueFilter",
+    "UpdateFilters",
+    "build_job",
+]

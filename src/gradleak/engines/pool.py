@@ -41,7 +41,9 @@ def _work(round: int, state: dict[str, torch.Tensor], client_id: int) -> ClientR
 
 
 class _Workers(Protocol):
-    def map(self, round: int, state: dict[str, torch.Tensor], client_ids: Sequence[int]) -> Iterator[ClientResult]:
+    def map(
+        self, round: int, state: dict[str, torch.Tensor], client_ids: Sequence[int]
+    ) -> Iterator[ClientResult]:
         """The clients' results, in the order of ``client_ids``, as they are ready."""
 
 
@@ -49,7 +51,9 @@ class _Processes:
     def __init__(self, pool: ProcessPoolExecutor) -> None:
         self.pool = pool
 
-    def map(self, round: int, state: dict[str, torch.Tensor], client_ids: Sequence[int]) -> Iterator[ClientResult]:
+    def map(
+        self, round: int, state: dict[str, torch.Tensor], client_ids: Sequence[int]
+    ) -> Iterator[ClientResult]:
         futures = [self.pool.submit(_work, round, state, c) for c in client_ids]
         try:
             for f in futures:
@@ -75,12 +79,16 @@ class _RayActors:
 
         self.pool = ActorPool(actors)
 
-    def map(self, round: int, state: dict[str, torch.Tensor], client_ids: Sequence[int]) -> Iterator[ClientResult]:
+    def map(
+        self, round: int, state: dict[str, torch.Tensor], client_ids: Sequence[int]
+    ) -> Iterator[ClientResult]:
         import ray
 
         ref = ray.put(state)  # one copy of the global model in Ray's object store, not one per task
         try:
-            yield from self.pool.map(lambda actor, c: actor.run.remote(round, ref, c), list(client_ids))
+            yield from self.pool.map(
+                lambda actor, c: actor.run.remote(round, ref, c), list(client_ids)
+            )
         except ray.exceptions.RayTaskError as exc:  # the worker's own exception, not Ray's wrapper
             raise exc.as_instanceof_cause() from None
 
@@ -89,13 +97,19 @@ def pool_kind(pool: str) -> str:
     """``processes`` or ``ray`` for the config's ``engine.pool`` (auto: Ray when installed)."""
     if pool == "ray":
         check_installed("ray", "engine.pool")
-    return "ray" if pool == "ray" or (pool == "auto" and importlib.util.find_spec("ray")) else "processes"
+    return (
+        "ray"
+        if pool == "ray" or (pool == "auto" and importlib.util.find_spec("ray"))
+        else "processes"
+    )
 
 
 @contextmanager
 def _processes(workers: int, config_json: str, run_dir: str) -> Iterator[_Workers]:
     ctx = mp.get_context("spawn")
-    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_start, initargs=(config_json, run_dir)) as pool:
+    with ProcessPoolExecutor(
+        workers, mp_context=ctx, initializer=_start, initargs=(config_json, run_dir)
+    ) as pool:
         yield _Processes(pool)
 
 
@@ -107,8 +121,13 @@ def _ray(workers: int, config_json: str, run_dir: str) -> Iterator[_Workers]:
     if own:
         with warnings.catch_warnings():  # Ray's notices of its own future defaults
             warnings.simplefilter("ignore", FutureWarning)
-            ray.init(num_cpus=workers, include_dashboard=False, logging_level=logging.WARNING,
-                     log_to_driver=False, configure_logging=False)  # fmt: skip
+            ray.init(
+                num_cpus=workers,
+                include_dashboard=False,
+                logging_level=logging.WARNING,
+                log_to_driver=False,
+                configure_logging=False,
+            )
     actor = ray.remote(num_cpus=1)(_RayActor)
     actors = [actor.remote(config_json, run_dir) for _ in range(workers)]
     try:
@@ -123,7 +142,9 @@ def _ray(workers: int, config_json: str, run_dir: str) -> Iterator[_Workers]:
 class PoolSimulator(Simulator):
     """``Simulator`` whose clients of a round run in ``workers`` Ray actors or processes."""
 
-    def __init__(self, *, config_json: str, run_dir: Path, workers: int, pool: str = "auto", **kwargs: Any) -> None:
+    def __init__(
+        self, *, config_json: str, run_dir: Path, workers: int, pool: str = "auto", **kwargs: Any
+    ) -> None:
         super().__init__(**kwargs)
         self.config_json, self.run_dir, self.workers = config_json, run_dir, workers
         self.kind = pool_kind(pool)
@@ -132,7 +153,13 @@ class PoolSimulator(Simulator):
     @classmethod
     def for_config(cls, config: Any, run_dir: Path, **kwargs: Any) -> PoolSimulator:
         e = config.engine
-        return cls(config_json=config.model_dump_json(), run_dir=run_dir, workers=e.workers, pool=e.pool, **kwargs)
+        return cls(
+            config_json=config.model_dump_json(),
+            run_dir=run_dir,
+            workers=e.workers,
+            pool=e.pool,
+            **kwargs,
+        )
 
     def run(self, state: dict[str, torch.Tensor], **kwargs: Any) -> dict[str, torch.Tensor]:
         start = _ray if self.kind == "ray" else _processes

@@ -45,10 +45,14 @@ class TrainingConfig(Section):
     momentum: float = Field(0.0, ge=0, lt=1, description="Local SGD momentum (reset every round).")
     weight_decay: float = Field(0.0, ge=0, description="Local SGD weight decay.")
     clients_per_round: float = Field(
-        1.0, gt=0, le=1, description="Fraction of clients drawn (seeded) to take part in each round."
+        1.0,
+        gt=0,
+        le=1,
+        description="Fraction of clients drawn (seeded) to take part in each round.",
     )
     batch_norm: Literal["train", "eval"] = Field(
-        "train", description="How clients run batch-norm layers: train (batch statistics, running "
+        "train",
+        description="How clients run batch-norm layers: train (batch statistics, running "
         "statistics updated and sent) or eval (frozen running statistics, as in fine-tuning with "
         "batch norm frozen). Sent with each update; the attack's replay follows it.",
     )
@@ -58,7 +62,8 @@ class AggregationConfig(Section):
     strategy: str = Field(
         "fedavg",
         description="Server aggregation: fedavg (the server sees every update), or secure-sum (the "
-        "server sees only each round's sum of updates and steps by their mean, all clients weighing the same).",
+        "server sees only each round's sum of updates and steps by their mean, all clients "
+        "weighing the same).",
     )
 
     @field_validator("strategy")
@@ -75,7 +80,9 @@ class DisaggregationConfig(Section):
     """The gradient-disaggregation attack on a secure-sum run, run once training has finished."""
 
     window: int = Field(
-        10, gt=0, description="Rounds per window of the participation logs the server is given "
+        10,
+        gt=0,
+        description="Rounds per window of the participation logs the server is given "
         "(how often each client took part in each window).",
     )
     invert: list[int] = Field(
@@ -83,25 +90,39 @@ class DisaggregationConfig(Section):
         description="Clients whose recovered update is then attacked with the audit's attack and "
         "scored like an audit row, as if there had been no secure aggregation (needs audit:).",
     )
-    time_limit: float = Field(60.0, gt=0, description="Seconds the MILP solver may spend on one client's program.")
+    time_limit: float = Field(
+        60.0, gt=0, description="Seconds the MILP solver may spend on one client's program."
+    )
     chunk: int | None = Field(
-        None, ge=0, description="Rounds per chunk of the attack (the updates must be nearly constant within "
+        None,
+        ge=0,
+        description="Rounds per chunk of the attack (the updates must be nearly constant within "
         "one); null: chosen from the sums' spectrum; 0: all rounds at once.",
     )
     separation: float = Field(
-        0.25, ge=0, le=1, description="A recovered column is certain when the best other column found fits "
-        "worse by at least this fraction of what each round it changes costs on exact sums (1: the data "
-        "pins the column; 0: the alternative fits as well), the spectrum has a clear gap, and no other "
+        0.25,
+        ge=0,
+        le=1,
+        description="A recovered column is certain when the best other column found fits "
+        "worse by at least this fraction of what each round it changes costs on exact sums (1: the "
+        "data "
+        "pins the column; 0: the alternative fits as well), the spectrum has a clear gap, and no "
+        "other "
         "client has the same counts.",
     )
     on_uncertain: Literal["warn", "fail"] = Field(
-        "warn", description="When some column is not certain: warn (log it, mark it in the summary) or "
+        "warn",
+        description="When some column is not certain: warn (log it, mark it in the summary) or "
         "fail (stop with an error naming the clients).",
     )
-    workers: int | None = Field(None, gt=0, description="Processes solving clients in parallel (null: the cores).")
+    workers: int | None = Field(
+        None, gt=0, description="Processes solving clients in parallel (null: the cores)."
+    )
     solver: Literal["highs", "scip", "gurobi"] = Field(
-        "highs", description="MILP back-end: HiGHS (scipy, always present), SCIP (pip install "
-        "'gradleak[scip]') or Gurobi (pip install 'gradleak[gurobi]'; its bundled licence is size-limited).",
+        "highs",
+        description="MILP back-end: HiGHS (scipy, always present), SCIP (pip install "
+        "'gradleak[scip]') or Gurobi (pip install 'gradleak[gurobi]'; its bundled licence is "
+        "size-limited).",
     )
 
 
@@ -109,11 +130,15 @@ class RecommendationConfig(Section):
     """How a sweep's report picks the defence strength it recommends."""
 
     level: float = Field(
-        0.0, description="RDLV that every audited client must reach or go below in every audited "
+        0.0,
+        description="RDLV that every audited client must reach or go below in every audited "
         "round (`gradleak sweep/report --level` overrides it).",
     )
     accuracy_budget: float = Field(
-        0.05, ge=0, le=1, description="Final test accuracy a defence may cost against the sweep's "
+        0.05,
+        ge=0,
+        le=1,
+        description="Final test accuracy a defence may cost against the sweep's "
         "baseline (its smallest swept value), as a fraction: 0.05 is 5 points "
         "(`--accuracy-budget` overrides it).",
     )
@@ -129,47 +154,73 @@ class SecAggConfig(Section):
     quantization must stay below 2^32.
     """
 
-    clip: float = Field(0.05, gt=0, description="Clipping range: update values beyond +-clip are cut.")
+    clip: float = Field(
+        0.05, gt=0, description="Clipping range: update values beyond +-clip are cut."
+    )
     quantization: int = Field(
-        2**28, gt=1, lt=2**31, description="Quantisation levels over [-clip, clip] (below 2^31; "
+        2**28,
+        gt=1,
+        lt=2**31,
+        description="Quantisation levels over [-clip, clip] (below 2^31; "
         "participants x quantization below 2^32).",
     )
     shares: float = Field(
-        1.0, gt=0, le=1, description="Fraction of the round's participants each client shares its "
+        1.0,
+        gt=0,
+        le=1,
+        description="Fraction of the round's participants each client shares its "
         "masking keys with (1: all).",
     )
     threshold: float = Field(
-        0.5, gt=0, le=1, description="Fraction of those shares needed to remove a dropped client's mask.",
+        0.5,
+        gt=0,
+        le=1,
+        description="Fraction of those shares needed to remove a dropped client's mask.",
     )
 
 
 class EngineConfig(Section):
     name: Literal["inprocess", "flower", "nvflare"] = Field(
-        "inprocess", description="What runs the federation: inprocess (this process, the default) or "
-        "flower (Flower's simulation on Ray: each client a ClientApp, the defences and the audit a mod, "
-        "secure-sum rounds on Flower's SecAgg+; pip install -c constraints.txt 'gradleak[flower]'), or nvflare "
-        "(a job in NVIDIA FLARE's simulator: gradleak's controller on the server, the training an executor, "
-        "the defences and the audit a task-result filter; pip install -c constraints.txt 'gradleak[nvflare]').",
+        "inprocess",
+        description="What runs the federation: inprocess (this process, the default) or "
+        "flower (Flower's simulation on Ray: each client a ClientApp, the defences and the audit a "
+        "mod, "
+        "secure-sum rounds on Flower's SecAgg+; pip install -c constraints.txt "
+        "'gradleak[flower]'), or nvflare "
+        "(a job in NVIDIA FLARE's simulator: gradleak's controller on the server, the training an "
+        "executor, "
+        "the defences and the audit a task-result filter; pip install -c constraints.txt "
+        "'gradleak[nvflare]').",
     )
     threads: int | None = Field(
-        None, gt=0, description="Torch threads of each client's work (in-process: of the whole run); "
+        None,
+        gt=0,
+        description="Torch threads of each client's work (in-process: of the whole run); "
         "null: torch's default. Results are identical across engines only at equal thread counts.",
     )
     workers: int | None = Field(
-        None, gt=0, description="inprocess: processes that run a round's clients (their training, defences "
+        None,
+        gt=0,
+        description="inprocess: processes that run a round's clients (their training, defences "
         "and audit) in parallel, with the sequential run's results; null or 1: this process only.",
     )
     pool: Literal["auto", "ray", "processes"] = Field(
-        "auto", description="inprocess with workers: what the workers are: ray (Ray actors; a running Ray "
-        "instance is joined, else a local one started; pip install -c constraints.txt 'gradleak[ray]'), processes "
-        "(spawned Python processes: no Ray start-up, about 15 s less on 2 cores), or auto (ray when Ray is installed).",
+        "auto",
+        description="inprocess with workers: what the workers are: ray (Ray actors; a running Ray "
+        "instance is joined, else a local one started; pip install -c constraints.txt "
+        "'gradleak[ray]'), processes "
+        "(spawned Python processes: no Ray start-up, about 15 s less on 2 cores), or auto (ray "
+        "when Ray is installed).",
     )
     cpus_per_client: float = Field(
-        1.0, gt=0, description="flower: CPUs Ray reserves for each client (so clients run in parallel "
+        1.0,
+        gt=0,
+        description="flower: CPUs Ray reserves for each client (so clients run in parallel "
         "up to the machine's CPUs divided by this).",
     )
     secagg: SecAggConfig = Field(
-        default_factory=SecAggConfig, description="flower with aggregation.strategy secure-sum: the "
+        default_factory=SecAggConfig,
+        description="flower with aggregation.strategy secure-sum: the "
         "SecAgg+ protocol's clip, quantisation and key sharing.",
     )
 
@@ -184,8 +235,10 @@ class ExperimentConfig(Section):
     """One FL experiment: data, clients, model, training and aggregation."""
 
     name: str = Field(
-        "experiment", description="A name for the run: its default directory is runs/NAME, so it is one plain "
-        "name (letters, digits, '.', '_', '-', '=', ',' or '+', not starting with '.', at most 100 characters).",
+        "experiment",
+        description="A name for the run: its default directory is runs/NAME, so it is one plain "
+        "name (letters, digits, '.', '_', '-', '=', ',' or '+', not starting with '.', at most 100 "
+        "characters).",
     )
     seed: int = Field(0, ge=0, description="Seed of every random choice; same seed, same results.")
     device: Literal["auto", "cpu", "cuda"] = Field(
@@ -201,7 +254,9 @@ class ExperimentConfig(Section):
     checkpoints: CheckpointConfig = Field(
         default_factory=CheckpointConfig, description="Which global models to keep."
     )
-    engine: EngineConfig = Field(default_factory=EngineConfig, description="What runs the federation.")
+    engine: EngineConfig = Field(
+        default_factory=EngineConfig, description="What runs the federation."
+    )
     defenses: list[Defense] = Field(
         default_factory=list,
         description="Update filters applied in order on each client before its update leaves it.",
@@ -210,16 +265,19 @@ class ExperimentConfig(Section):
         None, description="The leakage audit, run on each update after the defences; null: none."
     )
     disaggregation: DisaggregationConfig | None = Field(
-        None, description="With aggregation.strategy secure-sum: recover every client's participation "
+        None,
+        description="With aggregation.strategy secure-sum: recover every client's participation "
         "and update from the round sums, and invert chosen clients' updates; null: none.",
     )
     recommendation: RecommendationConfig = Field(
         default_factory=RecommendationConfig,
-        description="For `gradleak sweep`: the leakage target and accuracy budget of the recommendation.",
+        description="For `gradleak sweep`: the leakage target and accuracy budget of the "
+        "recommendation.",
     )
     sweep: dict[str, list[Any]] = Field(
         default_factory=dict,
-        description="For `gradleak sweep`: values per dotted key, e.g. {defenses.0.sigma0: [0, 5, 10]}.",
+        description="For `gradleak sweep`: values per dotted key, e.g. {defenses.0.sigma0: [0, 5, "
+        "10]}.",
     )
 
     @field_validator("name")
@@ -235,10 +293,15 @@ class ExperimentConfig(Section):
             n = self.partition.num_clients
             inverts = self.disaggregation is not None and bool(self.disaggregation.invert)
             if not self.audit.clients and not inverts:  # with invert, audit: lends only its attack
-                raise ConfigError("audit.clients", f"is empty: name clients (1 to {n}), use all, or drop audit:")
+                raise ConfigError(
+                    "audit.clients", f"is empty: name clients (1 to {n}), use all, or drop audit:"
+                )
             unknown = [c for c in self.audit.clients if not 1 <= c <= n]
             if unknown:
-                raise ConfigError("audit.clients", f"client {unknown[0]} is not one of the run's clients (1 to {n})")
+                raise ConfigError(
+                    "audit.clients",
+                    f"client {unknown[0]} is not one of the run's clients (1 to {n})",
+                )
         return self
 
     @model_validator(mode="after")
@@ -389,7 +452,9 @@ def validate_config(raw: dict[str, Any]) -> ExperimentConfig:
     except ValidationError as exc:
         raise _error_line(exc, raw) from None
     except ConfigError as exc:  # raised inside a validator (e.g. an attack setting of the audit)
-        raise ConfigError(f"audit.{exc.key}" if exc.key.startswith("attack") else exc.key, exc.problem) from None
+        raise ConfigError(
+            f"audit.{exc.key}" if exc.key.startswith("attack") else exc.key, exc.problem
+        ) from None
 
 
 def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
@@ -406,7 +471,9 @@ class _Loader(yaml.SafeLoader):
     def compose_node(self, parent: Any, index: Any) -> Any:  # noqa: ANN401 - PyYAML's signature
         if self.check_event(yaml.AliasEvent):
             event = self.peek_event()
-            raise yaml.YAMLError(f"aliases (*{event.anchor}) are not allowed in configs{event.start_mark}")
+            raise yaml.YAMLError(
+                f"aliases (*{event.anchor}) are not allowed in configs{event.start_mark}"
+            )
         return super().compose_node(parent, index)
 
 

@@ -35,7 +35,9 @@ def _section(model: type[BaseModel], prefix: str, title: str, out: list[str]) ->
         default = _default(field)
         if field.default_factory is not None:
             default = f"`{field.default_factory()!r}`"
-        rows.append(f"| `{key}` | {_type_name(field.annotation)} | {default} | {field.description or ''} |")
+        rows.append(
+            f"| `{key}` | {_type_name(field.annotation)} | {default} | {field.description or ''} |"
+        )
     out += [f"## {title}", "", (model.__doc__ or "").strip().split("\n")[0], ""]
     if rows:
         out += ["| key | type | default | meaning |", "|---|---|---|---|", *rows, ""]
@@ -81,6 +83,8 @@ def preset_table() -> str:
     defaults = AttackSettings()
     for name in PRESETS.names():
         p = PRESETS.get(name)
-        diff = ", ".join(f"`{k}={v!r}`" for k, v in p.model_dump().items() if getattr(defaults, k) != v)
+        diff = ", ".join(
+            f"`{k}={v!r}`" for k, v in p.model_dump().items() if getattr(defaults, k) != v
+        )
         out.append(f"| `{name}` | {PRESET_SOURCES[name]} | {diff} |")
     return "\n".join(out) + "\n"

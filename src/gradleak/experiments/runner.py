@@ -58,7 +58,8 @@ class Run:
         self.config, self.run_dir = config, run_dir
         self.store = RunStore(run_dir)
         self.resolved = config.resolved()
-        self.store.dir.check_claimable()  # the directory can become this run's: nothing is written yet
+        # the directory can become this run's (nothing is written yet)
+        self.store.dir.check_claimable()
         self.resume = resume
         self._check()
         self.scenario = build_scenario(config)
@@ -68,14 +69,15 @@ class Run:
         """Refuse a fresh run on a directory that holds one, and a resume with another config."""
         if self.store.exists() and not self.resume:
             raise GradleakError(
-                f"{self.run_dir} already holds a run: pass --resume to continue it, or choose another --out"
+                f"{self.run_dir} already holds a run: pass --resume to continue it, or choose "
+                "another --out"
             )
         if self.store.exists():
             diff = first_difference(self.store.read_config(), self.resolved)
             if diff:
-                raise ConfigError(diff, f"differs from the config of the run being resumed in {self.run_dir}")
-
-
+                raise ConfigError(
+                    diff, f"differs from the config of the run being resumed in {self.run_dir}"
+                )
 
     def execute(self, display: Hooks | None = None) -> list[dict[str, Any]]:
         """Run (or continue) the experiment; return its round rows. The directory is this
@@ -104,17 +106,29 @@ class Run:
                 log.info("started %s in %s", config.name, self.run_dir)
             else:
                 reference = self.scenario.model.state_dict()
-                last, done = store.resume_point(partial=not simulator.atomic_rounds, reference=reference)
+                last, done = store.resume_point(
+                    partial=not simulator.atomic_rounds, reference=reference
+                )
                 state = store.load_checkpoint(last, reference)
-                log.info("resuming %s after round %d (%d clients of round %d done)", config.name,
-                         last, len(done), last + 1)  # fmt: skip
+                log.info(
+                    "resuming %s after round %d (%d clients of round %d done)",
+                    config.name,
+                    last,
+                    len(done),
+                    last + 1,
+                )
             if last < config.training.rounds:
                 simulator.run(
-                    state, first_round=last + 1, last_round=config.training.rounds,
-                    hooks=StoreHooks(store, self.scenario.keep_every, display), done=done,
-                )  # fmt: skip
+                    state,
+                    first_round=last + 1,
+                    last_round=config.training.rounds,
+                    hooks=StoreHooks(store, self.scenario.keep_every, display),
+                    done=done,
+                )
             if config.disaggregation is not None:
-                run_disaggregation(self.scenario, store, self.scenario.audit(store.dir.sub("disaggregation")))
+                run_disaggregation(
+                    self.scenario, store, self.scenario.audit(store.dir.sub("disaggregation"))
+                )
             log.info("finished %s", config.name)
         return store.rounds.read()
 

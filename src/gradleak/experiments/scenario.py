@@ -48,20 +48,30 @@ class Scenario:
         attacks exactly what the server receives; its images go to ``RUN/audit``)."""
         cfg = self.config
         rate = cfg.training.clients_per_round
-        out: list[UpdateFilter] = [d.build(index=i, sample_rate=rate) for i, d in enumerate(cfg.defenses)]
+        out: list[UpdateFilter] = [
+            d.build(index=i, sample_rate=rate) for i, d in enumerate(cfg.defenses)
+        ]
         audit = self.audit(run.sub("audit") if run else None)
         return out if audit is None else [*out, audit]
 
     def audit(self, out_dir: SubDir | None) -> LeakageAudit | None:
-        """The configured audit (None without an ``audit:`` section), saving examples in ``out_dir``;
+        """The configured audit (None without an ``audit:`` section), saving examples in
+        ``out_dir``;
         its prior (what the server guesses without the update) comes from the public test split."""
         cfg = self.config
         if cfg.audit is None:
             return None
         spec = self.data.spec
-        return LeakageAudit(cfg.audit, model=self.model, spec=spec, num_classes=self.data.num_classes,
-                            prior=spec.prior(cfg.audit.prior, self.data.test), out_dir=out_dir,
-                            defenses=cfg.defense_summary(), device=self.device)  # fmt: skip
+        return LeakageAudit(
+            cfg.audit,
+            model=self.model,
+            spec=spec,
+            num_classes=self.data.num_classes,
+            prior=spec.prior(cfg.audit.prior, self.data.test),
+            out_dir=out_dir,
+            defenses=cfg.defense_summary(),
+            device=self.device,
+        )
 
     @property
     def keep_every(self) -> int:
@@ -70,18 +80,26 @@ class Scenario:
         return 1 if d is not None and d.invert else self.config.checkpoints.keep_every
 
     def simulator_args(self, run: OwnedDir | None = None) -> dict[str, Any]:
-        """The ``Simulator`` arguments of this experiment (what every engine's loop is built from)."""
+        """The ``Simulator`` arguments of this experiment (what every engine's loop is built
+        from)."""
         t = self.config.training
         return dict(
-            model=self.model, clients=self.clients, test=self.data.test, spec=self.data.spec, task=self.task,
+            model=self.model,
+            clients=self.clients,
+            test=self.data.test,
+            spec=self.data.spec,
+            task=self.task,
             strategy=self.strategy,
             training=LocalTraining(t.local_epochs, t.lr, t.momentum, t.weight_decay, t.batch_norm),
-            seed=self.config.seed, clients_per_round=t.clients_per_round, device=self.device,
+            seed=self.config.seed,
+            clients_per_round=t.clients_per_round,
+            device=self.device,
             filters=self.filters(run),
-        )  # fmt: skip
+        )
 
     def simulator(self, run: OwnedDir | None = None, engine: str | None = None) -> Simulator:
-        """The federation's loop on ``engine`` (default: the config's ``engine.name``, with a pool of
+        """The federation's loop on ``engine`` (default: the config's ``engine.name``, with a pool
+        of
         workers when ``engine.workers`` > 1; ``local``: this process only, whatever the config says,
         as an engine's client processes need)."""
         e = self.config.engine
@@ -110,13 +128,18 @@ def build_scenario(config: ExperimentConfig) -> Scenario:
     check_secure_sum(config)
     data = config.data.load(config.seed)
     if config.audit is not None and config.audit.metric not in data.spec.metrics:
-        raise ConfigError("audit.metric", f"{config.audit.metric!r} is not a metric of {data.spec.kind} data "
-                                          f"(one of {', '.join(data.spec.metrics)})")  # fmt: skip
+        raise ConfigError(
+            "audit.metric",
+            f"{config.audit.metric!r} is not a metric of {data.spec.kind} data "
+            f"(one of {', '.join(data.spec.metrics)})",
+        )
     config.partition.check(len(data.train))
     clients = config.partition.split(data.train, config.seed)
     check_engine(config, len(clients))
     torch.manual_seed(derive_seed(config.seed, "model"))
-    model = build_model(config.model.name, spec=data.spec, num_classes=data.num_classes, kwargs=config.model.kwargs)
+    model = build_model(
+        config.model.name, spec=data.spec, num_classes=data.num_classes, kwargs=config.model.kwargs
+    )
     task = TASKS.get(data.task, key="data")()
     strategy = STRATEGIES.get(config.aggregation.strategy, key="aggregation.strategy")()
     return Scenario(config, data, clients, model, task, strategy, resolve_device(config.device))

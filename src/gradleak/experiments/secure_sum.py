@@ -41,17 +41,27 @@ def check_config(config: Any) -> None:
     if d is None:
         return
     if config.aggregation.strategy != "secure-sum":
-        raise ConfigError("disaggregation", "needs aggregation.strategy: secure-sum (the server must see sums)")
+        raise ConfigError(
+            "disaggregation", "needs aggregation.strategy: secure-sum (the server must see sums)"
+        )
     if d.invert and config.audit is None:
-        raise ConfigError("disaggregation.invert", "needs an audit: section (its attack and metric are used)")
+        raise ConfigError(
+            "disaggregation.invert", "needs an audit: section (its attack and metric are used)"
+        )
     unknown = [c for c in d.invert if not 1 <= c <= config.partition.num_clients]
     if unknown:
-        raise ConfigError("disaggregation.invert", f"client {unknown[0]} is not one of the run's clients "
-                          f"(1 to {config.partition.num_clients})")  # fmt: skip
+        raise ConfigError(
+            "disaggregation.invert",
+            f"client {unknown[0]} is not one of the run's clients "
+            f"(1 to {config.partition.num_clients})",
+        )
     rounds, clients = config.training.rounds, config.partition.num_clients
     if rounds < clients:  # the participation matrix needs a round per unknown column at least
-        raise ConfigError("training.rounds", f"disaggregation needs at least as many rounds as clients: "
-                          f"{rounds} rounds for {clients} clients")  # fmt: skip
+        raise ConfigError(
+            "training.rounds",
+            f"disaggregation needs at least as many rounds as clients: "
+            f"{rounds} rounds for {clients} clients",
+        )
     check_solver(d.solver)  # a missing back-end fails now, not after training
 
 
@@ -69,13 +79,18 @@ def participation_matrix(store: RunStore, client_ids: list[int]) -> np.ndarray:
 
 
 def stacked_sums(sums: list[dict[str, torch.Tensor]], keys: list[str]) -> np.ndarray:
-    """Rounds x d: each round's sum flattened in the order of ``keys`` (zeros where nothing was summed)."""
+    """Rounds x d: each round's sum flattened in the order of ``keys`` (zeros where nothing was
+    summed)."""
     width = next(sum(s[k].numel() for k in keys) for s in sums if s)
-    rows = [torch.cat([s[k].flatten() for k in keys]).numpy() if s else np.zeros(width) for s in sums]
+    rows = [
+        torch.cat([s[k].flatten() for k in keys]).numpy() if s else np.zeros(width) for s in sums
+    ]
     return np.stack(rows).astype(np.float64)
 
 
-def run_disaggregation(scenario: Any, store: RunStore, audit: LeakageAudit | None) -> dict[str, Any]:
+def run_disaggregation(
+    scenario: Any, store: RunStore, audit: LeakageAudit | None
+) -> dict[str, Any]:
     """Disaggregate a finished secure-sum run and invert the chosen clients; write the summary.
 
     Raises the attack's IllPosed or SolverFailure (naming the client and rounds) rather than
@@ -84,7 +99,9 @@ def run_disaggregation(scenario: Any, store: RunStore, audit: LeakageAudit | Non
     cfg = scenario.config.disaggregation
     summary_rel = f"disaggregation/{SUMMARY}"
     if store.dir.exists(summary_rel):
-        return parse_json(store.dir.read_bytes(summary_rel, kind="json"), store.dir.path(summary_rel))
+        return parse_json(
+            store.dir.read_bytes(summary_rel, kind="json"), store.dir.path(summary_rel)
+        )
     client_ids = [c.client_id for c in scenario.clients]
     truth = participation_matrix(store, client_ids)
     counts = window_counts(truth, cfg.window)
@@ -92,38 +109,72 @@ def run_disaggregation(scenario: Any, store: RunStore, audit: LeakageAudit | Non
     reference = scenario.model.state_dict()
     state0 = store.load_checkpoint(0, reference)
     keys = [k for k in state0 if state0[k].is_floating_point() and any(k in s for s in sums)]
-    log.info("disaggregating %d round sums of %d clients (windows of %d rounds)", len(sums),
-             len(client_ids), cfg.window)  # fmt: skip
-    result = disaggregate(stacked_sums(sums, keys), counts, cfg.window, time_limit=cfg.time_limit,
-                          client_ids=client_ids, solver=cfg.solver, chunk=cfg.chunk, separation=cfg.separation,
-                          on_uncertain=cfg.on_uncertain, workers=cfg.workers,
-                          journal=ColumnJournal(store.dir.sub("disaggregation")))  # fmt: skip
+    log.info(
+        "disaggregating %d round sums of %d clients (windows of %d rounds)",
+        len(sums),
+        len(client_ids),
+        cfg.window,
+    )
+    result = disaggregate(
+        stacked_sums(sums, keys),
+        counts,
+        cfg.window,
+        time_limit=cfg.time_limit,
+        client_ids=client_ids,
+        solver=cfg.solver,
+        chunk=cfg.chunk,
+        separation=cfg.separation,
+        on_uncertain=cfg.on_uncertain,
+        workers=cfg.workers,
+        journal=ColumnJournal(store.dir.sub("disaggregation")),
+    )
     wrong = int((result.participation != truth).sum())
     summary: dict[str, Any] = {
-        "rounds": len(sums), "clients": len(client_ids), "window": cfg.window,
+        "rounds": len(sums),
+        "clients": len(client_ids),
+        "window": cfg.window,
         "dimensions": int(sum(state0[k].numel() for k in keys)),
-        "participation_exact": wrong == 0, "wrong_entries": wrong,
+        "participation_exact": wrong == 0,
+        "wrong_entries": wrong,
         "clients_exact": int((result.participation == truth).all(0).sum()),
         "seconds": result.seconds,
         "singular_values": [float(v) for v in result.singular_values[: len(client_ids) + 2]],
         "chunks": [list(c) for c in result.chunks],
         "certain_clients": int(result.certain.sum()),
-        "per_client": [{**row, "client": client_ids[row["client"]],
-                        "exact": bool((result.participation[:, i] == truth[:, i]).all())}
-                       for i, row in enumerate(result.per_client())],
+        "per_client": [
+            {
+                **row,
+                "client": client_ids[row["client"]],
+                "exact": bool((result.participation[:, i] == truth[:, i]).all()),
+            }
+            for i, row in enumerate(result.per_client())
+        ],
         "inverted": [],
-    }  # fmt: skip
+    }
     rows = store.results.read()
     for cid in cfg.invert:
-        summary["inverted"].append(_invert(scenario, store, audit, result, client_ids.index(cid), keys, rows))
+        summary["inverted"].append(
+            _invert(scenario, store, audit, result, client_ids.index(cid), keys, rows)
+        )
     store.dir.write_text(summary_rel, json.dumps(summary, indent=2))
-    log.info("disaggregation: participation %s (%d wrong entries) in %.1f s",
-             "exact" if wrong == 0 else "not exact", wrong, result.seconds)  # fmt: skip
+    log.info(
+        "disaggregation: participation %s (%d wrong entries) in %.1f s",
+        "exact" if wrong == 0 else "not exact",
+        wrong,
+        result.seconds,
+    )
     return summary
 
 
-def _invert(scenario: Any, store: RunStore, audit: LeakageAudit, result: Any, col: int,
-            keys: list[str], rows: list[dict[str, Any]]) -> dict[str, Any]:  # fmt: skip
+def _invert(
+    scenario: Any,
+    store: RunStore,
+    audit: LeakageAudit,
+    result: Any,
+    col: int,
+    keys: list[str],
+    rows: list[dict[str, Any]],
+) -> dict[str, Any]:
     """Attack client ``col``'s recovered update against the global model of the middle round it
     (by the recovered participation) took part in; score it like an audit row."""
     client = scenario.clients[col]
@@ -134,9 +185,16 @@ def _invert(scenario: Any, store: RunStore, audit: LeakageAudit, result: Any, co
     r = int(taken[len(taken) // 2])
     meta_rows = [row for row in rows if row["client"] == cid]
     meta_row = min(meta_rows, key=lambda row: abs(row["round"] - r))  # the protocol's metadata
-    meta = UpdateMeta(client_id=cid, round=r, num_samples=meta_row["num_samples"], lr=meta_row["lr"],
-                      epochs=meta_row["epochs"], steps=meta_row["steps"], batch_size=meta_row["batch_size"],
-                      momentum=scenario.config.training.momentum)  # fmt: skip
+    meta = UpdateMeta(
+        client_id=cid,
+        round=r,
+        num_samples=meta_row["num_samples"],
+        lr=meta_row["lr"],
+        epochs=meta_row["epochs"],
+        steps=meta_row["steps"],
+        batch_size=meta_row["batch_size"],
+        momentum=scenario.config.training.momentum,
+    )
     state = store.load_checkpoint(r - 1, scenario.model.state_dict())
     flat = torch.from_numpy(result.updates[col])
     update, at = {k: torch.zeros_like(v) for k, v in state.items()}, 0

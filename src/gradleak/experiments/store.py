@@ -11,7 +11,8 @@ Layout::
     RUN/pending/round_RRRR/client_C.safetensors  updates of the round in progress
     RUN/secure_sum/round_RRRR.safetensors  under secure aggregation: the round's sum of updates,
                                       all that the server observes of the round
-    RUN/disaggregation/               the disaggregation attack on those sums (experiments.secure_sum)
+    RUN/disaggregation/               the disaggregation attack on those sums
+    (experiments.secure_sum)
     RUN/audit/round_RRRR/client_C.{npz,png}  the audit's images
     RUN/report/                       the report
     RUN/run.log                       the log
@@ -52,21 +53,51 @@ log = logging.getLogger("gradleak")
 # fields the filters add beyond these pass as they are.
 _NUM, _INT, _BOOL, _STR = "number", "integer", "boolean", "string"
 RESULT_FIELDS = {
-    "round": _INT, "client": _INT, "num_samples": _INT, "batch_size": _INT, "lr": _NUM, "epochs": _INT,
-    "steps": _INT, "train_loss": _NUM, "update_norm": _NUM, "withheld": _BOOL, "audited": _BOOL,
-    "rdlv": (_NUM, None), "ssim": (_NUM, None), "psnr": (_NUM, None), "mse": (_NUM, None),
-    "label_accuracy": (_NUM, None), "label_strategy": (_STR, None), "attack_seconds": (_NUM, None),
-}  # fmt: skip
-ROUND_FIELDS = {"round": _INT, "clients": "list of integers", "aggregated": _INT, "test_accuracy": _NUM,
-                "test_loss": _NUM}  # fmt: skip
+    "round": _INT,
+    "client": _INT,
+    "num_samples": _INT,
+    "batch_size": _INT,
+    "lr": _NUM,
+    "epochs": _INT,
+    "steps": _INT,
+    "train_loss": _NUM,
+    "update_norm": _NUM,
+    "withheld": _BOOL,
+    "audited": _BOOL,
+    "rdlv": (_NUM, None),
+    "ssim": (_NUM, None),
+    "psnr": (_NUM, None),
+    "mse": (_NUM, None),
+    "label_accuracy": (_NUM, None),
+    "label_strategy": (_STR, None),
+    "attack_seconds": (_NUM, None),
+}
+ROUND_FIELDS = {
+    "round": _INT,
+    "clients": "list of integers",
+    "aggregated": _INT,
+    "test_accuracy": _NUM,
+    "test_loss": _NUM,
+}
 TIMING_FIELDS = {"round": _INT, "client": _INT, "seconds": _NUM}
 # Where a field has a range, any file's rows keep to it.
 # NaN passes (a diverged run's losses are NaN).
-RANGES = {"round": (1, math.inf), "client": (1, math.inf), "num_samples": (1, math.inf),
-          "batch_size": (1, math.inf), "aggregated": (0, math.inf), "test_accuracy": (0, 1),
-          "label_accuracy": (0, 1), "test_loss": (0, math.inf), "train_loss": (0, math.inf),
-          "update_norm": (0, math.inf), "seconds": (0, math.inf), "attack_seconds": (0, math.inf),
-          "ssim": (-1, 1), "mse": (0, math.inf)}  # fmt: skip
+RANGES = {
+    "round": (1, math.inf),
+    "client": (1, math.inf),
+    "num_samples": (1, math.inf),
+    "batch_size": (1, math.inf),
+    "aggregated": (0, math.inf),
+    "test_accuracy": (0, 1),
+    "label_accuracy": (0, 1),
+    "test_loss": (0, math.inf),
+    "train_loss": (0, math.inf),
+    "update_norm": (0, math.inf),
+    "seconds": (0, math.inf),
+    "attack_seconds": (0, math.inf),
+    "ssim": (-1, 1),
+    "mse": (0, math.inf),
+}
 
 
 def _is(value: Any, kind: str | None) -> bool:
@@ -98,7 +129,12 @@ def check_row(row: Any, fields: dict[str, Any], required: tuple[str, ...]) -> st
             return f"{key!r} is {json.dumps(row[key])[:40]}, not {expected}"
         low, high = RANGES.get(key, (-math.inf, math.inf))
         value = row.get(key)
-        if key in RANGES and value is not None and not low <= value <= high and not math.isnan(value):
+        if (
+            key in RANGES
+            and value is not None
+            and not low <= value <= high
+            and not math.isnan(value)
+        ):
             return f"{key!r} is {row[key]}, outside [{low}, {high}]"
     return None
 
@@ -112,8 +148,14 @@ class JsonLines:
     ``DataError`` naming the file and line, never a wrong table.
     """
 
-    def __init__(self, owner: OwnedDir, rel: str, fields: dict[str, Any] | None = None,
-                 required: tuple[str, ...] = (), key: tuple[str, ...] = ()) -> None:  # fmt: skip
+    def __init__(
+        self,
+        owner: OwnedDir,
+        rel: str,
+        fields: dict[str, Any] | None = None,
+        required: tuple[str, ...] = (),
+        key: tuple[str, ...] = (),
+    ) -> None:
         self.owner, self.rel = owner, rel
         self.path = owner.path(rel)
         self.fields, self.required, self.key = fields or {}, required, key
@@ -143,7 +185,8 @@ class JsonLines:
             if problem is None and self.key:
                 ident = tuple(row[k] for k in self.key)
                 if ident in seen or (rows and ident[0] < rows[-1][self.key[0]]):
-                    problem = f"{', '.join(f'{k} {v}' for k, v in zip(self.key, ident, strict=True))} repeated or out of order"
+                    named = ", ".join(f"{k} {v}" for k, v in zip(self.key, ident, strict=True))
+                    problem = f"{named} repeated or out of order"
                 seen.add(ident)
             if problem:
                 raise DataError(f"{self.path}, line {i}: {problem}; the run directory is damaged")
@@ -173,7 +216,8 @@ def _pending(round: int, client: int) -> str:
 
 
 def _same_norm(a: float, b: Any) -> bool:
-    """Whether a norm recomputed from a saved update is its row's (threads may change the last bits)."""
+    """Whether a norm recomputed from a saved update is its row's (threads may change the last
+    bits)."""
     if not isinstance(b, int | float):
         return False
     if math.isnan(a) or math.isnan(b):
@@ -188,7 +232,9 @@ class RunStore:
         self.dir = root if isinstance(root, OwnedDir) else OwnedDir(Path(root), "run")
         self.root = self.dir.root
         d = self.dir
-        self.results = JsonLines(d, "results.jsonl", RESULT_FIELDS, ClientResult.BASE_KEYS, ("round", "client"))
+        self.results = JsonLines(
+            d, "results.jsonl", RESULT_FIELDS, ClientResult.BASE_KEYS, ("round", "client")
+        )
         self.rounds = JsonLines(d, "rounds.jsonl", ROUND_FIELDS, tuple(ROUND_FIELDS), ("round",))
         self.timings = JsonLines(d, "timings.jsonl", TIMING_FIELDS, tuple(TIMING_FIELDS))
         self.checkpoints = self.root / "checkpoints"
@@ -240,7 +286,10 @@ class RunStore:
         if resolved != config:  # the run wrote every key: one missing or changed means damage
             from gradleak.experiments.config import first_difference
 
-            raise DataError(damaged % f"not the resolved config gradleak wrote (at {first_difference(resolved, config)})")
+            raise DataError(
+                damaged % "not the resolved config gradleak wrote (at "
+                f"{first_difference(resolved, config)})"
+            )
         return config
 
     # tensors ------------------------------------------------------------------------------------
@@ -260,7 +309,9 @@ class RunStore:
     def save_checkpoint(self, round: int, state: dict[str, torch.Tensor]) -> None:
         self._save_tensors(_checkpoint(round), state)
 
-    def load_checkpoint(self, round: int, reference: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    def load_checkpoint(
+        self, round: int, reference: dict[str, torch.Tensor] | None = None
+    ) -> dict[str, torch.Tensor]:
         """The global model after ``round``; with ``reference`` (the model's state dict) every
         tensor is checked against it: names, shapes, dtypes, and finite values unless the round's
         row records a non-finite test loss (a diverged run's model is legitimately NaN)."""
@@ -269,7 +320,13 @@ class RunStore:
             rows = [r for r in self.rounds.read() if r["round"] == round]
             diverged = bool(rows) and not math.isfinite(rows[0]["test_loss"])
             try:
-                check_state(reference, state, str(self.checkpoint_path(round)), exact_dtypes=True, finite=not diverged)
+                check_state(
+                    reference,
+                    state,
+                    str(self.checkpoint_path(round)),
+                    exact_dtypes=True,
+                    finite=not diverged,
+                )
             except UpdateMismatch as exc:
                 raise DataError(f"{exc}; the run directory is damaged") from None
         return state
@@ -288,7 +345,10 @@ class RunStore:
     def load_secure_sums(self) -> list[dict[str, torch.Tensor]]:
         """The recorded round sums, round 1 first (empty dicts for rounds with nothing summed)."""
         rounds = len(self.rounds.read())
-        return [self._load_tensors(f"secure_sum/round_{r:04d}.safetensors") for r in range(1, rounds + 1)]
+        return [
+            self._load_tensors(f"secure_sum/round_{r:04d}.safetensors")
+            for r in range(1, rounds + 1)
+        ]
 
     # rows and pending updates ---------------------------------------------------------------
     def record_client(self, result: ClientResult) -> None:
@@ -326,32 +386,53 @@ class RunStore:
             by_round.setdefault(row["round"], []).append(row["client"])
         for r in rounds:
             if sorted(by_round.get(r["round"], [])) != sorted(r["clients"]):
-                raise DataError(f"{self.results.path}: the rows of round {r['round']} are not those of its "
-                                f"participants {r['clients']} ({self.rounds.path}); the run directory is damaged")  # fmt: skip
-        beyond = [r for r in by_round if r > last + 1 or (r <= last and r not in {x["round"] for x in rounds})]
+                raise DataError(
+                    f"{self.results.path}: the rows of round {r['round']} are not those of its "
+                    f"participants {r['clients']} ({self.rounds.path}); the run directory is "
+                    "damaged"
+                )
+        beyond = [
+            r
+            for r in by_round
+            if r > last + 1 or (r <= last and r not in {x["round"] for x in rounds})
+        ]
         if beyond:
-            raise DataError(f"{self.results.path}: rows of round {beyond[0]}, which {self.rounds.path} does not "
-                            "finish or continue; the run directory is damaged")  # fmt: skip
+            raise DataError(
+                f"{self.results.path}: rows of round {beyond[0]}, which {self.rounds.path} does "
+                "not "
+                "finish or continue; the run directory is damaged"
+            )
         return rounds, results
 
-    def _load_pending(self, row: dict[str, Any], reference: dict[str, torch.Tensor] | None) -> ClientUpdate:
+    def _load_pending(
+        self, row: dict[str, Any], reference: dict[str, torch.Tensor] | None
+    ) -> ClientUpdate:
         """A finished client's saved update, checked against the model and against its row."""
         rel = _pending(row["round"], row["client"])
         where = self.dir.path(rel)
         update = ClientUpdate.from_bytes(self.dir.read_bytes(rel, kind="tensors"), where)
         m = update.meta
         if (m.round, m.client_id) != (row["round"], row["client"]):
-            raise DataError(f"{where}: holds the update of round {m.round}, client {m.client_id}; the run directory is damaged")
-        if reference is None or (not update.delta and row["withheld"]):  # withheld on an engine: no tensors sent
+            raise DataError(
+                f"{where}: holds the update of round {m.round}, client {m.client_id}; the run "
+                "directory is damaged"
+            )
+        if reference is None or (
+            not update.delta and row["withheld"]
+        ):  # withheld on an engine: no tensors sent
             return update
         norm = update.l2_norm()
         try:
-            check_state(reference, update.delta, str(where), exact_dtypes=True, finite=math.isfinite(norm))
+            check_state(
+                reference, update.delta, str(where), exact_dtypes=True, finite=math.isfinite(norm)
+            )
         except UpdateMismatch as exc:
             raise DataError(f"{exc}; the run directory is damaged") from None
         if not _same_norm(norm, row["update_norm"]):
-            raise DataError(f"{where}: its norm {norm:.6g} is not its row's update_norm {row['update_norm']!r} "
-                            f"({self.results.path}); the run directory is damaged")  # fmt: skip
+            raise DataError(
+                f"{where}: its norm {norm:.6g} is not its row's update_norm {row['update_norm']!r} "
+                f"({self.results.path}); the run directory is damaged"
+            )
         return update
 
     def resume_point(
@@ -370,7 +451,9 @@ class RunStore:
         rounds, rows = self.read_rows()
         last = rounds[-1]["round"] if rounds else 0
         if not self.has_checkpoint(last):
-            raise GradleakError(f"{self.root}: checkpoint of round {last} is missing; cannot resume")
+            raise GradleakError(
+                f"{self.root}: checkpoint of round {last} is missing; cannot resume"
+            )
         done, kept = {}, []
         for row in rows:
             if row["round"] <= last:
@@ -386,7 +469,11 @@ class RunStore:
         timings = self.timings.read()
         # one timing row per kept result: drop those of clients that will run again
         latest = {(t["round"], t["client"]): i for i, t in enumerate(timings)}
-        timed = [t for i, t in enumerate(timings) if (key := (t["round"], t["client"])) in finished and latest[key] == i]
+        timed = [
+            t
+            for i, t in enumerate(timings)
+            if (key := (t["round"], t["client"])) in finished and latest[key] == i
+        ]
         if len(timed) != len(timings):
             self.timings.rewrite(timed)
         self.clean(last, keep_next=partial)
@@ -400,7 +487,13 @@ class RunStore:
             if rel.endswith(".tmp"):
                 self.dir.remove(rel)
         keep = f"pending/round_{last + 1:04d}/" if keep_next else None
-        for rel in sorted({"/".join(p.split("/")[:2]) for p in self.dir.owned if p.startswith("pending/") and p != "pending/"}):
+        for rel in sorted(
+            {
+                "/".join(p.split("/")[:2])
+                for p in self.dir.owned
+                if p.startswith("pending/") and p != "pending/"
+            }
+        ):
             if keep is None or not keep.startswith(rel + "/"):
                 self.dir.remove_tree(rel)
         self.dir.remove_dir("pending")
@@ -427,8 +520,11 @@ class StoreHooks:
         self.store.record_round(result.row(), state, self.keep_every, result.observed)
         log.info(
             "round %d: test accuracy %.4f, loss %.4f (%d/%d updates aggregated)",
-            result.round, result.test_accuracy, result.test_loss, result.aggregated,
+            result.round,
+            result.test_accuracy,
+            result.test_loss,
+            result.aggregated,
             len(result.clients),
-        )  # fmt: skip
+        )
         if self.display:
             self.display.round_done(result, state)

@@ -73,17 +73,25 @@ def plan(config_path: Path, sets: list[str], out: Path) -> tuple[list[str], list
         else:
             axes[key] = values
     if not axes:
-        raise ConfigError("--set", "nothing to sweep: give a key with several values, e.g. --set a.b=1,2")
+        raise ConfigError(
+            "--set", "nothing to sweep: give a key with several values, e.g. --set a.b=1,2"
+        )
     keys = list(axes)
     points = [
-        SweepPoint(dict(zip(keys, combo, strict=True)), out / _dir_name(dict(zip(keys, combo, strict=True))))
+        SweepPoint(
+            dict(zip(keys, combo, strict=True)),
+            out / _dir_name(dict(zip(keys, combo, strict=True))),
+        )
         for combo in itertools.product(*(axes[k] for k in keys))
     ]
     seen: dict[Path, dict[str, Any]] = {}
     for p in points:  # e.g. "a/b" and "a_b", or a value given twice, would share one run
         if p.run_dir in seen:
-            raise ConfigError(keys[0] if len(keys) == 1 else "sweep", f"values {seen[p.run_dir]} and {p.values} "
-                              f"would share the run directory {p.run_dir.name}: give distinct values")  # fmt: skip
+            raise ConfigError(
+                keys[0] if len(keys) == 1 else "sweep",
+                f"values {seen[p.run_dir]} and {p.values} "
+                f"would share the run directory {p.run_dir.name}: give distinct values",
+            )
         seen[p.run_dir] = p.values
     return fixed, points
 
@@ -112,10 +120,18 @@ def run_sweep(
     with owner.locked("gradleak sweep"):  # two sweeps on one directory: the second is refused
         for p in points:
             owner.make_dir(p.run_dir.name)
-        owner.write_text("sweep.json", json.dumps({
-            "config": str(config_path), "fixed": fixed, "keys": list(points[0].values),
-            "points": [{"values": p.values, "run_dir": p.run_dir.name} for p in points],
-        }, indent=2))  # fmt: skip
+        owner.write_text(
+            "sweep.json",
+            json.dumps(
+                {
+                    "config": str(config_path),
+                    "fixed": fixed,
+                    "keys": list(points[0].values),
+                    "points": [{"values": p.values, "run_dir": p.run_dir.name} for p in points],
+                },
+                indent=2,
+            ),
+        )
         for run in runs:
             if RunStore(run.run_dir).exists() and run.first_round > run.config.training.rounds:
                 continue
@@ -135,11 +151,24 @@ def read_sweep(owner: OwnedDir) -> dict[str, Any]:
         spec = None
     keys = spec.get("keys") if isinstance(spec, dict) else None
     points = spec.get("points") if isinstance(spec, dict) else None
-    good = isinstance(keys, list) and keys and all(isinstance(k, str) for k in keys) and \
-        isinstance(points, list) and points and all(
-            isinstance(p, dict) and isinstance(p.get("values"), dict) and set(p["values"]) == set(keys)
-            and isinstance(p.get("run_dir"), str) and _dir_name(p["values"]) == p["run_dir"] for p in points)  # fmt: skip
+    good = (
+        isinstance(keys, list)
+        and keys
+        and all(isinstance(k, str) for k in keys)
+        and isinstance(points, list)
+        and points
+        and all(
+            isinstance(p, dict)
+            and isinstance(p.get("values"), dict)
+            and set(p["values"]) == set(keys)
+            and isinstance(p.get("run_dir"), str)
+            and _dir_name(p["values"]) == p["run_dir"]
+            for p in points
+        )
+    )
     if not good:
-        raise DataError(f"{path}: not a sweep's list of points (keys, and per point its values and run "
-                        "directory); the sweep directory is damaged: run the sweep again to rewrite it")  # fmt: skip
+        raise DataError(
+            f"{path}: not a sweep's list of points (keys, and per point its values and run "
+            "directory); the sweep directory is damaged: run the sweep again to rewrite it"
+        )
     return spec

@@ -1,4 +1,5 @@
-"""Federated learning: client local training, server aggregation, tasks, the in-process simulator."""
+"""Federated learning: client local training, server aggregation, tasks, the in-process
+simulator."""
 
 from gradleak.fl.client import LocalTraining, train_client
 from gradleak.fl.filters import FilterContext, Filtered, UpdateFilter

@@ -25,11 +25,14 @@ class LocalTraining:
     lr: float = 0.01
     momentum: float = 0.0
     weight_decay: float = 0.0
-    batch_norm: str = "train"  # "train": batch statistics, buffers updated; "eval": frozen running statistics
+    batch_norm: str = (
+        "train"  # "train": batch statistics, buffers updated; "eval": frozen running statistics
+    )
 
 
 def set_batch_norm_mode(model: nn.Module, mode: str) -> None:
-    """Put every batch-norm layer in ``mode`` ("train" or "eval"), the rest of the model unchanged."""
+    """Put every batch-norm layer in ``mode`` ("train" or "eval"), the rest of the model
+    unchanged."""
     if mode not in ("train", "eval"):
         raise ValueError(f"batch-norm mode must be 'train' or 'eval', got {mode!r}")
     for m in model.modules():

@@ -19,7 +19,8 @@ from gradleak.fl.update import ClientUpdate
 
 @dataclass(frozen=True)
 class FilterContext:
-    """What a filter may know beyond the update. ``client`` is ground truth: only metrics read it."""
+    """What a filter may know beyond the update. ``client`` is ground truth: only metrics read
+    it."""
 
     round: int
     client: ClientData
@@ -44,7 +45,9 @@ class UpdateFilter(Protocol):
         ...
 
 
-def apply_filters(filters: list[UpdateFilter], update: ClientUpdate, context: FilterContext) -> Filtered:
+def apply_filters(
+    filters: list[UpdateFilter], update: ClientUpdate, context: FilterContext
+) -> Filtered:
     """The filters in order: the last update, every filter's fields, withheld if any withholds."""
     record: dict[str, Any] = {}
     withhold = False

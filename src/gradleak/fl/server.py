@@ -54,12 +54,18 @@ class FedAvg(Strategy):
             return {k: v.clone() for k, v in global_state.items()}
         weights = torch.tensor([u.meta.num_samples for u in updates], dtype=torch.float64)
         weights = weights / weights.sum()
-        mean = {k: torch.tensordot(weights, torch.stack([u.delta[k].to(torch.float64) for u in updates]), dims=1)
-                for k in global_state}  # fmt: skip
+        mean = {
+            k: torch.tensordot(
+                weights, torch.stack([u.delta[k].to(torch.float64) for u in updates]), dims=1
+            )
+            for k in global_state
+        }
         return step(global_state, mean)
 
 
-def step(global_state: dict[str, torch.Tensor], mean: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def step(
+    global_state: dict[str, torch.Tensor], mean: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
     """``global + mean`` per entry in float64, cast back; integer entries (batch-norm counters)
     move by the rounded mean."""
     new = {}
@@ -99,7 +105,10 @@ class SecureSum(Strategy):
     def observation(self, updates: Sequence[ClientUpdate]) -> dict[str, torch.Tensor] | None:
         if not updates:
             return {}
-        return {k: torch.stack([u.delta[k].to(torch.float64) for u in updates]).sum(0) for k in updates[0].delta}
+        return {
+            k: torch.stack([u.delta[k].to(torch.float64) for u in updates]).sum(0)
+            for k in updates[0].delta
+        }
 
     def aggregate(
         self, global_state: dict[str, torch.Tensor], updates: Sequence[ClientUpdate]

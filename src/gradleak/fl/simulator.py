@@ -38,9 +38,17 @@ class ClientResult:
     norm: float | None = None
 
     BASE_KEYS = (
-        "round", "client", "num_samples", "batch_size", "lr", "epochs", "steps",
-        "train_loss", "update_norm", "withheld",
-    )  # fmt: skip
+        "round",
+        "client",
+        "num_samples",
+        "batch_size",
+        "lr",
+        "epochs",
+        "steps",
+        "train_loss",
+        "update_norm",
+        "withheld",
+    )
 
     def row(self) -> dict[str, Any]:
         """The deterministic result row (wall-clock time is kept apart); filters add ``record``."""
@@ -73,7 +81,9 @@ class RoundResult:
     aggregated: int
     test_accuracy: float
     test_loss: float
-    observed: dict[str, torch.Tensor] | None = None  # what a secure-sum server learns (not a row field)
+    observed: dict[str, torch.Tensor] | None = (
+        None  # what a secure-sum server learns (not a row field)
+    )
 
     def row(self) -> dict[str, Any]:
         return {
@@ -129,31 +139,51 @@ class Simulator:
         if self.clients_per_round >= 1.0:
             return self.clients
         k = participant_count(self.clients_per_round, len(self.clients))
-        pick = numpy_rng(self.seed, "participants", round).choice(len(self.clients), k, replace=False)
+        pick = numpy_rng(self.seed, "participants", round).choice(
+            len(self.clients), k, replace=False
+        )
         return [self.clients[i] for i in sorted(pick)]
 
     def participation(self, round: int, client_id: int) -> int:
         """In how many of rounds 1..round the client takes part (derived, so resumes agree)."""
         if self.clients_per_round >= 1.0:
             return round
-        return sum(any(c.client_id == client_id for c in self.participants(r)) for r in range(1, round + 1))
+        return sum(
+            any(c.client_id == client_id for c in self.participants(r)) for r in range(1, round + 1)
+        )
 
     def train(
         self, round: int, global_state: dict[str, torch.Tensor], client: ClientData
     ) -> tuple[ClientUpdate, float]:
         """The client's local training: (its raw update, its mean loss)."""
         return train_client(
-            self.model, global_state, client, round=round, settings=self.training,
-            spec=self.spec, task=self.task, seed=self.seed, device=self.device,
-        )  # fmt: skip
+            self.model,
+            global_state,
+            client,
+            round=round,
+            settings=self.training,
+            spec=self.spec,
+            task=self.task,
+            seed=self.seed,
+            device=self.device,
+        )
 
     def filter(
-        self, round: int, global_state: dict[str, torch.Tensor], client: ClientData, update: ClientUpdate
+        self,
+        round: int,
+        global_state: dict[str, torch.Tensor],
+        client: ClientData,
+        update: ClientUpdate,
     ) -> Filtered:
         """The update filters (defences, then the audit) on the client's way out: the update the
         server would receive, with what the filters recorded and whether one withholds it."""
-        ctx = FilterContext(round=round, client=client, global_state=global_state, seed=self.seed,
-                            participation=self.participation(round, client.client_id))  # fmt: skip
+        ctx = FilterContext(
+            round=round,
+            client=client,
+            global_state=global_state,
+            seed=self.seed,
+            participation=self.participation(round, client.client_id),
+        )
         return apply_filters(self.filters, update, ctx)
 
     def run_client(
@@ -210,7 +240,9 @@ class Simulator:
                 state = self.strategy.aggregate(state, kept)
             else:
                 state = self.strategy.aggregate_observed(state, observed, len(kept))
-            acc, loss = evaluate(self.model, state, self.test, self.spec, self.task, device=self.device)
+            acc, loss = evaluate(
+                self.model, state, self.test, self.spec, self.task, device=self.device
+            )
             hooks.round_done(
                 RoundResult(r, [c.client_id for c in chosen], len(kept), acc, loss, observed), state
             )

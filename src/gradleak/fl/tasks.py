@@ -26,7 +26,9 @@ class Classification:
         return F.cross_entropy(model(inputs), targets)
 
     @torch.no_grad()
-    def evaluate(self, model: nn.Module, test: Dataset, spec: InputSpec, *, device: Any = "cpu") -> tuple[float, float]:
+    def evaluate(
+        self, model: nn.Module, test: Dataset, spec: InputSpec, *, device: Any = "cpu"
+    ) -> tuple[float, float]:
         correct, loss_sum = 0, 0.0
         for start in range(0, len(test), self.batch_size):
             x = spec.model_inputs(test.examples[start : start + self.batch_size]).to(device)

@@ -42,11 +42,16 @@ def check_state(
         if not isinstance(t, torch.Tensor):
             raise UpdateMismatch(f"{what}: {name!r} is not a tensor")
         if tuple(t.shape) != tuple(ref.shape):
-            raise UpdateMismatch(f"{what}: tensor {name!r} has shape {tuple(t.shape)}, the model expects {tuple(ref.shape)}")
+            raise UpdateMismatch(
+                f"{what}: tensor {name!r} has shape {tuple(t.shape)}, the model expects "
+                f"{tuple(ref.shape)}"
+            )
         family = FLOAT_DTYPES if ref.is_floating_point() else INT_DTYPES
         if (exact_dtypes and t.dtype != ref.dtype) or t.dtype not in family:
             allowed = str(ref.dtype) if exact_dtypes else ", ".join(str(d) for d in family)
-            raise UpdateMismatch(f"{what}: tensor {name!r} is {t.dtype}, not {allowed}".replace("torch.", ""))
+            raise UpdateMismatch(
+                f"{what}: tensor {name!r} is {t.dtype}, not {allowed}".replace("torch.", "")
+            )
         if finite and t.is_floating_point() and not bool(torch.isfinite(t).all()):
             raise UpdateMismatch(f"{what}: tensor {name!r} holds NaN or infinite values")
     for name in state:
@@ -56,7 +61,8 @@ def check_state(
 
 @dataclass(frozen=True)
 class UpdateMeta:
-    """Metadata the FL protocol sends with an update; an honest-but-curious server sees all of it."""
+    """Metadata the FL protocol sends with an update; an honest-but-curious server sees all of
+    it."""
 
     client_id: int
     round: int
@@ -75,10 +81,21 @@ class UpdateMeta:
     def from_dict(cls, raw: Any, where: object) -> UpdateMeta:
         """The metadata as written by ``asdict``, every field of its type; else a ``DataError``."""
         fields = {f.name: f for f in dataclasses.fields(cls)}
-        types = {"client_id": int, "round": int, "num_samples": int, "epochs": int, "steps": int,
-                 "batch_size": int, "lr": (int, float), "momentum": (int, float), "bn_mode": (str, type(None))}  # fmt: skip
-        if not isinstance(raw, dict) or set(raw) - set(fields) or any(
-            k not in raw for k, f in fields.items() if f.default is dataclasses.MISSING
+        types = {
+            "client_id": int,
+            "round": int,
+            "num_samples": int,
+            "epochs": int,
+            "steps": int,
+            "batch_size": int,
+            "lr": (int, float),
+            "momentum": (int, float),
+            "bn_mode": (str, type(None)),
+        }
+        if (
+            not isinstance(raw, dict)
+            or set(raw) - set(fields)
+            or any(k not in raw for k, f in fields.items() if f.default is dataclasses.MISSING)
         ):
             raise DataError(f"{where}: the update's metadata is not gradleak's")
         for k, v in raw.items():
@@ -123,6 +140,8 @@ class ClientUpdate:
             raise DataError(f"{where}: not a gradleak update (no metadata in its header)")
         meta = UpdateMeta.from_dict(parse_json(header["meta"].encode(), where), where)
         buffers = parse_json(header["buffers"].encode(), where)
-        if not isinstance(buffers, list) or not all(isinstance(b, str) and b in delta for b in buffers):
+        if not isinstance(buffers, list) or not all(
+            isinstance(b, str) and b in delta for b in buffers
+        ):
             raise DataError(f"{where}: the update's buffer names are not names of its tensors")
         return cls(delta=delta, meta=meta, buffers=frozenset(buffers))

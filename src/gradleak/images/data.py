@@ -13,14 +13,18 @@ def channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float,
     return tuple(round(float(m), 6) for m in mean), tuple(round(float(s), 6) for s in std)
 
 
-def normalize(images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
+def normalize(
+    images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]
+) -> torch.Tensor:
     """(images - mean) / std per channel; the inverse is ``denormalize``."""
     m = torch.tensor(mean, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
     s = torch.tensor(std, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
     return (images - m) / s
 
 
-def denormalize(images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
+def denormalize(
+    images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]
+) -> torch.Tensor:
     m = torch.tensor(mean, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
     s = torch.tensor(std, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
     return images * s + m
@@ -30,7 +34,9 @@ def resize(images: torch.Tensor, size: int) -> torch.Tensor:
     """Bilinear (antialiased) resize of N x C x H x W images to size x size, kept in [0, 1]."""
     if images.shape[-2:] == (size, size):
         return images.contiguous()
-    out = F.interpolate(images, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    out = F.interpolate(
+        images, size=(size, size), mode="bilinear", antialias=True, align_corners=False
+    )
     return out.clamp_(0.0, 1.0).contiguous()
 
 

@@ -32,7 +32,14 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".we
 # Single-channel modes deeper than 8 bits, and the value of full intensity in each: 16-bit
 # integers (X-ray PNGs are often 16-bit; PIL's convert("L") would clip them at 255) and 32-bit
 # floats, which must already lie in [0, 1].
-DEEP_MODES = {"I;16": 65535.0, "I;16B": 65535.0, "I;16L": 65535.0, "I;16N": 65535.0, "I": 65535.0, "F": 1.0}
+DEEP_MODES = {
+    "I;16": 65535.0,
+    "I;16B": 65535.0,
+    "I;16L": 65535.0,
+    "I;16N": 65535.0,
+    "I": 65535.0,
+    "F": 1.0,
+}
 
 
 def read_image(path: Path, size: int, channels: int) -> np.ndarray:
@@ -63,8 +70,10 @@ def _read_deep(im: Image.Image, path: Path, size: int, channels: int) -> np.ndar
     full = DEEP_MODES[im.mode]
     values = np.asarray(im, dtype=np.float64)
     if values.size and (not np.isfinite(values).all() or values.min() < 0 or values.max() > full):
-        raise DataError(f"image {path}: {im.mode} values {values.min():g} to {values.max():g} are outside "
-                        f"0 to {full:g}")  # fmt: skip
+        raise DataError(
+            f"image {path}: {im.mode} values {values.min():g} to {values.max():g} are outside "
+            f"0 to {full:g}"
+        )
     gray = Image.fromarray((values / full).astype(np.float32), mode="F")
     if gray.size != (size, size):
         gray = gray.resize((size, size), Image.Resampling.BILINEAR)
@@ -106,13 +115,21 @@ def load_image_folder(
         raise DataError(f"data root {root} is not a directory")
     classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not classes:
-        raise DataError(f"data root {root} has no class sub-folders (expected root/<class>/<image>)")
+        raise DataError(
+            f"data root {root} has no class sub-folders (expected root/<class>/<image>)"
+        )
     paths, labels = [], []
     for label, name in enumerate(classes):
-        files = sorted(p for p in (root / name).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and _regular(p))
+        files = sorted(
+            p
+            for p in (root / name).rglob("*")
+            if p.suffix.lower() in IMAGE_SUFFIXES and _regular(p)
+        )
         for p in files:
             if not allow_outside_root and not _inside(p, root):
-                raise DataError(f"image {p} leads outside the data root {root} (a symbolic link): {OPT_IN}")
+                raise DataError(
+                    f"image {p} leads outside the data root {root} (a symbolic link): {OPT_IN}"
+                )
         paths += files
         labels += [label] * len(files)
     if not paths:
@@ -140,8 +157,17 @@ class _ArrayUnpickler(pickle.Unpickler):
 
 
 CIFAR10_CLASSES = (
-    "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
-)  # fmt: skip
+    "airplane",
+    "automobile",
+    "bird",
+    "cat",
+    "deer",
+    "dog",
+    "frog",
+    "horse",
+    "ship",
+    "truck",
+)
 
 
 def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -173,7 +199,10 @@ def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
         raise bad(f"'data' is {data.dtype} of {data.size} values, not uint8 rows of 3 x 32 x 32")
     data = data.reshape(-1, 3, 32, 32)
     if labels.ndim != 1 or len(labels) != len(data) or not np.issubdtype(labels.dtype, np.integer):
-        raise bad(f"'labels' must be {len(data)} integers, one per image (got {labels.dtype}, shape {labels.shape})")
+        raise bad(
+            f"'labels' must be {len(data)} integers, one per image (got {labels.dtype}, shape "
+            f"{labels.shape})"
+        )
     if labels.min() < 0 or labels.max() >= len(CIFAR10_CLASSES):
         raise bad(f"labels must be class indices 0 to {len(CIFAR10_CLASSES) - 1}")
     return data, labels.astype(np.int64)
@@ -216,10 +245,18 @@ def _label_of(raw: Any, where: str) -> int:
         k = raw
     elif isinstance(raw, list) and len(raw) == 1 and _is_int(raw[0]):
         k = raw[0]
-    elif isinstance(raw, list) and raw and all(_is_int(v) and v in (0, 1) for v in raw) and sum(raw) == 1:
+    elif (
+        isinstance(raw, list)
+        and raw
+        and all(_is_int(v) and v in (0, 1) for v in raw)
+        and sum(raw) == 1
+    ):
         k = raw.index(1)
     if k is None:
-        raise DataError(f"{where}: cannot read label {raw!r} (use an integer k, [k] or a one-hot list of 0/1 integers)")
+        raise DataError(
+            f"{where}: cannot read label {raw!r} (use an integer k, [k] or a one-hot list of 0/1 "
+            "integers)"
+        )
     if not 0 <= k < MAX_CLASSES:
         raise DataError(f"{where}: label {k} is not a class index from 0 to {MAX_CLASSES - 1}")
     return k
@@ -264,7 +301,12 @@ def read_split_list(
 
 
 def load_split_list(
-    split_file: Path, root: Path, size: int, channels: int, test_split: str, allow_outside_root: bool = False
+    split_file: Path,
+    root: Path,
+    size: int,
+    channels: int,
+    test_split: str,
+    allow_outside_root: bool = False,
 ) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
     """(train, test) from the ``training`` list and the ``test_split`` list."""
     if not root.is_dir():
@@ -272,7 +314,9 @@ def load_split_list(
     splits = read_split_list(split_file, root, allow_outside_root)
     for name in ("training", test_split):
         if name not in splits or not splits[name][0]:
-            raise DataError(f"{split_file}: no '{name}' list (found: {', '.join(splits) or 'none'})")
+            raise DataError(
+                f"{split_file}: no '{name}' list (found: {', '.join(splits) or 'none'})"
+            )
     (p_tr, y_tr), (p_te, y_te) = splits["training"], splits[test_split]
     return (
         (_stack(p_tr, size, channels), torch.tensor(y_tr, dtype=torch.int64)),

@@ -60,7 +60,9 @@ def _gaussian_filter(x: torch.Tensor) -> torch.Tensor:
     *lead, h, w = x.shape
     mh = _filter_matrix(h, x.dtype).to(x.device)
     mw = _filter_matrix(w, x.dtype).to(x.device)
-    y = (x.reshape(-1, w) @ mw.T).reshape(*lead, h, w)  # along rows: one product for the whole batch
+    y = (x.reshape(-1, w) @ mw.T).reshape(
+        *lead, h, w
+    )  # along rows: one product for the whole batch
     return (y.transpose(-1, -2).reshape(-1, h) @ mh.T).reshape(*lead, w, h).transpose(-1, -2)
 
 
@@ -75,7 +77,9 @@ def ssim(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     if win < 1:
         raise ValueError(f"images of {side} pixels are too small for SSIM")
     if len(a) > BATCH:  # bounded memory: the filter holds five float64 copies of what it is given
-        return torch.cat([ssim(a[i : i + BATCH], b[i : i + BATCH]) for i in range(0, len(a), BATCH)])
+        return torch.cat(
+            [ssim(a[i : i + BATCH], b[i : i + BATCH]) for i in range(0, len(a), BATCH)]
+        )
     ux, uy, uxx, uyy, uxy = _gaussian_filter(torch.stack([a, b, a * a, b * b, a * b]))
     vx, vy, vxy = uxx - ux * ux, uyy - uy * uy, uxy - ux * uy
     c1, c2 = K1**2, K2**2
@@ -96,14 +100,20 @@ def distances(recon: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
     memory is checked before it is allocated."""
     r, m = len(recon), len(truth)
     d = int(np.prod(truth.shape[1:]))
-    check_fits(8 * r * m + 4 * (2 * CHUNK * max(m, d) + m * d), f"matching {r} reconstructions to {m} originals",
-               "audit.clients", "audit clients with smaller batches")  # fmt: skip
+    check_fits(
+        8 * r * m + 4 * (2 * CHUNK * max(m, d) + m * d),
+        f"matching {r} reconstructions to {m} originals",
+        "audit.clients",
+        "audit clients with smaller batches",
+    )
     b = truth.detach().reshape(m, d).float().clamp(0, 1)
     bb = b.double().pow(2).sum(1)
     out = torch.empty(r, m, dtype=torch.float64)
     for lo in range(0, r, CHUNK):
         a = recon[lo : lo + CHUNK].detach().reshape(-1, d).float().clamp(0, 1)
-        out[lo : lo + CHUNK] = (a.double().pow(2).sum(1)[:, None] + bb[None] - 2 * (a @ b.T).double()).clamp_min(0) / d
+        out[lo : lo + CHUNK] = (
+            a.double().pow(2).sum(1)[:, None] + bb[None] - 2 * (a @ b.T).double()
+        ).clamp_min(0) / d
     return out
 
 

@@ -18,8 +18,14 @@ class LeNet(nn.Module):
     ``init="uniform"`` draws every weight and bias from U(-0.5, 0.5), the DLG initialisation.
     """
 
-    def __init__(self, channels: int = 3, image_size: int = 32, num_classes: int = 10, width: int = 12,
-                 init: str = "default") -> None:  # fmt: skip
+    def __init__(
+        self,
+        channels: int = 3,
+        image_size: int = 32,
+        num_classes: int = 10,
+        width: int = 12,
+        init: str = "default",
+    ) -> None:
         super().__init__()
         self.body = nn.Sequential(
             nn.Conv2d(channels, width, 5, padding=2, stride=2),
@@ -42,13 +48,18 @@ class LeNet(nn.Module):
 
 
 class ConvNet(nn.Module):
-    """A small CNN with batch norm: three conv-BN-ReLU blocks, global average pooling, a linear head."""
+    """A small CNN with batch norm: three conv-BN-ReLU blocks, global average pooling, a linear
+    head."""
 
     def __init__(self, channels: int = 3, num_classes: int = 10, width: int = 32) -> None:
         super().__init__()
 
         def block(c_in: int, c_out: int, stride: int) -> list[nn.Module]:
-            return [nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU()]
+            return [
+                nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False),
+                nn.BatchNorm2d(c_out),
+                nn.ReLU(),
+            ]
 
         self.features = nn.Sequential(
             *block(channels, width, 1), *block(width, 2 * width, 2), *block(2 * width, 4 * width, 2)
@@ -80,10 +91,14 @@ class BasicBlock(nn.Module):
 class ResNet(nn.Module):
     """CIFAR-style ResNet: a 3 x 3 stem without max-pooling, stages of basic blocks."""
 
-    def __init__(self, channels: int, num_classes: int, widths: list[int], blocks: list[int]) -> None:
+    def __init__(
+        self, channels: int, num_classes: int, widths: list[int], blocks: list[int]
+    ) -> None:
         super().__init__()
         self.stem = nn.Sequential(
-            nn.Conv2d(channels, widths[0], 3, 1, 1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU()
+            nn.Conv2d(channels, widths[0], 3, 1, 1, bias=False),
+            nn.BatchNorm2d(widths[0]),
+            nn.ReLU(),
         )
         layers, c_in = [], widths[0]
         for i, (w, n) in enumerate(zip(widths, blocks, strict=True)):
@@ -114,7 +129,9 @@ class MLP(nn.Module):
 
 
 @MODELS.register("lenet")
-def lenet(channels: int, image_size: int, num_classes: int, width: int = 12, init: str = "default") -> nn.Module:
+def lenet(
+    channels: int, image_size: int, num_classes: int, width: int = 12, init: str = "default"
+) -> nn.Module:
     return LeNet(channels, image_size, num_classes, width, init)
 
 
@@ -136,5 +153,7 @@ def resnet20(channels: int, num_classes: int, width: int = 16) -> nn.Module:
 
 
 @MODELS.register("mlp")
-def mlp(channels: int, image_size: int, num_classes: int, hidden: list[int] | None = None) -> nn.Module:
+def mlp(
+    channels: int, image_size: int, num_classes: int, hidden: list[int] | None = None
+) -> nn.Module:
     return MLP(channels, image_size, num_classes, hidden if hidden is not None else [256, 128])

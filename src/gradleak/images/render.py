@@ -24,7 +24,9 @@ def grid_png(rows: list[tuple[str, torch.Tensor]], scale: int = 4) -> bytes:
     cells = min(total, MAX_CELLS)
     _, c, h, w = rows[0][1].shape
     hs, ws, pad, cap = h * scale, w * scale, 4, 14
-    canvas = Image.new("RGB", (cells * (ws + pad) + pad, len(rows) * (hs + pad + cap) + pad), "white")
+    canvas = Image.new(
+        "RGB", (cells * (ws + pad) + pad, len(rows) * (hs + pad + cap) + pad), "white"
+    )
     draw = ImageDraw.Draw(canvas)
     for r, (caption, imgs) in enumerate(rows):
         y = pad + r * (hs + pad + cap)
@@ -33,7 +35,9 @@ def grid_png(rows: list[tuple[str, torch.Tensor]], scale: int = 4) -> bytes:
         for i, img in enumerate(imgs[:cells]):
             arr = (img.detach().clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
             tile = Image.fromarray(arr[..., 0] if c == 1 else arr).convert("RGB")
-            canvas.paste(tile.resize((ws, hs), Image.Resampling.NEAREST), (pad + i * (ws + pad), y + cap))
+            canvas.paste(
+                tile.resize((ws, hs), Image.Resampling.NEAREST), (pad + i * (ws + pad), y + cap)
+            )
     buf = io.BytesIO()
     canvas.save(buf, format="PNG")
     return buf.getvalue()
@@ -42,12 +46,18 @@ def grid_png(rows: list[tuple[str, torch.Tensor]], scale: int = 4) -> bytes:
 def grid_html(rows: Rows, alt: str) -> str:
     """The grid embedded in a report page (a data: URL, the only kind of image the page allows)."""
     data = base64.b64encode(grid_png(list(rows))).decode()
-    return f'<figure><img alt="{html.escape(alt, quote=True)}" src="data:image/png;base64,{data}"></figure>'
+    alt = html.escape(alt, quote=True)
+    return f'<figure><img alt="{alt}" src="data:image/png;base64,{data}"></figure>'
 
 
 def shows(array: np.ndarray) -> bool:
     """A batch of images this renderer can show: N x C x H x W floats, C 1 or 3."""
-    return array.ndim == 4 and len(array) > 0 and array.shape[1] in (1, 3) and np.issubdtype(array.dtype, np.floating)
+    return (
+        array.ndim == 4
+        and len(array) > 0
+        and array.shape[1] in (1, 3)
+        and np.issubdtype(array.dtype, np.floating)
+    )
 
 
 RENDERERS.register("image")(Renderer("png", lambda rows: grid_png(list(rows)), grid_html, shows))

@@ -27,11 +27,15 @@ class ImageUpdateMetadata(UpdateMetadata):
     num_images: int = Field(gt=0, description="Images the client trained on this round.")
     image_shape: tuple[int, int, int] = Field(description="Channels, height, width.")
     batch_norm: Literal["train", "eval", "auto"] = Field(
-        "auto", description="How the client ran batch-norm layers: train (batch statistics, running "
-        "statistics updated), eval (running statistics, buffers unchanged), or auto: eval when every "
+        "auto",
+        description="How the client ran batch-norm layers: train (batch statistics, running "
+        "statistics updated), eval (running statistics, buffers unchanged), or auto: eval when "
+        "every "
         "running mean and variance in the update is unchanged, else train.",
     )
-    mean: list[float] = Field(description="Per-channel normalisation mean of the client's input pipeline.")
+    mean: list[float] = Field(
+        description="Per-channel normalisation mean of the client's input pipeline."
+    )
     std: list[float] = Field(description="Per-channel normalisation std.")
 
     @model_validator(mode="after")
@@ -57,14 +61,24 @@ class ImageUpdateMetadata(UpdateMetadata):
         images = t["images"].float()
         shape = (self.num_images, *self.image_shape)
         if tuple(images.shape) != shape:
-            raise DataError(f"{path}: images have shape {tuple(images.shape)}, the update is of {shape}")
+            raise DataError(
+                f"{path}: images have shape {tuple(images.shape)}, the update is of {shape}"
+            )
         labels = t["labels"].long() if "labels" in t else None
-        if labels is not None and (labels.shape != (self.num_images,) or labels.min() < 0 or labels.max() >= self.num_classes):
-            raise DataError(f"{path}: 'labels' must be {self.num_images} class indices from 0 to {self.num_classes - 1}")
+        if labels is not None and (
+            labels.shape != (self.num_images,)
+            or labels.min() < 0
+            or labels.max() >= self.num_classes
+        ):
+            raise DataError(
+                f"{path}: 'labels' must be {self.num_images} class indices from 0 to "
+                f"{self.num_classes - 1}"
+            )
         return images, labels
 
     def load_prior(self, path: Path) -> torch.Tensor:
-        """A starting image (1 x C x H x W in [0, 1]) from an npz 'images' array or an image file."""
+        """A starting image (1 x C x H x W in [0, 1]) from an npz 'images' array or an image
+        file."""
         c, h, w = self.image_shape
         if path.suffix.lower() == ".npz":
             images = load_tensors(path).get("images")
@@ -80,10 +94,20 @@ class ImageUpdateMetadata(UpdateMetadata):
             return
         start = rec.start if rec.start is not None else torch.zeros_like(rec.examples)
         labels = rec.labels.numpy() if rec.labels is not None else np.zeros(0, dtype=np.int64)
-        owner.write_bytes("reconstruction.npz", npz_bytes(images=rec.examples.numpy().astype(np.float32),
-                          labels=labels, prior=start.numpy().astype(np.float32)))  # fmt: skip
+        owner.write_bytes(
+            "reconstruction.npz",
+            npz_bytes(
+                images=rec.examples.numpy().astype(np.float32),
+                labels=labels,
+                prior=start.numpy().astype(np.float32),
+            ),
+        )
         rows = [("reconstruction", rec.examples), ("start", start)]
         if truth is not None and found is not None:
             pick = torch.as_tensor(found.assignment)
-            rows = [("original", truth), ("reconstruction", rec.examples[pick]), ("start", start[pick])]
+            rows = [
+                ("original", truth),
+                ("reconstruction", rec.examples[pick]),
+                ("start", start[pick]),
+            ]
         owner.write_bytes("reconstruction.png", grid_png(rows))

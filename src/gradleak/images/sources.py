@@ -19,7 +19,9 @@ from gradleak.resources import check_images_fit
 
 class _Source(SourceConfig):
     kind: ClassVar[str] = "image"
-    image_size: int = Field(32, ge=4, le=1024, description="Images are resized to this square size.")
+    image_size: int = Field(
+        32, ge=4, le=1024, description="Images are resized to this square size."
+    )
     channels: Literal[1, 3] | None = Field(
         None, description="Convert to 1 (grayscale) or 3 (RGB) channels; null keeps the source's."
     )
@@ -27,7 +29,9 @@ class _Source(SourceConfig):
     def _bundle(self, name: str, train: Dataset, test: Dataset, classes) -> DataBundle:
         mean, std = channel_stats(train.examples)
         c, h, w = train.examples.shape[1:]
-        return DataBundle(name, train, test, tuple(classes), ImageSpec((int(c), int(h), int(w)), mean, std))
+        return DataBundle(
+            name, train, test, tuple(classes), ImageSpec((int(c), int(h), int(w)), mean, std)
+        )
 
     def _prepare(self, images: torch.Tensor) -> torch.Tensor:
         check_images_fit(len(images), self.channels or images.shape[1], self.image_size)
@@ -92,7 +96,8 @@ class ImageFolderSource(_HeldOut):
     root: DirectoryPath = Field(description="The folder holding one sub-folder per class.")
     channels: Literal[1, 3] | None = Field(3, description="1 for grayscale, 3 for RGB.")
     allow_outside_root: bool = Field(
-        False, description="Read images whose path (after '..' and symbolic links) lies outside root; "
+        False,
+        description="Read images whose path (after '..' and symbolic links) lies outside root; "
         "off, so that a symbolic link cannot pull other files into the training set.",
     )
 
@@ -107,7 +112,9 @@ class Cifar10Source(_Source):
     """CIFAR-10 python batches (``data_batch_1..5`` for clients, ``test_batch`` for testing)."""
 
     source: Literal["cifar10"] = "cifar10"
-    root: DirectoryPath = Field(description="The folder holding the batches (or cifar-10-batches-py/).")
+    root: DirectoryPath = Field(
+        description="The folder holding the batches (or cifar-10-batches-py/)."
+    )
 
     def load(self, seed: int) -> DataBundle:
         (x_tr, y_tr), (x_te, y_te), classes = formats.load_cifar10(self.root)
@@ -130,13 +137,19 @@ class SplitListSource(_Source):
         None, description="Names of classes 0, 1, ...; null names them by index."
     )
     allow_outside_root: bool = Field(
-        False, description="Read images whose path (after '..' and symbolic links) lies outside root; "
-        "off, so that a split list's absolute or '../' path, or a symbolic link, cannot pull other files into the training set.",
+        False,
+        description="Read images whose path (after '..' and symbolic links) lies outside root; "
+        "off, so that a split list's absolute or '../' path, or a symbolic link, cannot pull other "
+        "files into the training set.",
     )
 
     def load(self, seed: int) -> DataBundle:
         (x_tr, y_tr), (x_te, y_te) = formats.load_split_list(
-            self.split_file, self.root, self.image_size, self.channels or 1, self.test_split,
+            self.split_file,
+            self.root,
+            self.image_size,
+            self.channels or 1,
+            self.test_split,
             self.allow_outside_root,
         )
         n = int(max(y_tr.max(), y_te.max())) + 1
@@ -144,11 +157,27 @@ class SplitListSource(_Source):
         if len(classes) < n:
             from gradleak.errors import DataError
 
-            raise DataError(f"{self.split_file}: labels go up to {n - 1} but class_names has {len(classes)}")
+            raise DataError(
+                f"{self.split_file}: labels go up to {n - 1} but class_names has {len(classes)}"
+            )
         return self._bundle(self.root.name, Dataset(x_tr, y_tr), Dataset(x_te, y_te), classes)
 
 
-for _cls in (DigitsSource, FacesSource, TilesSource, ImageFolderSource, Cifar10Source, SplitListSource):
+for _cls in (
+    DigitsSource,
+    FacesSource,
+    TilesSource,
+    ImageFolderSource,
+    Cifar10Source,
+    SplitListSource,
+):
     SOURCES.register(_cls.model_fields["source"].default)(_cls)
 
-__all__ = ["Cifar10Source", "DigitsSource", "FacesSource", "ImageFolderSource", "SplitListSource", "TilesSource"]
+__all__ = [
+    "Cifar10Source",
+    "DigitsSource",
+    "FacesSource",
+    "ImageFolderSource",
+    "SplitListSource",
+    "TilesSource",
+]

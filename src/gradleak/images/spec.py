@@ -24,12 +24,17 @@ class ImageSpec:
     shape: tuple[int, int, int]
     mean: tuple[float, ...]
     std: tuple[float, ...]
-    metrics: dict[str, Metric] = field(default_factory=lambda: dict(METRICS), compare=False, repr=False)
+    metrics: dict[str, Metric] = field(
+        default_factory=lambda: dict(METRICS), compare=False, repr=False
+    )
 
     def __post_init__(self) -> None:
         c = self.shape[0]
         if len(self.mean) != c or len(self.std) != c:
-            raise ValueError(f"mean and std need {c} values for {c}-channel images (got {len(self.mean)} and {len(self.std)})")
+            raise ValueError(
+                f"mean and std need {c} values for {c}-channel images (got {len(self.mean)} and "
+                f"{len(self.std)})"
+            )
         if not all(s > 0 for s in self.std):
             raise ValueError("std values must be positive (each channel is divided by its std)")
 
@@ -57,6 +62,12 @@ class ImageSpec:
         if name == "mean-image":
             return public.examples.mean(0, keepdim=True)
         if name == "none":
-            return torch.tensor(self.mean, dtype=torch.float32).view(1, -1, 1, 1).expand(1, -1, *self.shape[1:]).clone()
-        raise ConfigError("audit.prior", f"{name!r} is not a prior of images (one of {', '.join(self.PRIORS)})")
-
+            return (
+                torch.tensor(self.mean, dtype=torch.float32)
+                .view(1, -1, 1, 1)
+                .expand(1, -1, *self.shape[1:])
+                .clone()
+            )
+        raise ConfigError(
+            "audit.prior", f"{name!r} is not a prior of images (one of {', '.join(self.PRIORS)})"
+        )

@@ -28,7 +28,14 @@ def assign(recon: torch.Tensor, truth: torch.Tensor, spec: InputSpec) -> np.ndar
 
 def label_accuracy(recovered: torch.Tensor, truth: torch.Tensor) -> float:
     """Fraction of the true labels recovered, as multisets (order-free)."""
-    k = int(torch.cat([recovered.flatten(), truth.flatten(), torch.zeros(1, dtype=truth.dtype)]).max()) + 1
+    k = (
+        int(
+            torch.cat(
+                [recovered.flatten(), truth.flatten(), torch.zeros(1, dtype=truth.dtype)]
+            ).max()
+        )
+        + 1
+    )
     hit = torch.minimum(torch.bincount(recovered, minlength=k), torch.bincount(truth, minlength=k))
     return float(hit.sum()) / max(len(truth), 1)
 
@@ -48,7 +55,10 @@ class ReconstructionScore:
         raise AttributeError(name)
 
     def summary(self) -> dict[str, float | None]:
-        return {**{k: float(v.mean()) for k, v in self.values.items()}, "label_accuracy": self.label_accuracy}
+        return {
+            **{k: float(v.mean()) for k, v in self.values.items()},
+            "label_accuracy": self.label_accuracy,
+        }
 
 
 def score(
@@ -64,9 +74,13 @@ def score(
     per original: linear in the batch beyond the matching."""
     idx = assign(recon, truth, spec) if assignment is None else assignment
     if (idx < 0).any():
-        raise ValueError(f"{len(recon)} reconstructions for {len(truth)} originals: need at least as many")
+        raise ValueError(
+            f"{len(recon)} reconstructions for {len(truth)} originals: need at least as many"
+        )
     matched = recon[torch.as_tensor(idx)]
     acc = None
     if recon_labels is not None and true_labels is not None:
         acc = label_accuracy(recon_labels, true_labels)
-    return ReconstructionScore(idx, {name: m(matched, truth) for name, m in spec.metrics.items()}, acc)
+    return ReconstructionScore(
+        idx, {name: m(matched, truth) for name, m in spec.metrics.items()}, acc
+    )

@@ -52,9 +52,13 @@ def build_model(
         raise ConfigError("model.kwargs", f"{name}: {exc}") from None
     except (Exception, SystemExit) as exc:  # noqa: BLE001 - the factory's own failure, reported as such
         who = f"the plugin {name}" if ":" in name else name
-        raise ConfigError("model.name" if ":" in name else "model.kwargs", f"{who} {plugins.describe(exc)}") from None
+        raise ConfigError(
+            "model.name" if ":" in name else "model.kwargs", f"{who} {plugins.describe(exc)}"
+        ) from None
     if not isinstance(model, nn.Module):
-        raise ConfigError("model.name", f"{name} returned {type(model).__name__}, not a torch nn.Module")
+        raise ConfigError(
+            "model.name", f"{name} returned {type(model).__name__}, not a torch nn.Module"
+        )
     _probe(model, name, spec, num_classes)
     return model
 
@@ -74,7 +78,10 @@ def _probe(model: nn.Module, name: str, spec: InputSpec, num_classes: int) -> No
     if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, num_classes):
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         inputs = " x ".join(str(d) for d in x.shape)
-        raise ConfigError("model.name", f"{name} maps {inputs} inputs to {shape}, not 2 x {num_classes} class scores")
+        raise ConfigError(
+            "model.name",
+            f"{name} maps {inputs} inputs to {shape}, not 2 x {num_classes} class scores",
+        )
 
 
 # Copies of the weights a run holds at once (global model, a client's copy, its gradients and
@@ -89,8 +96,15 @@ def _check_size(factory: ModelFactory, name: str, kwargs: dict[str, Any]) -> Non
         with torch.device("meta"):
             probe = factory(**kwargs)
         tensors = [*probe.parameters(), *probe.buffers()]
-        count, size = sum(t.numel() for t in tensors), sum(t.numel() * t.element_size() for t in tensors)
+        count, size = (
+            sum(t.numel() for t in tensors),
+            sum(t.numel() * t.element_size() for t in tensors),
+        )
     except Exception:  # noqa: BLE001 - the real build below reports the factory's own errors
         return
-    check_fits(MODEL_COPIES * size, f"{MODEL_COPIES} copies of {name}'s {count:,} weights",
-               "model.kwargs", "choose a smaller model")  # fmt: skip
+    check_fits(
+        MODEL_COPIES * size,
+        f"{MODEL_COPIES} copies of {name}'s {count:,} weights",
+        "model.kwargs",
+        "choose a smaller model",
+    )

@@ -41,12 +41,24 @@ def _per_client(ax: Any, rows: list[dict[str, Any]], field: str, label: Any) -> 
     if len(clients) <= MAX_LINES:
         for cid in clients:
             mine = [r for r in rows if r["client"] == cid]
-            ax.plot([r["round"] for r in mine], [r[field] for r in mine], marker="o", markersize=3,
-                    label=label(cid, mine))  # fmt: skip
+            ax.plot(
+                [r["round"] for r in mine],
+                [r[field] for r in mine],
+                marker="o",
+                markersize=3,
+                label=label(cid, mine),
+            )
         return
     rounds = sorted({r["round"] for r in rows})
-    values = [np.array([r[field] for r in rows if r["round"] == t], dtype=np.float64) for t in rounds]
-    q = np.array([np.nanpercentile(v, [10, 50, 90]) if np.isfinite(v).any() else [np.nan] * 3 for v in values])
+    values = [
+        np.array([r[field] for r in rows if r["round"] == t], dtype=np.float64) for t in rounds
+    ]
+    q = np.array(
+        [
+            np.nanpercentile(v, [10, 50, 90]) if np.isfinite(v).any() else [np.nan] * 3
+            for v in values
+        ]
+    )
     ax.fill_between(rounds, q[:, 0], q[:, 2], alpha=0.3, label=f"10-90% of {len(clients)} clients")
     ax.plot(rounds, q[:, 1], marker="o", markersize=3, label="median")
 
@@ -83,11 +95,17 @@ def rdlv_per_round(audited: list[dict[str, Any]], out: SubDir) -> bytes:
     """RDLV per round, one line per audited client; withheld updates marked with a cross."""
     fig, ax = plt.subplots(figsize=(6, 3.5))
     audited = [r for r in audited if r.get("rdlv") is not None]
-    _per_client(ax, audited, "rdlv",
-                lambda cid, rows: f"client {cid} (n={rows[0]['num_samples']}, bs={rows[0]['batch_size']})")  # fmt: skip
+    _per_client(
+        ax,
+        audited,
+        "rdlv",
+        lambda cid, rows: f"client {cid} (n={rows[0]['num_samples']}, bs={rows[0]['batch_size']})",
+    )
     gated = [r for r in audited if r["withheld"]]
     if gated:
-        ax.scatter([r["round"] for r in gated], [r["rdlv"] for r in gated], marker="x", s=80, color="black")
+        ax.scatter(
+            [r["round"] for r in gated], [r["rdlv"] for r in gated], marker="x", s=80, color="black"
+        )
     ax.axhline(0, color="gray", linewidth=0.8)
     ax.set_xlabel("round")
     ax.set_ylabel("RDLV")
@@ -99,10 +117,15 @@ def rdlv_per_round(audited: list[dict[str, Any]], out: SubDir) -> bytes:
 
 
 def privacy_utility(points: list[dict[str, Any]], key: str, out: SubDir) -> bytes:
-    """RDLV (worst round) against defence strength per client, final test accuracy on a second axis."""
+    """RDLV (worst round) against defence strength per client, final test accuracy on a second
+    axis."""
     fig, ax = plt.subplots(figsize=(6.5, 3.8))
     xs = [p["values"][key] for p in points]
-    rows = [{"client": int(c), "round": x, "rdlv": p["rdlv"][c]} for p, x in zip(points, xs, strict=True) for c in p["rdlv"]]
+    rows = [
+        {"client": int(c), "round": x, "rdlv": p["rdlv"][c]}
+        for p, x in zip(points, xs, strict=True)
+        for c in p["rdlv"]
+    ]
     order = {x: i for i, x in enumerate(xs)}
     rows.sort(key=lambda r: order[r["round"]])
     _per_client(ax, rows, "rdlv", lambda cid, _: f"client {cid}")
@@ -114,7 +137,14 @@ def privacy_utility(points: list[dict[str, Any]], key: str, out: SubDir) -> byte
     ax.set_ylabel("RDLV (worst audited round)")
     ax.grid(alpha=0.3)
     ax2 = ax.twinx()
-    ax2.plot(xs, [p["accuracy"] for p in points], color="black", linestyle="--", marker="s", label="accuracy")
+    ax2.plot(
+        xs,
+        [p["accuracy"] for p in points],
+        color="black",
+        linestyle="--",
+        marker="s",
+        label="accuracy",
+    )
     ax2.set_ylabel("final test accuracy")
     ax2.set_ylim(0, 1)
     h1, l1 = ax.get_legend_handles_labels()

@@ -29,7 +29,10 @@ from gradleak.rundir import OwnedDir, SubDir
 from gradleak.safeio import load_npz, parse_json
 
 # No script, no frames, no requests: images only from the page itself (data: URLs).
-CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; base-uri 'none'; form-action 'none'"
+CSP = (
+    "default-src 'none'; img-src data:; style-src 'unsafe-inline'; base-uri 'none'; "
+    "form-action 'none'"
+)
 
 
 def esc(v: Any) -> str:
@@ -49,7 +52,9 @@ def _table(rows: list[dict[str, Any]]) -> str:
         return "<p>No rows.</p>"
     cols = list(dict.fromkeys(k for r in rows for k in r))
     head = "".join(f"<th>{esc(c)}</th>" for c in cols)
-    body = "".join("<tr>" + "".join(f"<td>{esc(r.get(c, ''))}</td>" for c in cols) + "</tr>" for r in rows)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{esc(r.get(c, ''))}</td>" for c in cols) + "</tr>" for r in rows
+    )
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
@@ -94,12 +99,16 @@ def build_run_report(run_dir: Path) -> Path:
         figs.append(_img(figures.accuracy_per_round(rounds, out), "test accuracy per round"))
     if results:
         figs.append(_img(figures.train_loss_per_client(results, out), "training loss per client"))
-    final = f"{rounds[-1]['test_accuracy']:.4f} after round {rounds[-1]['round']}" if rounds else "none yet"
+    final = (
+        f"{rounds[-1]['test_accuracy']:.4f} after round {rounds[-1]['round']}"
+        if rounds
+        else "none yet"
+    )
     name = str(config.get("name") or run_dir.name)
     body = f"""<h1>gradleak report: {esc(name)}</h1>
 <p>Run directory: <code>{esc(run_dir)}</code>. Final test accuracy: {esc(final)}.</p>
 <h2>Training</h2>
-{''.join(figs)}
+{"".join(figs)}
 {_audit_section(store, config, results, out)}
 {_disaggregation_section(store, config, out)}
 <h2>Rounds</h2>
@@ -113,8 +122,21 @@ def build_run_report(run_dir: Path) -> Path:
 
 
 # Columns of the audited-row table, in this order.
-AUDIT_COLUMNS = ("round", "client", "num_samples", "batch_size", "rdlv", "ssim", "psnr", "mse",
-                 "label_accuracy", "label_strategy", "withheld", "defenses", "attack_seconds")  # fmt: skip
+AUDIT_COLUMNS = (
+    "round",
+    "client",
+    "num_samples",
+    "batch_size",
+    "rdlv",
+    "ssim",
+    "psnr",
+    "mse",
+    "label_accuracy",
+    "label_strategy",
+    "withheld",
+    "defenses",
+    "attack_seconds",
+)
 # At most this many rounds per client in the image grids (evenly spaced, last included).
 GRID_ROUNDS = 8
 # Image grids for at most this many audited clients (those with the highest RDLV).
@@ -122,7 +144,11 @@ GRID_CLIENTS = 12
 
 
 def _worst(rows: list[dict[str, Any]]) -> float:
-    values = [r["rdlv"] for r in rows if isinstance(r.get("rdlv"), int | float) and not math.isnan(r["rdlv"])]
+    values = [
+        r["rdlv"]
+        for r in rows
+        if isinstance(r.get("rdlv"), int | float) and not math.isnan(r["rdlv"])
+    ]
     return max(values) if values else -math.inf
 
 
@@ -142,13 +168,25 @@ def _examples_row(r: dict[str, Any], arrays: dict[str, np.ndarray], metric: Any)
     with the RDLV and the audit's metric."""
     import torch
 
-    found = ", ".join(f"{m} {r[m]:.3g}" for m in ("rdlv", metric) if isinstance(m, str) and isinstance(r.get(m), int | float))
-    caption = f"round {r['round']}: original, prior, reconstruction" + (f" ({found})" if found else "")
+    found = ", ".join(
+        f"{m} {r[m]:.3g}"
+        for m in ("rdlv", metric)
+        if isinstance(m, str) and isinstance(r.get(m), int | float)
+    )
+    caption = f"round {r['round']}: original, prior, reconstruction" + (
+        f" ({found})" if found else ""
+    )
     return caption, torch.from_numpy(np.stack([arrays[k][0] for k in AUDIT_EXAMPLES]))
 
 
-def _examples_section(store: RunStore, renderer: Renderer | None, rows: list[dict[str, Any]], prefix: str,
-                      alt: str, metric: Any) -> list[str]:  # fmt: skip
+def _examples_section(
+    store: RunStore,
+    renderer: Renderer | None,
+    rows: list[dict[str, Any]],
+    prefix: str,
+    alt: str,
+    metric: Any,
+) -> list[str]:
     """The renderer's view of the saved examples of ``rows`` (one client), damaged files named."""
     if renderer is None:
         return []
@@ -159,8 +197,10 @@ def _examples_section(store: RunStore, renderer: Renderer | None, rows: list[dic
             continue
         arrays = _audit_examples(store.dir, rel, _example_bytes(r.get("num_samples")), renderer)
         if arrays is None:
-            parts.append(f"<p>Left out: <code>{esc(store.dir.path(rel))}</code> is damaged (not the "
-                         "originals, prior and reconstructions of an audit).</p>")  # fmt: skip
+            parts.append(
+                f"<p>Left out: <code>{esc(store.dir.path(rel))}</code> is damaged (not the "
+                "originals, prior and reconstructions of an audit).</p>"
+            )
         else:
             kept.append(_examples_row(r, arrays, metric))
     if kept:
@@ -168,23 +208,40 @@ def _examples_section(store: RunStore, renderer: Renderer | None, rows: list[dic
     return parts
 
 
-def _audit_section(store: RunStore, config: dict[str, Any], results: list[dict[str, Any]], out: SubDir) -> str:
+def _audit_section(
+    store: RunStore, config: dict[str, Any], results: list[dict[str, Any]], out: SubDir
+) -> str:
     audited = [r for r in results if r.get("audited")]
     if not audited:
         return ""
     parts = ["<h2>Leakage audit</h2>", _img(figures.rdlv_per_round(audited, out), "RDLV per round")]
-    by_client = {c: [r for r in audited if r["client"] == c and r.get("rdlv") is not None]
-                 for c in sorted({r["client"] for r in audited})}  # fmt: skip
-    shown = sorted((c for c in by_client if by_client[c]), key=lambda c: _worst(by_client[c]), reverse=True)
+    by_client = {
+        c: [r for r in audited if r["client"] == c and r.get("rdlv") is not None]
+        for c in sorted({r["client"] for r in audited})
+    }
+    shown = sorted(
+        (c for c in by_client if by_client[c]), key=lambda c: _worst(by_client[c]), reverse=True
+    )
     if len(shown) > GRID_CLIENTS:
-        parts.append(f"<p>Examples of the {GRID_CLIENTS} clients with the highest RDLV, of {len(shown)} audited.</p>")
+        parts.append(
+            f"<p>Examples of the {GRID_CLIENTS} clients with the highest RDLV, of {len(shown)} "
+            "audited.</p>"
+        )
     renderer = _renderer(config)
     for cid in sorted(shown[:GRID_CLIENTS]):
         rows = by_client[cid]
-        pick = sorted({round(i * (len(rows) - 1) / max(1, GRID_ROUNDS - 1)) for i in range(GRID_ROUNDS)})
+        pick = sorted(
+            {round(i * (len(rows) - 1) / max(1, GRID_ROUNDS - 1)) for i in range(GRID_ROUNDS)}
+        )
         picked = [rows[i] for i in pick if i < len(rows)]
-        parts += _examples_section(store, renderer, picked, "audit", f"original, prior and reconstruction of client {cid}",
-                                   _audit_metric(config))  # fmt: skip
+        parts += _examples_section(
+            store,
+            renderer,
+            picked,
+            "audit",
+            f"original, prior and reconstruction of client {cid}",
+            _audit_metric(config),
+        )
     table = [{k: r.get(k, "") for k in AUDIT_COLUMNS} for r in audited]
     parts += ["<h3>Audited updates</h3>", _table(table)]
     return "\n".join(parts)
@@ -206,18 +263,24 @@ def _example_bytes(count: Any) -> int:
     return len(AUDIT_EXAMPLES) * count * EXAMPLE_BYTES + (1 << 20)
 
 
-def _audit_examples(owner: OwnedDir, rel: str, limit: int, renderer: Renderer) -> dict[str, np.ndarray] | None:
+def _audit_examples(
+    owner: OwnedDir, rel: str, limit: int, renderer: Renderer
+) -> dict[str, np.ndarray] | None:
     """An audit's saved examples (originals, priors, reconstructions: the same shape each, a batch
     the renderer can show), or None when the file is damaged or holds something else; never
     unpickles, never reads more than ``limit`` bytes."""
     try:
-        arrays = load_npz(owner.read_bytes(rel, kind="tensors", limit=limit), owner.path(rel), limit=limit)
+        arrays = load_npz(
+            owner.read_bytes(rel, kind="tensors", limit=limit), owner.path(rel), limit=limit
+        )
     except DataError:
         return None
     if any(k not in arrays for k in AUDIT_EXAMPLES):
         return None
     found = {k: arrays[k] for k in AUDIT_EXAMPLES}
-    if len({a.shape for a in found.values()}) != 1 or not all(renderer.accepts(a) for a in found.values()):
+    if len({a.shape for a in found.values()}) != 1 or not all(
+        renderer.accepts(a) for a in found.values()
+    ):
         return None
     return found
 
@@ -275,18 +338,33 @@ def _disaggregation_section(store: RunStore, config: dict[str, Any], out: SubDir
         return ""
     path = store.dir.path(rel)
     try:
-        s = _DisaggregationSummary.model_validate(parse_json(store.dir.read_bytes(rel, kind="json"), path))
+        s = _DisaggregationSummary.model_validate(
+            parse_json(store.dir.read_bytes(rel, kind="json"), path)
+        )
     except (DataError, ValidationError) as exc:
-        problem = str(exc).splitlines()[0] if isinstance(exc, DataError) else "not a disaggregation summary"
-        return (f"<h2>Secure aggregation: gradient disaggregation</h2><p>Left out: <code>{esc(path)}</code> "
-                f"is damaged ({esc(problem)}).</p>")  # fmt: skip
-    verdict = ("recovered <b>exactly</b>" if s.participation_exact
-               else f"<b>not</b> recovered exactly ({esc(s.wrong_entries)} wrong entries)")  # fmt: skip
+        problem = (
+            str(exc).splitlines()[0]
+            if isinstance(exc, DataError)
+            else "not a disaggregation summary"
+        )
+        return (
+            "<h2>Secure aggregation: gradient disaggregation</h2><p>Left out: "
+            f"<code>{esc(path)}</code> "
+            f"is damaged ({esc(problem)}).</p>"
+        )
+    verdict = (
+        "recovered <b>exactly</b>"
+        if s.participation_exact
+        else f"<b>not</b> recovered exactly ({esc(s.wrong_entries)} wrong entries)"
+    )
     parts = [
         "<h2>Secure aggregation: gradient disaggregation</h2>",
-        f"<p>The server saw only the sum of each of {esc(s.rounds)} rounds ({esc(s.dimensions)} values) and, "
-        f"per window of {esc(s.window)} rounds, how often each of the {esc(s.clients)} clients took part. "
-        f"From these, the participation matrix was {verdict} ({esc(s.clients_exact)} of {esc(s.clients)} "
+        f"<p>The server saw only the sum of each of {esc(s.rounds)} rounds ({esc(s.dimensions)} "
+        "values) and, "
+        f"per window of {esc(s.window)} rounds, how often each of the {esc(s.clients)} clients "
+        "took part. "
+        f"From these, the participation matrix was {verdict} ({esc(s.clients_exact)} of "
+        f"{esc(s.clients)} "
         f"clients exact) in {s.seconds:.1f} s, and each client's update by least squares.</p>",
         f"<p>The attack declared {esc(s.certain_clients)} of {esc(s.clients)} columns certain "
         f"({len(s.chunks)} chunk(s) of rounds). Per client:</p>",
@@ -294,18 +372,28 @@ def _disaggregation_section(store: RunStore, config: dict[str, Any], out: SubDir
     ]
     inverted = [r for r in s.inverted if r.rdlv is not None and r.round is not None]
     if inverted:
-        parts.append("<p>Each inverted client's recovered update, attacked as if there had been no "
-                     "secure aggregation (global model of the middle round it took part in):</p>")
+        parts.append(
+            "<p>Each inverted client's recovered update, attacked as if there had been no "
+            "secure aggregation (global model of the middle round it took part in):</p>"
+        )
         renderer = _renderer(config)
         for r in inverted:
-            parts += _examples_section(store, renderer, [{**r.model_dump(), "num_samples": None}], "disaggregation",
-                                       f"client {r.client} from its disaggregated update", _audit_metric(config))  # fmt: skip
+            parts += _examples_section(
+                store,
+                renderer,
+                [{**r.model_dump(), "num_samples": None}],
+                "disaggregation",
+                f"client {r.client} from its disaggregated update",
+                _audit_metric(config),
+            )
         cols = ("client", "round", "rounds_taken_part", *AUDIT_COLUMNS[4:9], "attack_seconds")
         parts.append(_table([{k: r.model_dump().get(k, "") for k in cols} for r in inverted]))
     return "\n".join(parts)
 
 
-def sweep_summary(sweep_dir: Path, level: float | None = None, budget: float | None = None) -> dict[str, Any]:
+def sweep_summary(
+    sweep_dir: Path, level: float | None = None, budget: float | None = None
+) -> dict[str, Any]:
     """Per point: final accuracy and each audited client's worst RDLV; and, for a single numeric
     swept key, the recommended value (``report.recommend``). ``level`` and ``budget`` default to
     the sweep config's ``recommendation:`` section."""
@@ -317,8 +405,10 @@ def sweep_summary(sweep_dir: Path, level: float | None = None, budget: float | N
     for p in spec["points"]:
         present = owner.is_dir(p["run_dir"])
         if owner.exists(p["run_dir"]) and not present:
-            raise DataError(f"{owner.path(p['run_dir'])} is not a directory (a link or a file); the sweep "
-                            "directory is damaged")  # fmt: skip
+            raise DataError(
+                f"{owner.path(p['run_dir'])} is not a directory (a link or a file); the sweep "
+                "directory is damaged"
+            )
         store = RunStore(sweep_dir / p["run_dir"])
         done = present and store.exists()
         rounds, results = store.read_rows() if done else ([], [])
@@ -329,16 +419,31 @@ def sweep_summary(sweep_dir: Path, level: float | None = None, budget: float | N
         for r in audited:
             if r.get("rdlv") is not None:  # None: the update was not finite, nothing was attacked
                 worst[str(r["client"])] = max(worst.get(str(r["client"]), -np.inf), r["rdlv"])
-        points.append({"values": p["values"], "run_dir": p["run_dir"], "rounds": len(rounds),
-                       "accuracy": rounds[-1]["test_accuracy"] if rounds else float("nan"),
-                       "rdlv": worst})  # fmt: skip
+        points.append(
+            {
+                "values": p["values"],
+                "run_dir": p["run_dir"],
+                "rounds": len(rounds),
+                "accuracy": rounds[-1]["test_accuracy"] if rounds else float("nan"),
+                "rdlv": worst,
+            }
+        )
     level = settings.get("level", 0.0) if level is None else level
     budget = settings.get("accuracy_budget", 0.05) if budget is None else budget
-    out: dict[str, Any] = {"keys": spec["keys"], "level": level, "accuracy_budget": budget, "points": points}
+    out: dict[str, Any] = {
+        "keys": spec["keys"],
+        "level": level,
+        "accuracy_budget": budget,
+        "points": points,
+    }
     if len(spec["keys"]) == 1 and all(_number(p["values"][spec["keys"][0]]) for p in points):
         key = spec["keys"][0]
         rec = recommend(points, key, level=level, budget=budget)
-        out["recommendation"] = {**asdict(rec), "accuracy_cost": rec.accuracy_cost, "verdict": rec.verdict()}
+        out["recommendation"] = {
+            **asdict(rec),
+            "accuracy_cost": rec.accuracy_cost,
+            "verdict": rec.verdict(),
+        }
         out["points"] = sorted(points, key=lambda p: p["values"][key])
     return out
 
@@ -347,7 +452,9 @@ def _number(v: Any) -> bool:
     return isinstance(v, int | float) and not isinstance(v, bool)
 
 
-def build_sweep_report(sweep_dir: Path, level: float | None = None, budget: float | None = None) -> Path:
+def build_sweep_report(
+    sweep_dir: Path, level: float | None = None, budget: float | None = None
+) -> Path:
     """Write ``sweep_dir/report/index.html`` with the privacy/utility curve and summary table."""
     owner = _owned(sweep_dir, "sweep")
     summary = sweep_summary(sweep_dir, level, budget)
@@ -355,15 +462,31 @@ def build_sweep_report(sweep_dir: Path, level: float | None = None, budget: floa
     parts = []
     rec = summary.get("recommendation")
     if rec:
-        parts.append(_img(figures.privacy_utility(summary["points"], summary["keys"][0], out), "privacy utility"))
-    verdict = esc(rec["verdict"]) if rec else "No recommendation: it needs a single swept key with numeric values."
-    rows = [{**p["values"], "rounds": p["rounds"], "accuracy": p["accuracy"],
-             **{f"rdlv client {c}": v for c, v in p["rdlv"].items()}, "run": p["run_dir"]}
-            for p in summary["points"]]  # fmt: skip
+        parts.append(
+            _img(
+                figures.privacy_utility(summary["points"], summary["keys"][0], out),
+                "privacy utility",
+            )
+        )
+    verdict = (
+        esc(rec["verdict"])
+        if rec
+        else "No recommendation: it needs a single swept key with numeric values."
+    )
+    rows = [
+        {
+            **p["values"],
+            "rounds": p["rounds"],
+            "accuracy": p["accuracy"],
+            **{f"rdlv client {c}": v for c, v in p["rdlv"].items()},
+            "run": p["run_dir"],
+        }
+        for p in summary["points"]
+    ]
     title = f"gradleak sweep: {sweep_dir.name}"
     body = f"""<h1>{esc(title)}</h1>
 <h2>Privacy / utility</h2>
-{''.join(parts)}
+{"".join(parts)}
 <p>{verdict}</p>
 <h2>Points</h2>
 {_table(rows)}

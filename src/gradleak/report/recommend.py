@@ -32,21 +32,31 @@ class Recommendation:
     def verdict(self) -> str:
         """One plain sentence (or two) for the report."""
         target = f"every audited client's RDLV at {self.level:g} or below in every audited round"
-        budget = f"an accuracy cost of at most {100 * self.budget:g} points against {self.key} = " \
-                 f"{self.baseline_value} ({self.baseline_accuracy:.4f})"  # fmt: skip
+        budget = (
+            f"an accuracy cost of at most {100 * self.budget:g} points against {self.key} = "
+            f"{self.baseline_value} ({self.baseline_accuracy:.4f})"
+        )
         if self.value is not None:
-            return (f"Recommended: {self.key} = {self.value}, the smallest value with {target} and "
-                    f"{budget}: final test accuracy {self.accuracy:.4f} (cost "
-                    f"{100 * self.accuracy_cost:+.1f} points).")  # fmt: skip
+            return (
+                f"Recommended: {self.key} = {self.value}, the smallest value with {target} and "
+                f"{budget}: final test accuracy {self.accuracy:.4f} (cost "
+                f"{100 * self.accuracy_cost:+.1f} points)."
+            )
         if self.smallest_private is None:
             return f"No recommendation: no swept value reaches {target}."
         p = self.smallest_private
-        return (f"No recommendation: no swept value has both {target} and {budget}. The smallest value "
-                f"that meets the leakage target, {self.key} = {p['value']}, reaches a final test accuracy "
-                f"of {p['accuracy']:.4f} (cost {100 * (self.baseline_accuracy - p['accuracy']):+.1f} points).")
+        return (
+            f"No recommendation: no swept value has both {target} and {budget}. The smallest value "
+            f"that meets the leakage target, {self.key} = {p['value']}, reaches a final test "
+            "accuracy "
+            f"of {p['accuracy']:.4f} (cost {100 * (self.baseline_accuracy - p['accuracy']):+.1f} "
+            "points)."
+        )
 
 
-def recommend(points: list[dict[str, Any]], key: str, *, level: float, budget: float) -> Recommendation:
+def recommend(
+    points: list[dict[str, Any]], key: str, *, level: float, budget: float
+) -> Recommendation:
     """The recommendation over sweep points ordered by ``key`` (each point: ``values``,
     ``accuracy`` and ``rdlv``, the worst RDLV per audited client)."""
     ordered = sorted(points, key=lambda p: p["values"][key])
@@ -62,10 +72,14 @@ def recommend(points: list[dict[str, Any]], key: str, *, level: float, budget: f
     first_private = next((p for p in ordered if private(p)), None)
     chosen = next((p for p in ordered if private(p) and affordable(p)), None)
     return Recommendation(
-        key=key, level=level, budget=budget, baseline_value=base["values"][key],
+        key=key,
+        level=level,
+        budget=budget,
+        baseline_value=base["values"][key],
         baseline_accuracy=base["accuracy"],
         value=chosen["values"][key] if chosen else None,
         accuracy=chosen["accuracy"] if chosen else None,
-        smallest_private=None if first_private is None else {
-            "value": first_private["values"][key], "accuracy": first_private["accuracy"]},
-    )  # fmt: skip
+        smallest_private=None
+        if first_private is None
+        else {"value": first_private["values"][key], "accuracy": first_private["accuracy"]},
+    )

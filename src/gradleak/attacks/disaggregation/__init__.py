@@ -22,8 +22,14 @@ from gradleak.attacks.disaggregation.core import (
 )
 
 
-def participation_columns(sums: np.ndarray, counts: np.ndarray | ParticipationLog, window: int | None = None,
-                          *, only: list[int], **kwargs) -> dict[int, np.ndarray]:  # fmt: skip
+def participation_columns(
+    sums: np.ndarray,
+    counts: np.ndarray | ParticipationLog,
+    window: int | None = None,
+    *,
+    only: list[int],
+    **kwargs,
+) -> dict[int, np.ndarray]:
     """The participation columns of the clients in ``only`` (column index -> T vector of 0/1),
     solved alone (to time large federations client by client); arguments as ``disaggregate``."""
     result = disaggregate(sums, counts, window, only=only, **kwargs)

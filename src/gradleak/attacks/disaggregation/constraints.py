@@ -53,14 +53,21 @@ class ParticipationLog:
         for k, ivs in enumerate(self.intervals):
             for iv in ivs:
                 if not 0 <= iv.start < iv.end <= self.rounds:
-                    raise IllPosed(f"client {k}: interval {iv.start}-{iv.end} is outside rounds 0-{self.rounds}")
+                    raise IllPosed(
+                        f"client {k}: interval {iv.start}-{iv.end} is outside rounds "
+                        f"0-{self.rounds}"
+                    )
                 if not 0 <= iv.count <= iv.end - iv.start:
-                    raise IllPosed(f"client {k}: a participation count of {iv.count} in rounds "
-                                   f"{iv.start}-{iv.end - 1} is negative or larger than its interval")  # fmt: skip
+                    raise IllPosed(
+                        f"client {k}: a participation count of {iv.count} in rounds "
+                        f"{iv.start}-{iv.end - 1} is negative or larger than its interval"
+                    )
             for a, b in zip(ivs, ivs[1:]):
                 if b.start < a.end:
-                    raise IllPosed(f"client {k}: intervals {a.start}-{a.end - 1} and {b.start}-{b.end - 1} "
-                                   "overlap (difference cumulative counts first)")  # fmt: skip
+                    raise IllPosed(
+                        f"client {k}: intervals {a.start}-{a.end - 1} and {b.start}-{b.end - 1} "
+                        "overlap (difference cumulative counts first)"
+                    )
 
     # construction ----------------------------------------------------------------------------
     @classmethod
@@ -69,25 +76,38 @@ class ParticipationLog:
         counts = np.asarray(counts)
         w, n = counts.shape
         if w != -(-rounds // window):
-            raise IllPosed(f"counts have {w} windows, but {rounds} rounds in windows of {window} make "
-                           f"{-(-rounds // window)}")  # fmt: skip
+            raise IllPosed(
+                f"counts have {w} windows, but {rounds} rounds in windows of {window} make "
+                f"{-(-rounds // window)}"
+            )
         edges = [(s, min(s + window, rounds)) for s in range(0, rounds, window)]
-        return cls(rounds, tuple(
-            tuple(Interval(a, b, int(counts[i, k])) for i, (a, b) in enumerate(edges)) for k in range(n)
-        ))  # fmt: skip
+        return cls(
+            rounds,
+            tuple(
+                tuple(Interval(a, b, int(counts[i, k])) for i, (a, b) in enumerate(edges))
+                for k in range(n)
+            ),
+        )
 
     @classmethod
-    def from_rows(cls, rows: np.ndarray, rounds: int, clients: int | None = None) -> ParticipationLog:
+    def from_rows(
+        cls, rows: np.ndarray, rounds: int, clients: int | None = None
+    ) -> ParticipationLog:
         """From an R x 4 table of (client, start, end, count)."""
         rows = np.asarray(rows)
         if rows.ndim != 2 or rows.shape[1] != 4:
-            raise DataError(f"an interval table needs 4 columns (client, start, end, count), got shape {rows.shape}")
+            raise DataError(
+                "an interval table needs 4 columns (client, start, end, count), got shape "
+                f"{rows.shape}"
+            )
         if not np.all(np.isfinite(rows)) or not np.all(rows == np.round(rows)):
             raise DataError("an interval table holds whole numbers only")
         rows = rows.astype(np.int64)
         n = clients if clients is not None else int(rows[:, 0].max()) + 1 if len(rows) else 0
         if len(rows) and (rows[:, 0].min() < 0 or rows[:, 0].max() >= n):
-            raise IllPosed(f"interval table names client {int(rows[:, 0].max())}, but there are {n} clients")
+            raise IllPosed(
+                f"interval table names client {int(rows[:, 0].max())}, but there are {n} clients"
+            )
         per: list[list[Interval]] = [[] for _ in range(n)]
         for c, a, b, k in rows.tolist():
             per[c].append(Interval(a, b, k))
@@ -103,9 +123,13 @@ class ParticipationLog:
             if not f:
                 raise DataError(f"{path} holds no arrays")
             if {"client", "start", "end", "count"} <= set(f):
-                table = np.stack([f[k].astype(np.float64) for k in ("client", "start", "end", "count")], 1)
+                table = np.stack(
+                    [f[k].astype(np.float64) for k in ("client", "start", "end", "count")], 1
+                )
                 return cls._table(table, rounds, window, path)
-            return cls._matrix(f["counts"] if "counts" in f else next(iter(f.values())), rounds, window, path)
+            return cls._matrix(
+                f["counts"] if "counts" in f else next(iter(f.values())), rounds, window, path
+            )
         try:
             text = read_file(path, kind="rows").decode()
             first = text.split("\n", 1)[0]
@@ -114,32 +138,54 @@ class ParticipationLog:
                 if first.strip().replace(" ", "").lower().startswith("client,start,end,count"):
                     table = np.loadtxt(io.StringIO(text), delimiter=",", skiprows=1, ndmin=2)
                     return cls._table(table, rounds, window, path)
-                return cls._matrix(np.loadtxt(io.StringIO(text), delimiter=",", ndmin=2), rounds, window, path)
+                return cls._matrix(
+                    np.loadtxt(io.StringIO(text), delimiter=",", ndmin=2), rounds, window, path
+                )
         except (ValueError, UnicodeDecodeError, csv.Error) as exc:
             raise DataError(f"{path} is not a numeric CSV: {exc}".replace("\n", " ")) from None
 
     @classmethod
-    def _table(cls, table: np.ndarray, rounds: int, window: int | None, path: Path) -> ParticipationLog:
+    def _table(
+        cls, table: np.ndarray, rounds: int, window: int | None, path: Path
+    ) -> ParticipationLog:
         if window is not None:
-            raise DataError(f"{path} is an interval table (client, start, end, count): leave out --window")
+            raise DataError(
+                f"{path} is an interval table (client, start, end, count): leave out --window"
+            )
         return cls.from_rows(table, rounds)
 
     @classmethod
-    def _matrix(cls, counts: np.ndarray, rounds: int, window: int | None, path: Path) -> ParticipationLog:
+    def _matrix(
+        cls, counts: np.ndarray, rounds: int, window: int | None, path: Path
+    ) -> ParticipationLog:
         if window is None:
-            raise DataError(f"{path} is a count matrix (windows x clients): give --window, the rounds per window")
+            raise DataError(
+                f"{path} is a count matrix (windows x clients): give --window, the rounds per "
+                "window"
+            )
         counts = np.asarray(counts, dtype=np.float64)
-        if counts.ndim != 2 or not np.all(np.isfinite(counts)) or not np.all(counts == np.round(counts)):
+        if (
+            counts.ndim != 2
+            or not np.all(np.isfinite(counts))
+            or not np.all(counts == np.round(counts))
+        ):
             raise DataError(f"{path}: a count matrix holds whole numbers, windows x clients")
         return cls.from_windows(counts.astype(np.int64), window, rounds)
 
     # views -----------------------------------------------------------------------------------
     def within(self, lo: int, hi: int) -> ParticipationLog:
         """The intervals lying inside rounds [lo, hi), shifted to start at 0 (a chunk's view)."""
-        return ParticipationLog(hi - lo, tuple(
-            tuple(Interval(iv.start - lo, iv.end - lo, iv.count) for iv in ivs if lo <= iv.start and iv.end <= hi)
-            for ivs in self.intervals
-        ))  # fmt: skip
+        return ParticipationLog(
+            hi - lo,
+            tuple(
+                tuple(
+                    Interval(iv.start - lo, iv.end - lo, iv.count)
+                    for iv in ivs
+                    if lo <= iv.start and iv.end <= hi
+                )
+                for ivs in self.intervals
+            ),
+        )
 
     def groups(self, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(group id per round, -1 where unconstrained; count per group) of client ``k``."""
@@ -193,4 +239,6 @@ def window_counts(participation: np.ndarray, window: int) -> np.ndarray:
     """How often each client took part in each window of ``window`` rounds (W x n); the last
     window may be shorter."""
     t = participation.shape[0]
-    return np.stack([participation[s : s + window].sum(0) for s in range(0, t, window)]).astype(np.int64)
+    return np.stack([participation[s : s + window].sum(0) for s in range(0, t, window)]).astype(
+        np.int64
+    )

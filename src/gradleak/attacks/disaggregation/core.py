@@ -90,7 +90,9 @@ class Confidence:
 class Disaggregation:
     participation: np.ndarray  # T x n, 0/1
     updates: np.ndarray  # n x d: each client's mean over the chunks it took part in (NaN: none)
-    chunk_updates: np.ndarray  # C x n x d: least squares per chunk (NaN where a client took no part)
+    chunk_updates: (
+        np.ndarray
+    )  # C x n x d: least squares per chunk (NaN where a client took no part)
     chunks: list[tuple[int, int]]  # rounds [start, end) of each chunk
     residuals: np.ndarray  # n: largest squared distance of a column to its chunk's column space
     singular_values: np.ndarray  # of the first chunk's sums
@@ -104,13 +106,19 @@ class Disaggregation:
     def per_client(self) -> list[dict]:
         """One JSON-ready row per client: its verdict, the evidence, and how often it took part."""
         return [
-            {"client": k, "certain": c.certain,
-             "separation": c.separation if np.isfinite(c.separation) else None,
-             "runner_up_distance": c.runner_up_distance, "gap_ratio": c.gap_ratio, "methods": c.methods,
-             "residual": float(self.residuals[k]), "rounds_taken_part": int(self.participation[:, k].sum()),
-             "reason": c.reason}
+            {
+                "client": k,
+                "certain": c.certain,
+                "separation": c.separation if np.isfinite(c.separation) else None,
+                "runner_up_distance": c.runner_up_distance,
+                "gap_ratio": c.gap_ratio,
+                "methods": c.methods,
+                "residual": float(self.residuals[k]),
+                "rounds_taken_part": int(self.participation[:, k].sum()),
+                "reason": c.reason,
+            }
             for k, c in enumerate(self.confidence)
-        ]  # fmt: skip
+        ]
 
     def save(self, out: Any) -> None:
         """``participation.csv``, ``updates.npz`` (``updates``, ``chunk_updates``, ``chunks``) and
@@ -121,17 +129,33 @@ class Disaggregation:
         text = io.StringIO()
         np.savetxt(text, self.participation, fmt="%d", delimiter=",")
         out.write_text("participation.csv", text.getvalue())
-        out.write_bytes("updates.npz", npz_bytes(updates=self.updates, chunk_updates=self.chunk_updates,
-                                                 chunks=np.array(self.chunks, dtype=np.int64)))  # fmt: skip
+        out.write_bytes(
+            "updates.npz",
+            npz_bytes(
+                updates=self.updates,
+                chunk_updates=self.chunk_updates,
+                chunks=np.array(self.chunks, dtype=np.int64),
+            ),
+        )
         t, n = self.participation.shape
-        out.write_text("disaggregation.json", json.dumps({
-            "rounds": int(t), "clients": int(n), "chunks": [list(c) for c in self.chunks],
-            "seconds": self.seconds, "certain_clients": int(self.certain.sum()), "per_client": self.per_client(),
-            "singular_values": self.singular_values[: n + 5].tolist(),
-        }, indent=2))  # fmt: skip
+        out.write_text(
+            "disaggregation.json",
+            json.dumps(
+                {
+                    "rounds": int(t),
+                    "clients": int(n),
+                    "chunks": [list(c) for c in self.chunks],
+                    "seconds": self.seconds,
+                    "certain_clients": int(self.certain.sum()),
+                    "per_client": self.per_client(),
+                    "singular_values": self.singular_values[: n + 5].tolist(),
+                },
+                indent=2,
+            ),
+        )
 
 
-# -- the worker side ---------------------------------------------------------------------------------
+# -- the worker side -------------------------------------------------------------------------------
 
 _STATE: dict | None = None  # this process's chunks, bases and constraints (set once per process)
 
@@ -159,7 +183,8 @@ def _column(job: tuple) -> tuple[int, int, Column]:
     search = ColumnSearch(chunk["q"], gid, gcounts)
     seed = 1000 * c + k
     name, (lo, hi) = st["names"][k], chunk["rounds"]
-    timed_out = f"the solver ran out of time ({st['time_limit']:g} s): the column comes from the search alone"
+    limit = st["time_limit"]
+    timed_out = f"the solver ran out of time ({limit:g} s): the column comes from the search alone"
     if chunk["exact"]:
         prog = exact_program(hi - lo, *chunk["pivots"], a_rows, counts)
         out = solve(prog, solver=st["solver"], time_limit=st["time_limit"])
@@ -169,24 +194,44 @@ def _column(job: tuple) -> tuple[int, int, Column]:
         if out.x is None:
             raise SolverFailure(f"client {name}, rounds {lo}-{hi - 1}: {out.status}")
         given = ("exact-milp", np.round(out.x).astype(np.int64))
-        return c, k, search.solve(starts=st["starts"], seed=seed, a_rows=a_rows, counts=counts, given=given)
+        return (
+            c,
+            k,
+            search.solve(starts=st["starts"], seed=seed, a_rows=a_rows, counts=counts, given=given),
+        )
     if phase == 1:
         return c, k, search.solve(starts=st["starts"], seed=seed, a_rows=a_rows, counts=counts)
-    # phase 2: a client the search could not place: the LP start and more starts, then the L1 program
-    col = search.solve(starts=4 * st["starts"], seed=seed + 1, a_rows=a_rows, counts=counts, lp=True,
-                       given=(previous.method, previous.p))  # fmt: skip
+    # phase 2: a client the search could not place: the LP start and more starts, then the L1
+    # program
+    col = search.solve(
+        starts=4 * st["starts"],
+        seed=seed + 1,
+        a_rows=a_rows,
+        counts=counts,
+        lp=True,
+        given=(previous.method, previous.p),
+    )
     if col.residual > st["outlier"][c]:
-        out = solve(l1_program(chunk["q"], a_rows, counts), solver=st["solver"], time_limit=st["time_limit"])
+        out = solve(
+            l1_program(chunk["q"], a_rows, counts), solver=st["solver"], time_limit=st["time_limit"]
+        )
         if out.x is not None:
             given = ("l1-milp", np.round(out.x[: hi - lo]).astype(np.int64))
-            col = search.solve(starts=st["starts"], seed=seed + 2, a_rows=a_rows, counts=counts, given=given)
+            col = search.solve(
+                starts=st["starts"], seed=seed + 2, a_rows=a_rows, counts=counts, given=given
+            )
         elif out.timed_out:
             col = replace(col, note=timed_out)
     return c, k, col
 
 
-def _run_jobs(jobs: list[tuple], state: dict, workers: int, progress: Callable[[int, int], None] | None,
-              done: Callable[[tuple[int, int, Column]], None] | None = None) -> list[tuple[int, int, Column]]:  # fmt: skip
+def _run_jobs(
+    jobs: list[tuple],
+    state: dict,
+    workers: int,
+    progress: Callable[[int, int], None] | None,
+    done: Callable[[tuple[int, int, Column]], None] | None = None,
+) -> list[tuple[int, int, Column]]:
     """Run the jobs, in worker processes when ``workers > 1``, handing each result to ``done`` as
     it arrives; the first failure stops them all."""
     out: list[tuple[int, int, Column]] = []
@@ -221,7 +266,9 @@ def _run_jobs(jobs: list[tuple], state: dict, workers: int, progress: Callable[[
 # -- the attack ----------------------------------------------------------------------------------
 
 
-def _chunks(sums: np.ndarray, plog: ParticipationLog, chunk: int | None, step: int) -> list[tuple[int, int]]:
+def _chunks(
+    sums: np.ndarray, plog: ParticipationLog, chunk: int | None, step: int
+) -> list[tuple[int, int]]:
     t = sums.shape[0]
     if chunk is None:
         return plan_chunks(sums, plog.clients, step)
@@ -283,8 +330,13 @@ def disaggregate(
     if not np.all(np.isfinite(sums)):
         raise IllPosed("the sums hold NaN or infinite values")
     t = sums.shape[0]
-    plog = counts if isinstance(counts, ParticipationLog) else ParticipationLog.from_windows(
-        np.asarray(counts), window or 0, t) if window else None  # fmt: skip
+    plog = (
+        counts
+        if isinstance(counts, ParticipationLog)
+        else ParticipationLog.from_windows(np.asarray(counts), window or 0, t)
+        if window
+        else None
+    )
     if plog is None:
         raise IllPosed("a count matrix needs its window (rounds per window)")
     if plog.rounds != t:
@@ -298,44 +350,75 @@ def disaggregate(
     todo = list(range(n)) if only is None else list(only)
 
     # each chunk: the clients that may take part, its basis, exactness and gap
-    state: dict = {"names": names, "solver": solver, "time_limit": time_limit, "starts": starts,
-                   "chunks": [], "outlier": {}}  # fmt: skip
+    state: dict = {
+        "names": names,
+        "solver": solver,
+        "time_limit": time_limit,
+        "starts": starts,
+        "chunks": [],
+        "outlier": {},
+    }
     spectra = []
     for lo, hi in chunks:
         sub = plog.within(lo, hi)
         active = [k for k in range(n) if not sub.known_absent(k)]
         if hi - lo < len(active):
-            raise IllPosed(f"rounds {lo}-{hi - 1}: {hi - lo} rounds for {len(active)} clients that may take part")
+            raise IllPosed(
+                f"rounds {lo}-{hi - 1}: {hi - lo} rounds for {len(active)} clients that may take "
+                "part"
+            )
         q, s = basis(sums[lo:hi], len(active))
         spectra.append(s)
         m = len(active)
         if m and (len(s) < m or s[m - 1] <= 1e-8 * s[0]):
             raise IllPosed(
                 f"rounds {lo}-{hi - 1}: the sums have rank below {m} (singular value {m}: "
-                f"{s[m - 1] if len(s) >= m else 0:.3g}, largest {s[0]:.3g}): some clients' participation "
+                f"{s[m - 1] if len(s) >= m else 0:.3g}, largest {s[0]:.3g}): some clients' "
+                "participation "
                 "is not identifiable"
             )
         exact = is_exact(s, m)
-        state["chunks"].append({
-            "rounds": (lo, hi), "log": sub, "q": q, "active": active, "exact": exact,
-            "gap": 0.0 if exact else gap_ratio(s, m), "pivots": pivot_map(q) if exact and m else None,
-        })  # fmt: skip
+        state["chunks"].append(
+            {
+                "rounds": (lo, hi),
+                "log": sub,
+                "q": q,
+                "active": active,
+                "exact": exact,
+                "gap": 0.0 if exact else gap_ratio(s, m),
+                "pivots": pivot_map(q) if exact and m else None,
+            }
+        )
     workers = max(1, min(workers or os.cpu_count() or 1, n * len(chunks)))
-    log.info("disaggregating %d rounds of %d clients in %d chunk(s) of %s rounds, %d worker(s)",
-             t, n, len(chunks), "/".join(str(b - a) for a, b in chunks[:3]), workers)  # fmt: skip
+    log.info(
+        "disaggregating %d rounds of %d clients in %d chunk(s) of %s rounds, %d worker(s)",
+        t,
+        n,
+        len(chunks),
+        "/".join(str(b - a) for a, b in chunks[:3]),
+        workers,
+    )
 
     kept: dict[tuple[int, int, int], Column] = {}
     record = None
     if journal is not None:
         kept = journal.open(_fingerprint(sums, plog, chunks, solver, time_limit, starts, todo))
         record = journal.add
-    jobs = [(c, k, 1, None) for c, ch in enumerate(state["chunks"]) for k in ch["active"] if k in todo]
+    jobs = [
+        (c, k, 1, None) for c, ch in enumerate(state["chunks"]) for k in ch["active"] if k in todo
+    ]
     columns = {(c, k): kept[(c, k, 1)] for c, k, _, _ in jobs if (c, k, 1) in kept}
     if columns:
         log.info("continuing: %d of %d columns already solved", len(columns), len(jobs))
     fresh = [j for j in jobs if (j[0], j[1]) not in columns]
-    columns.update({(c, k): col for c, k, col in _run_jobs(fresh, state, workers, progress,
-                                                            record and (lambda r: record(1, r)))})  # fmt: skip
+    columns.update(
+        {
+            (c, k): col
+            for c, k, col in _run_jobs(
+                fresh, state, workers, progress, record and (lambda r: record(1, r))
+            )
+        }
+    )
     # phase 2: clients far above their chunk's median residual
     retry = []
     for c, ch in enumerate(state["chunks"]):
@@ -343,14 +426,25 @@ def disaggregate(
         if ch["exact"] or not res:
             continue
         state["outlier"][c] = OUTLIER * float(np.median(res))
-        retry += [(c, k, 2, columns[(c, k)]) for k in ch["active"]
-                  if (c, k) in columns and columns[(c, k)].residual > state["outlier"][c]]  # fmt: skip
+        retry += [
+            (c, k, 2, columns[(c, k)])
+            for k in ch["active"]
+            if (c, k) in columns and columns[(c, k)].residual > state["outlier"][c]
+        ]
     if retry:
-        log.info("searching harder for %d column(s) far from their chunk's column space", len(retry))
+        log.info(
+            "searching harder for %d column(s) far from their chunk's column space", len(retry)
+        )
         columns.update({(c, k): kept[(c, k, 2)] for c, k, _, _ in retry if (c, k, 2) in kept})
         again = [j for j in retry if (j[0], j[1], 2) not in kept]
-        columns.update({(c, k): col for c, k, col in _run_jobs(again, state, workers, None,
-                                                                record and (lambda r: record(2, r)))})  # fmt: skip
+        columns.update(
+            {
+                (c, k): col
+                for c, k, col in _run_jobs(
+                    again, state, workers, None, record and (lambda r: record(2, r))
+                )
+            }
+        )
 
     participation = np.zeros((t, n), dtype=np.int64)
     for (c, k), col in columns.items():
@@ -364,27 +458,51 @@ def disaggregate(
             lo, hi = ch["rounds"]
             act = [k for k in ch["active"] if participation[lo:hi, k].any()]
             if act:
-                chunk_updates[c, act] = np.linalg.lstsq(participation[lo:hi, act].astype(np.float64),
-                                                        sums[lo:hi], rcond=None)[0]  # fmt: skip
+                chunk_updates[c, act] = np.linalg.lstsq(
+                    participation[lo:hi, act].astype(np.float64), sums[lo:hi], rcond=None
+                )[0]
     with np.errstate(invalid="ignore"):
         updates = np.nanmean(chunk_updates, axis=0) if len(chunks) > 1 else chunk_updates[0]
     residuals = np.zeros(n)
     for (c, k), col in columns.items():
         residuals[k] = max(residuals[k], col.residual)
-    result = Disaggregation(participation, updates, chunk_updates, chunks, residuals, spectra[0],
-                            confidence, time.perf_counter() - start)  # fmt: skip
-    uncertain = [(names[k], conf.reason) for k, conf in enumerate(confidence) if k in todo and not conf.certain]
+    result = Disaggregation(
+        participation,
+        updates,
+        chunk_updates,
+        chunks,
+        residuals,
+        spectra[0],
+        confidence,
+        time.perf_counter() - start,
+    )
+    uncertain = [
+        (names[k], conf.reason)
+        for k, conf in enumerate(confidence)
+        if k in todo and not conf.certain
+    ]
     if uncertain:
         text = "; ".join(f"client {name}: {why}" for name, why in uncertain[:5])
         more = f" (and {len(uncertain) - 5} more)" if len(uncertain) > 5 else ""
         if on_uncertain == "fail":
-            raise UncertainColumns(f"{len(uncertain)} of {len(todo)} clients' columns are not certain: {text}{more}")
-        log.warning("%d of %d clients' columns are not certain: %s%s", len(uncertain), len(todo), text, more)
+            raise UncertainColumns(
+                f"{len(uncertain)} of {len(todo)} clients' columns are not certain: {text}{more}"
+            )
+        log.warning(
+            "%d of %d clients' columns are not certain: %s%s", len(uncertain), len(todo), text, more
+        )
     return result
 
 
-def _fingerprint(sums: np.ndarray, plog: ParticipationLog, chunks: list, solver: str, time_limit: float,
-                 starts: int, todo: list[int]) -> str:  # fmt: skip
+def _fingerprint(
+    sums: np.ndarray,
+    plog: ParticipationLog,
+    chunks: list,
+    solver: str,
+    time_limit: float,
+    starts: int,
+    todo: list[int],
+) -> str:
     """What the columns depend on: a journal written for other inputs is not reused."""
     h = hashlib.sha256(np.ascontiguousarray(sums).tobytes())
     h.update(repr((plog, chunks, solver, float(time_limit), starts, todo)).encode())
@@ -413,12 +531,21 @@ class ColumnJournal:
                 if lines and parse_json(lines[0], self.name) == {"fingerprint": fingerprint}:
                     for line in lines[1:]:
                         e = parse_json(line, self.name)
-                        col = Column(np.asarray(e["p"], dtype=np.int64), float(e["residual"]), float(e["runner_up"]),
-                                     int(e["runner_up_distance"]), str(e["method"]), float(e["flip_cost"]), str(e["note"]))  # fmt: skip
+                        col = Column(
+                            np.asarray(e["p"], dtype=np.int64),
+                            float(e["residual"]),
+                            float(e["runner_up"]),
+                            int(e["runner_up_distance"]),
+                            str(e["method"]),
+                            float(e["flip_cost"]),
+                            str(e["note"]),
+                        )
                         kept[(int(e["chunk"]), int(e["client"]), int(e["phase"]))] = col
             except (DataError, KeyError, TypeError, ValueError):
                 kept = {}
-        lines = [json.dumps({"fingerprint": fingerprint})] + [self._line(key, col) for key, col in kept.items()]
+        lines = [json.dumps({"fingerprint": fingerprint})] + [
+            self._line(key, col) for key, col in kept.items()
+        ]
         self.owner.write_text(self.name, "".join(line + "\n" for line in lines))
         return kept
 
@@ -444,12 +571,16 @@ def _check_empty_rounds(sums: np.ndarray, plog: ParticipationLog) -> None:
     loud = np.flatnonzero(empty & (norms > max(0.5 * scale, 1e-12 * float(norms.max()))))
     if len(loud):
         r = int(loud[0])
-        raise IllPosed(f"round {r}: the counts leave no client a way to take part, yet its sum has norm "
-                       f"{norms[r]:.3g} (the other rounds' median: {scale:.3g}); the counts do not belong to these sums")  # fmt: skip
+        raise IllPosed(
+            f"round {r}: the counts leave no client a way to take part, yet its sum has norm "
+            f"{norms[r]:.3g} (the other rounds' median: {scale:.3g}); the counts do not belong to "
+            "these sums"
+        )
 
 
-def _confidence(state: dict, columns: dict, n: int, todo: list[int], separation: float,
-                names: list) -> list[Confidence]:  # fmt: skip
+def _confidence(
+    state: dict, columns: dict, n: int, todo: list[int], separation: float, names: list
+) -> list[Confidence]:
     """Each client's evidence over its chunks, and the verdict."""
     out = []
     for k in range(n):
@@ -466,22 +597,36 @@ def _confidence(state: dict, columns: dict, n: int, todo: list[int], separation:
             lo, hi = ch["rounds"]
             where = f"rounds {lo}-{hi - 1}"
             if ch["gap"] > GAP_MAX:
-                reasons.append(f"{where}: no clear column space (gap ratio {ch['gap']:.2f} > {GAP_MAX})")
+                reasons.append(
+                    f"{where}: no clear column space (gap ratio {ch['gap']:.2f} > {GAP_MAX})"
+                )
             elif col.separation < separation:
-                reasons.append(f"{where}: a vector {col.runner_up_distance} rounds away fits almost as "
-                               f"well (separation {col.separation:.2f} < {separation})")  # fmt: skip
+                reasons.append(
+                    f"{where}: a vector {col.runner_up_distance} rounds away fits almost as "
+                    f"well (separation {col.separation:.2f} < {separation})"
+                )
             elif c in state["outlier"] and col.residual > state["outlier"][c]:
-                reasons.append(f"{where}: its column is {col.residual:.3g} from the column space, far above "
-                               "the other clients'")  # fmt: skip
+                reasons.append(
+                    f"{where}: its column is {col.residual:.3g} from the column space, far above "
+                    "the other clients'"
+                )
             if col.note:
                 reasons.append(f"{where}: {col.note}")
             twins = [j for a, b in ch["log"].twins() for j in (a, b) if k in (a, b) and j != k]
             if twins:
-                reasons.append(f"{where}: client {names[twins[0]]} has the same counts (their columns can be exchanged)")
+                reasons.append(
+                    f"{where}: client {names[twins[0]]} has the same counts (their columns can be "
+                    "exchanged)"
+                )
         worst = min(mine, key=lambda cc: cc[1].separation)[1]
-        out.append(Confidence(
-            certain=not reasons, separation=worst.separation, runner_up_distance=worst.runner_up_distance,
-            gap_ratio=max(state["chunks"][c]["gap"] for c, _ in mine),
-            methods=[col.method for _, col in mine], reason="; ".join(reasons),
-        ))  # fmt: skip
+        out.append(
+            Confidence(
+                certain=not reasons,
+                separation=worst.separation,
+                runner_up_distance=worst.runner_up_distance,
+                gap_ratio=max(state["chunks"][c]["gap"] for c, _ in mine),
+                methods=[col.method for _, col in mine],
+                reason="; ".join(reasons),
+            )
+        )
     return out

@@ -27,7 +27,8 @@ SOLVERS = {"highs": None, "scip": "pyscipopt", "gurobi": "gurobipy"}  # name -> 
 
 @dataclass(frozen=True)
 class Program:
-    """``min c x`` over ``row_lb <= a x <= row_ub``, ``lb <= x <= ub``, integer where ``integrality``."""
+    """``min c x`` over ``row_lb <= a x <= row_ub``, ``lb <= x <= ub``, integer where
+    ``integrality``."""
 
     c: np.ndarray
     a: csr_matrix
@@ -51,7 +52,9 @@ def check_solver(name: str, key: str = "disaggregation.solver") -> None:
         raise ConfigError(key, f"unknown solver {name!r}; choose one of {', '.join(SOLVERS)}")
     module = SOLVERS[name]
     if module and importlib.util.find_spec(module) is None:
-        raise ConfigError(key, f"solver {name!r} needs the {module} package: pip install 'gradleak[{name}]'")
+        raise ConfigError(
+            key, f"solver {name!r} needs the {module} package: pip install 'gradleak[{name}]'"
+        )
 
 
 def solve(program: Program, *, solver: str = "highs", time_limit: float = 60.0) -> Outcome:
@@ -61,8 +64,13 @@ def solve(program: Program, *, solver: str = "highs", time_limit: float = 60.0) 
 
 
 def _highs(p: Program, time_limit: float) -> Outcome:
-    res = milp(p.c, constraints=LinearConstraint(p.a, p.row_lb, p.row_ub), integrality=p.integrality,
-               bounds=Bounds(p.lb, p.ub), options={"time_limit": time_limit, "disp": False})  # fmt: skip
+    res = milp(
+        p.c,
+        constraints=LinearConstraint(p.a, p.row_lb, p.row_ub),
+        integrality=p.integrality,
+        bounds=Bounds(p.lb, p.ub),
+        options={"time_limit": time_limit, "disp": False},
+    )
     if res.status != 0 or res.x is None:
         return Outcome(None, f"HiGHS status {res.status}: {res.message}", timed_out=res.status == 1)
     return Outcome(res.x, "optimal")
@@ -78,9 +86,13 @@ def _scip(p: Program, time_limit: float) -> Outcome:
     xs = []
     for lo, hi, integer in zip(p.lb, p.ub, p.integrality, strict=True):
         binary = integer and lo == 0 and hi == 1
-        xs.append(m.addVar(vtype="B" if binary else ("I" if integer else "C"),
-                           lb=float(lo) if np.isfinite(lo) else None,
-                           ub=float(hi) if np.isfinite(hi) else None))  # fmt: skip
+        xs.append(
+            m.addVar(
+                vtype="B" if binary else ("I" if integer else "C"),
+                lb=float(lo) if np.isfinite(lo) else None,
+                ub=float(hi) if np.isfinite(hi) else None,
+            )
+        )
     a = p.a.tocsr()
     for i in range(a.shape[0]):
         cols, vals = a.indices[a.indptr[i] : a.indptr[i + 1]], a.data[a.indptr[i] : a.indptr[i + 1]]
@@ -114,8 +126,12 @@ def _gurobi(p: Program, time_limit: float) -> Outcome:
                 m.Params.TimeLimit = time_limit
                 m.Params.Threads = 1
                 vtype = np.where(p.integrality > 0, GRB.INTEGER, GRB.CONTINUOUS)
-                x = m.addMVar(len(p.c), lb=np.where(np.isfinite(p.lb), p.lb, -GRB.INFINITY),
-                              ub=np.where(np.isfinite(p.ub), p.ub, GRB.INFINITY), vtype=vtype)  # fmt: skip
+                x = m.addMVar(
+                    len(p.c),
+                    lb=np.where(np.isfinite(p.lb), p.lb, -GRB.INFINITY),
+                    ub=np.where(np.isfinite(p.ub), p.ub, GRB.INFINITY),
+                    vtype=vtype,
+                )
                 a = p.a.tocsr()
                 upper, lower = np.isfinite(p.row_ub), np.isfinite(p.row_lb)
                 if upper.any():
@@ -125,7 +141,9 @@ def _gurobi(p: Program, time_limit: float) -> Outcome:
                 m.setObjective(p.c @ x, GRB.MINIMIZE)
                 m.optimize()
                 if m.Status != GRB.OPTIMAL:
-                    return Outcome(None, f"Gurobi status {m.Status}", timed_out=m.Status == GRB.TIME_LIMIT)
+                    return Outcome(
+                        None, f"Gurobi status {m.Status}", timed_out=m.Status == GRB.TIME_LIMIT
+                    )
                 return Outcome(np.asarray(x.X), "optimal")
     except gp.GurobiError as exc:  # e.g. the size-limited licence refusing a large program
         return Outcome(None, f"Gurobi error: {exc}")

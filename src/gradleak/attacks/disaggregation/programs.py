@@ -1,4 +1,5 @@
-"""The mixed-integer programs of one client's column (solved by ``gradleak.attacks.disaggregation.milp``).
+"""The mixed-integer programs of one client's column (solved by
+``gradleak.attacks.disaggregation.milp``).
 
 Exact sums (the chunk's singular value n+1 numerically zero): a feasibility problem in p alone. A
 vector of the column space is fixed by its entries at n pivot rounds (chosen by QR with column
@@ -31,17 +32,28 @@ def pivot_map(q: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return pivots, rest, np.linalg.solve(q[pivots].T, q[rest].T).T
 
 
-def exact_program(t: int, pivots: np.ndarray, rest: np.ndarray, b: np.ndarray, a_rows: np.ndarray,
-                  counts: np.ndarray) -> Program:  # fmt: skip
+def exact_program(
+    t: int,
+    pivots: np.ndarray,
+    rest: np.ndarray,
+    b: np.ndarray,
+    a_rows: np.ndarray,
+    counts: np.ndarray,
+) -> Program:
     """Binary p (t) in the column space to EXACT_TOL per round, meeting the counts."""
     n = len(pivots)
     rows = np.zeros((t - n, t))
     rows[np.arange(t - n), rest] = 1.0
     rows[:, pivots] = -b
-    return Program(np.zeros(t), vstack([csr_matrix(rows), csr_matrix(a_rows)]).tocsr(),
-                   np.concatenate([np.full(t - n, -EXACT_TOL), counts]),
-                   np.concatenate([np.full(t - n, EXACT_TOL), counts]),
-                   np.zeros(t), np.ones(t), np.ones(t))  # fmt: skip
+    return Program(
+        np.zeros(t),
+        vstack([csr_matrix(rows), csr_matrix(a_rows)]).tocsr(),
+        np.concatenate([np.full(t - n, -EXACT_TOL), counts]),
+        np.concatenate([np.full(t - n, EXACT_TOL), counts]),
+        np.zeros(t),
+        np.ones(t),
+        np.ones(t),
+    )
 
 
 def l1_program(q: np.ndarray, a_rows: np.ndarray, counts: np.ndarray) -> Program:
@@ -49,11 +61,19 @@ def l1_program(q: np.ndarray, a_rows: np.ndarray, counts: np.ndarray) -> Program
     t, n = q.shape
     w = len(a_rows)
     eye, qs = identity(t, format="csr"), csr_matrix(q)
-    a = vstack([hstack([eye, -qs, -eye]), hstack([-eye, qs, -eye]),
-                hstack([csr_matrix(a_rows), csr_matrix((w, n + t))])])  # fmt: skip
-    return Program(np.concatenate([np.zeros(t + n), np.ones(t)]), a.tocsr(),
-                   np.concatenate([np.full(2 * t, -np.inf), counts]),
-                   np.concatenate([np.zeros(2 * t), counts]),
-                   np.concatenate([np.zeros(t), np.full(n, -np.inf), np.zeros(t)]),
-                   np.concatenate([np.ones(t), np.full(n, np.inf), np.full(t, np.inf)]),
-                   np.concatenate([np.ones(t), np.zeros(n + t)]))  # fmt: skip
+    a = vstack(
+        [
+            hstack([eye, -qs, -eye]),
+            hstack([-eye, qs, -eye]),
+            hstack([csr_matrix(a_rows), csr_matrix((w, n + t))]),
+        ]
+    )
+    return Program(
+        np.concatenate([np.zeros(t + n), np.ones(t)]),
+        a.tocsr(),
+        np.concatenate([np.full(2 * t, -np.inf), counts]),
+        np.concatenate([np.zeros(2 * t), counts]),
+        np.concatenate([np.zeros(t), np.full(n, -np.inf), np.zeros(t)]),
+        np.concatenate([np.ones(t), np.full(n, np.inf), np.full(t, np.inf)]),
+        np.concatenate([np.ones(t), np.zeros(n + t)]),
+    )

@@ -35,14 +35,17 @@ class Column:
     runner_up_distance: int  # rounds in which the runner-up differs
     method: str  # how p was found
     flip_cost: float = 1.0  # 1 - n/T: what changing one round costs on exact sums
-    note: str = ""  # why the column is not to be trusted whatever its separation (a solver time-out)
+    note: str = (
+        ""  # why the column is not to be trusted whatever its separation (a solver time-out)
+    )
 
     @property
     def separation(self) -> float:
         """How much worse the runner-up fits per round it changes, as a fraction of what a change
         costs on exact sums (``1 - n/T``, the mean of ``diag(I - Q Q^T)``): about 1 for a column
         the data pins, 0 for one the runner-up fits as well (inf: no alternative found). A ratio of
-        the two fits would shrink as a chunk's noise residual grows with its length; this does not."""
+        the two fits would shrink as a chunk's noise residual grows with its length; this does
+        not."""
         if not np.isfinite(self.runner_up) or self.runner_up_distance == 0:
             return float("inf")
         return float((self.runner_up - self.residual) / (self.runner_up_distance * self.flip_cost))
@@ -58,7 +61,9 @@ class ColumnSearch:
         self.free = np.flatnonzero(gid < 0)
         sizes = np.bincount(gid[gid >= 0], minlength=len(counts))
         width = int(sizes.max()) if len(sizes) else 0
-        self.members = np.full((len(counts), width), -1, dtype=np.int64)  # rounds of each group, padded
+        self.members = np.full(
+            (len(counts), width), -1, dtype=np.int64
+        )  # rounds of each group, padded
         fill = np.zeros(len(counts), dtype=np.int64)
         for r in np.flatnonzero(gid >= 0):
             g = gid[r]
@@ -138,12 +143,27 @@ class ColumnSearch:
         a_ub = np.block([[eye, -self.q, -eye], [-eye, self.q, -eye]])
         a_eq = np.hstack([a_rows, np.zeros((len(a_rows), n + t))]) if len(a_rows) else None
         bounds = [(0, 1)] * t + [(None, None)] * n + [(0, None)] * t
-        res = linprog(c, A_ub=a_ub, b_ub=np.zeros(2 * t), A_eq=a_eq, b_eq=counts if len(a_rows) else None,
-                      bounds=bounds, method="highs")  # fmt: skip
+        res = linprog(
+            c,
+            A_ub=a_ub,
+            b_ub=np.zeros(2 * t),
+            A_eq=a_eq,
+            b_eq=counts if len(a_rows) else None,
+            bounds=bounds,
+            method="highs",
+        )
         return res.x[:t] if res.x is not None else np.full(t, 0.5)
 
-    def solve(self, *, starts: int, seed: int, a_rows: np.ndarray, counts: np.ndarray, lp: bool = False,
-              given: tuple[str, np.ndarray] | None = None) -> Column:  # fmt: skip
+    def solve(
+        self,
+        *,
+        starts: int,
+        seed: int,
+        a_rows: np.ndarray,
+        counts: np.ndarray,
+        lp: bool = False,
+        given: tuple[str, np.ndarray] | None = None,
+    ) -> Column:
         """The best column found from the starts (and ``given``: a (method, column) found
         otherwise, e.g. by a solver), with its runner-up."""
         rng = np.random.default_rng(seed)
@@ -154,7 +174,9 @@ class ColumnSearch:
             fit = np.linalg.lstsq(a_rows @ self.q, counts, rcond=None)[0]
             firsts.append(("search", self.round(self.q @ fit)))
         if lp:
-            firsts.append(("search+lp", self.round(self.lp_start(a_rows, counts) + 1e-9 * rng.random(self.t))))
+            firsts.append(
+                ("search+lp", self.round(self.lp_start(a_rows, counts) + 1e-9 * rng.random(self.t)))
+            )
         firsts += [("search", self.round(rng.random(self.t))) for _ in range(starts)]
         minima: dict[bytes, tuple[float, np.ndarray, str]] = {}
         for how, p0 in firsts:

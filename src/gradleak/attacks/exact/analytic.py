@@ -47,7 +47,9 @@ def first_layer_images(view: ServerView) -> torch.Tensor:
     x = linear_input(pg[first], pg[bias])
     c, h, w = view.spec.shape
     if x.numel() != c * h * w:
-        raise ValueError(f"{first} takes {x.numel()} inputs, not the {c * h * w} pixels of an image")
+        raise ValueError(
+            f"{first} takes {x.numel()} inputs, not the {c * h * w} pixels of an image"
+        )
     mean = torch.tensor(view.spec.mean).view(c, 1, 1)
     std = torch.tensor(view.spec.std).view(c, 1, 1)
     return (x.view(1, c, h, w) * std + mean).clamp(0, 1)

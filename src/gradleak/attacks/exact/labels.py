@@ -20,7 +20,8 @@ from gradleak.attacks.base import ServerView
 
 
 def idlg_label(grad_weight: torch.Tensor) -> int:
-    """The iDLG label of a single image from the last layer's weight gradient (classes x features)."""
+    """The iDLG label of a single image from the last layer's weight gradient (classes x
+    features)."""
     return int(grad_weight.sum(dim=1).argmin())
 
 
@@ -58,7 +59,9 @@ def recover_labels(view: ServerView, probe: torch.Tensor) -> tuple[torch.Tensor 
     if b_name is not None:
         params = {k: v.float() for k, v in view.global_state.items()}
         with torch.no_grad():
-            probs = F.softmax(functional_call(view.model.eval(), params, (probe.cpu(),)), dim=-1).mean(0)
+            probs = F.softmax(
+                functional_call(view.model.eval(), params, (probe.cpu(),)), dim=-1
+            ).mean(0)
         view.model.train()
         counts = label_counts(pg[b_name] / view.meta.steps, probs, n)
         return torch.tensor(counts, dtype=torch.long), "label-counts"

@@ -76,7 +76,11 @@ class UpdateDistance:
     def __init__(self, target: list[torch.Tensor], weights: list[float] | None, kind: str) -> None:
         self.kind = kind
         # fold the weights into the tensors: their square roots for the quadratic forms
-        self.scale = None if weights is None else (weights if kind == "l1" else [math.sqrt(w) for w in weights])
+        self.scale = (
+            None
+            if weights is None
+            else (weights if kind == "l1" else [math.sqrt(w) for w in weights])
+        )
         self.target = chunks([t.detach() for t in target], self.scale)
         self.target_norm = math.sqrt(sum(float(torch.dot(t, t)) for t in self.target))
 
@@ -92,8 +96,9 @@ class UpdateDistance:
         return 1 - dot / (ss.sqrt() * self.target_norm).clamp_min(1e-12)
 
 
-def distance(sim: list[torch.Tensor], target: list[torch.Tensor], weights: list[float] | None,
-             kind: str) -> torch.Tensor:  # fmt: skip
+def distance(
+    sim: list[torch.Tensor], target: list[torch.Tensor], weights: list[float] | None, kind: str
+) -> torch.Tensor:
     """``UpdateDistance(target, weights, kind)(sim)``, for a single comparison."""
     return UpdateDistance(target, weights, kind)(sim)
 
@@ -105,9 +110,11 @@ def lr_factor(settings: AttackSettings) -> Callable[[int], float]:
         marks = [t_max * 3 // 8, t_max * 5 // 8, t_max * 7 // 8]
         return lambda t: 0.1 ** sum(t >= m for m in marks)
     if settings.schedule == "cosine":
-        return lambda t: (t + 1) / warm if t < warm else 0.5 * (
-            1 + math.cos(math.pi * (t - warm) / max(1, t_max - warm))
-        )  # fmt: skip
+        return lambda t: (
+            (t + 1) / warm
+            if t < warm
+            else 0.5 * (1 + math.cos(math.pi * (t - warm) / max(1, t_max - warm)))
+        )
     return lambda t: 1.0
 
 
@@ -119,12 +126,14 @@ def match_factor(settings: AttackSettings) -> Callable[[int], float]:
 
 
 EVAL_MODE_PROBLEM = (
-    "the client ran its batch-norm layers in eval mode, so its update reveals no batch statistics, and "
-    "match_weight is 0: nothing ties the images to the update (use inverting-gradients or gradinversion)"
+    "the client ran its batch-norm layers in eval mode, so its update reveals no batch statistics, "
+    "and "
+    "match_weight is 0: nothing ties the images to the update (use inverting-gradients or "
+    "gradinversion)"
 )
 
 
-# -- CPU convolution back end ------------------------------------------------------------------------
+# -- CPU convolution back end ----------------------------------------------------------------------
 
 # oneDNN costs ~0.2 ms per convolution call whatever its size, several times PyTorch's native
 # kernels on tiny inputs, but it is 2x faster on ResNet-sized ones (benchmarks/attacks.py
@@ -167,7 +176,7 @@ def _onednn(enabled: bool) -> Iterator[None]:
         torch.backends.mkldnn.enabled = before
 
 
-# -- the image parameterisation ----------------------------------------------------------------------
+# -- the image parameterisation --------------------------------------------------------------------
 
 
 class _Images:
@@ -178,7 +187,9 @@ class _Images:
         self.base = z0.clone().requires_grad_(True)
         r, n, c, h, w = z0.shape
         self.levels = [
-            torch.zeros(r, n, c, max(1, h >> k), max(1, w >> k), device=z0.device, requires_grad=True)
+            torch.zeros(
+                r, n, c, max(1, h >> k), max(1, w >> k), device=z0.device, requires_grad=True
+            )
             for k in range(1, scales + 1)
         ]
         self.lo, self.hi = lo, hi
@@ -191,8 +202,12 @@ class _Images:
         r, n, c, h, w = self.base.shape
         out: torch.Tensor | float = 0.0
         for level in self.levels:
-            up = F.interpolate(level.reshape(r * n, c, *level.shape[-2:]), size=(h, w), mode="bilinear",
-                               align_corners=False)  # fmt: skip
+            up = F.interpolate(
+                level.reshape(r * n, c, *level.shape[-2:]),
+                size=(h, w),
+                mode="bilinear",
+                align_corners=False,
+            )
             out = out + up.reshape(r, n, c, h, w)
         return out
 
@@ -201,7 +216,8 @@ class _Images:
 
     @torch.no_grad()
     def project(self) -> None:
-        """Keep every image inside the box: clamp the full-resolution part around the coarse ones."""
+        """Keep every image inside the box: clamp the full-resolution part around the coarse
+        ones."""
         if not self.levels:
             self.base.clamp_(min=self.lo, max=self.hi)
             return
@@ -215,7 +231,9 @@ class _Images:
 class _Objective:
     """The objective of one restart, ``(images, labels) -> (total, matching term)``, vmap-able."""
 
-    def __init__(self, s: AttackSettings, view: ServerView, replay: ClientReplay, dev: torch.device) -> None:
+    def __init__(
+        self, s: AttackSettings, view: ServerView, replay: ClientReplay, dev: torch.device
+    ) -> None:
         self.s, self.replay = s, replay
         self.match_weight = s.match_weight  # the current (scheduled) weight, set by the loop
         self.names = view.parameter_names
@@ -223,7 +241,9 @@ class _Objective:
         if self.matching:
             pg = view.pseudo_gradient()
             target = [pg[n].to(dev) for n in self.names]
-            self.distance = UpdateDistance(target, self._layer_weights(len(self.names)), s.objective)
+            self.distance = UpdateDistance(
+                target, self._layer_weights(len(self.names)), s.objective
+            )
         # batch-norm statistics: what the buffers reveal, per layer, with its scale and weight
         self.bn: list[tuple[str, torch.Tensor, torch.Tensor, float, float, float]] = []
         if s.bn > 0 and replay.bn_mode == "train":
@@ -265,8 +285,10 @@ class _Objective:
             bn = z.new_zeros(())
             for name, mean_t, var_t, scale_m, scale_v, w in self.bn:
                 mean, var = stats[name]
-                bn = bn + w * (torch.linalg.vector_norm(mean - mean_t) / scale_m
-                               + torch.linalg.vector_norm(var - var_t) / scale_v)  # fmt: skip
+                bn = bn + w * (
+                    torch.linalg.vector_norm(mean - mean_t) / scale_m
+                    + torch.linalg.vector_norm(var - var_t) / scale_v
+                )
             total = total + s.bn * bn
         if self.feature_target is not None and out.features is not None:
             diff = out.features.reshape(-1) - self.feature_target
@@ -334,7 +356,9 @@ class GradientInversion:
             return torch.rand(shape, generator=gen)
         if s.init == "noise":  # standard normal in the normalised space
             return mean + std * torch.randn(shape, generator=gen)
-        base = mean.expand(shape) if (s.init == "constant" or prior is None) else prior.expand(shape)
+        base = (
+            mean.expand(shape) if (s.init == "constant" or prior is None) else prior.expand(shape)
+        )
         return base.float() + s.init_noise * std * torch.randn(shape, generator=gen)
 
     def uses_onednn(self, view: ServerView, device: torch.device) -> bool:
@@ -346,22 +370,34 @@ class GradientInversion:
         return conv_macs(view.model, view.spec.shape) >= ONEDNN_MIN_MACS
 
     def _replay(self, view: ServerView, dev: torch.device) -> ClientReplay:
-        """The client's round replayed on candidate images; refuses settings the update cannot serve."""
+        """The client's round replayed on candidate images; refuses settings the update cannot
+        serve."""
         s = self.settings
         unroll = {"always": True, "never": False, "auto": view.meta.steps > 1}[s.unroll]
-        exact_features = view.num_examples == 1 and view.meta.steps == 1 and view.classifier()[1] is not None
-        replay = ClientReplay(view, unroll=unroll, functional=s.restarts > 1, device=dev,
-                              relu_beta=s.relu_surrogate if s.match_weight > 0 else 0.0,
-                              features=s.features > 0 and exact_features)  # fmt: skip
+        exact_features = (
+            view.num_examples == 1 and view.meta.steps == 1 and view.classifier()[1] is not None
+        )
+        replay = ClientReplay(
+            view,
+            unroll=unroll,
+            functional=s.restarts > 1,
+            device=dev,
+            relu_beta=s.relu_surrogate if s.match_weight > 0 else 0.0,
+            features=s.features > 0 and exact_features,
+        )
         if s.bn > 0 and not replay.bn_layers:
-            raise ConfigError("attack.bn", "batch-norm matching needs a model with batch-norm layers")
+            raise ConfigError(
+                "attack.bn", "batch-norm matching needs a model with batch-norm layers"
+            )
         if s.bn > 0 and s.match_weight == 0 and replay.bn_mode == "eval":
             raise ConfigError("attack.bn", EVAL_MODE_PROBLEM)
         if s.labels == "known" and view.known_labels is None:
             raise ConfigError("attack.labels", "'known' labels need labels in the server's view")
         return replay
 
-    def _setup(self, view: ServerView, seed: int, prior: torch.Tensor | None, dev: torch.device) -> _Setup:
+    def _setup(
+        self, view: ServerView, seed: int, prior: torch.Tensor | None, dev: torch.device
+    ) -> _Setup:
         """The objective, the starting images (drawn on the CPU, so a seed gives the same start on
         any device) and the labels: recovered from the update, or optimised jointly."""
         s = self.settings
@@ -378,8 +414,11 @@ class GradientInversion:
         labels, strategy = (None, "optimize")
         if s.labels != "optimize":
             labels, strategy = recover_labels(view, z0[0])
-        y0 = (torch.randn(s.restarts, n, k, generator=gen) if labels is None
-              else F.one_hot(labels, k).float().expand(s.restarts, n, k).contiguous()).to(dev)  # fmt: skip
+        y0 = (
+            torch.randn(s.restarts, n, k, generator=gen)
+            if labels is None
+            else F.one_hot(labels, k).float().expand(s.restarts, n, k).contiguous()
+        ).to(dev)
         images = _Images(z0, s.scales, (0 - mean) / std, (1 - mean) / std)
         y = y0.clone().requires_grad_(labels is None)
         return _Setup(_Objective(s, view, replay, dev), images, y, labels, strategy, x0, mean, std)
@@ -400,7 +439,9 @@ class GradientInversion:
             return loss.detach()
 
         if s.optimizer == "lbfgs":
-            opt: torch.optim.Optimizer = torch.optim.LBFGS(variables, lr=s.lr, line_search_fn="strong_wolfe")
+            opt: torch.optim.Optimizer = torch.optim.LBFGS(
+                variables, lr=s.lr, line_search_fn="strong_wolfe"
+            )
         else:
             opt = torch.optim.Adam(variables, lr=s.lr, fused=True)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(s))
@@ -463,7 +504,9 @@ class GradientInversion:
         totals = totals.detach()
         scores = torch.where(torch.isfinite(totals), totals, torch.full_like(totals, math.inf))
         best = int(scores.argmin())
-        final_labels = run.labels if run.labels is not None else run.y.detach()[best].argmax(-1).cpu()
+        final_labels = (
+            run.labels if run.labels is not None else run.y.detach()[best].argmax(-1).cpu()
+        )
         z = run.images.images().detach()
         return Reconstruction(
             examples=(z[best : best + 1] * run.std + run.mean)[0].clamp(0, 1).cpu(),

@@ -27,7 +27,9 @@ from gradleak.attacks.base import ServerView
 from gradleak.attacks.optimisation.surrogate import surrogate_relu
 from gradleak.fl.client import set_batch_norm_mode
 
-Stats = dict[str, tuple[torch.Tensor, torch.Tensor]]  # layer name -> (batch mean, unbiased batch var)
+Stats = dict[
+    str, tuple[torch.Tensor, torch.Tensor]
+]  # layer name -> (batch mean, unbiased batch var)
 
 
 @dataclass(frozen=True)
@@ -69,13 +71,17 @@ class ClientReplay:
         self.bn_mode = view.bn_mode
         self.device = torch.device(device)
         model = copy.deepcopy(view.model).train()
-        bn = {n: m for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
+        bn = {
+            n: m for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+        }
         self.bn_layers = [BatchNormLayer(n, m.momentum) for n, m in bn.items()]
         self.buffers: dict[str, torch.Tensor] = {}
         if self.bn_mode == "train":
             for name, module in bn.items():
                 module.register_forward_pre_hook(functools.partial(self._capture, name))
-            replace_all_batch_norm_modules_(model)  # batch statistics only, no in-place buffer updates
+            replace_all_batch_norm_modules_(
+                model
+            )  # batch statistics only, no in-place buffer updates
         else:  # running statistics of the global model, read-only
             set_batch_norm_mode(model, "eval")
             self.buffers = {n: view.global_state[n].to(self.device) for n in view.buffer_names}
@@ -137,12 +143,17 @@ class ClientReplay:
         return out
 
     def weighted_bn_stats(self, steps: list[Stats]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """The replay's counterpart of ``revealed_bn_stats``: its per-step statistics, weighted alike."""
+        """The replay's counterpart of ``revealed_bn_stats``: its per-step statistics, weighted
+        alike."""
         out = {}
         for layer in self.bn_layers:
             weights, keep = self._step_weights(layer)
-            mean = sum(w * s[layer.name][0] for w, s in zip(weights, steps, strict=True)) / (1 - keep)
-            var = sum(w * s[layer.name][1] for w, s in zip(weights, steps, strict=True)) / (1 - keep)
+            mean = sum(w * s[layer.name][0] for w, s in zip(weights, steps, strict=True)) / (
+                1 - keep
+            )
+            var = sum(w * s[layer.name][1] for w, s in zip(weights, steps, strict=True)) / (
+                1 - keep
+            )
             out[layer.name] = (mean, var)
         return out
 
@@ -154,12 +165,16 @@ class ClientReplay:
             for j, buf in enumerate(("running_mean", "running_var")):
                 key = f"{layer.name}.{buf}"
                 r0 = self.view.global_state[key].float().to(self.device)
-                r = keep * r0 + sum(w * s[layer.name][j] for w, s in zip(weights, steps, strict=True))
+                r = keep * r0 + sum(
+                    w * s[layer.name][j] for w, s in zip(weights, steps, strict=True)
+                )
                 out[key] = r - r0
         return out
 
     # the replay ------------------------------------------------------------------------------
-    def _forward(self, params: dict[str, torch.Tensor], x: torch.Tensor) -> tuple[torch.Tensor, Stats]:
+    def _forward(
+        self, params: dict[str, torch.Tensor], x: torch.Tensor
+    ) -> tuple[torch.Tensor, Stats]:
         self._stats = {}
         with surrogate_relu(self.relu_beta):
             logits = functional_call(self.model, {**params, **self.buffers}, (x,))
@@ -171,8 +186,13 @@ class ClientReplay:
         loss = -(y * F.log_softmax(logits, dim=-1)).sum(-1).mean()
         return loss, stats
 
-    def _step_grad(self, params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor,
-                   keep_graph: bool = True):  # fmt: skip
+    def _step_grad(
+        self,
+        params: dict[str, torch.Tensor],
+        x: torch.Tensor,
+        y: torch.Tensor,
+        keep_graph: bool = True,
+    ):
         """(gradient of the step's loss per parameter, the step's statistics). ``keep_graph``:
         the gradient stays a differentiable function of the images; else it is a constant."""
         if self.functional:
@@ -184,7 +204,10 @@ class ClientReplay:
         else:  # first order: fresh leaves, and the graph kept for the statistics' backward
             leaves = {k: v.detach().requires_grad_() for k, v in params.items()}
             loss, stats = self._loss(leaves, x, y)
-            grads = [g.detach() for g in torch.autograd.grad(loss, list(leaves.values()), retain_graph=True)]
+            grads = [
+                g.detach()
+                for g in torch.autograd.grad(loss, list(leaves.values()), retain_graph=True)
+            ]
         return dict(zip(params, grads, strict=True)), stats
 
     def simulate(self, x: torch.Tensor, y: torch.Tensor, *, update: bool = True) -> Replayed:
@@ -218,9 +241,11 @@ class ClientReplay:
                     g, stats = self._step_grad(p, x[s : s + bs], y[s : s + bs], keep_graph=update)
                     all_stats.append(stats)
                     if meta.momentum:
-                        velocity = g if velocity is None else {
-                            k: meta.momentum * velocity[k] + g[k] for k in g
-                        }  # fmt: skip
+                        velocity = (
+                            g
+                            if velocity is None
+                            else {k: meta.momentum * velocity[k] + g[k] for k in g}
+                        )
                         g = velocity
                     p = {k: p[k] - meta.lr * g[k] for k in p}
             pseudo = {k: (self.params[k] - p[k]) / meta.lr for k in p} if update else None

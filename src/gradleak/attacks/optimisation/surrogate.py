@@ -25,7 +25,8 @@ from torch.overrides import TorchFunctionMode
 
 
 class _Mask(Function):
-    """``g * 1[u > 0]``; its derivative in ``u`` is ``g * beta * s * (1 - s)``, ``s = sigmoid(beta u)``."""
+    """``g * 1[u > 0]``; its derivative in ``u`` is ``g * beta * s * (1 - s)``, ``s = sigmoid(beta
+    u)``."""
 
     generate_vmap_rule = True
 
