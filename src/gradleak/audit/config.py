@@ -26,6 +26,14 @@ class AuditConfig(Section):
         default_factory=lambda: {"iterations": 300},
         description="Changes to the attack's settings, e.g. {iterations: 300}.",
     )
+    also: list[str] = Field(
+        default_factory=list,
+        description="Further attacks, by name, run with their own defaults on every audited update "
+        "where they "
+        "apply (e.g. [spear, cpa], the exact batch attacks); the row records each one's RDLV "
+        "(rdlv_by_attack) "
+        "and the worst, with the attack that reached it.",
+    )
     prior: str = Field(
         "mean-image",
         description="What the server would guess without the update, the baseline of RDLV (and the "
@@ -50,6 +58,7 @@ class AuditConfig(Section):
     @model_validator(mode="after")
     def _valid_attack(self) -> AuditConfig:
         self.build_attack()  # raises ConfigError naming the bad key
+        self.build_others()
         return self
 
     def build_attack(self) -> Attack:
@@ -57,6 +66,12 @@ class AuditConfig(Section):
         from gradleak.attacks.registry import attack_factory
 
         return attack_factory(self.preset)(**self.attack)
+
+    def build_others(self) -> dict[str, Attack]:
+        """The further attacks of ``also``, by name, with their defaults."""
+        from gradleak.attacks.registry import attack_factory
+
+        return {n: attack_factory(n, key="audit.also")() for n in self.also if n != self.preset}
 
     def applies(self, round: int, client_id: int) -> bool:
         if self.clients != "all" and client_id not in self.clients:

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from gradleak.attacks.base import ServerView
+from gradleak.attacks.base import Attack, ServerView
 from gradleak.audit.config import AuditConfig
 from gradleak.audit.rdlv import rdlv
 from gradleak.fl.filters import FilterContext, Filtered
@@ -40,6 +40,8 @@ class LeakageAudit:
     ) -> None:
         self.config = config
         self.attack = config.build_attack()
+        # the configured attack first, then the others it names (``also``), each by its name
+        self.attacks: dict[str, Attack] = {config.preset: self.attack, **config.build_others()}
         self.model = copy.deepcopy(model)
         self.spec, self.num_classes = spec, num_classes
         self.prior = prior
@@ -58,7 +60,9 @@ class LeakageAudit:
             update,
             spec=self.spec,
             num_classes=self.num_classes,
-            known_labels=labels.clone() if self.attack.wants_labels else None,
+            known_labels=labels.clone()
+            if any(a.wants_labels for a in self.attacks.values())
+            else None,
         )
 
     def __call__(self, update: ClientUpdate, ctx: FilterContext) -> Filtered:
@@ -91,28 +95,42 @@ class LeakageAudit:
     def inspect(
         self, view: ServerView, truth: torch.Tensor, labels: torch.Tensor, *, seed: int
     ) -> dict[str, Any]:
-        """Attack one view, score it against the client's examples and the prior, save the examples
-        (when enabled) and return the audit record: RDLV, each metric of the spec, label accuracy,
-        the attack's own verdict and time."""
-        base = dict(audited=True, attack=self.config.preset, defenses=self.defenses)
-        reason = self.attack.applies(view)
+        """Run every configured attack that applies to the view, score each against the client's
+        examples and the prior, and return the audit record of the worst (the highest RDLV):
+        its RDLV, each metric of the spec, label accuracy, its own verdict and time, which attack
+        it was, and every attack's RDLV (None: it did not apply or found nothing). The worst
+        reconstruction is saved (when enabled)."""
+        found: dict[str, tuple[dict[str, Any], torch.Tensor | None]] = {}
+        for name, attack in self.attacks.items():
+            found[name] = self._attack(name, attack, view, truth, labels, seed)
+        scored = [n for n, (r, _) in found.items() if r.get("rdlv") is not None]
+        worst = max(scored, key=lambda n: found[n][0]["rdlv"]) if scored else self.config.preset
+        record, matched = found[worst]
+        if matched is not None and self.config.save_images and self.out_dir is not None:
+            self._save(view.meta.round, view.meta.client_id, truth, matched)
+        if len(self.attacks) > 1:
+            record = {**record, "rdlv_by_attack": {n: r.get("rdlv") for n, (r, _) in found.items()}}
+        return record
+
+    def _attack(
+        self,
+        name: str,
+        attack: Attack,
+        view: ServerView,
+        truth: torch.Tensor,
+        labels: torch.Tensor,
+        seed: int,
+    ) -> tuple[dict[str, Any], torch.Tensor | None]:
+        """One attack's record and its reconstructions paired with the originals (None: none)."""
+        base = dict(audited=True, attack=name, defenses=self.defenses)
+        reason = attack.applies(view)
         if reason is not None:
-            return {
-                **base,
-                "rdlv": None,
-                "audit_note": f"{self.config.preset} does not apply: {reason}",
-            }
-        rec = self.attack.run(view, seed=seed, prior=self.prior, device=self.device)
+            return {**base, "rdlv": None, "audit_note": f"{name} does not apply: {reason}"}, None
+        rec = attack.run(view, seed=seed, prior=self.prior, device=self.device)
         if not rec.feasible or rec.examples is None:
-            return {
-                **base,
-                "rdlv": None,
-                "audit_note": f"infeasible: {rec.reason}",
-                "attack_seconds": rec.seconds,
-            }
-        pairs = assign(
-            rec.examples, truth, self.spec
-        )  # one matching for every metric: linear beyond it
+            note = f"{name} infeasible: {rec.reason}"
+            return {**base, "rdlv": None, "audit_note": note, "attack_seconds": rec.seconds}, None
+        pairs = assign(rec.examples, truth, self.spec)  # one matching for every metric
         leak = rdlv(
             rec.examples,
             self.prior,
@@ -123,30 +141,24 @@ class LeakageAudit:
             assignment=pairs,
         )
         s = score(rec.examples, truth, self.spec, rec.labels, labels, assignment=pairs)
-        if self.config.save_images and self.out_dir is not None:
-            self._save(
-                view.meta.round,
-                view.meta.client_id,
-                truth,
-                rec.examples[torch.as_tensor(leak.best)],
-            )
-        found = {k: v for k, v in s.summary().items() if k != "label_accuracy"}
+        metrics = {k: v for k, v in s.summary().items() if k != "label_accuracy"}
         extra = (
             {}
             if rec.confidence is None or not math.isfinite(rec.confidence)
             else {"confidence": rec.confidence}
         )
-        return dict(
+        record = dict(
             audited=True,
             rdlv=leak.value,
-            **found,
+            **metrics,
             label_accuracy=s.label_accuracy,
             label_strategy=rec.label_strategy,
-            attack=self.config.preset,
+            attack=name,
             **extra,
             defenses=self.defenses,
             attack_seconds=rec.seconds,
         )
+        return record, rec.examples[torch.as_tensor(leak.best)]
 
     def _save(self, round: int, cid: int, truth: torch.Tensor, matched: torch.Tensor) -> None:
         """Originals, the prior and the paired reconstructions; only inside the run directory."""

@@ -58,24 +58,39 @@ def _photo_path(name: str) -> Path:
 
 
 def load_tiles(
-    photos: list[str], size: int, stride: int, max_per_photo: int | None, seed: int
+    photos: list[str],
+    size: int,
+    stride: int,
+    max_per_photo: int | None,
+    seed: int,
+    scale: float = 1.0,
+    min_std: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor, tuple[str, ...]]:
-    """Square ``size`` tiles every ``stride`` pixels, at the photographs' native resolution.
+    """Square ``size`` tiles every ``stride`` pixels of the photographs resized by ``scale`` (1: the
+    native resolution), leaving out tiles whose pixels vary less than ``min_std`` (flat sky).
 
     When a photograph yields more than ``max_per_photo`` tiles, a seeded random subset is kept,
     which keeps the classes roughly balanced.
     """
     from skimage.io import imread
+    from skimage.transform import rescale
 
     from gradleak.seeding import numpy_rng
 
     all_tiles, all_labels = [], []
     for label, name in enumerate(photos):
         img = imread(_photo_path(name))[..., :3].astype(np.float32) / 255.0
+        if scale != 1.0:
+            img = rescale(img, scale, channel_axis=-1, anti_aliasing=scale < 1).astype(np.float32)
         h, w = img.shape[:2]
         ys = range(0, h - size + 1, stride)
         xs = range(0, w - size + 1, stride)
         tiles = np.stack([img[y : y + size, x : x + size] for y in ys for x in xs])
+        tiles = tiles[tiles.std(axis=(1, 2, 3)) >= min_std]
+        if not len(tiles):
+            raise DataError(
+                f"photograph {name!r} has no {size} x {size} tile varying by {min_std} or more"
+            )
         if max_per_photo is not None and len(tiles) > max_per_photo:
             keep = numpy_rng(seed, "tiles", name).choice(len(tiles), max_per_photo, replace=False)
             tiles = tiles[np.sort(keep)]

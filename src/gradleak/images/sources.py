@@ -81,10 +81,30 @@ class TilesSource(_HeldOut):
     max_per_photo: int | None = Field(
         400, ge=1, description="Keep at most this many tiles per photograph (seeded choice)."
     )
+    scale: float = Field(
+        1.0,
+        gt=0,
+        le=1,
+        description="Shrink the photographs by this factor before cutting (1: native "
+        "resolution; smaller: each tile holds more of the scene).",
+    )
+    min_std: float = Field(
+        0.0,
+        ge=0,
+        lt=0.5,
+        description="Leave out tiles whose pixels vary less than this (flat sky, "
+        "black space), which are near-duplicates of each other.",
+    )
 
     def load(self, seed: int) -> DataBundle:
         images, labels, classes = bundled.load_tiles(
-            self.photos, self.image_size, self.stride or self.image_size, self.max_per_photo, seed
+            self.photos,
+            self.image_size,
+            self.stride or self.image_size,
+            self.max_per_photo,
+            seed,
+            self.scale,
+            self.min_std,
         )
         return self._split("tiles", images, labels, classes, seed)
 

@@ -43,6 +43,33 @@ def label_counts(grad_bias: torch.Tensor, mean_probs: torch.Tensor, n: int) -> l
     return [c for c, k in enumerate(counts.tolist()) for _ in range(k)]
 
 
+def counts_from_class_probs(
+    grad_bias: torch.Tensor, n: int, class_probs: torch.Tensor
+) -> list[int]:
+    """How many images of each class, from per-class expected probabilities ``P[c] = E[p | y = c]``
+    (e.g. the global model's mean softmax on public images of class c): the system
+    ``N g_b = sum_c n_c (P[c] - e_c)`` with ``sum(n) = N`` (iLRG, Ma et al., CVPR 2023) by least
+    squares, rounded by largest remainders. Exact while the batch's own probabilities stay within
+    half a count of what P predicts per class: at batch 1,024 that held for an untrained model and
+    not for a trained one (benchmarks/exact.py labels)."""
+    k = len(grad_bias)
+    a = torch.cat(
+        [
+            (class_probs.double() - torch.eye(k, dtype=torch.float64)).T,
+            torch.ones(1, k, dtype=torch.float64),
+        ]
+    )
+    rhs = torch.cat([n * grad_bias.double(), torch.tensor([float(n)], dtype=torch.float64)])
+    est = torch.linalg.lstsq(a, rhs[:, None]).solution[:, 0].clamp_min(0)
+    counts = est.floor().long()
+    short = n - int(counts.sum())
+    if short > 0:
+        counts[torch.argsort(est - counts, descending=True, stable=True)[:short]] += 1
+    while int(counts.sum()) > n:  # rounding past N: take from the smallest remainders
+        counts[int(torch.argmin(torch.where(counts > 0, est - counts, torch.inf)))] -= 1
+    return [c for c, m in enumerate(counts.tolist()) for _ in range(m)]
+
+
 def recover_labels(view: ServerView, probe: torch.Tensor) -> tuple[torch.Tensor | None, str]:
     """(labels, strategy) from the update; labels None means 'optimise them jointly'.
 

@@ -1,0 +1,141 @@
+"""The exact batch attacks against the true batch: SPEAR recovers every image exactly (and
+certifies it) or declares failure with no images; the Cocktail Party Attack unmixes a batch; the
+audit runs every configured attack that applies and records the worst."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gradleak.attacks.base import ServerView
+from gradleak.attacks.registry import attack_factory
+from gradleak.data.partition import ClientData
+from gradleak.fl import Classification, LocalTraining, train_client
+from gradleak.images.sources import TilesSource
+from gradleak.metrics import score
+from gradleak.models import build_model
+
+
+@pytest.fixture(scope="module")
+def tiles():
+    """16 x 16 tiles of the bundled photographs, halved first, flat ones left out."""
+    return TilesSource(image_size=16, scale=0.5, min_std=0.03, max_per_photo=40).load(seed=0)
+
+
+def _view(tiles, batch: int, hidden: list[int], seed: int = 0, epochs: int = 1, model: str = "mlp"):
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randperm(len(tiles.train), generator=g)[:batch]
+    client = ClientData(1, tiles.train.subset(idx), batch)
+    torch.manual_seed(seed)
+    kwargs = {"hidden": hidden} if model == "mlp" else {}
+    net = build_model(model, spec=tiles.spec, num_classes=tiles.num_classes, kwargs=kwargs)
+    state = {k: v.detach().clone() for k, v in net.state_dict().items()}
+    settings = LocalTraining(epochs=epochs, lr=0.1)
+    update, _ = train_client(
+        net,
+        state,
+        client,
+        round=1,
+        settings=settings,
+        spec=tiles.spec,
+        task=Classification(),
+        seed=seed,
+    )
+    view = ServerView.of(net, state, update, spec=tiles.spec, num_classes=tiles.num_classes)
+    return client, view
+
+
+@pytest.mark.parametrize("batch", [1, 4, 8])
+def test_spear_recovers_every_image_exactly_and_certifies_it(tiles, batch) -> None:
+    client, view = _view(tiles, batch, [300])
+    attack = attack_factory("spear")()
+    assert attack.applies(view) is None
+    rec = attack.run(view)
+    assert rec.feasible and rec.confidence == 1.0 and "certified" in rec.reason
+    s = score(rec.examples, client.data.examples, tiles.spec, rec.labels, client.data.targets)
+    assert float(s.psnr.min()) > 50  # every image exact in pixel space
+    assert s.label_accuracy == 1.0
+
+
+def test_spear_declares_failure_instead_of_returning_wrong_images(tiles) -> None:
+    """Two copies of one image: the gradient's rank is one short, so no batch comes back."""
+    client, view = _view(tiles, 3, [300])
+    twin = ClientData(1, client.data.subset([0, 0, 1]), 3)
+    net, state = view.model, view.global_state
+    update, _ = train_client(
+        net,
+        state,
+        twin,
+        round=1,
+        settings=LocalTraining(lr=0.1),
+        spec=tiles.spec,
+        task=Classification(),
+        seed=0,
+    )
+    rec = attack_factory("spear")().run(
+        ServerView.of(net, state, update, spec=tiles.spec, num_classes=tiles.num_classes)
+    )
+    assert not rec.feasible and rec.examples is None and "0 of 3 directions" in rec.reason
+
+
+def test_cocktail_party_unmixes_a_batch() -> None:
+    """32 x 32 tiles (ICA needs the pixels of a larger image to tell the sources apart)."""
+    tiles = TilesSource(image_size=32, scale=0.5, min_std=0.02, max_per_photo=20).load(seed=0)
+    client, view = _view(tiles, 16, [256])
+    rec = attack_factory("cpa")().run(view)
+    s = score(rec.examples, client.data.examples, tiles.spec)
+    assert float(s.ssim.mean()) > 0.7
+    # the images, not the prior: far above what the mean colour scores
+    flat = tiles.spec.prior("none", tiles.test).expand(16, -1, -1, -1)
+    assert (
+        float(s.ssim.mean())
+        > float(score(flat, client.data.examples, tiles.spec).ssim.mean()) + 0.3
+    )
+
+
+def test_exact_attacks_say_where_they_do_not_apply(tiles) -> None:
+    _, conv = _view(tiles, 2, [], model="lenet")
+    assert "is not a linear layer on the 768 pixels" in attack_factory("spear")().applies(conv)
+    _, steps = _view(tiles, 4, [64], epochs=2)
+    assert "one local step; this one took 2" in attack_factory("cpa")().applies(steps)
+    _, narrow = _view(tiles, 8, [4])
+    assert "8 images exceed the first layer's 4 neurons" in attack_factory("spear")().applies(
+        narrow
+    )
+
+
+def test_the_audit_runs_every_configured_attack_and_records_the_worst(tmp_path) -> None:
+    from gradleak.experiments import RunStore, run_experiment
+    from gradleak.experiments.config import validate_config
+
+    config = validate_config(
+        {
+            "name": "exact",
+            "device": "cpu",
+            "data": {
+                "source": "tiles",
+                "image_size": 16,
+                "scale": 0.5,
+                "min_std": 0.03,
+                "max_per_photo": 40,
+            },
+            "partition": {
+                "scheme": "explicit",
+                "clients": [{"size": 6, "batch_size": 6}, {"size": 20, "batch_size": 5}],
+            },
+            "model": {"name": "mlp", "kwargs": {"hidden": [300]}},
+            "training": {"rounds": 1, "lr": 0.1},
+            "audit": {"clients": [1, 2], "attack": {"iterations": 20}, "also": ["spear", "cpa"]},
+        }
+    )
+    run_experiment(config, tmp_path)
+    rows = {r["client"]: r for r in RunStore(tmp_path).results.read()}
+    one = rows[1]  # one step of a batch of 6: SPEAR recovers it exactly, the worst leak
+    assert (
+        one["attack"] == "spear"
+        and one["psnr"] > 50
+        and one["rdlv"] == max(v for v in one["rdlv_by_attack"].values() if v is not None)
+    )
+    assert set(one["rdlv_by_attack"]) == {"inverting-gradients", "spear", "cpa"}
+    four = rows[2]  # four local steps: the exact attacks do not apply, the optimisation does
+    assert four["rdlv_by_attack"]["spear"] is None and four["attack"] == "inverting-gradients"
