@@ -127,6 +127,7 @@ AUDIT_COLUMNS = (
     "client",
     "num_samples",
     "batch_size",
+    "attack",
     "rdlv",
     "ssim",
     "psnr",
@@ -386,7 +387,7 @@ def _disaggregation_section(store: RunStore, config: dict[str, Any], out: SubDir
                 f"client {r.client} from its disaggregated update",
                 _audit_metric(config),
             )
-        cols = ("client", "round", "rounds_taken_part", *AUDIT_COLUMNS[4:9], "attack_seconds")
+        cols = ("client", "round", "rounds_taken_part", *AUDIT_COLUMNS[5:10], "attack_seconds")
         parts.append(_table([{k: r.model_dump().get(k, "") for k in cols} for r in inverted]))
     return "\n".join(parts)
 
