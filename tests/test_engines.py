@@ -51,7 +51,7 @@ def _rows(path: Path) -> list[dict]:
 def test_secagg_overflow_too_few_participants_and_missing_extras_are_refused_before_training(
     monkeypatch, tmp_path
 ) -> None:
-    import gradleak.engines as engines
+    import gradleak.experiments.engines as engines
 
     monkeypatch.setattr(engines, "check_installed", lambda name: None)  # the checks come first
     secure = {**CONFIG, "audit": None, "aggregation": {"strategy": "secure-sum"}}
@@ -126,7 +126,7 @@ def test_a_pool_of_workers_gives_the_sequential_results_exactly(sequential, tmp_
 
 
 def test_a_ray_pool_without_ray_is_refused_naming_the_extra(monkeypatch, tmp_path) -> None:
-    import gradleak.engines as engines
+    import gradleak.experiments.engines as engines
     from gradleak.engines.pool import pool_kind
 
     monkeypatch.setattr(engines.importlib.util, "find_spec", lambda name: None)

@@ -10,12 +10,15 @@ shown is the modality's ``InputSpec``.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from gradleak.modality import InputSpec
 from gradleak.seeding import numpy_rng
+
+if TYPE_CHECKING:  # the protocol refers to datasets too: annotations only, no import cycle
+    from gradleak.modality import InputSpec
 
 
 @dataclass(frozen=True)

@@ -65,7 +65,6 @@ from flwr.serverapp import Grid, ServerApp  # noqa: E402
 from flwr.simulation import run_simulation  # noqa: E402
 
 from gradleak.data.partition import ClientData  # noqa: E402
-from gradleak.engines import SECAGG_MODULUS  # noqa: E402
 from gradleak.engines.client_side import (  # noqa: E402
     client_simulator,
     filter_leaving,
@@ -75,6 +74,7 @@ from gradleak.engines.client_side import (  # noqa: E402
     with_meta,
 )
 from gradleak.errors import GradleakError  # noqa: E402
+from gradleak.experiments.engines import SECAGG_MODULUS  # noqa: E402
 from gradleak.fl.simulator import ClientResult, Hooks, Simulator  # noqa: E402
 from gradleak.fl.update import ClientUpdate  # noqa: E402
 from gradleak.seeding import derive_seed  # noqa: E402

@@ -24,8 +24,8 @@ from typing import Any, Protocol
 import torch
 
 from gradleak.data.partition import ClientData
-from gradleak.engines import check_installed
 from gradleak.engines.client_side import client_simulator, find_client
+from gradleak.experiments.engines import check_installed
 from gradleak.fl.simulator import ClientResult, Simulator
 
 _WORKER: dict[str, Any] = {}

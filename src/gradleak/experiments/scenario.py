@@ -13,10 +13,10 @@ from torch import nn
 from gradleak.audit.filter import LeakageAudit
 from gradleak.data.dataset import DataBundle
 from gradleak.data.partition import ClientData
-from gradleak.engines import check_config as check_engine
-from gradleak.engines import engine_class
 from gradleak.errors import ConfigError, GradleakError
 from gradleak.experiments.config import ExperimentConfig
+from gradleak.experiments.engines import check_config as check_engine
+from gradleak.experiments.engines import engine_class
 from gradleak.experiments.secure_sum import check_config as check_secure_sum
 from gradleak.fl.client import LocalTraining
 from gradleak.fl.filters import UpdateFilter

@@ -349,7 +349,58 @@ def disaggregate(
     chunks = _chunks(sums, plog, chunk, _step(plog))
     todo = list(range(n)) if only is None else list(only)
 
-    # each chunk: the clients that may take part, its basis, exactness and gap
+    state, spectra = _chunk_state(sums, plog, chunks, n, names, solver, time_limit, starts)
+    workers = max(1, min(workers or os.cpu_count() or 1, n * len(chunks)))
+    log.info(
+        "disaggregating %d rounds of %d clients in %d chunk(s) of %s rounds, %d worker(s)",
+        t,
+        n,
+        len(chunks),
+        "/".join(str(b - a) for a, b in chunks[:3]),
+        workers,
+    )
+    fingerprint = _fingerprint(sums, plog, chunks, solver, time_limit, starts, todo)
+    columns = _solve_columns(state, todo, workers, progress, journal, fingerprint)
+    participation = np.zeros((t, n), dtype=np.int64)
+    for (c, k), col in columns.items():
+        lo, hi = chunks[c]
+        participation[lo:hi, k] = col.p
+    confidence = _confidence(state, columns, n, todo, separation, names)
+    chunk_updates = _chunk_updates(state, sums, participation) if only is None else None
+    if chunk_updates is None:
+        chunk_updates = np.full((len(chunks), n, sums.shape[1]), np.nan)
+    with np.errstate(invalid="ignore"):
+        updates = np.nanmean(chunk_updates, axis=0) if len(chunks) > 1 else chunk_updates[0]
+    residuals = np.zeros(n)
+    for (c, k), col in columns.items():
+        residuals[k] = max(residuals[k], col.residual)
+    result = Disaggregation(
+        participation,
+        updates,
+        chunk_updates,
+        chunks,
+        residuals,
+        spectra[0],
+        confidence,
+        time.perf_counter() - start,
+    )
+    _verdict(confidence, names, todo, on_uncertain)
+    return result
+
+
+def _chunk_state(
+    sums: np.ndarray,
+    plog: ParticipationLog,
+    chunks: list[tuple[int, int]],
+    n: int,
+    names: list,
+    solver: str,
+    time_limit: float,
+    starts: int,
+) -> tuple[dict, list]:
+    """Per chunk: the clients that may take part, the sums' basis, exactness and gap (what the
+    workers solve from), and each chunk's spectrum; a chunk whose sums cannot identify its
+    clients is refused (IllPosed)."""
     state: dict = {
         "names": names,
         "solver": solver,
@@ -374,8 +425,7 @@ def disaggregate(
             raise IllPosed(
                 f"rounds {lo}-{hi - 1}: the sums have rank below {m} (singular value {m}: "
                 f"{s[m - 1] if len(s) >= m else 0:.3g}, largest {s[0]:.3g}): some clients' "
-                "participation "
-                "is not identifiable"
+                "participation is not identifiable"
             )
         exact = is_exact(s, m)
         state["chunks"].append(
@@ -389,37 +439,41 @@ def disaggregate(
                 "pivots": pivot_map(q) if exact and m else None,
             }
         )
-    workers = max(1, min(workers or os.cpu_count() or 1, n * len(chunks)))
-    log.info(
-        "disaggregating %d rounds of %d clients in %d chunk(s) of %s rounds, %d worker(s)",
-        t,
-        n,
-        len(chunks),
-        "/".join(str(b - a) for a, b in chunks[:3]),
-        workers,
+    return state, spectra
+
+
+def _solve_columns(
+    state: dict,
+    todo: list[int],
+    workers: int,
+    progress: Callable[[int, int], None] | None,
+    journal: ColumnJournal | None,
+    fingerprint: str,
+) -> dict[tuple[int, int], Column]:
+    """Every (chunk, client) column: phase 1 for all, phase 2 (the harder search) for clients far
+    above their chunk's median residual; columns the journal already holds are not solved again,
+    new ones are added to it as they arrive."""
+    kept: dict[tuple[int, int, int], Column] = (
+        journal.open(fingerprint) if journal is not None else {}
     )
 
-    kept: dict[tuple[int, int, int], Column] = {}
-    record = None
-    if journal is not None:
-        kept = journal.open(_fingerprint(sums, plog, chunks, solver, time_limit, starts, todo))
-        record = journal.add
+    def run(jobs: list[tuple], phase: int, shown: Callable[[int, int], None] | None) -> dict:
+        done = {(c, k): kept[(c, k, phase)] for c, k, _, _ in jobs if (c, k, phase) in kept}
+        fresh = [j for j in jobs if (j[0], j[1], phase) not in kept]
+        record = None if journal is None else (lambda r: journal.add(phase, r))
+        done.update({(c, k): col for c, k, col in _run_jobs(fresh, state, workers, shown, record)})
+        return done
+
     jobs = [
         (c, k, 1, None) for c, ch in enumerate(state["chunks"]) for k in ch["active"] if k in todo
     ]
-    columns = {(c, k): kept[(c, k, 1)] for c, k, _, _ in jobs if (c, k, 1) in kept}
-    if columns:
-        log.info("continuing: %d of %d columns already solved", len(columns), len(jobs))
-    fresh = [j for j in jobs if (j[0], j[1]) not in columns]
-    columns.update(
-        {
-            (c, k): col
-            for c, k, col in _run_jobs(
-                fresh, state, workers, progress, record and (lambda r: record(1, r))
-            )
-        }
-    )
-    # phase 2: clients far above their chunk's median residual
+    if any((c, k, 1) in kept for c, k, _, _ in jobs):
+        log.info(
+            "continuing: %d of %d columns already solved",
+            sum((c, k, 1) in kept for c, k, _, _ in jobs),
+            len(jobs),
+        )
+    columns = run(jobs, 1, progress)
     retry = []
     for c, ch in enumerate(state["chunks"]):
         res = [columns[(c, k)].residual for k in ch["active"] if (c, k) in columns]
@@ -435,63 +489,43 @@ def disaggregate(
         log.info(
             "searching harder for %d column(s) far from their chunk's column space", len(retry)
         )
-        columns.update({(c, k): kept[(c, k, 2)] for c, k, _, _ in retry if (c, k, 2) in kept})
-        again = [j for j in retry if (j[0], j[1], 2) not in kept]
-        columns.update(
-            {
-                (c, k): col
-                for c, k, col in _run_jobs(
-                    again, state, workers, None, record and (lambda r: record(2, r))
-                )
-            }
-        )
+        columns.update(run(retry, 2, None))
+    return columns
 
-    participation = np.zeros((t, n), dtype=np.int64)
-    for (c, k), col in columns.items():
-        lo, hi = chunks[c]
-        participation[lo:hi, k] = col.p
-    confidence = _confidence(state, columns, n, todo, separation, names)
-    d = sums.shape[1]
-    chunk_updates = np.full((len(chunks), n, d), np.nan)
-    if only is None:
-        for c, ch in enumerate(state["chunks"]):
-            lo, hi = ch["rounds"]
-            act = [k for k in ch["active"] if participation[lo:hi, k].any()]
-            if act:
-                chunk_updates[c, act] = np.linalg.lstsq(
-                    participation[lo:hi, act].astype(np.float64), sums[lo:hi], rcond=None
-                )[0]
-    with np.errstate(invalid="ignore"):
-        updates = np.nanmean(chunk_updates, axis=0) if len(chunks) > 1 else chunk_updates[0]
-    residuals = np.zeros(n)
-    for (c, k), col in columns.items():
-        residuals[k] = max(residuals[k], col.residual)
-    result = Disaggregation(
-        participation,
-        updates,
-        chunk_updates,
-        chunks,
-        residuals,
-        spectra[0],
-        confidence,
-        time.perf_counter() - start,
-    )
+
+def _chunk_updates(state: dict, sums: np.ndarray, participation: np.ndarray) -> np.ndarray:
+    """C x n x d: each chunk's updates by least squares on its sums (NaN where a client took no
+    part)."""
+    n = participation.shape[1]
+    out = np.full((len(state["chunks"]), n, sums.shape[1]), np.nan)
+    for c, ch in enumerate(state["chunks"]):
+        lo, hi = ch["rounds"]
+        act = [k for k in ch["active"] if participation[lo:hi, k].any()]
+        if act:
+            out[c, act] = np.linalg.lstsq(
+                participation[lo:hi, act].astype(np.float64), sums[lo:hi], rcond=None
+            )[0]
+    return out
+
+
+def _verdict(confidence: list[Confidence], names: list, todo: list[int], on_uncertain: str) -> None:
+    """Warn of (or, with ``on_uncertain="fail"``, refuse) columns that are not certain."""
     uncertain = [
         (names[k], conf.reason)
         for k, conf in enumerate(confidence)
         if k in todo and not conf.certain
     ]
-    if uncertain:
-        text = "; ".join(f"client {name}: {why}" for name, why in uncertain[:5])
-        more = f" (and {len(uncertain) - 5} more)" if len(uncertain) > 5 else ""
-        if on_uncertain == "fail":
-            raise UncertainColumns(
-                f"{len(uncertain)} of {len(todo)} clients' columns are not certain: {text}{more}"
-            )
-        log.warning(
-            "%d of %d clients' columns are not certain: %s%s", len(uncertain), len(todo), text, more
+    if not uncertain:
+        return
+    text = "; ".join(f"client {name}: {why}" for name, why in uncertain[:5])
+    more = f" (and {len(uncertain) - 5} more)" if len(uncertain) > 5 else ""
+    if on_uncertain == "fail":
+        raise UncertainColumns(
+            f"{len(uncertain)} of {len(todo)} clients' columns are not certain: {text}{more}"
         )
-    return result
+    log.warning(
+        "%d of %d clients' columns are not certain: %s%s", len(uncertain), len(todo), text, more
+    )
 
 
 def _fingerprint(
