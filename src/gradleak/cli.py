@@ -195,22 +195,36 @@ def demo(
 @app.command()
 def attack(
     model: Annotated[
-        str, typer.Option("--model", help="Built-in model name or package.module:factory.")
-    ],
-    global_path: Annotated[
-        Path, typer.Option("--global", help="Global model weights (.safetensors, .npz, .pt).")
+        str,
+        typer.Option(
+            "--model",
+            help="Built-in model name, package.module:factory, or (text) a local transformers "
+            "model directory.",
+        ),
     ],
     update_path: Annotated[
         Path, typer.Option("--update", help="The client's update: local minus global weights.")
     ],
     meta_path: Annotated[
         Path,
-        typer.Option("--meta", help="JSON metadata: num_images, image_shape, num_classes, lr, ..."),
+        typer.Option(
+            "--meta",
+            help="JSON metadata: images: num_images, image_shape, num_classes, lr, ...; text: "
+            'modality "text", num_sequences, seq_len, lr, ...',
+        ),
     ],
     out: Annotated[
         Path,
         typer.Option("--out", "-o", help="Output directory (reconstructions are private data)."),
     ],
+    global_path: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--global",
+            help="Global model weights (.safetensors, .npz, .pt); default: the weights the model "
+            "is built with (a model directory's own).",
+        ),
+    ] = None,
     preset_name: Annotated[
         str,
         typer.Option(
@@ -221,7 +235,11 @@ def attack(
     ] = "inverting-gradients",
     truth: Annotated[
         Optional[Path],
-        typer.Option("--truth", help="npz with the true 'images' (and 'labels') for metrics."),
+        typer.Option(
+            "--truth",
+            help="npz with the true examples ('images'; text: 'sequences') and optionally "
+            "'labels', for metrics.",
+        ),
     ] = None,
     prior: Annotated[
         Optional[Path],
@@ -236,7 +254,8 @@ def attack(
     ] = "cpu",
     quiet: QuietOpt = False,
 ) -> None:
-    """Reconstruct a client's images from a saved update, as an honest-but-curious server would."""
+    """Reconstruct a client's examples (images, text) from a saved update, as an
+    honest-but-curious server would."""
     from gradleak.attacks.offline import attack_saved_update, load_saved_update
     from gradleak.attacks.registry import attack_factory
     from gradleak.experiments.config import parse_override

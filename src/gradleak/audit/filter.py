@@ -163,6 +163,6 @@ class LeakageAudit:
                 originals=truth.numpy(), priors=priors.numpy(), reconstructions=matched.numpy()
             ),
         )
-        renderer = RENDERERS.get(self.spec.kind)
+        renderer = RENDERERS.get(self.spec.kind).for_spec(self.spec)
         rows = [("original", truth), ("prior", priors), ("reconstruction", matched)]
         self.out_dir.write_bytes(f"{stem}.{renderer.suffix}", renderer.file(rows))
