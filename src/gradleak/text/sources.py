@@ -15,11 +15,12 @@ import csv
 import io
 import logging
 from collections.abc import Sequence
+from pathlib import Path
 from typing import ClassVar, Literal
 
 import numpy as np
 import torch
-from pydantic import DirectoryPath, Field, FilePath
+from pydantic import Field, FilePath, field_validator
 
 from gradleak.data.dataset import DataBundle, Dataset, stratified_split
 from gradleak.data.sources import SOURCES, SourceConfig
@@ -82,7 +83,7 @@ class _TextSource(SourceConfig):
     test_fraction: float = Field(
         0.2, gt=0.0, lt=1.0, description="Fraction of each class held out as the test split."
     )
-    tokenizer: DirectoryPath | None = Field(
+    tokenizer: Path | None = Field(
         None,
         description="A local tokenizer directory (tokenizer.json, or vocab.json and merges.txt); "
         "null: a byte-level BPE trained offline on the text.",
@@ -93,6 +94,13 @@ class _TextSource(SourceConfig):
         le=1_000_000,
         description="Vocabulary of the BPE trained when tokenizer is null.",
     )
+
+    @field_validator("tokenizer")
+    @classmethod
+    def _directory(cls, v: Path | None) -> Path | None:
+        if v is not None and not v.is_dir():
+            raise ValueError(f"{v} is not a directory")
+        return v
 
     def _vocabulary(self, texts: Sequence[str]) -> Vocabulary:
         if self.tokenizer is not None:
@@ -141,9 +149,10 @@ class _TextSource(SourceConfig):
 
 
 class FakerTextSource(_TextSource):
-    """Private notes and messages made up by Faker (seeded; bundled, nothing downloaded): names,
-    e-mail addresses, phone and account numbers, street addresses, and planted canaries; six
-    kinds of note (the classes)."""
+    """Private notes made up by Faker (seeded, bundled: nothing is downloaded).
+
+    Notes and messages holding names, e-mail addresses, phone and account numbers and street
+    addresses, and planted canaries; six kinds of note (the classes)."""
 
     source: Literal["faker-text"] = "faker-text"
     size: int = Field(2000, ge=10, le=1_000_000, description="Notes made up (train and test).")
@@ -171,9 +180,10 @@ class FakerTextSource(_TextSource):
 
 
 class TextFilesSource(_TextSource):
-    """The user's own text, one example per record: JSON lines (``text_field``, optionally
-    ``label_field``), CSV with a header (the same fields), or plain text (one example per
-    non-empty line, no labels)."""
+    """The user's own text, one example per record (JSON lines, CSV or plain text).
+
+    JSON lines and CSV (with a header) hold ``text_field`` and optionally ``label_field`` and
+    ``personal_field``; plain text has one example per non-empty line and no labels."""
 
     source: Literal["text-files"] = "text-files"
     path: FilePath = Field(description="A .jsonl, .csv or .txt file.")
