@@ -78,7 +78,7 @@ def test_a_language_model_federation_is_audited_saved_and_reported_escaped(tmp_p
         assert r["exact"] == 1.0 and r["rouge1"] == 1.0 and r["personal"] == 1.0, r
         assert r["confidence"] > 0.9 and r["rdlv"] > 0
     big = rows[3]  # 30 sentences x 23 tokens against a width of 64: refused, no text
-    assert big["rdlv"] is None and big["audit_note"].startswith("infeasible: ")
+    assert big["rdlv"] == 0.0 and big["audit_note"].startswith("infeasible: ")  # the prior
     assert "too many for this layer's width" in big["audit_note"]
     saved = np.load(run / "audit/round_0001/client_1.npz")
     assert saved["originals"].shape == saved["reconstructions"].shape == (2, 24)
@@ -98,7 +98,8 @@ def test_a_noise_defence_stops_the_exact_attack_and_says_why(tmp_path) -> None:
     result = runner.invoke(app, ["run", str(path), "--out", str(run), "--quiet"])
     assert result.exit_code == 0, result.output
     for r in _rows(run).values():
-        assert r["rdlv"] is None and r["audit_note"].startswith("infeasible: "), r
+        assert r["rdlv"] == 0.0 and r["audit_note"].startswith("infeasible: "), r
+        assert r["confidence"] < 0.5 or "rank" in r["audit_note"]
 
 
 @pytest.fixture(params=[2])

@@ -103,11 +103,19 @@ class LeakageAudit:
                 "audit_note": f"{self.config.preset} does not apply: {reason}",
             }
         rec = self.attack.run(view, seed=seed, prior=self.prior, device=self.device)
+        extra = (
+            {}
+            if rec.confidence is None or not math.isfinite(rec.confidence)
+            else {"confidence": rec.confidence}
+        )
         if not rec.feasible or rec.examples is None:
+            # The attack found the batch beyond its reach and returned nothing: the server is left
+            # with its prior, whose RDLV is 0 by definition (so a sweep sees the leak stopped).
             return {
                 **base,
-                "rdlv": None,
+                "rdlv": 0.0,
                 "audit_note": f"infeasible: {rec.reason}",
+                **extra,
                 "attack_seconds": rec.seconds,
             }
         pairs = assign(
@@ -131,11 +139,6 @@ class LeakageAudit:
                 rec.examples[torch.as_tensor(leak.best)],
             )
         found = {k: v for k, v in s.summary().items() if k != "label_accuracy"}
-        extra = (
-            {}
-            if rec.confidence is None or not math.isfinite(rec.confidence)
-            else {"confidence": rec.confidence}
-        )
         return dict(
             audited=True,
             rdlv=leak.value,
