@@ -139,6 +139,7 @@ def test_attack_a_saved_language_model_update_from_a_model_directory(saved_text_
         app, _attack(d, "--out", str(d / "out"), "--truth", str(d / "truth.npz"))
     )
     assert result.exit_code == 0, result.output
+    assert "recovered (" in result.output and "EXACT 1," in result.output
     rec = json.loads((d / "out" / "reconstruction.json").read_text())
     assert rec["feasible"] is True and rec["confidence"] > 0.99
     assert sorted(rec["sequences"]) == sorted(ids.tolist())

@@ -296,6 +296,11 @@ def attack(
         _fail(exc)
     if not summary["feasible"]:
         line = f"infeasible: {summary['reason']} ({summary['seconds']:.1f} s)"
+    elif summary["labels"] is None:  # an attack that recovers examples only (text)
+        confidence = summary["confidence"]
+        line = f"recovered ({summary['seconds']:.1f} s" + (
+            f", confidence {confidence:.3f})" if confidence is not None else ")"
+        )
     else:
         line = (
             f"labels {summary['labels']} ({summary['label_strategy']}), {summary['seconds']:.1f} s"
@@ -307,7 +312,8 @@ def attack(
             if k not in ("per_example", "label_accuracy")
         }
         line += "; " + ", ".join(f"{k.upper()} {v:.4g}" for k, v in m.items())
-        line += f", label accuracy {summary['metrics']['label_accuracy']}"
+        if summary["metrics"]["label_accuracy"] is not None or summary["labels"] is not None:
+            line += f", label accuracy {summary['metrics']['label_accuracy']}"
     console.print(line, highlight=False, soft_wrap=True, markup=False)
     console.print(f"written to {out}", highlight=False, soft_wrap=True, markup=False)
 
