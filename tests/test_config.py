@@ -138,7 +138,7 @@ def test_relative_data_paths_resolve_from_the_working_directory(
     assert load_config(_write(tmp_path, cfg)).data.root == image_folder
 
 
-@pytest.mark.parametrize("name", ["demo", "paper-9-clients", "text-9-clients"])
+@pytest.mark.parametrize("name", ["demo", "paper-9-clients", "text-9-clients", "text-sigma-sweep"])
 def test_shipped_configs_are_valid(name) -> None:
     config = load_config(ROOT / "configs" / f"{name}.yaml")
     assert config.name == name

@@ -162,17 +162,21 @@ def test_personal_share_counts_verbatim_strings_and_skips_sentences_without_any(
     assert summary["personal"] == 0.5  # the sentence without personal strings is left out
 
 
-def test_cost_pairs_and_unigram_prior_is_the_positional_mode(text_data) -> None:
+def test_cost_pairs_and_the_priors_are_the_public_texts_most_frequent_tokens(text_data) -> None:
     spec = text_data.spec
     truth = text_data.train.examples[:5]
     cost = spec.cost(truth.flip(0), truth)
     assert cost.shape == (5, 5) and bool((cost.flip(0).diagonal() == 0).all())
     assert bool((cost.flip(0) + torch.eye(5) > 0).all())  # distinct notes differ somewhere
-    prior = spec.prior("unigram", text_data.test)
+    prior = spec.prior("positional", text_data.test)
     test = text_data.test.examples.tolist()
     for p in range(16):
         counts = collections.Counter(row[p] for row in test)
         assert counts[prior[0, p].item()] == max(counts.values())
+    bag = spec.prior("unigram", text_data.test)[0].tolist()
+    counts = collections.Counter(t for row in test for t in row if t not in (0, 1))
+    top = sorted(counts.values(), reverse=True)[:15]  # ties in any order
+    assert bag[-1] == 0 and [counts[t] for t in bag[:-1]] == top and len(set(bag)) == 16
     with pytest.raises(ConfigError, match="audit.prior: 'mean-image' is not a prior of text"):
         spec.prior("mean-image", text_data.test)
 

@@ -33,7 +33,7 @@ class AuditConfig(Section):
         "of presets with init=prior). Images: mean-image (the test split's mean image, public data "
         "on the "
         "server) or none (the dataset's mean colour). Text: unigram (the test split's most "
-        "frequent token at each position).",
+        "frequent tokens) or positional (its most frequent token at each position).",
     )
     metric: str = Field(
         "ssim",

@@ -34,7 +34,7 @@ class TextSpec:
     task: TextTask = "causal-lm"
     known: Mapping[str, tuple[str, ...]] = field(default_factory=dict, compare=False, repr=False)
 
-    PRIORS: ClassVar[tuple[str, ...]] = ("unigram",)
+    PRIORS: ClassVar[tuple[str, ...]] = ("unigram", "positional")
 
     @property
     def vocab_size(self) -> int:
@@ -69,16 +69,29 @@ class TextSpec:
         return torch.full((n, self.seq_len), self.vocab.pad, dtype=torch.long)
 
     def prior(self, name: str, public: Dataset) -> torch.Tensor:
-        """unigram: at every position, the public (test) text's most frequent token there: the
-        best guess of each token without the update."""
-        if name != "unigram":
+        """What the server guesses from public (test) text without the update. positional: at
+        every position, the token most frequent there; unigram: the most frequent tokens of the
+        public text, most frequent first, in the positions that do not hold special tokens (the
+        bag of tokens a unigram model expects in any sentence; special tokens where the positional
+        guess has them)."""
+        if name not in self.PRIORS:
             raise ConfigError(
                 "audit.prior",
                 f"{name!r} is not a prior of text (one of {', '.join(self.PRIORS)})",
             )
         if len(public) == 0:
             return self.blank(1)
-        return public.examples.long().mode(dim=0).values[None]
+        ids = public.examples.long()
+        row = ids.mode(dim=0).values
+        if name == "positional":
+            return row[None]
+        special = torch.tensor([int(t) in self.vocab.special for t in row])
+        plain = ids[~torch.isin(ids, torch.tensor(sorted(self.vocab.special)))]
+        counts = torch.bincount(plain, minlength=int(ids.max()) + 1)
+        top = torch.argsort(counts, descending=True, stable=True)[: int((~special).sum())]
+        row = row.clone()
+        row[~special] = top[: int((~special).sum())]
+        return row[None]
 
     def text(self, ids: torch.Tensor) -> list[str]:
         """The decoded text of each row of ``ids``."""
