@@ -17,13 +17,15 @@ Cases:
               length up to 2,000 on a GPU: not measured here, no GPU was lent)
   minibatches one round of 8 notes in mini-batches of 8, 4, 2 and 1 (one SGD step each) at lr 0.1,
               0.01 and 0.001, d = 256: which mini-batches the exact attack still recovers
-Every case is the product's own path: Faker notes (the faker-text source's generator) and an
-8,000-token BPE trained offline on 40,000 of their sentences (cached under results/), the model
-from gradleak.text.models, the client's update from gradleak's local training (a float32 delta,
-as a server receives it), and the attack from ATTACKS on a ServerView, scored with the text
-metrics. Each attack runs in a fresh process (one thread) so that its peak resident memory is its
-own (model skeleton, global weights, update and attack). The GPT-2-small geometry case embeds
-50,257 tokens but its notes use the 8,000 the tokenizer has.
+The BERT targets send the float32 gradient itself (FedSGD, "a gradient with lr 1 and one step",
+dager with float_noise off); bert_d256_4x10_delta sends the float32 delta of one step at lr 1.
+Every case is otherwise the product's own path: Faker notes (the faker-text source's generator) and
+an 8,000-token BPE trained offline on 40,000 of their sentences (cached under results/), the model
+from gradleak.text.models, the client's update from gradleak's local training (a float32 delta, as
+a server receives it), and the attack from ATTACKS on a ServerView, scored with the text metrics.
+Each attack runs in a fresh process (one thread) so that its peak resident memory is its own (model
+skeleton, global weights, update and attack). The GPT-2-small geometry case embeds 50,257 tokens
+but its notes use the 8,000 the tokenizer has.
 Results go to benchmarks/results/text_CASE.json and stdout.
 """
 
@@ -58,6 +60,7 @@ class Case:
     noise: float = 0.0
     lora_rank: int | None = None
     model_kwargs: tuple = ()  # further model arguments, as (key, value) pairs
+    send: str = "delta"  # what the client sends: its float32 delta, or (FedSGD) its gradient
     attack: str = "dager"
     settings: tuple = ()  # the attack's settings, as (key, value) pairs
     expect: str = ""
@@ -79,9 +82,10 @@ TARGETS = [
     Case("lora_r32_d512_4x16", "gpt2", 512, 4, 17, lora_rank=32, expect="infeasible (32 < 4 x 16)"),
     Case("noised_1e-3_d512_8x16", "gpt2", 512, 8, 17, noise=1e-3, expect="no text"),
     Case("llama_d512_8x16", "llama", 512, 8, 18, expect="exact (beginning token + 16 + end)"),
-    Case("bert_d256_4x10", "bert", 256, 4, 12, expect="ROUGE-1 >= 0.95 ([CLS] 10 [SEP])"),
-    Case("bert_d256_4x14", "bert", 256, 4, 16, expect="ROUGE-1 >= 0.95 ([CLS] 14 [SEP])"),
-    Case("bert_d256_1x30", "bert", 256, 1, 32, expect="exact from layer 1 alone"),
+    Case("bert_d256_4x10", "bert", 256, 4, 12, send="gradient", expect="ROUGE-1 >= 0.95"),
+    Case("bert_d256_4x14", "bert", 256, 4, 16, send="gradient", expect="ROUGE-1 >= 0.95"),
+    Case("bert_d256_1x30", "bert", 256, 1, 32, send="gradient", expect="exact from layer 1"),
+    Case("bert_d256_4x10_delta", "bert", 256, 4, 12, lr=1.0, expect="the float32 delta"),
 ]
 SCALING = [
     Case(f"scaling_d{d}_{b}x16", "gpt2", d, b, 17) for d in (256, 512, 768) for b in (1, 4, 16, 64)
@@ -173,10 +177,22 @@ def prepare(case: Case, path: Path) -> dict:
     data = Dataset(ids, torch.tensor([r.kind % 2 for r in chosen]))
     client = ClientData(1, data, case.batch_size or case.batch)
     start = time.perf_counter()
-    settings = LocalTraining(case.epochs, case.lr)
+    lr = 1.0 if case.send == "gradient" else case.lr
+    settings = LocalTraining(case.epochs, lr)
     update, _ = train_client(
         model, state, client, round=1, settings=settings, spec=spec, task=task, seed=0
     )
+    if case.send == "gradient":  # FedSGD: the float32 gradient itself, as -1 x gradient
+        model.load_state_dict(state)
+        model.train()
+        loss = task.loss(model, spec.model_inputs(ids), data.targets)
+        names = [n for n, p in model.named_parameters() if p.requires_grad]
+        grads = torch.autograd.grad(loss, [p for p in model.parameters() if p.requires_grad])
+        delta = {k: torch.zeros_like(v) for k, v in update.delta.items()}
+        delta |= {n: -g.detach() for n, g in zip(names, grads)}
+        if "lm_head.weight" in delta and "transformer.wte.weight" in delta:
+            delta["lm_head.weight"] = delta["transformer.wte.weight"]  # tied
+        update = type(update)(delta, update.meta, update.buffers)
     client_seconds = time.perf_counter() - start
     if case.noise:
         gen = torch.Generator().manual_seed(0)
@@ -212,7 +228,10 @@ def attack(path: Path) -> dict:
     model, _ = _model(case, _spec(case, vocab))
     spec = _spec(case, vocab)
     view = ServerView.of(model, saved["state"], saved["update"], spec=spec, num_classes=2)
-    rec = attack_factory(case.attack)(**dict(case.settings)).run(view, seed=0)
+    settings = dict(case.settings)
+    if case.send == "gradient" and case.attack == "dager":
+        settings["float_noise"] = False  # a gradient carries no rounding of the weights
+    rec = attack_factory(case.attack)(**settings).run(view, seed=0)
     out = {"feasible": rec.feasible, "reason": rec.reason, "confidence": rec.confidence}
     out |= {"seconds": rec.seconds, "peak_rss_mb": _peak_rss_mb()}
     if rec.examples is not None:

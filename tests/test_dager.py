@@ -268,3 +268,37 @@ def test_encoder_with_one_block_is_refused_and_noise_never_crashes(notes) -> Non
     gs, grad = client_update(one, ids[:1], labels=torch.tensor([1]))
     with pytest.raises(ValueError, match="two blocks"):
         recover(one, gs, grad, num_sequences=1, seq_len=12, kind="encoder")
+
+
+def test_the_rounding_of_a_float32_delta_is_predicted_and_discounted(text_data, notes) -> None:
+    """A server receives float32 deltas: -delta / lr differs from the gradient by the weights'
+    rounding, which float32_noise predicts; the dager attack discounts it (a LLaMA update of one
+    SGD step at lr 0.01 is recovered exactly) and is refused without it."""
+    from gradleak.attacks.base import ServerView
+    from gradleak.attacks.exact.dager.api import float32_noise
+    from gradleak.attacks.registry import attack_factory
+    from gradleak.data.dataset import Dataset
+    from gradleak.data.partition import ClientData
+    from gradleak.fl.client import LocalTraining, train_client
+    from gradleak.text.spec import TextSpec
+    from gradleak.text.tasks import CausalLM
+
+    ids = notes(4, 14, bos=True)
+    model = _model("llama", 128)
+    state, grad = client_update(model, ids)
+    spec = TextSpec(text_data.spec.vocab, 14)
+    client = ClientData(1, Dataset(ids, torch.zeros(4, dtype=torch.long)), 4)
+    settings = LocalTraining(lr=0.01)
+    update, _ = train_client(
+        model, state, client, round=1, settings=settings, spec=spec, task=CausalLM(), seed=0
+    )
+    model.load_state_dict(state)
+    sigma = float32_noise(state, update.delta, lr=0.01, steps=1)
+    name = "model.layers.0.self_attn.q_proj.weight"
+    error = (-update.delta[name] / 0.01 - grad[name]).double().std().item()
+    assert sigma[name] / 3 < error < sigma[name] * 3
+    view = ServerView.of(model, state, update, spec=spec, num_classes=2)
+    rec = attack_factory("dager")().run(view)
+    assert rec.feasible
+    assert sorted(rec.examples.tolist()) == sorted(ids.tolist())
+    assert not attack_factory("dager")(float_noise=False).run(view).feasible

@@ -74,14 +74,20 @@ class DagerSettings(Section):
     max_prefixes: int | None = Field(
         None, gt=0, description="Decoder search gives up past this many live prefixes."
     )
+    float_noise: bool = Field(
+        True,
+        description="Drop span directions below the rounding error of the update as sent (the "
+        "weights' dtype, the local steps, the learning rate) rather than counting them.",
+    )
 
 
 class Dager:
     """Exact recovery of a text batch (DAGER): the span of each linear layer's inputs from its
-    weight gradient, the token sets of layer 1, then whole sequences through layer 2 (decoders,
-    position by position) or by search (encoders). Infeasible, with the reason and no text, when
-    a span fills its layer (too many tokens for the width) or the recovery does not explain the
-    update (noise, dropout); confidence is the gap between true and false distances."""
+    weight gradient (the update's float32 rounding counted as noise), the token sets of layer 1,
+    then whole sequences through layer 2 (decoders, position by position) or by search
+    (encoders). Infeasible, with the reason and no text, when a span fills its layer (too many
+    tokens for the width) or the recovery does not explain the update (noise, dropout);
+    confidence is the gap between true and false distances."""
 
     name = "dager"
     wants_labels = False
@@ -106,16 +112,24 @@ class Dager:
     ) -> Reconstruction:
         """Recover the batch (on the CPU, in float64 where it decides)."""
         from gradleak.attacks.exact.dager import recover
+        from gradleak.attacks.exact.dager.api import float32_noise
         from gradleak.attacks.exact.dager.arch import architecture_for
 
         start = time.perf_counter()
         spec, s = view.spec, self.settings
         try:
             kind = architecture_for(view.model, view.global_state).kind
+            gradient = _gradient(view)
+            noise = float32_noise(
+                view.global_state,
+                {n: view.update[n] for n in gradient},
+                lr=view.meta.lr,
+                steps=view.meta.steps,
+            )
             result = recover(
                 view.model,
                 view.global_state,
-                _gradient(view),
+                gradient,
                 num_sequences=view.num_examples,
                 seq_len=spec.seq_len,
                 kind=kind,
@@ -126,6 +140,7 @@ class Dager:
                 chunk_size=s.chunk_size,
                 max_prefixes=s.max_prefixes,
                 seed=seed,
+                noise=noise if s.float_noise else None,
             )
         except ValueError as exc:  # the architecture cannot be attacked (one block, ...)
             seconds = time.perf_counter() - start

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Literal
 
@@ -17,7 +18,7 @@ from .layer1 import scan_vocabulary, select_tokens
 from .result import LayerReport, Result
 from .span import Span, default_rank_margin, input_space_gradient
 
-__all__ = ["recover", "stage_span"]
+__all__ = ["float32_noise", "recover", "stage_span"]
 
 
 def stage_span(
@@ -26,6 +27,7 @@ def stage_span(
     gradient: dict[str, Tensor],
     *,
     rel_tol: float,
+    noise: dict[str, float] | None = None,
 ) -> Span | str:
     """Span of the ``stage`` states from the gradients of the modules reading them, or why not.
 
@@ -38,7 +40,8 @@ def stage_span(
     full = [(p, gradient[p.weight_key]) for p in projs if p.weight_key in gradient]
     if full:
         grads = [input_space_gradient(g, weight_is_in_out=p.weight_is_in_out) for p, g in full]
-        return Span.from_gradients(grads, rel_tol=rel_tol, name=full[0][0].prefix)
+        sigma = None if noise is None else [noise.get(p.weight_key, 0.0) for p, _ in full]
+        return Span.from_gradients(grads, rel_tol=rel_tol, name=full[0][0].prefix, noise=sigma)
     lora = [p for p in projs if p.lora_adapter and p.lora_key("B") in gradient]
     if lora:
         p: Projection = lora[0]
@@ -48,9 +51,33 @@ def stage_span(
             rel_tol=rel_tol,
             transform=a,
             name=p.prefix,
+            noise=None if noise is None else [noise.get(p.lora_key("B"), 0.0)],
         )
     names = ", ".join(p.weight_key for p in projs)
     return f"{stage}: the gradient has no entry for {names}"
+
+
+def float32_noise(
+    weights: dict[str, Tensor], update: dict[str, Tensor], *, lr: float, steps: int
+) -> dict[str, float]:
+    """The rounding error, per entry, of a pseudo-gradient ``-update / lr`` computed from an update
+    sent as ``local - global`` of weights kept in their own dtype (float32, bfloat16, ...): each
+    local step rounds every weight to within half a unit in the last place (ulp), uniformly, so
+    the error's std is sqrt(steps / 12) x ulp / lr; an update in a coarser dtype than the weights
+    adds its own rounding. A float64 model has next to none."""
+    out = {}
+    for name, delta in update.items():
+        w = weights.get(name)
+        if w is None or not w.is_floating_point() or not delta.is_floating_point():
+            continue
+        local = (w + delta.to(w.dtype)).detach()
+        ulp = (torch.nextafter(local, torch.full_like(local, math.inf)) - local).double()
+        if delta.dtype != w.dtype and torch.finfo(delta.dtype).eps > torch.finfo(w.dtype).eps:
+            d = delta.detach()
+            ulp = ulp + (torch.nextafter(d, torch.full_like(d, math.inf)) - d).double().abs()
+        rms = float(ulp.pow(2).mean().sqrt())
+        out[name] = rms * math.sqrt(max(steps, 1) / 12) / lr
+    return out
 
 
 def recover(
@@ -68,6 +95,7 @@ def recover(
     chunk_size: int = 4096,
     max_prefixes: int | None = None,
     seed: int = 0,
+    noise: dict[str, float] | None = None,
 ) -> Result:
     """Recover the token sequences of a batch from a client's update.
 
@@ -95,6 +123,9 @@ def recover(
         max_prefixes: decoder search gives up beyond this many live prefixes
             (default 8 x num_sequences + 64).
         seed: for decoys and random restarts.
+        noise: per gradient entry (by state-dict name), the std of its known error, such as the
+            rounding of an update sent in float32 (``float32_noise``); spans drop directions
+            below that floor instead of counting them.
 
     Returns:
         A ``Result``; ``sequences`` is empty whenever ``feasible`` is False.
@@ -117,6 +148,7 @@ def recover(
             chunk_size=chunk_size,
             max_prefixes=max_prefixes or 8 * num_sequences + 64,
             seed=seed,
+            noise=noise,
         )
     result.seconds = time.perf_counter() - start
     return result
@@ -137,6 +169,7 @@ def _recover(
     chunk_size,
     max_prefixes,
     seed,
+    noise,
 ) -> Result:
     arch = architecture_for(model, global_state)
     if arch.kind != kind:
@@ -146,7 +179,7 @@ def _recover(
 
     def usable(stage: Stage) -> tuple[Span | None, LayerReport | None, str | None]:
         """The stage's span and report, and why it cannot be used (missing or saturated)."""
-        span = stage_span(arch, stage, gradient, rel_tol=rel_tol)
+        span = stage_span(arch, stage, gradient, rel_tol=rel_tol, noise=noise)
         if isinstance(span, str):
             return None, None, span
         margin = default_rank_margin(span.dim) if rank_margin is None else rank_margin

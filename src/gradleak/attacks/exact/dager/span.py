@@ -16,6 +16,8 @@ from torch import Tensor
 __all__ = ["Span", "default_rank_margin", "input_space_gradient"]
 
 _TINY = 1e-300
+# Singular values within this factor of the noise floor's bound count as noise.
+NOISE_MARGIN = 2.0
 
 
 def default_rank_margin(dim: int) -> int:
@@ -76,19 +78,25 @@ class Span:
         rel_tol: float = 1e-5,
         transform: Tensor | None = None,
         name: str = "",
+        noise: list[float] | None = None,
     ) -> Span:
         """Basis of the common input span of gradients already oriented as (out, in).
 
         Each gradient is scaled to unit Frobenius norm before stacking so that a small one (the
         query's, at random init) is not lost under the tolerance of a large one. Singular values
-        below ``rel_tol`` x the largest are dropped. Non-finite gradients give an empty span.
+        below ``rel_tol`` x the largest are dropped, and below the noise floor when ``noise``
+        gives each gradient's per-entry error (the rounding of an update sent in float32: an
+        entry-wise error of std sigma puts the singular values of an m x n noise matrix below
+        about sigma (sqrt(m) + sqrt(n))). Non-finite gradients give an empty span.
         """
-        mats = []
-        for g in grads:
+        mats, floor = [], 0.0
+        for i, g in enumerate(grads):
             g = g.detach().to(torch.float64).cpu()
             norm = torch.linalg.matrix_norm(g)
             if torch.isfinite(norm) and norm > 0:
                 mats.append(g / norm)
+                if noise is not None:
+                    floor = max(floor, float(noise[i]) / float(norm))
         dim = int(grads[0].shape[1]) if transform is None else int(transform.shape[0])
         if not mats:
             eye = torch.eye(dim, dtype=torch.float64)
@@ -98,8 +106,13 @@ class Span:
             stacked = torch.cat([stacked, stacked.new_zeros(dim - stacked.shape[0], dim)])
         elif stacked.shape[0] > dim:  # same singular values and V from the square R factor
             stacked = torch.linalg.qr(stacked, mode="r").R
+        rows = sum(m.shape[0] for m in mats)
         _, s, vh = torch.linalg.svd(stacked, full_matrices=False)
-        numerical = int((s >= rel_tol * s[0]).sum()) if s.numel() and s[0] > 0 else 0
+        cut = max(
+            rel_tol * float(s[0]) if s.numel() else 0.0,
+            NOISE_MARGIN * floor * (rows**0.5 + dim**0.5),
+        )
+        numerical = int((s >= cut).sum()) if s.numel() and s[0] > 0 else 0
         v = vh.T.contiguous()
         return cls(
             v[:, :numerical].contiguous(),
