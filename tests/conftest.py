@@ -108,3 +108,35 @@ def saved_update(tmp_path: Path) -> list[str]:
         "--meta",
         str(tmp_path / "meta.json"),
     ]
+
+
+# Text: a small Faker corpus, its offline tokenizer, and batches of its notes (imported lazily, so
+# that image tests never load transformers).
+TEXT_VOCAB = 2000
+
+
+@pytest.fixture(scope="session")
+def text_data():
+    """The bundled Faker source, small: 400 notes of 16 tokens, a 2,000-token BPE, 4 canaries."""
+    from gradleak.text.sources import FakerTextSource
+
+    return FakerTextSource(size=400, seq_len=16, vocab_size=TEXT_VOCAB, canaries=4).load(0)
+
+
+@pytest.fixture(scope="session")
+def notes(text_data):
+    """notes(n, seq_len, start=0, task="causal-lm", bos=False) -> n x seq_len token ids of Faker
+    notes (end token appended; [CLS] ... [SEP] for classification), with the data's tokenizer."""
+    from gradleak.text.corpus import faker_records
+    from gradleak.text.sources import encode
+
+    records = faker_records(300, seed=1, sentences=4)
+    vocab = text_data.spec.vocab
+
+    def make(n: int, seq_len: int, *, start: int = 0, task: str = "causal-lm", bos: bool = False):
+        texts = [r.text for r in records[start : start + n]]
+        ids, kept = encode(vocab, texts, seq_len=seq_len, task=task, bos=bos)
+        assert len(kept) == n
+        return ids
+
+    return make

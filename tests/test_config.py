@@ -138,14 +138,15 @@ def test_relative_data_paths_resolve_from_the_working_directory(
     assert load_config(_write(tmp_path, cfg)).data.root == image_folder
 
 
-@pytest.mark.parametrize("name", ["demo", "paper-9-clients"])
+@pytest.mark.parametrize("name", ["demo", "paper-9-clients", "text-9-clients", "text-sigma-sweep"])
 def test_shipped_configs_are_valid(name) -> None:
     config = load_config(ROOT / "configs" / f"{name}.yaml")
     assert config.name == name
 
 
-def test_paper_config_has_the_papers_table() -> None:
-    config = load_config(ROOT / "configs/paper-9-clients.yaml")
+@pytest.mark.parametrize("name", ["paper-9-clients", "text-9-clients"])
+def test_paper_config_has_the_papers_table(name) -> None:
+    config = load_config(ROOT / f"configs/{name}.yaml")
     table = [(c.batch_size, c.size) for c in config.partition.clients]
     assert table == [
         (4, 8),
@@ -158,7 +159,8 @@ def test_paper_config_has_the_papers_table() -> None:
         (8, 512),
         (1, 1),
     ]
-    assert config.training.lr == 0.01 and config.training.local_epochs == 1
+    assert config.training.local_epochs == 1
+    assert config.training.lr == (0.01 if name == "paper-9-clients" else 0.1)  # see the text config
 
 
 def test_config_reference_is_up_to_date() -> None:

@@ -74,7 +74,7 @@ def test_user_model_from_module(tmp_path, monkeypatch) -> None:
 
 def test_bad_model_name_and_kwargs() -> None:
     with pytest.raises(
-        ConfigError, match="model.name: unknown model 'vgg' \\(known: convnet, lenet"
+        ConfigError, match="model.name: unknown model 'vgg' \\(known: (.*, )?convnet, (.*, )?lenet"
     ):
         build_model("vgg", spec=ImageSpec.square(1, 8), num_classes=2)
     with pytest.raises(

@@ -195,22 +195,36 @@ def demo(
 @app.command()
 def attack(
     model: Annotated[
-        str, typer.Option("--model", help="Built-in model name or package.module:factory.")
-    ],
-    global_path: Annotated[
-        Path, typer.Option("--global", help="Global model weights (.safetensors, .npz, .pt).")
+        str,
+        typer.Option(
+            "--model",
+            help="Built-in model name, package.module:factory, or (text) a local transformers "
+            "model directory.",
+        ),
     ],
     update_path: Annotated[
         Path, typer.Option("--update", help="The client's update: local minus global weights.")
     ],
     meta_path: Annotated[
         Path,
-        typer.Option("--meta", help="JSON metadata: num_images, image_shape, num_classes, lr, ..."),
+        typer.Option(
+            "--meta",
+            help="JSON metadata: images: num_images, image_shape, num_classes, lr, ...; text: "
+            'modality "text", num_sequences, seq_len, lr, ...',
+        ),
     ],
     out: Annotated[
         Path,
         typer.Option("--out", "-o", help="Output directory (reconstructions are private data)."),
     ],
+    global_path: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--global",
+            help="Global model weights (.safetensors, .npz, .pt); default: the weights the model "
+            "is built with (a model directory's own).",
+        ),
+    ] = None,
     preset_name: Annotated[
         str,
         typer.Option(
@@ -221,7 +235,11 @@ def attack(
     ] = "inverting-gradients",
     truth: Annotated[
         Optional[Path],
-        typer.Option("--truth", help="npz with the true 'images' (and 'labels') for metrics."),
+        typer.Option(
+            "--truth",
+            help="npz with the true examples ('images'; text: 'sequences') and optionally "
+            "'labels', for metrics.",
+        ),
     ] = None,
     prior: Annotated[
         Optional[Path],
@@ -236,7 +254,8 @@ def attack(
     ] = "cpu",
     quiet: QuietOpt = False,
 ) -> None:
-    """Reconstruct a client's images from a saved update, as an honest-but-curious server would."""
+    """Reconstruct a client's examples (images, text) from a saved update, as an
+    honest-but-curious server would."""
     from gradleak.attacks.offline import attack_saved_update, load_saved_update
     from gradleak.attacks.registry import attack_factory
     from gradleak.experiments.config import parse_override
@@ -277,6 +296,11 @@ def attack(
         _fail(exc)
     if not summary["feasible"]:
         line = f"infeasible: {summary['reason']} ({summary['seconds']:.1f} s)"
+    elif summary["labels"] is None:  # an attack that recovers examples only (text)
+        confidence = summary["confidence"]
+        line = f"recovered ({summary['seconds']:.1f} s" + (
+            f", confidence {confidence:.3f})" if confidence is not None else ")"
+        )
     else:
         line = (
             f"labels {summary['labels']} ({summary['label_strategy']}), {summary['seconds']:.1f} s"
@@ -288,7 +312,8 @@ def attack(
             if k not in ("per_example", "label_accuracy")
         }
         line += "; " + ", ".join(f"{k.upper()} {v:.4g}" for k, v in m.items())
-        line += f", label accuracy {summary['metrics']['label_accuracy']}"
+        if summary["metrics"]["label_accuracy"] is not None or summary["labels"] is not None:
+            line += f", label accuracy {summary['metrics']['label_accuracy']}"
     console.print(line, highlight=False, soft_wrap=True, markup=False)
     console.print(f"written to {out}", highlight=False, soft_wrap=True, markup=False)
 

@@ -96,6 +96,11 @@ class Task(Protocol):
         """(accuracy, mean loss) of ``model`` on ``test``."""
         ...
 
+    def check_output(self, output: Any, inputs: torch.Tensor, num_classes: int) -> str | None:
+        """None when ``output`` (the model's output on ``inputs``) is what this task trains on;
+        else what it should have been (the model probe reports it before any training)."""
+        ...
+
 
 Rows = Sequence[tuple[str, torch.Tensor]]  # captioned rows of examples
 
@@ -105,12 +110,19 @@ class Renderer:
     """How a modality shows examples: ``file(rows)`` is written as ``NAME.{suffix}`` beside an
     audit's examples; ``html(rows, alt)`` is a report fragment (everything in it escaped);
     ``accepts(array)`` says whether an array read back from a run directory is a batch of examples
-    it can show (a damaged or hostile file is left out of the report)."""
+    it can show (a damaged or hostile file is left out of the report). A modality whose examples
+    cannot be shown without their spec (text: token ids need the tokenizer's vocabulary) gives
+    ``bind``, which makes the renderer of one spec's examples (``for_spec``)."""
 
     suffix: str
     file: Callable[[Rows], bytes]
     html: Callable[[Rows, str], str]
     accepts: Callable[[Any], bool]
+    bind: Callable[[InputSpec], Renderer] | None = None
+
+    def for_spec(self, spec: InputSpec) -> Renderer:
+        """The renderer of ``spec``'s examples (itself when it needs no spec)."""
+        return self if self.bind is None else self.bind(spec)
 
 
 TASKS: Registry[type[Task]] = Registry("task")

@@ -34,7 +34,7 @@ class SavedUpdate:
 def load_saved_update(
     *,
     model: str,
-    global_path: Path,
+    global_path: Path | None,
     update_path: Path,
     meta_path: Path,
     out: Path,
@@ -42,13 +42,15 @@ def load_saved_update(
     prior_path: Path | None = None,
 ) -> SavedUpdate:
     """Read and check every input (a bad one is one clear error, before any work), and make
-    ``out`` gradleak's (``rundir.OwnedDir`` of kind ``attack``)."""
+    ``out`` gradleak's (``rundir.OwnedDir`` of kind ``attack``). Without ``global_path`` the
+    global model is the model as built (a local model directory's weights)."""
     owner = OwnedDir(out, "attack")
     owner.check_claimable()
     meta = load_metadata(meta_path)
+    net = meta.build_model(model)
     view = ServerView(
-        model=meta.build_model(model),
-        global_state=load_tensors(global_path),
+        model=net,
+        global_state=load_tensors(global_path) if global_path else _own_weights(net),
         update=load_tensors(update_path),
         meta=meta.update_meta(),
         spec=meta.spec(),
@@ -58,6 +60,12 @@ def load_saved_update(
     truth = meta.load_truth(truth_path) if truth_path else None
     prior = meta.load_prior(prior_path) if prior_path else None
     return SavedUpdate(view, meta, owner.claim(), truth, prior)
+
+
+def _own_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The weights the model was built with (a model directory's own): the global model when no
+    ``--global`` file is given."""
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
 def attack_saved_update(

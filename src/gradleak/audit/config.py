@@ -40,12 +40,13 @@ class AuditConfig(Section):
         "start "
         "of presets with init=prior). Images: mean-image (the test split's mean image, public data "
         "on the "
-        "server) or none (the dataset's mean colour).",
+        "server) or none (the dataset's mean colour). Text: unigram (the test split's most "
+        "frequent tokens) or positional (its most frequent token at each position).",
     )
     metric: str = Field(
         "ssim",
         description="Similarity S of the RDLV, one of the data's metrics (images: ssim, psnr or "
-        "mse).",
+        "mse; text: exact, rouge1, rouge2, rougeL, token_precision, token_recall, personal).",
     )
     reduce: Literal["max", "min"] = Field("max", description="A client's RDLV over its images.")
     threshold: float | None = Field(

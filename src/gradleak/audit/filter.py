@@ -96,10 +96,11 @@ class LeakageAudit:
         self, view: ServerView, truth: torch.Tensor, labels: torch.Tensor, *, seed: int
     ) -> dict[str, Any]:
         """Run every configured attack that applies to the view, score each against the client's
-        examples and the prior, and return the audit record of the worst (the highest RDLV):
-        its RDLV, each metric of the spec, label accuracy, its own verdict and time, which attack
-        it was, and every attack's RDLV (None: it did not apply or found nothing). The worst
-        reconstruction is saved (when enabled)."""
+        examples and the prior, and return the audit record of the worst (the highest RDLV): its
+        RDLV, each metric of the spec, label accuracy, its own verdict and time, which attack it
+        was, and every attack's RDLV (None: it did not apply; 0: it declared the batch beyond its
+        reach, which leaves the server its prior). The worst reconstruction is saved (when
+        enabled)."""
         found: dict[str, tuple[dict[str, Any], torch.Tensor | None]] = {}
         for name, attack in self.attacks.items():
             found[name] = self._attack(name, attack, view, truth, labels, seed)
@@ -127,9 +128,22 @@ class LeakageAudit:
         if reason is not None:
             return {**base, "rdlv": None, "audit_note": f"{name} does not apply: {reason}"}, None
         rec = attack.run(view, seed=seed, prior=self.prior, device=self.device)
+        extra = (
+            {}
+            if rec.confidence is None or not math.isfinite(rec.confidence)
+            else {"confidence": rec.confidence}
+        )
         if not rec.feasible or rec.examples is None:
+            # The attack found the batch beyond its reach and returned nothing: the server is left
+            # with its prior, whose RDLV is 0 by definition (so a sweep sees the leak stopped).
             note = f"{name} infeasible: {rec.reason}"
-            return {**base, "rdlv": None, "audit_note": note, "attack_seconds": rec.seconds}, None
+            return {
+                **base,
+                "rdlv": 0.0,
+                "audit_note": note,
+                **extra,
+                "attack_seconds": rec.seconds,
+            }, None
         pairs = assign(rec.examples, truth, self.spec)  # one matching for every metric
         leak = rdlv(
             rec.examples,
@@ -142,11 +156,6 @@ class LeakageAudit:
         )
         s = score(rec.examples, truth, self.spec, rec.labels, labels, assignment=pairs)
         metrics = {k: v for k, v in s.summary().items() if k != "label_accuracy"}
-        extra = (
-            {}
-            if rec.confidence is None or not math.isfinite(rec.confidence)
-            else {"confidence": rec.confidence}
-        )
         record = dict(
             audited=True,
             rdlv=leak.value,
@@ -175,6 +184,6 @@ class LeakageAudit:
                 originals=truth.numpy(), priors=priors.numpy(), reconstructions=matched.numpy()
             ),
         )
-        renderer = RENDERERS.get(self.spec.kind)
+        renderer = RENDERERS.get(self.spec.kind).for_spec(self.spec)
         rows = [("original", truth), ("prior", priors), ("reconstruction", matched)]
         self.out_dir.write_bytes(f"{stem}.{renderer.suffix}", renderer.file(rows))

@@ -74,7 +74,32 @@ def config_reference() -> str:
     ]
     _section(AttackSettings, "", "Settings", out)
     out += ["## Presets", "", preset_table()]
+    _other_attacks(out)
     return "\n".join(out).rstrip() + "\n"
+
+
+def _other_attacks(out: list[str]) -> None:
+    """The settings of every registered attack that is not an optimisation preset (a modality's
+    own, such as text's), each its own table."""
+    from gradleak.attacks.base import ATTACKS
+    from gradleak.attacks.registry import load_attacks
+
+    load_attacks()
+    others = [n for n in ATTACKS.names() if n not in PRESETS]
+    if not others:
+        return
+    out += [
+        "# Other attacks",
+        "",
+        "Registered by modalities; change their settings the same way (`audit.attack`, `--set`).",
+        "",
+    ]
+    for name in others:
+        factory = ATTACKS.get(name)
+        settings = getattr(factory(), "settings", None)
+        out += [f"## `{name}`", "", " ".join((factory.__doc__ or "").split()), ""]
+        if isinstance(settings, BaseModel):
+            _section(type(settings), "", f"`{name}` settings", out)
 
 
 def preset_table() -> str:

@@ -136,10 +136,14 @@ def build_scenario(config: ExperimentConfig) -> Scenario:
     config.partition.check(len(data.train))
     clients = config.partition.split(data.train, config.seed)
     check_engine(config, len(clients))
+    task = TASKS.get(data.task, key="data")()
     torch.manual_seed(derive_seed(config.seed, "model"))
     model = build_model(
-        config.model.name, spec=data.spec, num_classes=data.num_classes, kwargs=config.model.kwargs
+        config.model.name,
+        spec=data.spec,
+        num_classes=data.num_classes,
+        kwargs=config.model.kwargs,
+        task=task,
     )
-    task = TASKS.get(data.task, key="data")()
     strategy = STRATEGIES.get(config.aggregation.strategy, key="aggregation.strategy")()
     return Scenario(config, data, clients, model, task, strategy, resolve_device(config.device))

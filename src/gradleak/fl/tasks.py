@@ -25,6 +25,12 @@ class Classification:
     def loss(self, model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(model(inputs), targets)
 
+    def check_output(self, output: Any, inputs: torch.Tensor, num_classes: int) -> str | None:
+        n = len(inputs)
+        if isinstance(output, torch.Tensor) and tuple(output.shape) == (n, num_classes):
+            return None
+        return f"not {n} x {num_classes} class scores"
+
     @torch.no_grad()
     def evaluate(
         self, model: nn.Module, test: Dataset, spec: InputSpec, *, device: Any = "cpu"

@@ -55,8 +55,10 @@ class ReconstructionScore:
         raise AttributeError(name)
 
     def summary(self) -> dict[str, float | None]:
+        """Each metric's mean over the originals it applies to (a NaN value, such as the share of
+        personal strings recovered from a sentence that holds none, is left out)."""
         return {
-            **{k: float(v.mean()) for k, v in self.values.items()},
+            **{k: float(v.float().nanmean()) for k, v in self.values.items()},
             "label_accuracy": self.label_accuracy,
         }
 

@@ -2,7 +2,8 @@
 
 A factory receives what the data's input spec offers (``InputSpec.factory_args``: images give
 ``channels`` and ``image_size``) and ``num_classes``, those its signature accepts, plus the
-config's ``kwargs``; it returns an ``nn.Module`` mapping a batch of model inputs to N x classes.
+config's ``kwargs``; it returns an ``nn.Module`` mapping a batch of model inputs to what the task
+trains on (classification: N x classes; ``Task.check_output`` says).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from torch import nn
 
 from gradleak import plugins
 from gradleak.errors import ConfigError
-from gradleak.modality import InputSpec, load_modalities
+from gradleak.modality import InputSpec, Task, load_modalities
 from gradleak.registry import Registry
 from gradleak.resources import check_fits
 
@@ -38,8 +39,10 @@ def build_model(
     spec: InputSpec,
     num_classes: int,
     kwargs: dict[str, Any] | None = None,
+    task: Task | None = None,
 ) -> nn.Module:
-    """Instantiate a model whose input and output follow the dataset."""
+    """Instantiate a model whose input and output follow the dataset and the task (default:
+    classification)."""
     factory = resolve_factory(name)
     given = {**spec.factory_args(), "num_classes": num_classes}
     params = inspect.signature(factory).parameters
@@ -59,14 +62,18 @@ def build_model(
         raise ConfigError(
             "model.name", f"{name} returned {type(model).__name__}, not a torch nn.Module"
         )
-    _probe(model, name, spec, num_classes)
+    if task is None:
+        from gradleak.fl.tasks import Classification
+
+        task = Classification()
+    _probe(model, name, spec, num_classes, task)
     return model
 
 
-def _probe(model: nn.Module, name: str, spec: InputSpec, num_classes: int) -> None:
+def _probe(model: nn.Module, name: str, spec: InputSpec, num_classes: int, task: Task) -> None:
     """One forward pass on two blank examples (eval mode, no gradient, no statistics updated): a
-    model that fails on the data's shape, or does not return N x num_classes, is refused now by
-    name, not in the middle of training."""
+    model that fails on the data's shape, or does not return what the task trains on
+    (classification: N x num_classes), is refused now by name, not in the middle of training."""
     device = next(iter(model.parameters()), torch.zeros(0)).device
     x = spec.model_inputs(spec.blank(2)).to(device)
     was = model.training
@@ -75,13 +82,11 @@ def _probe(model: nn.Module, name: str, spec: InputSpec, num_classes: int) -> No
             out = plugins.guarded(name, "model.name", lambda: model.eval()(x))
     finally:
         model.train(was)
-    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, num_classes):
+    problem = task.check_output(out, x, num_classes)
+    if problem is not None:
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         inputs = " x ".join(str(d) for d in x.shape)
-        raise ConfigError(
-            "model.name",
-            f"{name} maps {inputs} inputs to {shape}, not 2 x {num_classes} class scores",
-        )
+        raise ConfigError("model.name", f"{name} maps {inputs} inputs to {shape}, {problem}")
 
 
 # Copies of the weights a run holds at once (global model, a client's copy, its gradients and

@@ -20,9 +20,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from gradleak.data.sources import SOURCES
-from gradleak.errors import DataError
+from gradleak.errors import DataError, GradleakError
 from gradleak.experiments.store import RunStore
-from gradleak.modality import RENDERERS, Renderer, load_modalities
+from gradleak.modality import RENDERERS, InputSpec, Renderer, load_modalities
 from gradleak.report import figures
 from gradleak.report.recommend import recommend
 from gradleak.rundir import OwnedDir, SubDir
@@ -121,7 +121,9 @@ def build_run_report(run_dir: Path) -> Path:
     return out.path("index.html")
 
 
-# Columns of the audited-row table, in this order.
+# Columns of the audited-row table, in this order: the image metrics (also the disaggregation
+# table's), then whatever else the audit and the defences recorded (another modality's metrics, the
+# attack's confidence, a defence's epsilon), then the tail.
 AUDIT_COLUMNS = (
     "round",
     "client",
@@ -138,6 +140,20 @@ AUDIT_COLUMNS = (
     "defenses",
     "attack_seconds",
 )
+AUDIT_TAIL = ("confidence", *AUDIT_COLUMNS[8:], "audit_note")
+# Fields of a result row the "Clients per round" table already shows, left out of the audit's.
+TRAINING_FIELDS = ("lr", "epochs", "steps", "train_loss", "update_norm", "audited", "attack")
+
+
+def _audit_columns(rows: list[dict[str, Any]]) -> list[str]:
+    """The audit table's columns: AUDIT_COLUMNS where the rows have them (the head always), every
+    other recorded field before the tail."""
+    seen = list(dict.fromkeys(k for r in rows for k in r))
+    head = [c for c in AUDIT_COLUMNS[:8] if c in AUDIT_COLUMNS[:5] or c in seen]
+    skip = {*AUDIT_COLUMNS, *AUDIT_TAIL, *TRAINING_FIELDS}
+    return [*head, *(k for k in seen if k not in skip), *AUDIT_TAIL]
+
+
 # At most this many rounds per client in the image grids (evenly spaced, last included).
 GRID_ROUNDS = 8
 # Image grids for at most this many audited clients (those with the highest RDLV).
@@ -161,7 +177,25 @@ def _renderer(config: dict[str, Any]) -> Renderer | None:
     if source not in SOURCES:
         return None
     kind = SOURCES.get(source).kind
-    return RENDERERS.get(kind) if kind in RENDERERS else None
+    if kind not in RENDERERS:
+        return None
+    renderer = RENDERERS.get(kind)
+    if renderer.bind is None:
+        return renderer
+    spec = _data_spec(config)
+    return renderer if spec is None else renderer.for_spec(spec)
+
+
+def _data_spec(config: dict[str, Any]) -> InputSpec | None:
+    """The input spec of the run's data, rebuilt from its config (a renderer that needs it: text's
+    tokenizer), or None when the data cannot be loaded any more (the renderer then shows what it
+    can without it)."""
+    try:
+        source = SOURCES.get(config["data"]["source"]).model_validate(config["data"])
+        seed = config.get("seed", 0)
+        return source.load(seed if isinstance(seed, int) else 0).spec
+    except (GradleakError, ValidationError, OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def _examples_row(r: dict[str, Any], arrays: dict[str, np.ndarray], metric: Any) -> tuple[str, Any]:
@@ -243,7 +277,7 @@ def _audit_section(
             f"original, prior and reconstruction of client {cid}",
             _audit_metric(config),
         )
-    table = [{k: r.get(k, "") for k in AUDIT_COLUMNS} for r in audited]
+    table = [{k: r.get(k, "") for k in _audit_columns(audited)} for r in audited]
     parts += ["<h3>Audited updates</h3>", _table(table)]
     return "\n".join(parts)
 
