@@ -57,6 +57,9 @@ def stage_span(
     return f"{stage}: the gradient has no entry for {names}"
 
 
+_NOISE_CHUNK = 1 << 20  # entries per block of float32_noise
+
+
 def float32_noise(
     weights: dict[str, Tensor], update: dict[str, Tensor], *, lr: float, steps: int
 ) -> dict[str, float]:
@@ -70,12 +73,17 @@ def float32_noise(
         w = weights.get(name)
         if w is None or not w.is_floating_point() or not delta.is_floating_point():
             continue
-        local = (w + delta.to(w.dtype)).detach()
-        ulp = (torch.nextafter(local, torch.full_like(local, math.inf)) - local).double()
-        if delta.dtype != w.dtype and torch.finfo(delta.dtype).eps > torch.finfo(w.dtype).eps:
-            d = delta.detach()
-            ulp = ulp + (torch.nextafter(d, torch.full_like(d, math.inf)) - d).double().abs()
-        rms = float(ulp.pow(2).mean().sqrt())
+        coarser = delta.dtype != w.dtype and torch.finfo(delta.dtype).eps > torch.finfo(w.dtype).eps
+        flat_w, flat_d = w.detach().reshape(-1), delta.detach().reshape(-1)
+        total = 0.0
+        for i in range(0, flat_w.numel(), _NOISE_CHUNK):  # chunks: an embedding is 10^7-10^8
+            d = flat_d[i : i + _NOISE_CHUNK]
+            local = flat_w[i : i + _NOISE_CHUNK] + d.to(w.dtype)
+            ulp = (torch.nextafter(local, torch.full_like(local, math.inf)) - local).double()
+            if coarser:
+                ulp = ulp + (torch.nextafter(d, torch.full_like(d, math.inf)) - d).double().abs()
+            total += float(ulp.pow(2).sum())
+        rms = math.sqrt(total / max(flat_w.numel(), 1))
         out[name] = rms * math.sqrt(max(steps, 1) / 12) / lr
     return out
 
