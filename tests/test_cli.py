@@ -165,8 +165,11 @@ def test_every_command_has_help(command) -> None:
 
 def test_models_lists_the_zoo() -> None:
     assert runner.invoke(app, ["models"]).output.split() == [
+        "bert",
         "convnet",
+        "gpt2",
         "lenet",
+        "llama",
         "mlp",
         "resnet18",
         "resnet20",

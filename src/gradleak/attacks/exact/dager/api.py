@@ -120,8 +120,8 @@ def recover(
         kind: "decoder" (causal LM loss) or "encoder" (bidirectional, e.g. classification).
         end_token: appended to decoder sequences (the token the toolkit appended), if given.
         rel_tol: singular values below rel_tol x the largest are treated as rounding. 1e-6, not
-            the 1e-5 of the scoping prototype: true directions of a BERT batch were measured down
-            to 4e-6 above a float32 floor of 4e-8.
+            1e-5: true directions of a BERT batch were measured down to 4e-6 above a float32
+            floor of 4e-8.
         rank_margin: a span of rank >= dim - rank_margin is refused (default: min(20, dim/8),
             at least 4).
         min_confidence: report infeasible below this. Confidence is the minimum over the stages
