@@ -480,7 +480,15 @@ def _zip_bomb(path: Path) -> None:
 
 @pytest.mark.parametrize(
     "damage",
-    ["huge npy header", "zip bomb", "object array", "deep rows", "deep manifest", "huge row file"],
+    [
+        "huge npy header",
+        "zip bomb",
+        "object array",
+        "deep rows",
+        "deep manifest",
+        "huge row file",
+        "huge integer",
+    ],
 )
 def test_hostile_files_in_a_run_are_one_line_or_left_out(finished, tmp_path, damage) -> None:
     run = _copy(finished, tmp_path / "run")
@@ -505,6 +513,9 @@ def test_hostile_files_in_a_run_are_one_line_or_left_out(finished, tmp_path, dam
     elif damage == "huge row file":
         with (run / "results.jsonl").open("a") as f:
             f.truncate(2 << 30)  # sparse: 2 GiB of zeros past the row-file limit
+    elif damage == "huge integer":  # more digits than Python converts to an int
+        with (run / "results.jsonl").open("a") as f:
+            f.write('{"round": 1' + "0" * 100000 + "}\n")
     result = _invoke(["report", str(run)])
     if result.exit_code == 0:
         page = (run / "report/index.html").read_text()

@@ -114,6 +114,8 @@ def parse_json(data: bytes, where: object, *, max_depth: int = MAX_JSON_DEPTH) -
         raise DataError(f"{where} is not valid JSON ({exc.msg}, line {exc.lineno})") from None
     except RecursionError:
         raise DataError(f"{where}: nested more than {max_depth} levels deep") from None
+    except ValueError as exc:  # an integer of more digits than Python converts
+        raise DataError(f"{where} is not valid JSON ({exc})") from None
     return check_depth(value, where, max_depth)
 
 

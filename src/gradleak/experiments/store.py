@@ -44,7 +44,7 @@ from gradleak.errors import DataError, GradleakError
 from gradleak.fl.simulator import ClientResult, Hooks, RoundResult
 from gradleak.fl.update import ClientUpdate, UpdateMismatch, check_state
 from gradleak.rundir import OwnedDir
-from gradleak.safeio import load_safetensors, safetensors_bytes
+from gradleak.safeio import load_safetensors, parse_json, safetensors_bytes
 
 log = logging.getLogger("gradleak")
 
@@ -177,8 +177,8 @@ class JsonLines:
             if not line.strip():
                 continue
             try:
-                row = json.loads(line.decode())
-            except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+                row = parse_json(line, f"{self.path}, line {i}")
+            except DataError:
                 problem: str | None = "not a JSON row"
             else:
                 problem = check_row(row, self.fields, self.required)

@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import pickle
 import warnings
@@ -23,6 +22,7 @@ from PIL import Image
 
 from gradleak.errors import DataError
 from gradleak.resources import check_images_fit
+from gradleak.safeio import read_json
 
 log = logging.getLogger("gradleak")
 
@@ -279,10 +279,7 @@ def read_split_list(
     """The JSON split lists as ``{split: (paths, labels)}``, paths resolved under ``root``."""
     if not split_file.is_file():
         raise DataError(f"split file not found: {split_file}")
-    try:
-        spec = json.loads(split_file.read_text())
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{split_file} is not valid JSON: {exc}") from None
+    spec = read_json(split_file)
     if not isinstance(spec, dict):
         raise DataError(f"{split_file}: expected an object with 'training' and 'testing' lists")
     out = {}
