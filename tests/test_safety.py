@@ -544,6 +544,9 @@ def _damage_tensors(path: Path, how: str) -> None:
         state["extra.weight"] = torch.zeros(2)
     elif how == "missing":
         del state[first]
+    elif how == "exponent bit":  # a flipped exponent bit: finite, and 2^64 times too large
+        state[first] = state[first].clone()
+        state[first].view(-1)[0] *= 2.0**64
     if how == "truncated":
         path.write_bytes(path.read_bytes()[:-7])
     elif how == "flipped header":
@@ -555,7 +558,18 @@ def _damage_tensors(path: Path, how: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "how", ["nan", "float64", "int32", "shape", "extra", "missing", "truncated", "flipped header"]
+    "how",
+    [
+        "nan",
+        "float64",
+        "int32",
+        "shape",
+        "extra",
+        "missing",
+        "truncated",
+        "flipped header",
+        "exponent bit",
+    ],
 )
 def test_resume_checks_every_tensor_it_reads_back(finished, tmp_path, how) -> None:
     run = _copy(finished, tmp_path / "run")
@@ -565,6 +579,18 @@ def test_resume_checks_every_tensor_it_reads_back(finished, tmp_path, how) -> No
     line = _one_line(result)
     assert "global_0002.safetensors" in line, line
     assert len((run / "rounds.jsonl").read_text().splitlines()) == 2  # nothing trained on it
+
+
+def test_resume_from_the_start_checks_the_initial_model(finished, tmp_path) -> None:
+    """Killed before round 1 finished: the initial checkpoint is rebuilt from the config and
+    compared, so a flipped bit in it is refused by name, not trained on."""
+    run = _copy(finished, tmp_path / "run")
+    for name in ("results.jsonl", "rounds.jsonl", "timings.jsonl"):
+        (run / name).write_text("")
+    _damage_tensors(run / "checkpoints/global_0000.safetensors", "exponent bit")
+    result = _invoke(["run", str(_config(tmp_path)), "--out", str(run), "-q", "--resume"])
+    assert "global_0000.safetensors" in _one_line(result)
+    assert (run / "rounds.jsonl").read_text() == ""
 
 
 def test_a_damaged_pending_update_is_named_on_resume(tmp_path) -> None:

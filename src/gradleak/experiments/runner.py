@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from gradleak.errors import ConfigError, GradleakError
+from gradleak.errors import ConfigError, DataError, GradleakError
 from gradleak.experiments.config import ExperimentConfig, first_difference
 from gradleak.experiments.scenario import build_scenario
 from gradleak.experiments.secure_sum import run_disaggregation
@@ -32,6 +32,11 @@ def _threads(n: int | None) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def _same_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    """Whether two state dicts hold the same tensors, bit for bit."""
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 @contextmanager
@@ -110,6 +115,11 @@ class Run:
                     partial=not simulator.atomic_rounds, reference=reference
                 )
                 state = store.load_checkpoint(last, reference)
+                if last == 0 and not _same_state(state, self.scenario.initial_state()):
+                    raise DataError(
+                        f"{store.checkpoint_path(0)} is not the initial model this config "
+                        "builds; the run directory is damaged"
+                    )
                 log.info(
                     "resuming %s after round %d (%d clients of round %d done)",
                     config.name,

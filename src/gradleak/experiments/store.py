@@ -28,6 +28,7 @@ values) and against the rows (each pending update's norm is its row's).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -78,6 +79,7 @@ ROUND_FIELDS = {
     "aggregated": _INT,
     "test_accuracy": _NUM,
     "test_loss": _NUM,
+    "checkpoint_sha256": _STR,  # of the round's checkpoint file, checked when it is read back
 }
 TIMING_FIELDS = {"round": _INT, "client": _INT, "seconds": _NUM}
 # Where a field has a range, any file's rows keep to it.
@@ -235,7 +237,8 @@ class RunStore:
         self.results = JsonLines(
             d, "results.jsonl", RESULT_FIELDS, ClientResult.BASE_KEYS, ("round", "client")
         )
-        self.rounds = JsonLines(d, "rounds.jsonl", ROUND_FIELDS, tuple(ROUND_FIELDS), ("round",))
+        required = tuple(k for k in ROUND_FIELDS if k != "checkpoint_sha256")  # older runs lack it
+        self.rounds = JsonLines(d, "rounds.jsonl", ROUND_FIELDS, required, ("round",))
         self.timings = JsonLines(d, "timings.jsonl", TIMING_FIELDS, tuple(TIMING_FIELDS))
         self.checkpoints = self.root / "checkpoints"
         self.pending = self.root / "pending"
@@ -312,12 +315,22 @@ class RunStore:
     def load_checkpoint(
         self, round: int, reference: dict[str, torch.Tensor] | None = None
     ) -> dict[str, torch.Tensor]:
-        """The global model after ``round``; with ``reference`` (the model's state dict) every
-        tensor is checked against it: names, shapes, dtypes, and finite values unless the round's
-        row records a non-finite test loss (a diverged run's model is legitimately NaN)."""
-        state = self._load_tensors(_checkpoint(round))
+        """The global model after ``round``, its bytes checked against the digest its round's row
+        recorded (a flipped bit is caught even where it leaves the values finite); with
+        ``reference`` (the model's state dict) every tensor is checked against it: names, shapes,
+        dtypes, and finite values unless the round's row records a non-finite test loss (a
+        diverged run's model is legitimately NaN)."""
+        rel = _checkpoint(round)
+        data = self.dir.read_bytes(rel, kind="tensors")
+        rows = [r for r in self.rounds.read() if r["round"] == round]
+        recorded = rows[0].get("checkpoint_sha256") if rows else None
+        if recorded is not None and hashlib.sha256(data).hexdigest() != recorded:
+            raise DataError(
+                f"{self.dir.path(rel)} is not the checkpoint written after round {round} (its "
+                "digest differs from the one in rounds.jsonl); the run directory is damaged"
+            )
+        state = load_safetensors(data, self.dir.path(rel))[0]
         if reference is not None:
-            rows = [r for r in self.rounds.read() if r["round"] == round]
             diverged = bool(rows) and not math.isfinite(rows[0]["test_loss"])
             try:
                 check_state(
@@ -369,8 +382,9 @@ class RunStore:
         r = row["round"]
         if observed is not None:
             self._save_tensors(f"secure_sum/round_{r:04d}.safetensors", observed)
-        self.save_checkpoint(r, state)
-        self.rounds.append(row)
+        data = safetensors_bytes(state)
+        self.dir.write_bytes(_checkpoint(r), data)
+        self.rounds.append({**row, "checkpoint_sha256": hashlib.sha256(data).hexdigest()})
         self.dir.remove_tree(f"pending/round_{r:04d}")
         self.dir.remove_dir("pending")
         self.prune_checkpoints(r, keep_every)
