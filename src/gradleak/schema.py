@@ -17,12 +17,16 @@ SECTION = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 def _numeric_only(annotation: Any) -> bool:
-    """Whether a field takes numbers but not booleans (int, float, or an optional of them)."""
+    """Whether a field takes numbers but not booleans (int, float, a literal of numbers such as
+    ``Literal[1, 3]``, or an optional of them)."""
     if annotation in (int, float):
         return True
+    if typing.get_origin(annotation) is typing.Literal:
+        values = typing.get_args(annotation)
+        return all(type(v) in (int, float) for v in values)
     if typing.get_origin(annotation) in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(annotation) if a is not type(None)]
-        return bool(args) and all(a in (int, float) for a in args)
+        return bool(args) and all(_numeric_only(a) for a in args)
     return False
 
 
