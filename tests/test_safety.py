@@ -784,6 +784,27 @@ def test_figures_of_many_clients_keep_a_readable_size(tmp_path) -> None:
             assert max(im.size) <= 2000, (png.name, im.size)
 
 
+def test_huge_images_in_a_run_are_shown_small(finished, tmp_path) -> None:
+    """Audit images of 3,000 x 3,000 pixels (a run directory's npz replaced) are shrunk in the
+    report's grid, not drawn as a 180-megapixel canvas."""
+    import base64
+    import io
+    import re
+
+    from PIL import Image
+
+    run = _copy(finished, tmp_path / "run")
+    big = np.full((1, 1, 3000, 3000), 0.5, dtype=np.float32)
+    np.savez(run / "audit/round_0001/client_1.npz", originals=big, priors=big, reconstructions=big)
+    assert _invoke(["report", str(run)]).exit_code == 0
+    page = (run / "report/index.html").read_text()
+    sizes = []
+    for data in re.findall(r'src="data:image/png;base64,([^"]+)"', page):
+        with Image.open(io.BytesIO(base64.b64decode(data))) as im:
+            sizes.append(im.size)
+    assert sizes and max(max(s) for s in sizes) <= 1000, sizes  # not 12,008 (3,000 x 4)
+
+
 @pytest.mark.skipif(
     shutil.which("chromium") is None, reason="no headless browser installed (the parser test holds)"
 )
