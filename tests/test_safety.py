@@ -613,7 +613,7 @@ def test_a_damaged_pending_update_is_named_on_resume(tmp_path) -> None:
         rundir.on_change = None
     pending = out / "pending/round_0002/client_1.safetensors"
     assert pending.exists()
-    for how in ("nan", "float64", "shape"):
+    for how in ("nan", "inf", "float64", "shape"):
         cut = _copy(out, tmp_path / f"cut_{how}")
         target = cut / "pending/round_0002/client_1.safetensors"
         from safetensors import safe_open
@@ -625,6 +625,7 @@ def test_a_damaged_pending_update_is_named_on_resume(tmp_path) -> None:
         key = next(k for k in state if k.endswith("weight"))
         state[key] = {
             "nan": lambda t: t.clone().fill_(float("nan")),
+            "inf": lambda t: t.clone().fill_(float("inf")),  # its norm inf, not its row's
             "float64": lambda t: t.double(),
             "shape": lambda t: t[:1].clone(),
         }[how](state[key])

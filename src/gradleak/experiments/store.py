@@ -224,6 +224,8 @@ def _same_norm(a: float, b: Any) -> bool:
         return False
     if math.isnan(a) or math.isnan(b):
         return math.isnan(a) and math.isnan(b)
+    if math.isinf(a) or math.isinf(b):  # inf - x <= 1e-9 x inf would hold for any x
+        return a == b
     return a == b or abs(a - b) <= 1e-9 * max(abs(a), abs(b))
 
 
