@@ -746,6 +746,14 @@ def test_a_plugin_s_exception_or_exit_is_one_line_naming_it(tmp_path, fail) -> N
     assert module in lines[0], lines[0]
 
 
+def test_a_factory_that_is_an_exit_is_one_line(tmp_path) -> None:
+    """``builtins:exit`` as the model: the exit it raises (from no plugin module of the user's)
+    is reported under model.name, not taken for the command's own end with status 0."""
+    config = _config(tmp_path, model={"name": "builtins:exit"}, audit=None)
+    line = _one_line(_invoke(["run", str(config), "--out", str(tmp_path / "out"), "-q"]))
+    assert "model.name" in line and "builtins:exit" in line, line
+
+
 # -- concurrency and size -----------------------------------------------------------------------
 
 

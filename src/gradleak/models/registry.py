@@ -105,7 +105,7 @@ def _check_size(factory: ModelFactory, name: str, kwargs: dict[str, Any]) -> Non
             sum(t.numel() for t in tensors),
             sum(t.numel() * t.element_size() for t in tensors),
         )
-    except Exception:  # noqa: BLE001 - the real build below reports the factory's own errors
+    except (Exception, SystemExit):  # noqa: BLE001 - the real build below reports the factory's own errors
         return
     check_fits(
         MODEL_COPIES * size,
