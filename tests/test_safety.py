@@ -754,6 +754,45 @@ def test_a_factory_that_is_an_exit_is_one_line(tmp_path) -> None:
     assert "model.name" in line and "builtins:exit" in line, line
 
 
+@pytest.mark.parametrize(
+    "error",
+    [
+        MemoryError(),
+        RuntimeError(
+            "[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate "
+            "memory: you tried to allocate 256000000000 bytes. Error code 12"
+        ),
+    ],
+)
+def test_an_allocation_that_fails_is_one_line(monkeypatch, capsys, error) -> None:
+    """Python's MemoryError or torch's allocator failing anywhere in a command (a saved update's
+    metadata asking for 10^9 images): one line, status 2, no traceback."""
+    import gradleak.cli
+    from gradleak import entry
+
+    def fail() -> None:
+        raise error
+
+    monkeypatch.setattr(gradleak.cli, "main", fail)
+    with pytest.raises(SystemExit) as exited:
+        entry.main()
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and err.startswith("error: out of memory"), err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_other_errors_are_not_taken_for_memory(monkeypatch) -> None:
+    import gradleak.cli
+    from gradleak import entry
+
+    def fail() -> None:
+        raise RuntimeError("shape mismatch")
+
+    monkeypatch.setattr(gradleak.cli, "main", fail)
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        entry.main()
+
+
 # -- concurrency and size -----------------------------------------------------------------------
 
 
