@@ -213,14 +213,16 @@ def _labels() -> dict:
                         head.bias.detach(),
                         size,
                     )
-                    exact += r.counts == torch.bincount(y_all[idx], minlength=10).tolist()
+                    truth = torch.bincount(y_all[idx], minlength=10).tolist()
+                    exact += r.counts == truth
+                    wrong_accepted += r.counts is not None and r.counts != truth
                 reach[size] = exact / BATCHES
             out[f"mlp [{hidden}] {'trained' if trained else 'untrained'}"] = {
                 "ilrg_exact_share_by_batch": reach,
                 "test_accuracy": accuracy,
                 "exact_share": {k: v / BATCHES for k, v in hits.items()},
                 "ilrg_declined": declined,
-                "ilrg_wrong_but_accepted": wrong_accepted,
+                "ilrg_wrong_but_accepted": wrong_accepted,  # at every batch size
                 "ilrg_max_count_error": {
                     "median": float(np.median(errors)),
                     "max": float(np.max(errors)),

@@ -178,7 +178,9 @@ def test_ilrg_declines_a_batch_larger_than_its_width_and_classes_allow() -> None
         assert torch.isfinite(r.estimate).all()  # it did solve, and refused to round
 
 
-def test_ilrg_never_accepts_wrong_counts() -> None:
+def test_ilrg_answers_on_untrained_batches_are_right_or_declined() -> None:
+    """On untrained networks every accepted answer is the truth (on trained ones a confidently
+    misclassified image can pass the check: benchmarks/exact.py labels counts those)."""
     accepted = declined = 0
     for classes, batch in ((10, 4), (10, 8), (10, 16), (100, 32), (100, 256)):
         for seed in range(4):

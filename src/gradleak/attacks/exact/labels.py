@@ -10,7 +10,9 @@ Rules (``g`` is the per-step average of the pseudo-gradient of the last linear l
   linear system for the counts; it is right where each class's gradient rows are dominated by that
   class's own samples (many classes, few samples per class) and declines, by an integrality and
   residual check, where they are not (few classes with many samples each: at 10 classes and batch
-  1,024 the last layer's gradient does not determine the counts). Then
+  1,024 it declined every measured batch). The check is a plausibility
+  test, not a proof: on a trained model a confidently misclassified image can move a count and
+  still pass (benchmarks/exact.py labels). Where iLRG declines,
   ``n_c = N (p_c - g_b[c])`` with ``p_c`` the model's mean softmax on probe images estimates them.
 When no rule applies (no classifier bias for counts, an empty or oversized set), the attack falls
 back to optimising soft labels jointly.
@@ -105,7 +107,9 @@ def ilrg_counts(
     ``sum_c n_c (P[c] - e_c) = N g_b`` with ``sum(n) = N`` (pseudoinverse, float64). The answer is
     accepted only if every count is within ``tolerance`` of a non-negative integer, they sum to N
     and the integer counts satisfy the system to ``tolerance`` (in counts); otherwise the batch
-    breaks the method's assumption and it declines rather than round a wrong answer."""
+    breaks the method's assumption and it declines rather than round a wrong answer. Passing the
+    check is evidence, not proof: a confidently misclassified image on a trained model can shift a
+    count by one and still pass."""
     k = len(grad_bias)
     gw, gb = grad_weight.double(), grad_bias.double()
     if gw.shape != (k, weight.shape[1]) or weight.shape[0] != k:
