@@ -57,11 +57,11 @@ def counts_from_class_probs(
     grad_bias: torch.Tensor, n: int, class_probs: torch.Tensor
 ) -> list[int]:
     """How many images of each class, from per-class expected probabilities ``P[c] = E[p | y = c]``
-    (e.g. the global model's mean softmax on public images of class c): the system
-    ``N g_b = sum_c n_c (P[c] - e_c)`` with ``sum(n) = N`` (iLRG, Ma et al., CVPR 2023) by least
-    squares, rounded by largest remainders. Exact while the batch's own probabilities stay within
-    half a count of what P predicts per class: at batch 1,024 that held for an untrained model and
-    not for a trained one (benchmarks/exact.py labels)."""
+    (e.g. the global model's mean softmax on public images of class c): iLRG's system
+    ``N g_b = sum_c n_c (P[c] - e_c)`` with ``sum(n) = N``, with public means in place of the
+    batch's, by least squares, rounded by largest remainders. Exact while the batch's own
+    probabilities stay within half a count of what P predicts per class: at batch 1,024 of 10
+    classes that held for at most 1 batch in 20 (benchmarks/exact.py labels)."""
     k = len(grad_bias)
     a = torch.cat(
         [
