@@ -195,6 +195,38 @@ def test_ilrg_answers_on_untrained_batches_are_right_or_declined() -> None:
     assert accepted >= 8 and declined >= 8  # the sweep exercises both answers
 
 
+def test_ilrg_declines_when_a_confident_image_vanishes_from_its_class() -> None:
+    """A trained model's batch [3, 9, 6, 6] (the softmax rows of a digits MLP): the 3 is classified
+    at 0.985, so class 3's gradient rows are dominated by the 9 and the system rounds cleanly to
+    two 9s and no 3. Class 3's weight-gradient row is negative where the 3's embedding is, which
+    no class without images can show: iLRG declines."""
+    probs = torch.tensor(
+        [
+            [0.0, 0.001, 0.01, 0.985, 0.0, 0.0, 0.0, 0.0, 0.001, 0.004],
+            [0.002, 0.0, 0.0, 0.04, 0.0, 0.0, 0.0, 0.0, 0.003, 0.955],
+            [0.001, 0.022, 0.001, 0.0, 0.009, 0.001, 0.944, 0.0, 0.022, 0.0],
+            [0.004, 0.001, 0.002, 0.0, 0.002, 0.002, 0.987, 0.0, 0.003, 0.0],
+        ],
+        dtype=torch.float64,
+    )
+    probs = (probs + 1e-4) / (probs + 1e-4).sum(1, keepdim=True)
+    labels, n, width = torch.tensor([3, 9, 6, 6]), 4, 8
+    emb = torch.zeros(n, n * width, dtype=torch.float64)  # non-negative, disjoint supports
+    weight = torch.zeros(10, n * width, dtype=torch.float64)
+    for i in range(n):
+        emb[i, i * width : (i + 1) * width] = 1.0
+        weight[:, i * width : (i + 1) * width] = (probs[i].log() / width)[:, None]
+    bias = torch.zeros(10, dtype=torch.float64)
+    assert torch.allclose(torch.softmax(emb @ weight.T + bias, -1), probs)
+    err = (probs - F.one_hot(labels, 10).double()) / n
+    r = ilrg_counts(err.T @ emb, err.sum(0), weight, bias, n)
+    assert r.counts is None and "[3]" in r.reason and "negative" in r.reason
+    rounded = r.estimate.round()
+    truth = torch.bincount(labels, minlength=10).double()
+    assert float((r.estimate - rounded).abs().max()) < 0.1 and int(rounded.sum()) == n
+    assert not torch.equal(rounded, truth)  # integral and wrong: only the row check catches it
+
+
 def test_recover_labels_takes_ilrg_counts_from_a_client_update(tiles) -> None:
     client, view = _view(tiles, 4, [64], seed=3)
     labels, strategy = recover_labels(view, torch.zeros(2, *tiles.spec.shape))

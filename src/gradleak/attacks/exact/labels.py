@@ -10,9 +10,9 @@ Rules (``g`` is the per-step average of the pseudo-gradient of the last linear l
   linear system for the counts; it is right where each class's gradient rows are dominated by that
   class's own samples (many classes, few samples per class) and declines, by an integrality and
   residual check, where they are not (few classes with many samples each: at 10 classes and batch
-  1,024 it declined every measured batch). The check is a plausibility
-  test, not a proof: on a trained model a confidently misclassified image can move a count and
-  still pass (benchmarks/exact.py labels). Where iLRG declines,
+  1,024 it declined every measured batch), and by the label-set rule when a class it counts 0 has
+  a negative row (an image a trained model classifies confidently barely moves the gradient and
+  can vanish from the counts). The checks are plausibility tests, not a proof. Where iLRG declines,
   ``n_c = N (p_c - g_b[c])`` with ``p_c`` the model's mean softmax on probe images estimates them.
 When no rule applies (no classifier bias for counts, an empty or oversized set), the attack falls
 back to optimising soft labels jointly.
@@ -106,10 +106,10 @@ def ilrg_counts(
     ``g_W[c] / g_b[c]``, its probabilities ``P[c] = softmax(W e_c + b)``; the counts solve
     ``sum_c n_c (P[c] - e_c) = N g_b`` with ``sum(n) = N`` (pseudoinverse, float64). The answer is
     accepted only if every count is within ``tolerance`` of a non-negative integer, they sum to N
-    and the integer counts satisfy the system to ``tolerance`` (in counts); otherwise the batch
-    breaks the method's assumption and it declines rather than round a wrong answer. Passing the
-    check is evidence, not proof: a confidently misclassified image on a trained model can shift a
-    count by one and still pass."""
+    and the integer counts satisfy the system to ``tolerance`` (in counts), and no class counted 0
+    has a negative entry in its weight-gradient row (with non-negative embeddings only present
+    classes do: the label-set rule); otherwise the batch breaks the method's assumption and it
+    declines rather than round a wrong answer. Passing the checks is evidence, not proof."""
     k = len(grad_bias)
     gw, gb = grad_weight.double(), grad_bias.double()
     if gw.shape != (k, weight.shape[1]) or weight.shape[0] != k:
@@ -140,6 +140,15 @@ def ilrg_counts(
         )
     if residual > tolerance:
         return IlrgResult(None, est, f"integer counts leave a residual of {residual:.2f}")
+    # A class with no image has the row sum_n p_nc h_n: non-negative for ReLU embeddings. A row
+    # with a clearly negative entry therefore holds an image; iLRG counting 0 there is wrong (or
+    # the embeddings can be negative): decline either way.
+    rel = gw.min(dim=1).values / gw.abs().max(dim=1).values.clamp_min(torch.finfo(gw.dtype).tiny)
+    missed = [c for c in range(k) if counts[c] == 0 and float(rel[c]) < -1e-3]
+    if missed:
+        return IlrgResult(
+            None, est, f"classes {missed} have negative gradient rows (an image) but count 0"
+        )
     return IlrgResult(
         [int(c) for c in counts.tolist()], est, f"integral to {off:.3f}, residual {residual:.3f}"
     )
