@@ -103,7 +103,7 @@ def ilrg_counts(
 
     ``grad_weight`` / ``grad_bias`` are the batch-mean gradient of the last linear layer (classes x
     features, classes), ``weight`` / ``bias`` its parameters at that step. Class c's embedding is
-    ``g_W[c] / g_b[c]``, its probabilities ``P[c] = softmax(W e_c + b)``; the counts solve
+    ``h_c = g_W[c] / g_b[c]``, its probabilities ``P[c] = softmax(W h_c + b)``; the counts solve
     ``sum_c n_c (P[c] - e_c) = N g_b`` with ``sum(n) = N`` (pseudoinverse, float64). The answer is
     accepted only if every count is within ``tolerance`` of a non-negative integer, they sum to N
     and the integer counts satisfy the system to ``tolerance`` (in counts), and no class counted 0
