@@ -12,10 +12,16 @@ Cases:
             failures, wrong-but-certified (must be 0), seconds per batch
   cpa       the Cocktail Party Attack on a 3,072 -> 256 layer (mlp, hidden [256]), batch 64 of the
             same tiles, 3 batches: mean matched SSIM, seconds
-  labels    per-class label counts at batch 1,024 of scikit-learn's digits (8 x 8, an mlp with
-            hidden [64]), untrained and trained for 3 epochs, 20 batches each: share of batches
-            whose counts are exact, from the bias gradient with the model's mean softmax on the
-            public test split (label_counts) and with its per-class means (counts_from_class_probs)
+  labels    per-class label counts at batch 1,024 of scikit-learn's digits (8 x 8; 10 classes),
+            an mlp with hidden [64] and one with hidden [2048] (a 2,048-wide embedding, as
+            ResNet-50's), untrained and trained for 3 epochs, 20 batches each drawn with repeats
+            (even seeds uniform, odd seeds with Dirichlet(0.5) class shares), one gradient each:
+            share of batches whose counts are exact by iLRG (ilrg_counts; declined counts as not
+            exact), by recover_labels (iLRG, else the mean-softmax fallback), and by the two
+            estimators from the bias gradient with the model's mean softmax on the public test
+            split (label_counts) and with its per-class means (counts_from_class_probs); iLRG's
+            declines, wrong-but-accepted answers (must be 0), worst count error, seconds; and
+            iLRG's share of exact batches at batch 4 to 256 on the same models (its reach)
 Results go to benchmarks/results/exact_CASE.json and stdout.
 """
 
@@ -29,7 +35,7 @@ import torch.nn.functional as F
 
 from cases import run_cases
 from gradleak.attacks.base import ServerView
-from gradleak.attacks.exact.labels import counts_from_class_probs, label_counts
+from gradleak.attacks.exact.labels import counts_from_class_probs, ilrg_counts, label_counts
 from gradleak.attacks.registry import attack_factory
 from gradleak.data.partition import ClientData
 from gradleak.fl import Classification, LocalTraining, train_client
@@ -39,6 +45,7 @@ from gradleak.metrics import score
 from gradleak.models import build_model
 
 SEEDS = 3
+BATCHES = 20
 
 
 def _tiles():
@@ -123,36 +130,106 @@ def _cpa() -> dict:
     }
 
 
+def _batch(targets: torch.Tensor, seed: int, size: int = 1024) -> torch.Tensor:
+    """Indices of a batch drawn with repeats: uniformly over the split for even seeds, with
+    class shares from a Dirichlet(0.5) draw (skewed counts) for odd ones."""
+    g = torch.Generator().manual_seed(seed)
+    if seed % 2 == 0:
+        return torch.randint(0, len(targets), (size,), generator=g)
+    shares = torch.distributions.Dirichlet(torch.full((10,), 0.5)).sample()
+    classes = torch.multinomial(shares, size, replacement=True, generator=g)
+    pools = [torch.nonzero(targets == c).flatten() for c in range(10)]
+    return torch.stack(
+        [pools[c][torch.randint(0, len(pools[c]), (1,), generator=g)][0] for c in classes.tolist()]
+    )
+
+
 def _labels() -> dict:
     data = DigitsSource(image_size=8).load(seed=0)
+    x_all, y_all = data.spec.model_inputs(data.train.examples), data.train.targets
     out = {}
-    for trained in (False, True):
-        torch.manual_seed(0)
-        net = build_model("mlp", spec=data.spec, num_classes=10, kwargs={"hidden": [64]})
-        if trained:
-            opt = torch.optim.SGD(net.parameters(), lr=0.1)
-            x, y = data.spec.model_inputs(data.train.examples), data.train.targets
-            for _ in range(3):
-                for i in range(0, len(y), 32):
-                    opt.zero_grad()
-                    F.cross_entropy(net(x[i : i + 32]), y[i : i + 32]).backward()
-                    opt.step()
-        with torch.no_grad():
-            probs = F.softmax(net(data.spec.model_inputs(data.test.examples)), -1)
-        mean = probs.mean(0)
-        per_class = torch.stack([probs[data.test.targets == c].mean(0) for c in range(10)])
-        hits = {"label_counts": 0, "counts_from_class_probs": 0}
-        for seed in range(20):
-            g = torch.Generator().manual_seed(seed)
-            idx = torch.randint(0, len(data.train), (1024,), generator=g)
-            x, y = data.spec.model_inputs(data.train.examples[idx]), data.train.targets[idx]
-            net.zero_grad()
-            F.cross_entropy(net(x), y).backward()
-            gb = net.net[-1].bias.grad.detach()
-            truth = sorted(y.tolist())
-            hits["label_counts"] += label_counts(gb, mean, 1024) == truth
-            hits["counts_from_class_probs"] += counts_from_class_probs(gb, 1024, per_class) == truth
-        out["trained" if trained else "untrained"] = {k: v / 20 for k, v in hits.items()}
+    for hidden in (64, 2048):
+        for trained in (False, True):
+            torch.manual_seed(0)
+            net = build_model("mlp", spec=data.spec, num_classes=10, kwargs={"hidden": [hidden]})
+            if trained:
+                opt = torch.optim.SGD(net.parameters(), lr=0.1)
+                for _ in range(3):
+                    for i in range(0, len(y_all), 32):
+                        opt.zero_grad()
+                        F.cross_entropy(net(x_all[i : i + 32]), y_all[i : i + 32]).backward()
+                        opt.step()
+            with torch.no_grad():
+                probs = F.softmax(net(data.spec.model_inputs(data.test.examples)), -1)
+                accuracy = float(
+                    (
+                        net(data.spec.model_inputs(data.test.examples)).argmax(-1)
+                        == data.test.targets
+                    )
+                    .float()
+                    .mean()
+                )
+            mean = probs.mean(0)
+            per_class = torch.stack([probs[data.test.targets == c].mean(0) for c in range(10)])
+            head = net.net[-1]
+            hits = {"ilrg": 0, "recover_labels": 0, "label_counts": 0, "counts_from_class_probs": 0}
+            declined = wrong_accepted = 0
+            errors, seconds = [], []
+            torch.manual_seed(0)
+            for seed in range(BATCHES):
+                idx = _batch(y_all, seed)
+                x, y = x_all[idx], y_all[idx]
+                net.zero_grad()
+                F.cross_entropy(net(x), y).backward()
+                gw, gb = head.weight.grad.detach(), head.bias.grad.detach()
+                truth = sorted(y.tolist())
+                counts = torch.bincount(y, minlength=10).tolist()
+                start = time.perf_counter()
+                r = ilrg_counts(gw, gb, head.weight.detach(), head.bias.detach(), 1024)
+                seconds.append(time.perf_counter() - start)
+                errors.append(float((r.estimate - torch.tensor(counts)).abs().max()))
+                est = label_counts(gb, mean, 1024)
+                hits["ilrg"] += r.counts == counts
+                declined += r.counts is None
+                wrong_accepted += r.counts is not None and r.counts != counts
+                hits["recover_labels"] += (
+                    (r.counts == counts) if r.counts is not None else (est == truth)
+                )
+                hits["label_counts"] += est == truth
+                hits["counts_from_class_probs"] += (
+                    counts_from_class_probs(gb, 1024, per_class) == truth
+                )
+            reach = {}
+            for size in (4, 8, 16, 32, 64, 128, 256):
+                exact = 0
+                for seed in range(BATCHES):
+                    idx = _batch(y_all, seed, size)
+                    net.zero_grad()
+                    F.cross_entropy(net(x_all[idx]), y_all[idx]).backward()
+                    r = ilrg_counts(
+                        head.weight.grad,
+                        head.bias.grad,
+                        head.weight.detach(),
+                        head.bias.detach(),
+                        size,
+                    )
+                    truth = torch.bincount(y_all[idx], minlength=10).tolist()
+                    exact += r.counts == truth
+                    wrong_accepted += r.counts is not None and r.counts != truth
+                reach[size] = exact / BATCHES
+            out[f"mlp [{hidden}] {'trained' if trained else 'untrained'}"] = {
+                "ilrg_exact_share_by_batch": reach,
+                "test_accuracy": accuracy,
+                "exact_share": {k: v / BATCHES for k, v in hits.items()},
+                "ilrg_declined": declined,
+                "ilrg_wrong_but_accepted": wrong_accepted,  # at every batch size
+                "ilrg_max_count_error": {
+                    "median": float(np.median(errors)),
+                    "max": float(np.max(errors)),
+                },
+                "ilrg_seconds_per_batch": float(np.mean(seconds)),
+            }
+            print(out, flush=True)
     return out
 
 

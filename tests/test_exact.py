@@ -1,13 +1,17 @@
 """The exact batch attacks against the true batch: SPEAR recovers every image exactly (and
 certifies it) or declares failure with no images; the Cocktail Party Attack unmixes a batch; the
-audit runs every configured attack that applies and records the worst."""
+audit runs every configured attack that applies and records the worst; iLRG's label counts match
+the true batch or it declines."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from gradleak.attacks.base import ServerView
+from gradleak.attacks.exact.labels import ilrg_counts, recover_labels
 from gradleak.attacks.registry import attack_factory
 from gradleak.data.partition import ClientData
 from gradleak.fl import Classification, LocalTraining, train_client
@@ -139,3 +143,102 @@ def test_the_audit_runs_every_configured_attack_and_records_the_worst(tmp_path) 
     assert set(one["rdlv_by_attack"]) == {"inverting-gradients", "spear", "cpa"}
     four = rows[2]  # four local steps: the exact attacks do not apply, the optimisation does
     assert four["rdlv_by_attack"]["spear"] is None and four["attack"] == "inverting-gradients"
+
+
+# -- label counts (iLRG) --------------------------------------------------------------------------
+
+
+def _classifier_gradient(classes: int, labels: torch.Tensor, width: int, seed: int):
+    """An untrained 32 -> width -> ReLU -> classes network's classifier gradient on random inputs
+    with the given labels, and its weights."""
+    torch.manual_seed(seed)
+    net = nn.Sequential(nn.Linear(32, width), nn.ReLU(), nn.Linear(width, classes))
+    F.cross_entropy(net(torch.randn(len(labels), 32)), labels).backward()
+    head = net[-1]
+    return head.weight.grad, head.bias.grad, head.weight.detach(), head.bias.detach()
+
+
+@pytest.mark.parametrize(
+    ("classes", "batch", "drawn_from"), [(10, 4, 3), (100, 32, 12), (1000, 256, 1000)]
+)
+def test_ilrg_counts_match_the_true_batch(classes, batch, drawn_from) -> None:
+    g = torch.Generator().manual_seed(batch)
+    labels = torch.randint(0, drawn_from, (batch,), generator=g)  # repeats when drawn_from is small
+    r = ilrg_counts(*_classifier_gradient(classes, labels, 64, seed=batch), batch)
+    assert r.counts == torch.bincount(labels, minlength=classes).tolist(), r.reason
+
+
+def test_ilrg_declines_a_batch_larger_than_its_width_and_classes_allow() -> None:
+    """256 images of 10 classes through a 64-wide embedding: each class's gradient rows mix ~25
+    images of its own with ~230 of others, the assumption fails and iLRG says so."""
+    labels = torch.randint(0, 10, (256,), generator=torch.Generator().manual_seed(0))
+    for seed in range(3):
+        r = ilrg_counts(*_classifier_gradient(10, labels, 64, seed), 256)
+        assert r.counts is None and "not integral" in r.reason
+        assert torch.isfinite(r.estimate).all()  # it did solve, and refused to round
+
+
+def test_ilrg_answers_on_untrained_batches_are_right_or_declined() -> None:
+    """On untrained networks every accepted answer is the truth (on trained ones a confidently
+    misclassified image can pass the check: benchmarks/exact.py labels counts those)."""
+    accepted = declined = 0
+    for classes, batch in ((10, 4), (10, 8), (10, 16), (100, 32), (100, 256)):
+        for seed in range(4):
+            g = torch.Generator().manual_seed(seed)
+            labels = torch.randint(0, classes, (batch,), generator=g)
+            r = ilrg_counts(*_classifier_gradient(classes, labels, 64, seed), batch)
+            if r.counts is None:
+                declined += 1
+            else:
+                accepted += 1
+                assert r.counts == torch.bincount(labels, minlength=classes).tolist()
+    assert accepted >= 8 and declined >= 8  # the sweep exercises both answers
+
+
+def test_ilrg_declines_when_a_confident_image_vanishes_from_its_class() -> None:
+    """A trained model's batch [3, 9, 6, 6] (the softmax rows of a digits MLP): the 3 is classified
+    at 0.985, so class 3's gradient rows are dominated by the 9 and the system rounds cleanly to
+    two 9s and no 3. Class 3's weight-gradient row is negative where the 3's embedding is, which
+    no class without images can show: iLRG declines."""
+    probs = torch.tensor(
+        [
+            [0.0, 0.001, 0.01, 0.985, 0.0, 0.0, 0.0, 0.0, 0.001, 0.004],
+            [0.002, 0.0, 0.0, 0.04, 0.0, 0.0, 0.0, 0.0, 0.003, 0.955],
+            [0.001, 0.022, 0.001, 0.0, 0.009, 0.001, 0.944, 0.0, 0.022, 0.0],
+            [0.004, 0.001, 0.002, 0.0, 0.002, 0.002, 0.987, 0.0, 0.003, 0.0],
+        ],
+        dtype=torch.float64,
+    )
+    probs = (probs + 1e-4) / (probs + 1e-4).sum(1, keepdim=True)
+    labels, n, width = torch.tensor([3, 9, 6, 6]), 4, 8
+    emb = torch.zeros(n, n * width, dtype=torch.float64)  # non-negative, disjoint supports
+    weight = torch.zeros(10, n * width, dtype=torch.float64)
+    for i in range(n):
+        emb[i, i * width : (i + 1) * width] = 1.0
+        weight[:, i * width : (i + 1) * width] = (probs[i].log() / width)[:, None]
+    bias = torch.zeros(10, dtype=torch.float64)
+    assert torch.allclose(torch.softmax(emb @ weight.T + bias, -1), probs)
+    err = (probs - F.one_hot(labels, 10).double()) / n
+    r = ilrg_counts(err.T @ emb, err.sum(0), weight, bias, n)
+    assert r.counts is None and "[3]" in r.reason and "negative" in r.reason
+    rounded = r.estimate.round()
+    truth = torch.bincount(labels, minlength=10).double()
+    assert float((r.estimate - rounded).abs().max()) < 0.1 and int(rounded.sum()) == n
+    assert not torch.equal(rounded, truth)  # integral and wrong: only the row check catches it
+
+
+def test_recover_labels_takes_ilrg_counts_from_a_client_update(tiles) -> None:
+    client, view = _view(tiles, 4, [64], seed=3)
+    labels, strategy = recover_labels(view, torch.zeros(2, *tiles.spec.shape))
+    assert strategy == "ilrg"
+    assert labels.tolist() == sorted(client.data.targets.tolist())
+
+
+def test_recover_labels_falls_back_when_ilrg_declines(tiles) -> None:
+    client, view = _view(tiles, 64, [32], seed=1)  # 64 images, 8 classes, a 32-wide embedding
+    w, b = view.classifier()
+    pg = view.pseudo_gradient()
+    r = ilrg_counts(pg[w], pg[b], view.global_state[w], view.global_state[b], 64)
+    assert r.counts is None
+    labels, strategy = recover_labels(view, torch.zeros(2, *tiles.spec.shape))
+    assert strategy == "label-counts" and len(labels) == 64

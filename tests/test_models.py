@@ -8,10 +8,15 @@ from torch import nn
 
 from gradleak.errors import ConfigError
 from gradleak.images import ImageSpec
+from gradleak.modality import load_modalities
 from gradleak.models import MODELS, build_model
 
+load_modalities()
+# The image modality's models (the text models are tested with text, tests/test_text.py).
+IMAGE_MODELS = [n for n in MODELS.names() if MODELS.get(n).__module__ == "gradleak.images.models"]
 
-@pytest.mark.parametrize("name", MODELS.names())
+
+@pytest.mark.parametrize("name", IMAGE_MODELS)
 @pytest.mark.parametrize(("channels", "size"), [(1, 16), (3, 32)])
 def test_every_model_maps_images_to_logits(name: str, channels: int, size: int) -> None:
     model = build_model(name, spec=ImageSpec.square(channels, size), num_classes=7)
