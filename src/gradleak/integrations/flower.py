@@ -72,14 +72,16 @@ class Knobs:
     enabled: bool = True
 
     def with_run_config(self, run_config: Mapping[str, Any]) -> Knobs:
-        """These knobs with the run's ``gradleak-*`` overrides (a threshold < 0: none)."""
+        """These knobs with the run's ``gradleak-*`` overrides (threshold ``"none"``: record
+        only)."""
         changes: dict[str, Any] = {}
         for key, name in RUN_CONFIG_KNOBS.items():
             if key not in run_config:
                 continue
             value = run_config[key]
             if name == "threshold":
-                value = None if value is None or float(value) < 0 else float(value)
+                off = value is None or str(value).lower() in ("", "none", "off")
+                value = None if off else float(value)
             elif name in ("iterations", "frequency", "start_round", "max_examples", "seed"):
                 value = int(value)
             elif name == "enabled":
