@@ -179,3 +179,82 @@ def test_nvflare_s_own_example_block_builds(site_data, tmp_path) -> None:
     prior = f._prior(_ctx("site-1"))
     assert tuple(prior.shape) == (1, 3, 16, 16) and torch.allclose(prior, torch.tensor(128 / 255))
     assert Path(site_data[1]).is_file()
+
+
+@pytest.mark.engines
+def test_a_hello_pt_shaped_job_in_nvflare_s_simulator(tmp_path, monkeypatch) -> None:
+    """FedAvgRecipe with the site's own network and a Client API script, gradleak's filter added
+    per site with its own data list, in SimEnv: one row per site and round, the report."""
+    from nvflare.app_common.default_component_policy import DEFAULT_CLASS_ALLOW_LIST
+    from nvflare.app_opt.pt.recipes.fedavg import FedAvgRecipe
+    from nvflare.recipe import SimEnv
+    from nvflare.recipe.utils import set_per_site_config
+    from typer.testing import CliRunner
+
+    from gradleak.cli import app
+
+    tests = Path(__file__).resolve().parent
+    monkeypatch.setenv("PYTHONPATH", str(tests))
+    monkeypatch.syspath_prepend(str(tests))
+    rng = np.random.default_rng(1)
+    sites = ["hospital-a", "hospital-b"]
+    for i, site in enumerate(sites):
+        d = tmp_path / "data" / site
+        d.mkdir(parents=True)
+        items = []
+        for j in range(2 + i):
+            img = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
+            Image.fromarray(img).save(d / f"{j}.png")
+            items.append({"image": f"{j}.png", "label": [j % 3]})
+        (d / "data.json").write_text(json.dumps({"training": items}))
+    recipe = FedAvgRecipe(
+        name="hello-pt",
+        min_clients=2,
+        num_rounds=2,
+        model=SiteNet(),
+        train_script=str(tests / "hello_pt_client.py"),
+        train_args=f"--data_dir {tmp_path / 'data'}",
+    )
+    set_per_site_config(
+        recipe, {s: {"train_args": f"--data_dir {tmp_path / 'data'}"} for s in sites}
+    )
+    audit = tmp_path / "audit"
+    for site in sites:
+        d = tmp_path / "data" / site
+        block = {"data_root": str(d), "dataset_json": str(d / "data.json"), "frequency": 1}
+        gradleak = {
+            "model": "site_model.SiteNet",
+            "lr": 0.05,
+            "momentum": 0.9,
+            "batch_size": 2,
+            "image_size": 16,
+            "mean": 0.5,
+            "std": 0.5,
+            "iterations": 20,
+            "rdlv_threshold": 1e9,
+            "save_best_matches": True,
+            "audit_dir": str(audit),
+        }
+        recipe.add_client_output_filter(
+            RelativeDataLeakageValueFilter(**block, **gradleak), tasks=["train"], clients=[site]
+        )
+    workspace = tmp_path / "ws"
+    local = workspace / "hello-pt" / "local"
+    local.mkdir(parents=True)
+    allow = [*DEFAULT_CLASS_ALLOW_LIST, "gradleak.integrations.nvflare", "site_model"]
+    (local / "resources.json").write_text(
+        json.dumps({"format_version": 2, "class_allow_list": allow})
+    )
+    recipe.execute(SimEnv(clients=sites, num_threads=2, workspace_root=str(workspace)))
+    rows = AuditDir.open(audit).read_rows()
+    assert [(r["round"], r["client"]) for r in rows] == [
+        (0, "hospital-a"),
+        (0, "hospital-b"),
+        (1, "hospital-a"),
+        (1, "hospital-b"),
+    ], rows
+    assert all(r["audited"] and isinstance(r["rdlv"], float) for r in rows)
+    assert [r["num_samples"] for r in rows] == [2, 3, 2, 3]
+    assert [r["steps"] for r in rows] == [1, 2, 1, 2]  # from NUM_STEPS_CURRENT_ROUND
+    result = CliRunner().invoke(app, ["report", str(audit)])
+    assert result.exit_code == 0, result.output

@@ -246,9 +246,10 @@ class RelativeDataLeakageValueFilter(_Audits, DXOFilter):  # type: ignore[misc]
         if dxo.data_kind != DataKind.WEIGHTS or not dxo.data:
             return
         meta = {**dict(task.get(ReservedHeaderKey.HEADERS) or {}), **dict(dxo.meta or {})}
-        round = dxo.get_meta_prop(AppConstants.CURRENT_ROUND)
+        # the task's header holds its round (the DXO's meta may still name an earlier one)
+        round = task.get_header(AppConstants.CURRENT_ROUND)
         if round is None:
-            round = task.get_header(AppConstants.CURRENT_ROUND)
+            round = dxo.get_meta_prop(AppConstants.CURRENT_ROUND)
         with self._lock:
             self._tasks[str(fl_ctx.get_identity_name())] = (round, _copy(dxo.data), meta)
 
