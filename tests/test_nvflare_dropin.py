@@ -22,7 +22,10 @@ from nvflare.apis.shareable import Shareable  # noqa: E402
 from nvflare.app_common.app_constant import AppConstants  # noqa: E402
 
 from gradleak.integrations.auditdir import AuditDir  # noqa: E402
-from gradleak.integrations.nvflare import RelativeDataLeakageValueFilter  # noqa: E402
+from gradleak.integrations.nvflare import (  # noqa: E402
+    LeakageAuditor,
+    RelativeDataLeakageValueFilter,
+)
 from site_model import SiteNet  # noqa: E402
 
 # NVFlare's filter (research/quantifying-data-leakage, nvflare_gradinv/filters/rdlv_filter.py):
@@ -181,6 +184,40 @@ def test_nvflare_s_own_example_block_builds(site_data, tmp_path) -> None:
     assert Path(site_data[1]).is_file()
 
 
+def _server_ctx(site: str, task: Shareable | None = None) -> FLContext:
+    ctx = _ctx("server", task)
+    ctx.set_peer_context(_ctx(site))
+    return ctx
+
+
+def test_the_server_auditor_records_and_changes_nothing(site_data, tmp_path) -> None:
+    truth = {"hospital-a": {"data_root": site_data[0], "dataset_json": site_data[1]}}
+    auditor = LeakageAuditor(
+        truth,
+        model="site_model.SiteNet",
+        lr=0.1,
+        image_size=16,
+        iterations=2,
+        audit_dir=str(tmp_path / "server"),
+    )
+    for site in ("hospital-a", "site-9"):
+        torch.manual_seed(0)
+        glob = {k: v.numpy().copy() for k, v in SiteNet().state_dict().items()}
+        task = DXO(DataKind.WEIGHTS, data=glob).to_shareable()
+        task.set_header(AppConstants.CURRENT_ROUND, 2)
+        auditor.handle_event(EventType.AFTER_TASK_DATA_FILTER, _server_ctx(site, task))
+        new = {k: v + 0.01 for k, v in glob.items()}
+        result = DXO(DataKind.WEIGHTS, data=new).to_shareable()
+        result.set_header(AppConstants.CURRENT_ROUND, 2)
+        out = from_shareable(auditor.process(result, _server_ctx(site)))
+        assert all(np.array_equal(out.data[k], new[k]) for k in new)  # unchanged
+    ok, failed = AuditDir.open(tmp_path / "server").read_rows()
+    assert (ok["client"], ok["audited"], ok["withheld"]) == ("hospital-a", True, False)
+    assert ok["framework"] == "nvflare-server" and isinstance(ok["rdlv"], float)
+    assert (failed["client"], failed["withheld"]) == ("site-9", False)
+    assert "no data of site" in failed["audit_error"]
+
+
 @pytest.mark.engines
 def test_a_hello_pt_shaped_job_in_nvflare_s_simulator(tmp_path, monkeypatch) -> None:
     """FedAvgRecipe with the site's own network and a Client API script, gradleak's filter added
@@ -238,6 +275,26 @@ def test_a_hello_pt_shaped_job_in_nvflare_s_simulator(tmp_path, monkeypatch) -> 
         recipe.add_client_output_filter(
             RelativeDataLeakageValueFilter(**block, **gradleak), tasks=["train"], clients=[site]
         )
+    data = {s: tmp_path / "data" / s for s in sites}
+    truth = {
+        s: {"data_root": str(d), "dataset_json": str(d / "data.json")} for s, d in data.items()
+    }
+    server_audit = tmp_path / "server-audit"
+    recipe.add_server_input_filter(
+        LeakageAuditor(
+            truth,
+            model="site_model.SiteNet",
+            lr=0.05,
+            momentum=0.9,
+            batch_size=2,
+            image_size=16,
+            mean=0.5,
+            std=0.5,
+            iterations=20,
+            audit_dir=str(server_audit),
+        ),
+        tasks=["train"],
+    )
     workspace = tmp_path / "ws"
     local = workspace / "hello-pt" / "local"
     local.mkdir(parents=True)
@@ -258,3 +315,14 @@ def test_a_hello_pt_shaped_job_in_nvflare_s_simulator(tmp_path, monkeypatch) -> 
     assert [r["steps"] for r in rows] == [1, 2, 1, 2]  # from NUM_STEPS_CURRENT_ROUND
     result = CliRunner().invoke(app, ["report", str(audit)])
     assert result.exit_code == 0, result.output
+    # the server attacked what it received: the same updates, the same rows
+    server_rows = AuditDir.open(server_audit).read_rows()
+    assert [(r["round"], r["client"], r["withheld"]) for r in server_rows] == [
+        (0, "hospital-a", False),
+        (0, "hospital-b", False),
+        (1, "hospital-a", False),
+        (1, "hospital-b", False),
+    ], server_rows
+    for site_row, server_row in zip(rows, server_rows, strict=True):
+        assert server_row["update_norm"] == pytest.approx(site_row["update_norm"], rel=1e-6)
+        assert server_row["rdlv"] == pytest.approx(site_row["rdlv"], abs=1e-4)

@@ -412,9 +412,16 @@ class UpdateAuditor:
             return self.failure(round, client, exc, extra=kwargs.get("extra"))
 
     def failure(
-        self, round: int, client: object, exc: BaseException | str, extra: Any = None
+        self,
+        round: int,
+        client: object,
+        exc: BaseException | str,
+        extra: Any = None,
+        *,
+        withhold: bool = True,
     ) -> AuditResult:
-        """Record a failed audit (the update withheld) and return it."""
+        """Record a failed audit and return it: the update withheld (failing closed), unless the
+        caller cannot withhold (``withhold=False``: a server that only observes)."""
         why = exc if isinstance(exc, str) else f"{type(exc).__name__}: {exc}".strip()
         row = {
             "round": int(round),
@@ -422,7 +429,7 @@ class UpdateAuditor:
             "num_samples": 1,
             "batch_size": 1,
             "audited": False,
-            "withheld": True,
+            "withheld": withhold,
             "rdlv": None,
             "framework": self.framework,
             "audit_error": why,
@@ -432,7 +439,7 @@ class UpdateAuditor:
             self._record(row)
         except (OSError, GradleakError):
             pass  # the row could not be written either: the verdict still withholds
-        return AuditResult(row, True, error=why)
+        return AuditResult(row, withhold, error=why)
 
     def _record(self, row: dict[str, Any]) -> None:
         d = self.directory

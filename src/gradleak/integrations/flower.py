@@ -410,7 +410,9 @@ class LeakageAuditStrategy(Strategy):  # type: ignore[misc]
             )
         except Exception as exc:  # noqa: BLE001 - recorded; the server goes on
             log.exception("gradleak's server-side audit failed")
-            return auditor.failure(round, name, exc, extra={"framework": "flower-server"})
+            return auditor.failure(
+                round, name, exc, extra={"framework": "flower-server"}, withhold=False
+            )
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid

@@ -19,7 +19,8 @@ by the time result filters run). Above the threshold the DXO is emptied, as NVFl
 and the update withheld: the filter never raises into the job.
 
 ``LeakageAuditor`` is the server's side: a task-result filter on the server that attacks every
-result it receives (the honest-but-curious server) and records it, never changing it.
+result it receives (the honest-but-curious server) and records it, never changing it (its rows
+say ``withheld: false``; a failure is recorded as a row with ``audit_error``).
 
 NVFlare builds only allow-listed classes: add ``"gradleak.integrations.nvflare"`` to the
 ``class_allow_list`` of each site's (and the server's) ``local/resources.json``.
@@ -308,4 +309,140 @@ class RelativeDataLeakageValueFilter(_Audits, DXOFilter):  # type: ignore[misc]
         return dxo
 
 
-__all__ = ["NUM_STEPS", "RelativeDataLeakageValueFilter", "audited_round"]
+class LeakageAuditor(_Audits, DXOFilter):  # type: ignore[misc]
+    """The server's side: a task-result filter on the server (``add_server_input_filter``) that
+    attacks every model result it receives, as an honest-but-curious server would, scores it
+    against the site's data (``truth``: what an evaluator knows, site name -> ``{"data_root",
+    "dataset_json"}``) and records it. It never changes a result (no threshold); a failure is
+    recorded. The global model is the task as the server sent it to that site
+    (``AFTER_TASK_DATA_FILTER``).
+
+    Args: ``truth``, then the round and RDLV arguments of ``RelativeDataLeakageValueFilter``
+    (``frequency``, ``start_round``, ``prior_filename``, ``image_key``, ``rdlv_reduce``,
+    ``save_best_matches``) and gradleak's (``model``, training facts, image size and
+    normalisation, ``audit_dir``, attack settings).
+    """
+
+    def __init__(
+        self,
+        truth: dict[str, dict[str, str]],
+        frequency: int = 1,
+        start_round: int = 0,
+        prior_filename: str | None = None,
+        image_key: str = "image",
+        rdlv_reduce: str = "max",
+        save_best_matches: bool = False,
+        model: str | dict[str, Any] | None = None,
+        model_args: dict[str, Any] | None = None,
+        lr: float | str = 0.01,
+        epochs: int | str = 1,
+        batch_size: int | str | None = None,
+        momentum: float | str = 0.0,
+        local_steps: int | str | None = None,
+        image_size: int = 224,
+        channels: int = 3,
+        mean: float | list[float] | None = None,
+        std: float | list[float] | None = None,
+        num_classes: int | None = None,
+        audit_dir: str = "gradleak-server-audit",
+        attack: str = "inverting-gradients",
+        iterations: int = 300,
+        attack_settings: dict[str, Any] | None = None,
+        metric: str = "ssim",
+        max_examples: int = 64,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(
+            supported_data_kinds=[DataKind.WEIGHTS, DataKind.WEIGHT_DIFF],
+            data_kinds_to_filter=[DataKind.WEIGHTS, DataKind.WEIGHT_DIFF],
+        )
+        self.truth, self.frequency, self.start_round = truth, frequency, start_round
+        self.prior_filename, self.image_key = prior_filename, image_key
+        self.rdlv_reduce, self.save_best_matches = rdlv_reduce, save_best_matches
+        self.rdlv_threshold = None
+        self.model, self.model_args = model, model_args
+        self.lr, self.epochs, self.batch_size = lr, epochs, batch_size
+        self.momentum, self.local_steps = momentum, local_steps
+        self.image_size, self.channels, self.mean, self.std = image_size, channels, mean, std
+        self.num_classes, self.audit_dir = num_classes, audit_dir
+        self.attack, self.iterations, self.attack_settings = attack, iterations, attack_settings
+        self.metric, self.max_examples, self.seed = metric, max_examples, seed
+        self.auditor = self._make_auditor("nvflare-server")
+        self._data: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._prior_set = False
+        self._sent: dict[str, tuple[Any, dict[str, Any], dict[str, Any]]] = {}
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def _peer(fl_ctx: FLContext) -> str:
+        peer = fl_ctx.get_peer_context()
+        return str(peer.get_identity_name()) if peer is not None else "unknown"
+
+    def handle_event(self, event_type: str, fl_ctx: FLContext) -> None:
+        """Keep the global model the server sends each site."""
+        if event_type != EventType.AFTER_TASK_DATA_FILTER:
+            return
+        task = fl_ctx.get_prop(FLContextKey.TASK_DATA)
+        if not isinstance(task, Shareable):
+            return
+        try:
+            dxo = from_shareable(task)
+        except Exception:  # noqa: BLE001 - not a model task
+            return
+        if dxo.data_kind != DataKind.WEIGHTS or not dxo.data:
+            return
+        round = task.get_header(AppConstants.CURRENT_ROUND)
+        meta = {**dict(task.get(ReservedHeaderKey.HEADERS) or {}), **dict(dxo.meta or {})}
+        with self._lock:
+            self._sent[self._peer(fl_ctx)] = (round, _copy(dxo.data), meta)
+
+    def process_dxo(self, dxo: DXO, shareable: Shareable, fl_ctx: FLContext) -> DXO | None:
+        if not dxo.data:
+            return None  # withheld by the site: nothing reached the server
+        site = self._peer(fl_ctx)
+        with self._lock:
+            sent = self._sent.get(site)
+        round = dxo.get_meta_prop(AppConstants.CURRENT_ROUND)
+        if round is None:
+            round = shareable.get_header(AppConstants.CURRENT_ROUND)
+        if round is None and sent is not None:
+            round = sent[0]
+        try:
+            if round is None:
+                raise RuntimeError("no current round in the result or the task")
+            if not audited_round(int(round), self.frequency, self.start_round):
+                return None
+            if sent is None or sent[0] is not None and int(sent[0]) != int(round):
+                raise RuntimeError(f"the server sent {site} no model for round {round}")
+            if site not in self._data:
+                if site not in self.truth:
+                    raise KeyError(f"no data of site {site!r} in truth")
+                spec = self.truth[site]
+                self._data[site] = self._load(spec["data_root"], spec["dataset_json"])
+            if not self._prior_set:
+                self.auditor.prior = self._prior(fl_ctx)
+                self._prior_set = True
+            examples, labels = self._data[site]
+            result = self.auditor.audit(
+                global_state=sent[1],
+                update=dxo.data,
+                update_kind="weights" if dxo.data_kind == DataKind.WEIGHTS else "diff",
+                examples=examples,
+                labels=labels,
+                training=self._training(dxo.meta, sent[2]),
+                round=int(round),
+                client=site,
+            )
+            self.log_info(fl_ctx, f"gradleak (server) RDLV of {site}: {result.rdlv}")
+        except Exception as exc:  # noqa: BLE001 - recorded; the server goes on
+            self.log_exception(fl_ctx, "gradleak's server-side audit failed")
+            self.auditor.failure(int(round or 0), site, exc, withhold=False)
+        return None  # the result goes on unchanged
+
+
+__all__ = [
+    "NUM_STEPS",
+    "LeakageAuditor",
+    "RelativeDataLeakageValueFilter",
+    "audited_round",
+]
