@@ -58,6 +58,7 @@ def test_the_user_model_is_built_from_every_form_a_framework_gives() -> None:
         (SmallNet, {"width": 2}),
         (f"{__name__}.SmallNet", {"width": 2}),
         ({"path": f"{__name__}.SmallNet", "args": {"width": 2}}, None),
+        ({"class_path": f"{__name__}.SmallNet", "args": {"width": 2}}, None),
     ]:
         model = model_factory(spec, args)()
         assert isinstance(model, SmallNet) and model.conv.out_channels == 2
@@ -148,6 +149,8 @@ def test_failures_are_recorded_and_withhold(tmp_path) -> None:
         )
     with pytest.raises(ConfigError, match="lr"):
         Training(lr=0)
+    with pytest.raises(ConfigError, match="not whole epochs"):
+        Training(lr=0.1, batch_size=2, local_steps=3).meta(num_samples=4, round=1)
 
 
 def test_more_examples_than_the_limit_are_recorded_not_attacked(tmp_path) -> None:

@@ -76,6 +76,12 @@ class Training:
         """The protocol metadata of an update of ``num_samples`` examples."""
         bs = min(self.batch_size or num_samples, num_samples)
         per_epoch = math.ceil(num_samples / bs)
+        if self.local_steps is not None and self.local_steps % per_epoch:
+            raise ConfigError(
+                "local_steps",
+                f"{self.local_steps} steps are not whole epochs of {per_epoch} batches of {bs} "
+                f"from {num_samples} examples",
+            )
         steps = self.local_steps or self.epochs * per_epoch
         epochs = max(1, steps // per_epoch) if self.local_steps else self.epochs
         return UpdateMeta(

@@ -1,6 +1,7 @@
 """The user's model, however an app names it: a factory (a class or a function), an ``nn.Module``
 (copied), a class path ``"package.module.Class"`` with keyword arguments, or NVFlare's
-model-spec dict ``{"path": "package.module.Class", "args": {...}}``.
+model-spec dict ``{"path": "package.module.Class", "args": {...}}`` (its recipes' ``class_path``
+too).
 
 The audit needs a fresh module of the user's architecture to run the server's simulated local
 training on; it never trains or changes the user's own instance.
@@ -47,13 +48,15 @@ def model_factory(
         template = copy.deepcopy(spec)
         return lambda: copy.deepcopy(template)
     if isinstance(spec, Mapping):
-        if not isinstance(spec.get("path"), str):
+        # NVFlare's component spec names the class "path"; its job recipes "class_path"
+        path = spec.get("path", spec.get("class_path"))
+        if not isinstance(path, str):
             raise ConfigError(key, "a model-spec dict needs a 'path' (the class, dotted)")
-        unknown = set(spec) - {"path", "args"}
+        unknown = set(spec) - {"path", "class_path", "args"}
         if unknown:
             raise ConfigError(key, f"unknown model-spec keys {sorted(unknown)}")
         extra = {**dict(spec.get("args") or {}), **extra}
-        spec = spec["path"]
+        spec = path
     target = import_path(spec, key) if isinstance(spec, str) else spec
     if not callable(target):
         raise ConfigError(key, f"{target!r} is neither a model, a factory nor a class path")
@@ -72,7 +75,7 @@ def describe(spec: ModelSpec) -> str:
     if isinstance(spec, str):
         return spec
     if isinstance(spec, Mapping):
-        return str(spec.get("path"))
+        return str(spec.get("path", spec.get("class_path")))
     if isinstance(spec, nn.Module):
         return f"{type(spec).__module__}.{type(spec).__qualname__}"
     return f"{getattr(spec, '__module__', '?')}.{getattr(spec, '__qualname__', repr(spec))}"
