@@ -240,6 +240,18 @@ def test_the_mod_in_a_simulated_quickstart_app(plain_run, tmp_path) -> None:
 
 
 @pytest.mark.engines
+def test_withheld_updates_never_reach_the_aggregate(plain_run, tmp_path) -> None:
+    """A threshold below any RDLV: every update leaves as an error reply and FedAvg aggregates
+    nothing (the strategy's result holds no model)."""
+    mod = _mod(tmp_path, out=tmp_path / "audit", threshold=-1e9, iterations=5)
+    out: dict = {}
+    _simulate(qs.client_app(mods=[mod]), qs.server_app(out))
+    assert out["arrays"] == {} and plain_run["arrays"]
+    rows = AuditDir.open(tmp_path / "audit").read_rows()
+    assert len(rows) == 4 and all(r["withheld"] for r in rows)
+
+
+@pytest.mark.engines
 def test_the_strategy_wrapper_in_a_simulated_quickstart_app(plain_run, tmp_path) -> None:
     from gradleak.integrations.flower import LeakageAuditStrategy
 
