@@ -97,6 +97,7 @@ def test_an_update_is_audited_recorded_and_the_callers_randomness_untouched(tmp_
     )
     assert row["audited"] and row["attack"] == "inverting-gradients" and row["momentum"] == 0.9
     assert isinstance(row["rdlv"], float) and result.withhold and row["withheld"]
+    assert row["threshold"] == -10.0
     delta = sum(float((new[k] - glob[k]).double().pow(2).sum()) for k in glob) ** 0.5
     assert row["update_norm"] == pytest.approx(delta)
     audit = AuditDir.open(tmp_path / "audit")

@@ -362,6 +362,7 @@ class UpdateAuditor:
             "momentum": meta.momentum,
             "update_norm": update_obj.l2_norm(),
             "update_kind": update_kind,
+            "threshold": self.config.threshold,
             "framework": self.framework,
             **dict(extra or {}),
         }
@@ -437,6 +438,7 @@ class UpdateAuditor:
             "audited": False,
             "withheld": withhold,
             "rdlv": None,
+            "threshold": self.config.threshold,
             "framework": self.framework,
             "audit_error": why,
             **dict(extra or {}),
