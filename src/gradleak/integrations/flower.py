@@ -203,7 +203,8 @@ def leakage_mod(
         model: the app's model (its class, a factory, a class path or a model-spec dict).
         data: ``context -> the client's training data`` (a DataLoader of dicts or pairs, or a
             pair of tensors): the examples the update was trained on, for scoring only.
-        out: the audit directory (one for the whole federation; ``gradleak report OUT``).
+        out: the audit directory (one for the whole federation; ``gradleak report OUT``), made
+            absolute where the mod is built.
         lr, epochs, batch_size, momentum, local_steps: how the client trains (a value, a key of
             the round's config or of run_config, or ``(msg, context) -> value``), read per message.
         mean, std: the normalisation of the client's input pipeline (quickstart: 0.5 and 0.5).
@@ -217,7 +218,15 @@ def leakage_mod(
             save_images, settings, model_args).
     """
     base = Knobs(
-        str(out), attack, iterations, threshold, frequency, start_round, max_examples, metric, seed
+        out=_absolute(out),
+        attack=attack,
+        iterations=iterations,
+        threshold=threshold,
+        frequency=frequency,
+        start_round=start_round,
+        max_examples=max_examples,
+        metric=metric,
+        seed=seed,
     )
     auditors = _Auditors(model, {"mean": mean, "std": std, **options}, "flower")
 
@@ -288,6 +297,12 @@ def leakage_mod(
     return mod
 
 
+def _absolute(out: str | Path) -> str:
+    """The audit directory as an absolute path, fixed where the app is built (Flower may run the
+    app's functions in worker processes with another working directory)."""
+    return str(Path(out).expanduser().absolute())
+
+
 def _as_int(value: Any) -> int | None:
     return None if value is None else int(value)
 
@@ -340,7 +355,14 @@ class LeakageAuditStrategy(Strategy):  # type: ignore[misc]
     ) -> None:
         self.strategy, self.truth = strategy, truth
         self.knobs = Knobs(
-            str(out), attack, iterations, None, frequency, start_round, max_examples, metric, seed
+            out=_absolute(out),
+            attack=attack,
+            iterations=iterations,
+            frequency=frequency,
+            start_round=start_round,
+            max_examples=max_examples,
+            metric=metric,
+            seed=seed,
         )
         self.auditors = _Auditors(model, {"mean": mean, "std": std, **options}, "flower-server")
         self.lr, self.epochs, self.batch_size = lr, epochs, batch_size
