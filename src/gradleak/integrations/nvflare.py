@@ -28,7 +28,6 @@ NVFlare builds only allow-listed classes: add ``"gradleak.integrations.nvflare"`
 
 from __future__ import annotations
 
-import logging
 import threading
 from pathlib import Path
 from typing import Any
@@ -44,8 +43,6 @@ from nvflare.apis.shareable import ReservedHeaderKey, Shareable
 from nvflare.app_common.app_constant import AppConstants
 
 from gradleak.integrations.auditor import AuditResult, Training, UpdateAuditor
-
-log = logging.getLogger("gradleak")
 
 # The Client API's meta key of the steps a site trained this round.
 NUM_STEPS = "NUM_STEPS_CURRENT_ROUND"
@@ -68,7 +65,33 @@ def _int_or_none(value: Any) -> int | None:
 
 
 class _Audits:
-    """The part both filters share: the auditor, the site's data and the global models."""
+    """The part both filters share: building the auditor, the training facts, the site's data
+    and the prior, from the filter's arguments (declared here, set by each filter)."""
+
+    model: str | dict[str, Any] | None
+    model_args: dict[str, Any] | None
+    lr: float | str
+    epochs: int | str
+    batch_size: int | str | None
+    momentum: float | str
+    local_steps: int | str | None
+    image_size: int
+    channels: int
+    mean: float | list[float] | None
+    std: float | list[float] | None
+    num_classes: int | None
+    audit_dir: str
+    attack: str
+    iterations: int
+    attack_settings: dict[str, Any] | None
+    metric: str
+    max_examples: int
+    seed: int
+    prior_filename: str | None
+    image_key: str
+    rdlv_reduce: str
+    rdlv_threshold: float | None
+    save_best_matches: bool
 
     def _make_auditor(self, framework: str) -> UpdateAuditor:
         if self.model is None:
