@@ -107,7 +107,12 @@ def test_the_mod_passes_other_messages_and_audits_train_replies(tmp_path) -> Non
         )
         return Message(content, reply_to=msg)
 
-    mod = _mod(tmp_path)
+    def unseeded(context: Context) -> object:
+        # quickstart's loader shuffles with torch's global generator
+        loader = qs.load_data(context.node_config["partition-id"], 2, 2)
+        return torch.utils.data.DataLoader(loader.dataset, batch_size=2, shuffle=True)
+
+    mod = _mod(tmp_path, data=unseeded)
     query = _message("query", RecordDict())
     reply = mod(query, _context(), call_next)
     assert seen == [query] and not reply.has_error() and not (tmp_path / "audit").exists()

@@ -31,7 +31,13 @@ from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from gradleak.integrations.auditor import AuditResult, Training, UpdateAuditor, collect
+from gradleak.integrations.auditor import (
+    AuditResult,
+    Training,
+    UpdateAuditor,
+    collect,
+    isolated_randomness,
+)
 from gradleak.integrations.models import ModelSpec
 
 log = logging.getLogger("gradleak")
@@ -252,36 +258,41 @@ def leakage_mod(
         reply = call_next(msg, context)
         if sent is None or reply.has_error():
             return reply
-        name, auditor = "unnamed", None
-        try:
-            name = client(context)
-            auditor = auditors.get(knobs)
-            new = _only(reply.content.array_records, arrays_key, "array record")
-            examples, labels = collect(
-                data(context), input_key=input_key, label_key=label_key, limit=knobs.max_examples
-            )
-            training = Training(
-                lr=_fact(lr, msg, context, config),
-                epochs=int(_fact(epochs, msg, context, config) or 1),
-                batch_size=_as_int(_fact(batch_size, msg, context, config)),
-                momentum=float(_fact(momentum, msg, context, config) or 0.0),
-                local_steps=_as_int(_fact(local_steps, msg, context, config)),
-            )
-            result = auditor.audit(
-                global_state=sent,
-                update=dict(zip(new.keys(), new.to_numpy_ndarrays(), strict=True)),
-                examples=examples,
-                labels=labels,
-                training=training,
-                round=round,
-                client=name,
-                update_kind="weights",
-            )
-        except Exception as exc:  # noqa: BLE001 - recorded; never raised into Flower
-            log.exception("gradleak's audit failed")
-            if auditor is None:
-                return _error_reply(msg, f"gradleak withheld the update: no audit ({exc})")
-            result = auditor.failure(round, name, exc, extra={"framework": "flower"})
+        # reading the client's data (a shuffling loader) and attacking draw random numbers
+        with isolated_randomness():
+            name, auditor = "unnamed", None
+            try:
+                name = client(context)
+                auditor = auditors.get(knobs)
+                new = _only(reply.content.array_records, arrays_key, "array record")
+                examples, labels = collect(
+                    data(context),
+                    input_key=input_key,
+                    label_key=label_key,
+                    limit=knobs.max_examples,
+                )
+                training = Training(
+                    lr=_fact(lr, msg, context, config),
+                    epochs=int(_fact(epochs, msg, context, config) or 1),
+                    batch_size=_as_int(_fact(batch_size, msg, context, config)),
+                    momentum=float(_fact(momentum, msg, context, config) or 0.0),
+                    local_steps=_as_int(_fact(local_steps, msg, context, config)),
+                )
+                result = auditor.audit(
+                    global_state=sent,
+                    update=dict(zip(new.keys(), new.to_numpy_ndarrays(), strict=True)),
+                    examples=examples,
+                    labels=labels,
+                    training=training,
+                    round=round,
+                    client=name,
+                    update_kind="weights",
+                )
+            except Exception as exc:  # noqa: BLE001 - recorded; never raised into Flower
+                log.exception("gradleak's audit failed")
+                if auditor is None:
+                    return _error_reply(msg, f"gradleak withheld the update: no audit ({exc})")
+                result = auditor.failure(round, name, exc, extra={"framework": "flower"})
         if result.error is not None:
             return _error_reply(
                 msg, f"gradleak withheld the update: the audit failed ({result.error})"
@@ -403,38 +414,39 @@ class LeakageAuditStrategy(Strategy):  # type: ignore[misc]
     def _audit(
         self, round: int, reply: Message, glob: dict[str, Any], config: dict[str, Any]
     ) -> AuditResult:
-        name = f"node-{reply.metadata.src_node_id}"
-        auditor = self.auditors.get(self.knobs)  # built in __init__'s process: checked there
-        try:
-            sent = _only(reply.content.array_records, self.arrays_key, "array record")
-            examples, labels = collect(
-                self.truth(reply),
-                input_key=self.input_key,
-                label_key=self.label_key,
-                limit=self.knobs.max_examples,
-            )
-            lr = config[self.lr] if isinstance(self.lr, str) else self.lr
-            training = Training(
-                lr=lr,
-                epochs=self.epochs,
-                batch_size=self.batch_size,
-                momentum=self.momentum,
-                local_steps=self.local_steps,
-            )
-            return auditor.audit(
-                global_state=glob,
-                update=dict(zip(sent.keys(), sent.to_numpy_ndarrays(), strict=True)),
-                examples=examples,
-                labels=labels,
-                training=training,
-                round=round,
-                client=name,
-            )
-        except Exception as exc:  # noqa: BLE001 - recorded; the server goes on
-            log.exception("gradleak's server-side audit failed")
-            return auditor.failure(
-                round, name, exc, extra={"framework": "flower-server"}, withhold=False
-            )
+        with isolated_randomness():  # the truth loader and the attack draw random numbers
+            name = f"node-{reply.metadata.src_node_id}"
+            auditor = self.auditors.get(self.knobs)  # built in __init__'s process: checked there
+            try:
+                sent = _only(reply.content.array_records, self.arrays_key, "array record")
+                examples, labels = collect(
+                    self.truth(reply),
+                    input_key=self.input_key,
+                    label_key=self.label_key,
+                    limit=self.knobs.max_examples,
+                )
+                lr = config[self.lr] if isinstance(self.lr, str) else self.lr
+                training = Training(
+                    lr=lr,
+                    epochs=self.epochs,
+                    batch_size=self.batch_size,
+                    momentum=self.momentum,
+                    local_steps=self.local_steps,
+                )
+                return auditor.audit(
+                    global_state=glob,
+                    update=dict(zip(sent.keys(), sent.to_numpy_ndarrays(), strict=True)),
+                    examples=examples,
+                    labels=labels,
+                    training=training,
+                    round=round,
+                    client=name,
+                )
+            except Exception as exc:  # noqa: BLE001 - recorded; the server goes on
+                log.exception("gradleak's server-side audit failed")
+                return auditor.failure(
+                    round, name, exc, extra={"framework": "flower-server"}, withhold=False
+                )
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
