@@ -289,7 +289,7 @@ def test_nvflare_filter_errors_are_recorded_and_withhold_the_update(tmp_path) ->
     from nvflare.apis.fl_context import FLContext
     from nvflare.apis.shareable import Shareable
 
-    from gradleak.engines.nvflare import ROW, RelativeDataLeakageValueFilter, UpdateFilters
+    from gradleak.engines.nvflare import ROW, UpdateFilters
 
     config_json = validate_config(CONFIG).model_dump_json()
     OwnedDir(tmp_path, "run").claim()  # the run directory the job's driver claimed
@@ -321,24 +321,3 @@ def test_nvflare_filter_errors_are_recorded_and_withhold_the_update(tmp_path) ->
     assert row["record"] == {"filter_error": "KeyError: 'site-2'"} and row["norm"] == pytest.approx(
         3**0.5
     )
-
-    # NVFlare's RDLV filter arguments set the audit (its rounds count from 0)
-    f = RelativeDataLeakageValueFilter(
-        config_json,
-        str(tmp_path),
-        frequency=3,
-        start_round=2,
-        rdlv_reduce="min",
-        rdlv_threshold=0.5,
-        prior="none",
-    )
-    audit = json.loads(f._config_json())["audit"]
-    assert (
-        audit["frequency"],
-        audit["start_round"],
-        audit["reduce"],
-        audit["threshold"],
-        audit["prior"],
-    ) == (3, 3, "min", 0.5, "none")
-    with pytest.raises(ConfigError, match="^audit.reduce"):
-        RelativeDataLeakageValueFilter(config_json, str(tmp_path), rdlv_reduce="mean")

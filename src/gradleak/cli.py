@@ -393,17 +393,23 @@ def sweep(
 
 @app.command()
 def report(
-    run_dir: Annotated[Path, typer.Argument(help="A run directory or a sweep directory.")],
+    run_dir: Annotated[
+        Path, typer.Argument(help="A run directory, a sweep directory or an audit directory.")
+    ],
     level: LevelOpt = None,
     accuracy_budget: BudgetOpt = None,
 ) -> None:
-    """Build (or rebuild) the HTML report of a run or of a sweep."""
-    from gradleak.report.html import build_run_report, build_sweep_report
+    """Build (or rebuild) the HTML report of a run, a sweep or the audit of a Flower or NVFlare
+    app."""
+    from gradleak.report.html import build_audit_report, build_run_report, build_sweep_report
     from gradleak.rundir import OwnedDir
 
     try:
-        if run_dir.is_dir() and OwnedDir(run_dir).manifest_kind() == "sweep":
+        kind = OwnedDir(run_dir).manifest_kind() if run_dir.is_dir() else None
+        if kind == "sweep":
             page = build_sweep_report(run_dir, level, accuracy_budget)
+        elif kind == "audit":
+            page = build_audit_report(run_dir)
         else:
             page = build_run_report(run_dir)
         console.print(f"report: {page}", highlight=False, soft_wrap=True, markup=False)

@@ -101,17 +101,25 @@ class LeakageAudit:
         was, and every attack's RDLV (None: it did not apply; 0: it declared the batch beyond its
         reach, which leaves the server its prior). The worst reconstruction is saved (when
         enabled)."""
+        record, matched = self.examine(view, truth, labels, seed=seed)
+        if matched is not None and self.config.save_images and self.out_dir is not None:
+            self._save(view.meta.round, view.meta.client_id, truth, matched)
+        return record
+
+    def examine(
+        self, view: ServerView, truth: torch.Tensor, labels: torch.Tensor, *, seed: int
+    ) -> tuple[dict[str, Any], torch.Tensor | None]:
+        """``inspect`` without saving: the record and the worst attack's reconstructions paired
+        with the originals (None: it produced none), for a caller that stores them its own way."""
         found: dict[str, tuple[dict[str, Any], torch.Tensor | None]] = {}
         for name, attack in self.attacks.items():
             found[name] = self._attack(name, attack, view, truth, labels, seed)
         scored = [n for n, (r, _) in found.items() if r.get("rdlv") is not None]
         worst = max(scored, key=lambda n: found[n][0]["rdlv"]) if scored else self.config.preset
         record, matched = found[worst]
-        if matched is not None and self.config.save_images and self.out_dir is not None:
-            self._save(view.meta.round, view.meta.client_id, truth, matched)
         if len(self.attacks) > 1:
             record = {**record, "rdlv_by_attack": {n: r.get("rdlv") for n, (r, _) in found.items()}}
-        return record
+        return record, matched
 
     def _attack(
         self,

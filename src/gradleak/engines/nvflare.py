@@ -15,9 +15,8 @@ The job built from an experiment config (``build_job``) holds:
   the filter never aborts the job: it is caught, the update withheld (failing closed) and the
   error recorded in the row as ``filter_error``.
 
-``RelativeDataLeakageValueFilter`` takes the arguments of NVFlare's filter of that name
-(frequency, start_round counted from 0 as NVFlare's rounds are, rdlv_reduce, rdlv_threshold,
-prior) and sets the audit from them, so a job built by hand can swap one for the other.
+A job of the user's own (their executor, their model) takes gradleak's audit through
+``gradleak.integrations.nvflare`` instead, which needs no gradleak config.
 
 NVFlare's simulator runs the job in processes of its own: the server process writes the run
 directory (the ``gradleak run`` process that started the job holds its lock meanwhile), and every
@@ -161,43 +160,6 @@ class UpdateFilters(DXOFilter):  # type: ignore[misc]
         update, withheld = filter_leaving(locate, update, fields, start)
         data = {} if withheld else _arrays(update.delta)
         return DXO(DataKind.WEIGHT_DIFF, data=data, meta={ROW: json.dumps(fields)})
-
-
-class RelativeDataLeakageValueFilter(UpdateFilters):
-    """``UpdateFilters`` with the audit set by the arguments of NVFlare's filter of this name:
-    audit every ``frequency``-th round from ``start_round`` (NVFlare's round index, from 0),
-    reduce a client's RDLV over its images with ``rdlv_reduce``, withhold above ``rdlv_threshold``,
-    with ``prior`` (gradleak's: mean-image or none) as the reference. The similarity stays the
-    config's ``audit.metric`` (NVFlare's default, SSIM, is gradleak's default too)."""
-
-    def __init__(
-        self,
-        config_json: str,
-        run_dir: str,
-        frequency: int = 1,
-        start_round: int = 0,
-        rdlv_reduce: str = "max",
-        rdlv_threshold: float = 1.0,
-        prior: str = "mean-image",
-    ) -> None:
-        super().__init__(config_json, run_dir)
-        self.frequency, self.start_round, self.prior = frequency, start_round, prior
-        self.rdlv_reduce, self.rdlv_threshold = rdlv_reduce, rdlv_threshold
-        self._config_json()  # fail at construction on bad arguments
-
-    def _config_json(self) -> str:
-        from gradleak.experiments.config import validate_config
-
-        raw = json.loads(self.config_json)
-        raw["audit"] = {
-            **(raw.get("audit") or {}),
-            "frequency": self.frequency,
-            "start_round": self.start_round + 1,
-            "reduce": self.rdlv_reduce,
-            "threshold": self.rdlv_threshold,
-            "prior": self.prior,
-        }
-        return validate_config(raw).model_dump_json()
 
 
 # -- the server side -------------------------------------------------------------------------------
@@ -420,7 +382,6 @@ __all__ = [
     "GradleakController",
     "GradleakTrainer",
     "NVFlareSimulator",
-    "RelativeDataLeakageValueFilter",
     "UpdateFilters",
     "build_job",
 ]

@@ -116,9 +116,15 @@ def _is(value: Any, kind: str | None) -> bool:
     return type(value) is list and all(type(v) is int for v in value)  # list of integers
 
 
-def check_row(row: Any, fields: dict[str, Any], required: tuple[str, ...]) -> str | None:
+def check_row(
+    row: Any,
+    fields: dict[str, Any],
+    required: tuple[str, ...],
+    ranges: dict[str, tuple[float, float]] | None = None,
+) -> str | None:
     """What is wrong with one row (None: nothing): not an object, a required field missing, or a
-    known field of the wrong type."""
+    known field of the wrong type or outside its range (``ranges``, default ``RANGES``)."""
+    ranges = RANGES if ranges is None else ranges
     if not isinstance(row, dict):
         return f"not a JSON object but {json.dumps(row)[:40]}"
     for key in required:
@@ -129,10 +135,10 @@ def check_row(row: Any, fields: dict[str, Any], required: tuple[str, ...]) -> st
         if key in row and not any(_is(row[key], k) for k in kinds):
             expected = " or ".join("null" if k is None else k for k in kinds)
             return f"{key!r} is {json.dumps(row[key])[:40]}, not {expected}"
-        low, high = RANGES.get(key, (-math.inf, math.inf))
+        low, high = ranges.get(key, (-math.inf, math.inf))
         value = row.get(key)
         if (
-            key in RANGES
+            key in ranges
             and value is not None
             and not low <= value <= high
             and not math.isnan(value)
@@ -157,10 +163,12 @@ class JsonLines:
         fields: dict[str, Any] | None = None,
         required: tuple[str, ...] = (),
         key: tuple[str, ...] = (),
+        ranges: dict[str, tuple[float, float]] | None = None,
     ) -> None:
         self.owner, self.rel = owner, rel
         self.path = owner.path(rel)
         self.fields, self.required, self.key = fields or {}, required, key
+        self.ranges = ranges
 
     def append(self, row: dict[str, Any]) -> None:
         self.owner.append(self.rel, (json.dumps(row) + "\n").encode())
@@ -183,7 +191,7 @@ class JsonLines:
             except DataError:
                 problem: str | None = "not a JSON row"
             else:
-                problem = check_row(row, self.fields, self.required)
+                problem = check_row(row, self.fields, self.required, self.ranges)
             if problem is None and self.key:
                 ident = tuple(row[k] for k in self.key)
                 if ident in seen or (rows and ident[0] < rows[-1][self.key[0]]):

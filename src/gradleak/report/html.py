@@ -121,6 +121,40 @@ def build_run_report(run_dir: Path) -> Path:
     return out.path("index.html")
 
 
+def build_audit_report(audit_dir: Path) -> Path:
+    """Write ``audit_dir/report/index.html`` for an audit directory of a Flower or NVFlare app
+    (``integrations.auditdir``: rows, images and a description; no experiment config)."""
+    from gradleak.integrations.auditdir import AuditDir
+
+    audit = AuditDir.open(audit_dir)
+    meta, rows = audit.read_meta(), audit.read_rows()
+    out = audit.dir.sub("report")
+    load_modalities()
+    kind = meta.get("modality", "image")
+    renderer = RENDERERS.get(kind) if kind in RENDERERS else None
+    renderer = None if renderer is not None and renderer.bind is not None else renderer
+    failed = [r for r in rows if r.get("audit_error")]
+    withheld = sum(1 for r in rows if r.get("withheld"))
+    audited = [r for r in rows if r.get("audited")]
+    worst = _worst(audited)
+    summary = (
+        f"{len(rows)} update(s) from {len({r['client'] for r in rows})} client(s), "
+        f"{len(audited)} attacked, {withheld} withheld, {len(failed)} audit failure(s)"
+        + (f"; highest RDLV {worst:.4g}" if math.isfinite(worst) else "")
+    )
+    described = {k: v for k, v in meta.items() if k != "format"}
+    body = f"""<h1>gradleak audit report</h1>
+<p>Audit directory: <code>{esc(audit_dir)}</code>. {esc(summary)}.</p>
+{audit_section(audit.dir, renderer, meta.get("metric"), rows, out)}
+{"<h2>Audit failures (updates withheld)</h2>" + _table(failed) if failed else ""}
+<h2>All rows</h2>
+{_table(rows)}
+<h2>Audit settings</h2>
+<pre>{esc(yaml.safe_dump(described, sort_keys=False))}</pre>"""
+    out.write_text("index.html", _page("gradleak audit report", body))
+    return out.path("index.html")
+
+
 # Columns of the audited-row table, in this order: the image metrics (also the disaggregation
 # table's), then whatever else the audit and the defences recorded (another modality's metrics, the
 # attack's confidence, a defence's epsilon), then the tail.
@@ -215,7 +249,7 @@ def _examples_row(r: dict[str, Any], arrays: dict[str, np.ndarray], metric: Any)
 
 
 def _examples_section(
-    store: RunStore,
+    owner: OwnedDir,
     renderer: Renderer | None,
     rows: list[dict[str, Any]],
     prefix: str,
@@ -228,12 +262,12 @@ def _examples_section(
     parts, kept = [], []
     for r in rows:
         rel = f"{prefix}/round_{r['round']:04d}/client_{r['client']}.npz"
-        if not store.dir.exists(rel):
+        if not owner.exists(rel):
             continue
-        arrays = _audit_examples(store.dir, rel, _example_bytes(r.get("num_samples")), renderer)
+        arrays = _audit_examples(owner, rel, _example_bytes(r.get("num_samples")), renderer)
         if arrays is None:
             parts.append(
-                f"<p>Left out: <code>{esc(store.dir.path(rel))}</code> is damaged (not the "
+                f"<p>Left out: <code>{esc(owner.path(rel))}</code> is damaged (not the "
                 "originals, prior and reconstructions of an audit).</p>"
             )
         else:
@@ -246,6 +280,17 @@ def _examples_section(
 def _audit_section(
     store: RunStore, config: dict[str, Any], results: list[dict[str, Any]], out: SubDir
 ) -> str:
+    return audit_section(store.dir, _renderer(config), _audit_metric(config), results, out)
+
+
+def audit_section(
+    owner: OwnedDir,
+    renderer: Renderer | None,
+    metric: Any,
+    results: list[dict[str, Any]],
+    out: SubDir,
+) -> str:
+    """The audit's figure, each client's examples (those of ``owner/audit/``) and its table."""
     audited = [r for r in results if r.get("audited")]
     if not audited:
         return ""
@@ -262,7 +307,6 @@ def _audit_section(
             f"<p>Examples of the {GRID_CLIENTS} clients with the highest RDLV, of {len(shown)} "
             "audited.</p>"
         )
-    renderer = _renderer(config)
     for cid in sorted(shown[:GRID_CLIENTS]):
         rows = by_client[cid]
         pick = sorted(
@@ -270,12 +314,12 @@ def _audit_section(
         )
         picked = [rows[i] for i in pick if i < len(rows)]
         parts += _examples_section(
-            store,
+            owner,
             renderer,
             picked,
             "audit",
             f"original, prior and reconstruction of client {cid}",
-            _audit_metric(config),
+            metric,
         )
     table = [{k: r.get(k, "") for k in _audit_columns(audited)} for r in audited]
     parts += ["<h3>Audited updates</h3>", _table(table)]
@@ -414,7 +458,7 @@ def _disaggregation_section(store: RunStore, config: dict[str, Any], out: SubDir
         renderer = _renderer(config)
         for r in inverted:
             parts += _examples_section(
-                store,
+                store.dir,
                 renderer,
                 [{**r.model_dump(), "num_samples": None}],
                 "disaggregation",
