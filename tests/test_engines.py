@@ -321,3 +321,23 @@ def test_nvflare_filter_errors_are_recorded_and_withhold_the_update(tmp_path) ->
     assert row["record"] == {"filter_error": "KeyError: 'site-2'"} and row["norm"] == pytest.approx(
         3**0.5
     )
+
+
+def test_engine_clients_compute_with_the_in_process_thread_count() -> None:
+    """engine.threads left unset reaches an engine's clients as this process's thread count (the
+    count an in-process run uses), and a set value as it is."""
+    import json
+
+    import torch
+
+    from gradleak.engines.client_side import client_config_json
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(3)
+        unset = validate_config({**CONFIG, "engine": {"name": "flower"}})
+        assert json.loads(client_config_json(unset))["engine"]["threads"] == 3
+        fixed = validate_config({**CONFIG, "engine": {"name": "flower", "threads": 1}})
+        assert json.loads(client_config_json(fixed))["engine"]["threads"] == 1
+    finally:
+        torch.set_num_threads(before)

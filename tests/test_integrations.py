@@ -65,7 +65,7 @@ def test_the_user_model_is_built_from_every_form_a_framework_gives() -> None:
     instance = SmallNet()
     copy = model_factory(instance)()
     assert copy is not instance and torch.equal(copy.fc.weight, instance.fc.weight)
-    with pytest.raises(ConfigError, match="no attribute"):
+    with pytest.raises(ConfigError, match="has no callable"):
         model_factory(f"{__name__}.Missing")
     with pytest.raises(ConfigError, match="unknown model-spec keys"):
         model_factory({"path": f"{__name__}.SmallNet", "name": "x"})
@@ -205,3 +205,23 @@ def test_report_of_an_audit_directory_needs_no_config(tmp_path) -> None:
     assert "3 update(s) from 2 client(s), 3 attacked, 0 withheld" in page
     assert page.count("original, prior and reconstruction of client") == 2
     assert json.loads((tmp_path / "audit" / "audit.json").read_text())["metric"] == "ssim"
+
+
+def test_a_model_that_raises_or_exits_is_one_error_naming_it() -> None:
+    """The user's class failing (or calling sys.exit) while the audit builds it: a ConfigError
+    naming the model, which the mod and the filters record instead of crashing the app."""
+    import sys
+
+    from gradleak.integrations.models import model_factory
+
+    class Broken(nn.Module):
+        def __init__(self, how: str) -> None:
+            super().__init__()
+            if how == "exit":
+                sys.exit(3)
+            raise RuntimeError("my init broke")
+
+    with pytest.raises(ConfigError, match="raised RuntimeError: my init broke"):
+        model_factory(Broken, {"how": "raise"})()
+    with pytest.raises(ConfigError, match=r"called sys.exit\(3\)"):
+        model_factory(Broken, {"how": "exit"})()

@@ -22,6 +22,16 @@ log = logging.getLogger("gradleak")
 _SIDES: dict[tuple[str, str], Simulator] = {}
 
 
+def client_config_json(config: Any) -> str:
+    """The config as an engine's client processes receive it: ``engine.threads`` left unset is
+    resolved to this process's torch thread count, so that every client computes with the threads
+    an in-process run uses (a sum over 1 or 2 threads differs in the 8th digit; equal counts give
+    identical results on every engine)."""
+    threads = config.engine.threads or torch.get_num_threads()
+    engine = config.engine.model_copy(update={"threads": threads})
+    return config.model_copy(update={"engine": engine}).model_dump_json()
+
+
 def client_simulator(config_json: str, run_dir: str) -> Simulator:
     """The experiment as a client process sees it (built once per process): the clients' data, the
     model, the local-training settings and the update filters (the audit writing under

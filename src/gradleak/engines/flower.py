@@ -66,6 +66,7 @@ from flwr.simulation import run_simulation  # noqa: E402
 
 from gradleak.data.partition import ClientData  # noqa: E402
 from gradleak.engines.client_side import (  # noqa: E402
+    client_config_json,
     client_simulator,
     filter_leaving,
     find_client,
@@ -263,7 +264,7 @@ class FlowerSimulator(Simulator):
     def for_config(cls, config: Any, run_dir: Path, **kwargs: Any) -> FlowerSimulator:
         e, secure = config.engine, config.aggregation.strategy == "secure-sum"
         return cls(
-            config_json=config.model_dump_json(),
+            config_json=client_config_json(config),
             run_dir=run_dir,
             cpus_per_client=e.cpus_per_client,
             secagg=e.secagg if secure else None,

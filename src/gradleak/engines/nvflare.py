@@ -55,6 +55,7 @@ from nvflare.recipe.sim_env import SimEnv
 
 from gradleak.data.partition import ClientData
 from gradleak.engines.client_side import (
+    client_config_json,
     client_simulator,
     filter_leaving,
     find_client,
@@ -261,7 +262,7 @@ class NVFlareSimulator(Simulator):
 
     @classmethod
     def for_config(cls, config: Any, run_dir: Path, **kwargs: Any) -> NVFlareSimulator:
-        return cls(config_json=config.model_dump_json(), run_dir=run_dir, **kwargs)
+        return cls(config_json=client_config_json(config), run_dir=run_dir, **kwargs)
 
     def run(
         self, state: dict[str, torch.Tensor], *, first_round: int, last_round: int, **kwargs: Any

@@ -10,30 +10,24 @@ training on; it never trains or changes the user's own instance.
 from __future__ import annotations
 
 import copy
-import importlib
 from collections.abc import Callable, Mapping
 from typing import Any
 
 from torch import nn
 
+from gradleak import plugins
 from gradleak.errors import ConfigError
 
 ModelSpec = Callable[[], nn.Module] | nn.Module | str | Mapping[str, Any]
 
 
 def import_path(path: str, key: str = "model") -> Any:
-    """The object named by ``"package.module.Name"`` (imported on demand)."""
+    """The object named by ``"package.module.Name"`` (imported on demand, through the same guard
+    as every plugin: an import that fails or exits is one ``ConfigError`` naming it)."""
     module_name, _, attr = path.rpartition(".")
     if not module_name or not attr:
         raise ConfigError(key, f"{path!r} is not a dotted path such as 'package.module.Class'")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ConfigError(key, f"cannot import {module_name!r}: {exc}") from None
-    try:
-        return getattr(module, attr)
-    except AttributeError:
-        raise ConfigError(key, f"{module_name!r} has no attribute {attr!r}") from None
+    return plugins.load(f"{module_name}:{attr}", key=key)
 
 
 def model_factory(
@@ -62,7 +56,7 @@ def model_factory(
         raise ConfigError(key, f"{target!r} is neither a model, a factory nor a class path")
 
     def build() -> nn.Module:
-        model = target(**extra)
+        model = plugins.guarded(str(spec), key, lambda: target(**extra))
         if not isinstance(model, nn.Module):
             raise ConfigError(key, f"{spec!r} built a {type(model).__name__}, not a torch module")
         return model
