@@ -120,11 +120,15 @@ class Dager:
         try:
             kind = architecture_for(view.model, view.global_state).kind
             gradient = _gradient(view)
-            noise = float32_noise(
-                view.global_state,
-                {n: view.update[n] for n in gradient},
-                lr=view.meta.lr,
-                steps=view.meta.steps,
+            noise = (
+                float32_noise(
+                    view.global_state,
+                    {n: view.update[n] for n in gradient},
+                    lr=view.meta.lr,
+                    steps=view.meta.steps,
+                )
+                if s.float_noise
+                else None
             )
             result = recover(
                 view.model,
@@ -140,7 +144,7 @@ class Dager:
                 chunk_size=s.chunk_size,
                 max_prefixes=s.max_prefixes,
                 seed=seed,
-                noise=noise if s.float_noise else None,
+                noise=noise,
             )
         except ValueError as exc:  # the architecture cannot be attacked (one block, ...)
             seconds = time.perf_counter() - start

@@ -14,13 +14,24 @@ from gradleak.attacks.base import Progress, Reconstruction, ServerView
 from gradleak.attacks.exact.cpa import cocktail_party_attack
 from gradleak.attacks.exact.layers import PixelLayer, pixel_layer, to_images
 from gradleak.attacks.exact.spear import spear
+from gradleak.errors import ConfigError
 
 
-def _one_step(view: ServerView) -> str | None:
+def _not_applicable(view: ServerView, *, relu: bool) -> str | None:
+    """Why an attack on the pixel layer cannot run on ``view`` (None: it can): images, one local
+    step, a linear layer on the pixels (followed by a ReLU when ``relu``), at least as many
+    neurons as images."""
     if getattr(view.spec, "kind", None) != "image":
         return f"recovers images; the examples are {getattr(view.spec, 'kind', 'unknown')}"
     if view.meta.steps != 1:
         return f"needs the update of one local step; this one took {view.meta.steps}"
+    layer = pixel_layer(view)
+    if isinstance(layer, str):
+        return layer
+    if relu and not layer.relu:
+        return f"its first layer ({layer.name}) is not followed by a ReLU"
+    if view.num_examples > layer.out_features:
+        return f"{view.num_examples} images exceed the first layer's {layer.out_features} neurons"
     return None
 
 
@@ -33,29 +44,13 @@ class Spear:
 
     def __init__(self, time_limit: float = 60.0, method: str = "auto") -> None:
         if time_limit <= 0:
-            from gradleak.errors import ConfigError
-
             raise ConfigError("attack.time_limit", "must be > 0")
         if method not in ("auto", "lifted", "sampling"):
-            from gradleak.errors import ConfigError
-
             raise ConfigError("attack.method", f"{method!r} is not one of auto, lifted, sampling")
         self.time_limit, self.method = time_limit, method
 
     def applies(self, view: ServerView) -> str | None:
-        reason = _one_step(view)
-        if reason:
-            return reason
-        layer = pixel_layer(view)
-        if isinstance(layer, str):
-            return layer
-        if not layer.relu:
-            return f"its first layer ({layer.name}) is not followed by a ReLU"
-        if view.num_examples > layer.out_features:
-            return (
-                f"{view.num_examples} images exceed the first layer's {layer.out_features} neurons"
-            )
-        return None
+        return _not_applicable(view, relu=True)
 
     def refuses(self, training: Any) -> tuple[str, str] | None:
         return None
@@ -123,17 +118,7 @@ class CocktailParty:
     wants_labels = False
 
     def applies(self, view: ServerView) -> str | None:
-        reason = _one_step(view)
-        if reason:
-            return reason
-        layer = pixel_layer(view)
-        if isinstance(layer, str):
-            return layer
-        if view.num_examples > layer.out_features:
-            return (
-                f"{view.num_examples} images exceed the first layer's {layer.out_features} neurons"
-            )
-        return None
+        return _not_applicable(view, relu=False)
 
     def refuses(self, training: Any) -> tuple[str, str] | None:
         return None
