@@ -15,6 +15,9 @@ Cases:
   llama4096   LLaMA geometry (width 4,096, 32 heads, 8 key/value heads, MLP 11,008; 2 blocks,
               vocabulary 8,000) with 8 notes of 16 tokens, on the CPU (batch x length up to
               2,000 needs a GPU)
+  tokens      the token set from the input embedding's gradient (attack token-set): LLaMA-style
+              d = 512 (untied table) with 16 x 16 and 4 x 32 at lr 0.01 and 1e-4 (the float32
+              delta's rounding), 3 local steps; GPT-2 (tied table) and noise 1e-3: infeasible
   minibatches one round of 8 notes in mini-batches of 8, 4, 2 and 1 (one SGD step each) at lr 0.1,
               0.01 and 0.001, d = 256: which mini-batches the exact attack still recovers
 The BERT targets send the float32 gradient itself (FedSGD, "a gradient with lr 1 and one step",
@@ -103,6 +106,15 @@ MINIBATCHES = [
     Case(f"minibatch{bs}_lr{lr}_d256_8x16", "gpt2", 256, 8, 17, batch_size=bs, lr=lr)
     for lr in (0.1, 0.01, 0.001)
     for bs in (8, 4, 2, 1)
+]
+TOKENS = [
+    Case(f"tokens_llama_d512_{b}x{n}_lr{lr}", "llama", 512, b, n + 2, lr=lr, attack="token-set")
+    for b, n in ((16, 16), (4, 32))
+    for lr in (0.01, 1e-4)
+] + [
+    Case("tokens_llama_d512_8x16_3steps", "llama", 512, 8, 18, epochs=3, attack="token-set"),
+    Case("tokens_gpt2_d512_8x16", "gpt2", 512, 8, 17, attack="token-set", expect="infeasible"),
+    Case("tokens_noised_llama_d512_8x16", "llama", 512, 8, 18, noise=1e-3, attack="token-set"),
 ]
 CACHE = OUT / ".text_cache"
 
@@ -293,6 +305,7 @@ CASES = {
     "baseline": lambda: run(BASELINE),
     "llama4096": lambda: run(LLAMA),
     "minibatches": lambda: run(MINIBATCHES),
+    "tokens": lambda: run(TOKENS),
 }
 
 if __name__ == "__main__":

@@ -301,4 +301,5 @@ def test_the_rounding_of_a_float32_delta_is_predicted_and_discounted(text_data, 
     rec = attack_factory("dager")().run(view)
     assert rec.feasible
     assert sorted(rec.examples.tolist()) == sorted(ids.tolist())
+    assert "every recovered token is among the" in rec.reason  # the embedding's witness agrees
     assert not attack_factory("dager")(float_noise=False).run(view).feasible

@@ -9,7 +9,7 @@ through the ``gradleak.modalities`` entry point ``text``. transformers, tokenize
 rouge-score and Faker (the ``text`` extra) are imported only when text is used.
 """
 
-from gradleak.text import attacks as _attacks  # noqa: F401  (registers dager and tag)
+from gradleak.text import attacks as _attacks  # noqa: F401  (registers dager, token-set, tag)
 from gradleak.text import models as _models  # noqa: F401  (registers the models)
 from gradleak.text import render as _render  # noqa: F401  (registers the renderer)
 from gradleak.text import saved as _saved  # noqa: F401  (registers the metadata of a saved update)

@@ -1,7 +1,8 @@
 """The text attacks, registered in ``attacks.ATTACKS``: ``dager``, exact recovery of a batch of
-sentences from a transformer's update (``attacks.exact.dager``), and ``tag``, the optimisation
-baseline it is compared with (``text.baseline``). Both see only the server's view: the model, the
-global weights, the update and the protocol's metadata (how many sequences, how long)."""
+sentences from a transformer's update (``attacks.exact.dager``), ``token-set``, the batch's tokens
+read off the input embedding's gradient (``attacks.exact.tokens``), and ``tag``, the optimisation
+baseline they are compared with (``text.baseline``). Each sees only the server's view: the model,
+the global weights, the update and the protocol's metadata (how many sequences, how long)."""
 
 from __future__ import annotations
 
@@ -44,6 +45,27 @@ def _examples(seqs: list[list[int]], view: ServerView) -> torch.Tensor:
         row = torch.as_tensor(s[: spec.seq_len], dtype=torch.long)
         blank[i, : len(row)] = row
     return blank
+
+
+def _embedding_check(view: ServerView, sequences: list[list[int]]) -> str:
+    """A second, independent witness for recovered text: the tokens it uses against the set read
+    off the input embedding's gradient (nothing where that set cannot be read, e.g. tied
+    embeddings)."""
+    from gradleak.attacks.exact.tokens import embedding_tokens
+
+    found = embedding_tokens(
+        view.model, view.update, max_tokens=view.num_examples * view.spec.seq_len
+    )
+    if not found.feasible:
+        return ""
+    used = {t for s in sequences for t in s} - view.spec.vocab.special
+    outside = used - set(found.tokens)
+    if not outside:
+        return f"; every recovered token is among the {len(found.tokens)} the embedding shows"
+    return (
+        f"; {len(outside)} recovered tokens left the embedding unchanged (rounded away in the "
+        "update, or recovered wrongly)"
+    )
 
 
 def _settings(cls: type[Section], settings: dict[str, Any]) -> Any:
@@ -154,15 +176,80 @@ class Dager:
         if progress is not None:
             progress(1, 0.0)
         examples = _examples(result.sequences, view) if result.feasible else None
+        reason = result.reason
+        if result.feasible:
+            reason += _embedding_check(view, result.sequences)
         return Reconstruction(
             examples,
             None,
             "none",
             feasible=result.feasible,
-            reason=result.reason,
+            reason=reason,
             confidence=result.confidence,
             match_scores=list(result.scores),
             seconds=time.perf_counter() - start,
+        )
+
+
+class TokenSetSettings(Section):
+    """The token set has no settings; the section exists so that ``audit.attack`` is checked."""
+
+
+class TokenSet:
+    """The batch's tokens from the rows of the input embedding that moved (an untied table: LLaMA,
+    BERT; not GPT-2, whose table is tied to the output layer). A set without order or positions:
+    every reconstructed row holds the whole set (most moved first), so a sentence's
+    ``token_recall`` is the share of its tokens the server learned and ``token_precision`` how
+    little the set narrows them down; exact match and ROUGE stay near 0 by design. Infeasible,
+    with the reason, where the table is tied, frozen (LoRA) or moved in more rows than the batch
+    has tokens (noise)."""
+
+    name = "token-set"
+    wants_labels = False
+
+    def __init__(self, settings: TokenSetSettings) -> None:
+        self.settings = settings
+
+    def applies(self, view: ServerView) -> str | None:
+        return _text_view(view)
+
+    def refuses(self, training: Any) -> tuple[str, str] | None:
+        return None
+
+    def run(
+        self,
+        view: ServerView,
+        *,
+        seed: int = 0,
+        prior: torch.Tensor | None = None,
+        progress: Progress | None = None,
+        device: Any = "cpu",
+    ) -> Reconstruction:
+        from gradleak.attacks.exact.tokens import embedding_tokens
+
+        start = time.perf_counter()
+        spec = view.spec
+        found = embedding_tokens(
+            view.model, view.update, max_tokens=view.num_examples * spec.seq_len
+        )
+        if progress is not None:
+            progress(1, 0.0)
+        seconds = time.perf_counter() - start
+        if not found.feasible:
+            return Reconstruction(
+                None, None, "none", feasible=False, reason=found.reason, seconds=seconds
+            )
+        tokens = [t for t in found.tokens if t not in spec.vocab.special]
+        width = max(len(tokens), spec.seq_len)
+        row = torch.full((width,), spec.vocab.pad, dtype=torch.long)
+        row[: len(tokens)] = torch.as_tensor(tokens, dtype=torch.long)
+        return Reconstruction(
+            row.expand(view.num_examples, width).clone(),
+            None,
+            "none",
+            reason=found.reason,
+            confidence=1.0,
+            seconds=seconds,
         )
 
 
@@ -244,6 +331,13 @@ def dager(**settings: Any) -> Dager:
     """Petrov, Dimitrov, Baader, Müller, Vechev: DAGER, Exact Gradient Inversion for Large
     Language Models (NeurIPS 2024)."""
     return Dager(_settings(DagerSettings, settings))
+
+
+@ATTACKS.register("token-set")
+def token_set(**settings: Any) -> TokenSet:
+    """Melis et al.: Exploiting Unintended Feature Leakage in Collaborative Learning (S&P 2019):
+    the words of a batch from the rows of the embedding gradient that are not zero."""
+    return TokenSet(_settings(TokenSetSettings, settings))
 
 
 @ATTACKS.register("tag")

@@ -18,7 +18,10 @@ ROUGE = ("rouge1", "rouge2", "rougeL")
 
 
 def exact_match(recon: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
-    """1 where the whole sequence is recovered token for token, else 0."""
+    """1 where the whole sequence is recovered token for token, else 0 (rows of another length,
+    such as a token set's, never match)."""
+    if recon.shape[1:] != truth.shape[1:]:
+        return torch.zeros(len(recon))
     return (recon.long() == truth.long()).all(dim=1).float()
 
 
