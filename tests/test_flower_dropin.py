@@ -296,3 +296,78 @@ def _cli():
     from gradleak.cli import app
 
     return app
+
+
+def _trained_reply(msg: Message, context: Context) -> Message:
+    """The quickstart client's reply to a train message (its own training, its own records)."""
+    model = qs.Net()
+    model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    qs.train(model, _data(context), 1, 0.05, "cpu")
+    content = RecordDict(
+        {"arrays": ArrayRecord(model.state_dict()), "metrics": MetricRecord({"num-examples": 3})}
+    )
+    return Message(content, reply_to=msg)
+
+
+def _delta(msg: Message, reply: Message) -> dict[str, torch.Tensor]:
+    sent = msg.content["arrays"].to_torch_state_dict()
+    got = reply.content["arrays"].to_torch_state_dict()
+    return {k: got[k].double() - sent[k].double() for k in sent}
+
+
+def _norm(delta: dict[str, torch.Tensor]) -> float:
+    return float(sum(v.pow(2).sum() for v in delta.values()) ** 0.5)
+
+
+def test_the_defense_mod_applies_a_gradleak_defence_to_train_replies(tmp_path) -> None:
+    from gradleak.defenses.dp import epsilon
+    from gradleak.errors import ConfigError
+    from gradleak.integrations.flower import defense_mod
+
+    msg = _train_message()
+    plain = _delta(msg, _trained_reply(msg, _context()))
+    assert _norm(plain) > 0.05
+
+    # clipping alone: the update sent is the client's, scaled to norm 0.05
+    clip = defense_mod({"name": "dp-gaussian", "clip": 0.05, "noise_multiplier": 0.0}, qs.Net)
+    reply = clip(msg, _context(), _trained_reply)
+    sent = _delta(msg, reply)
+    assert _norm(sent) == pytest.approx(0.05, rel=1e-4)
+    cosine = sum((sent[k] * plain[k]).sum() for k in plain) / (_norm(sent) * _norm(plain))
+    assert float(cosine) == pytest.approx(1.0, abs=1e-5)
+    assert reply.content["metrics"]["num-examples"] == 3  # the app's other records kept
+
+    # noise: the accountant's epsilon travels with the reply and grows with participation
+    dp = defense_mod({"name": "dp-gaussian", "clip": 0.05, "noise_multiplier": 1.0}, qs.Net)
+    context = _context()
+    first = dp(msg, context, _trained_reply)
+    second = dp(_train_message(2), context, _trained_reply)
+    eps = [r.content["gradleak-defense"]["dp_epsilon"] for r in (first, second)]
+    assert eps == pytest.approx([epsilon(1.0, 1.0, 1, 1e-5), epsilon(1.0, 1.0, 2, 1e-5)])
+    assert _norm(_delta(msg, first)) > 0.05 * 10  # noise of std 0.05 on 62,006 weights
+
+    query = _message("query", RecordDict())
+    assert dp(query, _context(), lambda m, c: m) is query  # other messages pass untouched
+    with pytest.raises(ConfigError, match="clip"):
+        defense_mod({"name": "dp-gaussian", "noise_multiplier": 1.0}, qs.Net)
+
+    def foreign(msg: Message, context: Context) -> Message:
+        return Message(RecordDict({"arrays": ArrayRecord({"x": torch.zeros(2)})}), reply_to=msg)
+
+    failed = dp(msg, _context(), foreign)  # fails closed: nothing undefended leaves
+    assert failed.has_error() and "the defence failed" in failed.error.reason
+
+
+@pytest.mark.engines
+def test_the_audit_sees_the_defended_update_when_the_mods_stack(tmp_path) -> None:
+    from gradleak.integrations.flower import defense_mod
+
+    audit = tmp_path / "audit"
+    clip = defense_mod({"name": "dp-gaussian", "clip": 0.05, "noise_multiplier": 0.0}, qs.Net)
+    out: dict = {}
+    _simulate(
+        qs.client_app(mods=[_mod(tmp_path, out=audit, iterations=5), clip]), qs.server_app(out)
+    )
+    rows = AuditDir.open(audit).read_rows()
+    assert len(rows) == 4 and all(r["audited"] for r in rows)
+    assert all(r["update_norm"] == pytest.approx(0.05, rel=1e-4) for r in rows)

@@ -7,6 +7,12 @@
   below the threshold, passes untouched (the same object). Above the threshold, or when the audit
   fails, the reply becomes a Flower error reply (``MOD_FAILED_PRECONDITION``): the update stays on
   the client and FedAvg aggregates the others. The mod never raises into Flower.
+- ``defense_mod(defense, model)``: a client mod applying one of gradleak's defences (a
+  ``defenses:`` entry such as ``{"name": "dp-gaussian", "clip": 1.0, "noise_multiplier": 1.0}``)
+  to every training reply, with the same noise and accounting as a gradleak run; its fields
+  (``dp_epsilon``, ...) travel in the reply's ``gradleak-defense`` ConfigRecord. Mods stack: in
+  ``mods=[leakage_mod(...), defense_mod(...)]`` the audit sees the defended update, as the server
+  does.
 - ``LeakageAuditStrategy(strategy, model, truth=...)``: wraps any Strategy as an honest-but-curious
   server: it attacks every training reply it receives, records the rows, and hands the same
   replies to the wrapped strategy (the aggregate is unchanged).
@@ -26,7 +32,17 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MessageType, MetricRecord
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Error,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
@@ -38,6 +54,7 @@ from gradleak.integrations.auditor import (
     collect,
     isolated_randomness,
 )
+from gradleak.integrations.defense import UpdateDefense
 from gradleak.integrations.models import ModelSpec
 
 log = logging.getLogger("gradleak")
@@ -308,6 +325,82 @@ def leakage_mod(
     return mod
 
 
+def defense_mod(
+    defense: Mapping[str, Any],
+    model: ModelSpec,
+    *,
+    seed: int = 0,
+    sample_rate: float = 1.0,
+    arrays_key: str | None = None,
+    client: Callable[[Context], int] | None = None,
+) -> Callable[[Message, Context, Callable[[Message, Context], Message]], Message]:
+    """A Flower client mod that applies a gradleak defence to every outgoing training update.
+
+    The reply's model arrays become ``global + defence(reply - global)``; every other record of
+    the reply is kept, and the defence's fields are added as the ConfigRecord
+    ``gradleak-defense`` (a second MetricRecord would make FedAvg skip the round). The rounds
+    this client has sent are counted in ``context.state`` (the DP accountant's steps). A reply
+    the defence cannot process becomes an error reply (fails closed: an undefended update never
+    leaves); other messages pass untouched.
+
+    Args:
+        defense: a ``defenses:`` entry of a gradleak config (checked here, where the app is built).
+        model: the app's model (class, factory, class path or model-spec dict).
+        seed: the noise's seed (with the round and the client).
+        sample_rate: the fraction of clients the server draws per round (DP accounting).
+        arrays_key: the ArrayRecord holding the model (default: the message's only one).
+        client: ``context -> the client's number`` for the noise stream (default: the
+            partition id in a simulation, else the node id).
+    """
+    defended = UpdateDefense(defense, model, seed=seed, sample_rate=sample_rate)
+
+    def number(context: Context) -> int:
+        if client is not None:
+            return int(client(context))
+        pid = context.node_config.get("partition-id")
+        return int(pid if pid is not None else context.node_id)
+
+    def mod(
+        msg: Message, context: Context, call_next: Callable[[Message, Context], Message]
+    ) -> Message:
+        if not _is_train(msg):
+            return call_next(msg, context)
+        reply = call_next(msg, context)
+        if reply.has_error():
+            return reply
+        try:
+            records = msg.content.config_records
+            config = dict(_only(records, None, "config record")) if len(records) else {}
+            sent = _only(msg.content.array_records, arrays_key, "array record")
+            names = list(reply.content.array_records)
+            key = arrays_key or (names[0] if len(names) == 1 else None)
+            new = _only(reply.content.array_records, key, "array record")
+            state = context.state.config_records.get("gradleak-defense", ConfigRecord())
+            count = int(state.get("participation", 0)) + 1
+            out = defended.apply(
+                dict(zip(sent.keys(), sent.to_numpy_ndarrays(), strict=True)),
+                dict(zip(new.keys(), new.to_numpy_ndarrays(), strict=True)),
+                round=_round(msg, config),
+                client_id=number(context),
+                participation=count,
+            )
+        except Exception as exc:  # noqa: BLE001 - never send an update the defence missed
+            log.exception("gradleak's defence failed")
+            return _error_reply(msg, f"gradleak withheld the update: the defence failed ({exc})")
+        context.state["gradleak-defense"] = ConfigRecord({"participation": count})
+        content = RecordDict(dict(reply.content.items()))
+        content[key] = ArrayRecord(array_dict={k: Array(v) for k, v in out.weights.items()})
+        numbers = {
+            k: float(v)
+            for k, v in out.fields.items()
+            if isinstance(v, int | float) and not isinstance(v, bool)
+        }
+        content["gradleak-defense"] = ConfigRecord(numbers)  # strategies want one MetricRecord
+        return Message(content, reply_to=msg)
+
+    return mod
+
+
 def _absolute(out: str | Path) -> str:
     """The audit directory as an absolute path, fixed where the app is built (Flower may run the
     app's functions in worker processes with another working directory)."""
@@ -462,4 +555,4 @@ class LeakageAuditStrategy(Strategy):  # type: ignore[misc]
         self.strategy.summary()
 
 
-__all__ = ["Knobs", "LeakageAuditStrategy", "RUN_CONFIG_KNOBS", "leakage_mod"]
+__all__ = ["Knobs", "LeakageAuditStrategy", "RUN_CONFIG_KNOBS", "defense_mod", "leakage_mod"]
