@@ -3,13 +3,14 @@ the exact one-step value of the sampled mechanism, a seeded Monte Carlo of the o
 et al.'s estimator), the power of one concrete test (a lower bound the bound must clear), Balle et
 al.'s RDP bound (an upper bound it must not exceed), and the dp-gaussian row and report.
 
-No exact published numbers are checked: Hayes, Mahloujifar and Balle (NeurIPS 2023) and Kaissis et
-al. (2023) report their bounds in figures, and no table of values was available to copy. The
-q = 1 formula, Phi(Phi^-1(kappa) + sqrt(T)/z), is the one both papers give for the Gaussian
-mechanism; the Monte Carlo follows ``reconstruction_upper_bound`` of the authors' notebook
-(``shared_reconstruct_with_prior.ipynb``, as republished in PatriciaBalboaKIT/Understanding-
-Disclosure-Risk-in-Differential-Privacy, DPSGD_noAux/): sort the composed likelihood ratios drawn
-without the target, bound = 1 - (1 - kappa) x mean of the lowest (1 - kappa) share.
+No published values are checked: none of Hayes, Mahloujifar and Balle (NeurIPS 2023) or Kaissis
+et al. (2023) was available as numbers to copy. The q = 1 formula, Phi(Phi^-1(kappa) + sqrt(T)/z),
+is the Gaussian mechanism's closed form (Kaissis et al. derive it; it is the one-dimensional
+Neyman-Pearson test between N(0, 1) and N(sqrt(T)/z, 1)). The Monte Carlo follows
+``reconstruction_upper_bound`` of the authors' notebook (``shared_reconstruct_with_prior.ipynb``,
+as republished in PatriciaBalboaKIT/Understanding-Disclosure-Risk-in-Differential-Privacy,
+DPSGD_noAux/): sort the composed likelihood ratios drawn without the target, bound = 1 -
+(1 - kappa) x mean of the lowest (1 - kappa) share.
 """
 
 from __future__ import annotations

@@ -19,8 +19,9 @@ With q = 1 the bound is exact and closed: Phi(Phi^-1(kappa) + sqrt(T)/z). With q
 smaller of two upper bounds: the privacy-loss distribution composed numerically (Opacus's PRV
 discretisation, Gopi et al. 2021), whose error guarantee is added to the result, and Balle et al.'s
 RDP bound (S&P 2022), a looser closed form that needs no grid. Both are safe: never below the exact
-value (the first within Gopi et al.'s error guarantee, as Opacus computes the grid's range); the
-first exceeds the exact value by at most about 1% relative where its grid fits (eps_error <= 0.01).
+value (the first within Gopi et al.'s error guarantee, as Opacus computes the grid's range). Where
+its grid fits (eps_error <= 0.01), the first is at most the exact bound at a prior of
+kappa x e^(2 eps_error), plus 2 DELTA_ERROR: about 2% (relative) above the exact value at most.
 Results are cached: a run asks for the same few settings again and again.
 """
 
