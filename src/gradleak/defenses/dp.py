@@ -7,6 +7,12 @@ of L2 sensitivity ``clip``; with ``clients_per_round`` < 1 the accountant assume
 at that rate, while the simulator draws a fixed number of clients, so epsilon is then an estimate.
 Batch-norm running statistics are data-dependent and cannot be clipped meaningfully: their deltas
 are zeroed (the client sends no buffer change), so no statistic leaks outside the accounted noise.
+
+Next to epsilon, each row carries the reconstruction-robustness bound (``rero.rero_bound``): the
+most any attack on the client's updates so far succeeds, given its success rate ``rero_kappa``
+without them. It is computed for the server, the adversary the audit plays: it sees every update
+the client sent and knows when the client took part, so sampling amplifies nothing there (q = 1,
+one Gaussian mechanism of sensitivity ``clip`` per round taken part in).
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from opacus.accountants import RDPAccountant
 from pydantic import Field
 
 from gradleak.defenses.base import DefenseConfig, fields, generator, trained, with_delta
+from gradleak.defenses.rero import rero_bound
 from gradleak.fl.filters import FilterContext, Filtered
 from gradleak.fl.update import ClientUpdate
 
@@ -40,6 +47,7 @@ class _DPFilter:
     noise_multiplier: float
     delta: float
     sample_rate: float
+    rero_kappa: float
 
     def __call__(self, update: ClientUpdate, ctx: FilterContext) -> Filtered:
         names = trained(update)
@@ -56,9 +64,13 @@ class _DPFilter:
         for k in update.buffers:
             changes[k] = torch.zeros_like(update.delta[k])
         eps = epsilon(self.noise_multiplier, self.sample_rate, ctx.participation, self.delta)
+        # The server sees each update and who sent it: no amplification by sampling (q = 1).
+        rero = rero_bound(self.noise_multiplier, 1.0, ctx.participation, self.rero_kappa)
         found = fields(
             self.index,
             dp_epsilon=eps,
+            dp_rero_bound=rero,
+            dp_rero_kappa=self.rero_kappa,
             dp_delta=self.delta,
             dp_norm_before_clip=norm,
             dp_clip_factor=factor,
@@ -68,7 +80,8 @@ class _DPFilter:
 
 class DPGaussian(DefenseConfig):
     """Clip the update's L2 norm to ``clip``, add N(0, (noise_multiplier x clip)^2) per
-    coordinate, zero batch-norm buffer deltas, and report each client's (epsilon, delta)."""
+    coordinate, zero batch-norm buffer deltas, and report each client's (epsilon, delta) and the
+    bound on any reconstruction attack's success (ReRo)."""
 
     name: Literal["dp-gaussian"] = "dp-gaussian"
     clip: float = Field(gt=0, description="L2 bound of a client's update (its sensitivity).")
@@ -78,6 +91,18 @@ class DPGaussian(DefenseConfig):
     delta: float = Field(
         1e-5, gt=0, lt=1, description="The delta of the reported (epsilon, delta)."
     )
+    rero_kappa: float = Field(
+        0.1,
+        gt=0,
+        lt=1,
+        description=(
+            "The prior of the reported reconstruction bound (dp_rero_bound): how often an attack "
+            "succeeds without the updates, 1/n when the client's data is one of n equally likely "
+            "candidates (0.1: an informed attacker choosing among ten)."
+        ),
+    )
 
     def build(self, *, index: int, sample_rate: float) -> _DPFilter:
-        return _DPFilter(index, self.clip, self.noise_multiplier, self.delta, sample_rate)
+        return _DPFilter(
+            index, self.clip, self.noise_multiplier, self.delta, sample_rate, self.rero_kappa
+        )
