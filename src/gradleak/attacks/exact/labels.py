@@ -15,7 +15,7 @@ Rules (``g`` is the per-step average of the pseudo-gradient of the last linear l
   that layer, and SPEAR's certificate recomputes the last two layers' gradients in float64 from
   the rebuilt batch and its labels (a proof, not a plausibility test). It needs the batch within
   the layer's rank and more live neurons than ``N (N + 1) / 2 + N (classes - 1)`` unknowns (about
-  N^2 / 2: batch 55 for a 2,048-wide layer; batch 1,024 would need about 530,000), and declines
+  N^2 / 2: batch 55 for a 2,048-wide layer; batch 1,024 would need about 534,000), and declines
   otherwise;
 - iLRG (Ma et al., ICLR 2023, "Instance-wise Batch Label Restoration via Gradients in Federated
   Learning") reads each class's embedding off its own gradient rows (``g_W[c] / g_b[c]``), feeds
