@@ -1,7 +1,7 @@
 """The exact batch attacks against the true batch: SPEAR recovers every image exactly (and
 certifies it) or declares failure with no images; the Cocktail Party Attack unmixes a batch; the
 audit runs every configured attack that applies and records the worst; iLRG's label counts match
-the true batch or it declines."""
+the true batch or it declines; the certified per-image labels match the true batch or decline."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gradleak.attacks.base import ServerView
-from gradleak.attacks.exact.labels import ilrg_counts, recover_labels
+from gradleak.attacks.exact.labels import ilrg_counts, instance_labels, recover_labels
 from gradleak.attacks.registry import attack_factory
 from gradleak.data.partition import ClientData
 from gradleak.fl import Classification, LocalTraining, train_client
@@ -227,10 +227,70 @@ def test_ilrg_declines_when_a_confident_image_vanishes_from_its_class() -> None:
     assert not torch.equal(rounded, truth)  # integral and wrong: only the row check catches it
 
 
-def test_recover_labels_takes_ilrg_counts_from_a_client_update(tiles) -> None:
-    client, view = _view(tiles, 4, [64], seed=3)
+def _two_layer_gradients(labels: torch.Tensor, width: int, inputs: int, seed: int, epochs: int = 0):
+    """The float32 gradients of an ``inputs -> width -> ReLU -> 10`` network on random inputs with
+    the given labels, after ``epochs`` of SGD on a teacher's labels (0: untrained), as
+    instance_labels takes them: the hidden layer's weights, bias and gradients, then the head's."""
+    torch.manual_seed(seed)
+    net = nn.Sequential(nn.Linear(inputs, width), nn.ReLU(), nn.Linear(width, 10))
+    if epochs:
+        xs = torch.randn(512, inputs)
+        ys = (xs @ torch.randn(inputs, 10)).argmax(1)
+        opt = torch.optim.SGD(net.parameters(), lr=0.1)
+        for _ in range(epochs):
+            for i in range(0, 512, 32):
+                opt.zero_grad()
+                F.cross_entropy(net(xs[i : i + 32]), ys[i : i + 32]).backward()
+                opt.step()
+        net.zero_grad()
+    F.cross_entropy(net(torch.randn(len(labels), inputs)), labels).backward()
+    return [t for m in (net[0], net[2]) for p in (m.weight, m.bias) for t in (p.detach(), p.grad)]
+
+
+def _instance(labels: torch.Tensor, width: int, inputs: int, seed: int, epochs: int = 0):
+    w, gw, b, gb, hw, ghw, hb, ghb = _two_layer_gradients(labels, width, inputs, seed, epochs)
+    return instance_labels(w, b, gw, gb, hw, hb, ghw, ghb, len(labels))
+
+
+@pytest.mark.parametrize(("batch", "drawn_from", "epochs"), [(8, 3, 0), (16, 10, 0), (16, 10, 5)])
+def test_instance_labels_match_the_true_batch(batch, drawn_from, epochs) -> None:
+    """Per-image labels from a 32 -> 384 -> 10 network, untrained and trained (5 epochs on a
+    teacher's labels), batches with repeats: every seed certified and equal to the true labels."""
+    for seed in range(2):
+        g = torch.Generator().manual_seed(seed)
+        labels = torch.randint(0, drawn_from, (batch,), generator=g)
+        r = _instance(labels, 384, 32, seed, epochs)
+        assert r.labels == sorted(labels.tolist()), r.reason
+
+
+def test_instance_labels_are_exact_where_ilrg_declines() -> None:
+    """16 images of 10 classes: each class's gradient rows mix its own images with many others,
+    iLRG declines; the per-image solver recovers every label."""
+    labels = torch.randint(0, 10, (16,), generator=torch.Generator().manual_seed(4))
+    w, gw, b, gb, hw, ghw, hb, ghb = _two_layer_gradients(labels, 384, 32, seed=4)
+    assert ilrg_counts(ghw, ghb, hw, hb, 16).counts is None
+    r = instance_labels(w, b, gw, gb, hw, hb, ghw, ghb, 16)
+    assert r.labels == sorted(labels.tolist()), r.reason
+
+
+def test_instance_labels_decline_where_the_layer_cannot_carry_the_batch() -> None:
+    """Geometry checks, before any solving: a batch of 16 needs more than 16 * 17 / 2 + 16 * 9 =
+    280 live neurons (a 256-wide layer has fewer), and a batch of 12 through 8 inputs exceeds the
+    layer's rank."""
+    labels = torch.randint(0, 10, (16,), generator=torch.Generator().manual_seed(0))
+    r = _instance(labels, 256, 32, seed=0)
+    assert r.labels is None and "needs more than 280 live neurons" in r.reason
+    r = _instance(labels[:12], 256, 8, seed=0)
+    assert r.labels is None and "exceeds the rank" in r.reason
+
+
+def test_recover_labels_takes_certified_instance_labels_from_a_client_update(tiles) -> None:
+    """A client's FedSGD update on an mlp (768 -> 256 -> ReLU -> classifier), 12 tiles with
+    repeated classes: the labels are the true batch's, from the per-image solver."""
+    client, view = _view(tiles, 12, [256], seed=3)
     labels, strategy = recover_labels(view, torch.zeros(2, *tiles.spec.shape))
-    assert strategy == "ilrg"
+    assert len(set(client.data.targets.tolist())) < 12  # the batch repeats classes
+    assert strategy == "instances"
     assert labels.tolist() == sorted(client.data.targets.tolist())
 
 
