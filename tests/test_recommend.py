@@ -250,7 +250,7 @@ def test_when_nothing_holds_the_nearest_point_and_the_reason_are_given(tmp_path)
     rec = _fake(tmp_path / "a", leak, accuracy)
     assert rec["holds"] is False and rec["sentence"].startswith("No recommendation: ")
     assert rec["reason"] == (
-        "no evaluated setting brings every audited client's worst RDLV at 0 or below, not even "
+        "no evaluated setting brings every audited client's worst RDLV to 0 or below, not even "
         "the strongest of gaussian, quantize; the least leaky within the accuracy budget is "
         "quantize with format = int8 (the highest RDLV, 0.8, is client 1's under "
         "inverting-gradients in round 1)"

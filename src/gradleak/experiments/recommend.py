@@ -241,13 +241,13 @@ def _cost_text(p: Point, baseline: Point) -> str:
 def decide(points: list[Point], baseline: Point, level: float, budget: float) -> Decision:
     """The recommendation among judged points (the baseline among them), or the nearest point and
     why nothing holds."""
-    target = f"every audited client's worst RDLV at {level:g} or below"
-    budget_text = f"at most {100 * budget:g} points of accuracy lost"
+    target = f"every audited client's worst RDLV to {level:g} or below"
     if baseline.holds:
         return Decision(
             baseline,
             True,
-            f"No defence needed: without one, {target} already ({_leak_text(baseline)}).",
+            f"No defence needed: without one, every audited client's worst RDLV is already at "
+            f"most {level:g} ({_leak_text(baseline)}).",
             "the run without defence already meets the leakage level",
         )
     defended = [p for p in points if p is not baseline]
@@ -266,15 +266,16 @@ def decide(points: list[Point], baseline: Point, level: float, budget: float) ->
             True,
             f"Recommended: {_setting(p)}. It brings {target} ({_leak_text(p)}) at "
             f"{_cost_text(p, baseline)}{dp}.",
-            f"of the {len(holding)} evaluated settings with {target} and {budget_text}, it costs "
-            "the least accuracy",
+            f"of the {len(holding)} evaluated settings that bring {target} and lose at most "
+            f"{100 * budget:g} points of accuracy, it loses the least",
         )
     private = sorted((p for p in defended if p.meets_level), key=by_cost)
     if private:
         p = private[0]
         reason = (
-            f"every evaluated setting with {target} loses more than {100 * budget:g} points of "
-            f"accuracy; the one that loses least is {_setting(p)}, at {_cost_text(p, baseline)}"
+            f"every evaluated setting that brings {target} loses more than {100 * budget:g} "
+            f"points of accuracy; the one that loses least is {_setting(p)}, at "
+            f"{_cost_text(p, baseline)}"
         )
     else:
         pool = [p for p in defended if p.within_budget] or defended or [baseline]
