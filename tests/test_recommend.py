@@ -391,6 +391,8 @@ def test_end_to_end_on_a_tiny_federation_resumes_without_repeating_a_finished_po
     with pytest.raises(KeyboardInterrupt):
         run_recommend(config, [], out, families=families, execute=interrupt_third)
     finished = {d: (out / d / "results.jsonl").read_bytes() for d in first[:2]}
+    result = CliRunner().invoke(app, ["report", str(out)])
+    assert result.exit_code == 2 and "the search has not finished" in result.output
     second: list[tuple[str, int]] = []
     run_recommend(
         config,

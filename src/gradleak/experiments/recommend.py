@@ -32,6 +32,7 @@ import logging
 import math
 import multiprocessing
 import os
+import signal
 import time
 from collections.abc import Callable
 from concurrent.futures import Executor, Future, ProcessPoolExecutor
@@ -39,7 +40,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from gradleak.errors import ConfigError, DataError
+from gradleak.errors import ConfigError, DataError, GradleakError
 from gradleak.experiments.config import (
     ExperimentConfig,
     first_difference,
@@ -324,8 +325,12 @@ def _run_point(config_path: Path, overrides: list[str], run_dir: Path, threads: 
     torch.set_num_threads(threads)
     logging.getLogger("gradleak").propagate = False  # the run's lines go to its run.log
     start = time.perf_counter()
-    Run(load_config(config_path, overrides), run_dir, resume=True).execute()
-    return replace(measure(*RunStore(run_dir).read_rows()), seconds=time.perf_counter() - start)
+    try:
+        Run(load_config(config_path, overrides), run_dir, resume=True).execute()
+        m = measure(*RunStore(run_dir).read_rows())
+    except GradleakError as exc:  # as the base class: a ConfigError's (key, problem) do not pickle
+        raise GradleakError(str(exc)) from None
+    return replace(m, seconds=time.perf_counter() - start)
 
 
 @dataclass
@@ -475,11 +480,21 @@ class Recommender:
         with self.owner.locked("gradleak recommend"):
             self._write_plan()
             if self.jobs > 1:
-                context = multiprocessing.get_context("spawn")
-                with ProcessPoolExecutor(self.jobs, mp_context=context) as pool:
+                # Workers ignore Ctrl-C: this process hears it and ends them (a run killed at any
+                # moment continues on the next call), so that no worker prints a traceback.
+                with ProcessPoolExecutor(
+                    self.jobs,
+                    mp_context=multiprocessing.get_context("spawn"),
+                    initializer=signal.signal,
+                    initargs=(signal.SIGINT, signal.SIG_IGN),
+                ) as pool:
                     self.pool = pool
                     try:
                         baseline, points = self._search()
+                    except BaseException:
+                        for child in multiprocessing.active_children():
+                            child.terminate()
+                        raise
                     finally:
                         self.pool = None
             else:

@@ -111,9 +111,9 @@ def explore(
             return
         pending[evaluate(name, value)] = (name, value)
 
-    for name, gen in searches.items():
-        start(name, gen.__next__)
     try:
+        for name, gen in searches.items():
+            start(name, gen.__next__)
         while pending:
             finished, _ = wait(list(pending), return_when=FIRST_COMPLETED)
             for fut in _in_order(finished, pending, list(searches)):

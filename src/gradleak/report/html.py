@@ -621,16 +621,20 @@ class _Pareto(_Record):
 def _read_record(owner: OwnedDir, rel: str, model: type[_Record]) -> Any:
     """A JSON file of ``owner`` read into ``model``; missing or damaged: one ``DataError``."""
     path = owner.path(rel)
+    if not owner.exists(rel):
+        raise DataError(
+            f"{path} not found: the search has not finished; run gradleak recommend again with "
+            "the same --out to continue it"
+        )
     try:
         return model.model_validate(parse_json(owner.read_bytes(rel, kind="json"), path))
     except ValidationError as exc:
         raise DataError(
-            f"{path} is damaged ({one_line_problem(exc)}): run gradleak recommend again to "
-            "rewrite it"
+            f"{path} is damaged ({_first_problem(exc)}): run gradleak recommend again to rewrite it"
         ) from None
 
 
-def one_line_problem(exc: ValidationError) -> str:
+def _first_problem(exc: ValidationError) -> str:
     err = exc.errors()[0]
     return f"{'.'.join(map(str, err['loc'])) or 'top level'}: {err['msg']}"
 
