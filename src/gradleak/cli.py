@@ -392,22 +392,128 @@ def sweep(
 
 
 @app.command()
+def recommend(
+    config: Annotated[
+        Path,
+        typer.Argument(help="Experiment YAML file (needs audit:; its defenses: are replaced)."),
+    ],
+    out: Annotated[
+        Optional[Path],
+        typer.Option("--out", "-o", help="Recommendation directory (default runs/NAME-recommend)."),
+    ] = None,
+    set_: Annotated[
+        Optional[list[str]],
+        typer.Option(
+            "--set",
+            "-s",
+            help="Fix a config key for every point, e.g. --set training.rounds=2 (repeatable).",
+        ),
+    ] = None,
+    jobs: Annotated[
+        int,
+        typer.Option(
+            "--jobs",
+            "-j",
+            min=1,
+            help="Points run at once, each in its own process with cores / jobs torch threads.",
+        ),
+    ] = 1,
+    family: Annotated[
+        Optional[list[str]],
+        typer.Option(
+            "--family",
+            "-f",
+            help="Search only this family (repeatable; default: the config's "
+            "recommendation.families, else all).",
+        ),
+    ] = None,
+    max_points: Annotated[
+        Optional[int],
+        typer.Option(
+            "--max-points",
+            min=1,
+            help="Most settings evaluated per family (default: recommendation.max_points, 8).",
+        ),
+    ] = None,
+    level: LevelOpt = None,
+    accuracy_budget: BudgetOpt = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Search every defence family for the weakest setting that brings every audited client's
+    worst RDLV to the level within the accuracy budget; write recommendation.json, pareto.json and
+    a report.
+
+    One run without defence, then per family the strongest setting and, when it holds, a bisection
+    for the weakest that does. Each point is a run directory inside --out: running the same
+    command again continues where it stopped.
+    """
+    from gradleak.experiments.recommend import run_recommend
+    from gradleak.report.html import build_recommend_report
+
+    _setup_logging(False)
+    try:
+        where, rec = run_recommend(
+            config,
+            set_ or [],
+            out,
+            jobs=jobs,
+            level=level,
+            budget=accuracy_budget,
+            families=family,
+            max_points=max_points,
+            execute=lambda run: _execute(run, quiet),
+            on_point=lambda point, line: log.info("%s", line),
+        )
+        page = build_recommend_report(where)
+        console.print(rec["sentence"], highlight=False, soft_wrap=True, markup=False)
+        console.print(
+            f"recommendation: {where / 'recommendation.json'}\nreport: {page}",
+            highlight=False,
+            soft_wrap=True,
+            markup=False,
+        )
+    except KeyboardInterrupt:
+        _interrupted("; run the same command again to continue the search")
+    except OSError as exc:
+        _fail(
+            _os_error(
+                exc, out, "; run the same command again to continue the search once it is fixed"
+            )
+        )
+    except GradleakError as exc:
+        _fail(exc)
+
+
+@app.command()
 def report(
     run_dir: Annotated[
-        Path, typer.Argument(help="A run directory, a sweep directory or an audit directory.")
+        Path,
+        typer.Argument(help="A run directory, a sweep, a recommendation or an audit directory."),
     ],
     level: LevelOpt = None,
     accuracy_budget: BudgetOpt = None,
 ) -> None:
-    """Build (or rebuild) the HTML report of a run, a sweep or the audit of a Flower or NVFlare
-    app."""
-    from gradleak.report.html import build_audit_report, build_run_report, build_sweep_report
+    """Build (or rebuild) the HTML report of a run, a sweep, a recommendation or the audit of a
+    Flower or NVFlare app."""
+    from gradleak.report.html import (
+        build_audit_report,
+        build_recommend_report,
+        build_run_report,
+        build_sweep_report,
+    )
     from gradleak.rundir import OwnedDir
 
     try:
         kind = OwnedDir(run_dir).manifest_kind() if run_dir.is_dir() else None
         if kind == "sweep":
             page = build_sweep_report(run_dir, level, accuracy_budget)
+        elif kind == "recommend":
+            if level is not None or accuracy_budget is not None:
+                raise GradleakError(
+                    "--level and --accuracy-budget steer the search: give them to gradleak "
+                    "recommend (the same --out continues it)"
+                )
+            page = build_recommend_report(run_dir)
         elif kind == "audit":
             page = build_audit_report(run_dir)
         else:

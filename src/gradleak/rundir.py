@@ -1,14 +1,15 @@
-"""Directories that gradleak owns: a run, a sweep, the output of ``attack`` or ``disaggregate``.
+"""Directories that gradleak owns: a run, a sweep, a recommendation, the output of ``attack`` or
+``disaggregate``.
 
 The rules, which every file gradleak writes goes through:
 
 - **Ownership.** A directory is gradleak's when it holds a manifest, ``.gradleak``, naming its kind
-  (``run``, ``sweep``, ``attack``, ``disaggregation``, ``audit``: the audit of a Flower or NVFlare
-  app). A command writes into an existing directory only when it is empty or already gradleak's of
-  the command's kind; anything else is refused with one line. Every path gradleak creates is
-  added to the manifest *before* it exists, so a kill at any moment leaves nothing unlisted; a
-  file the manifest does not name is never overwritten or deleted, on a fresh run, a resume or a
-  clean-up.
+  (``run``, ``sweep``, ``recommend``, ``attack``, ``disaggregation``, ``audit``: the audit of a
+  Flower or NVFlare app). A command writes into an existing directory only when it is empty or
+  already gradleak's of the command's kind; anything else is refused with one line. Every path
+  gradleak creates is added to the manifest *before* it exists, so a kill at any moment leaves
+  nothing unlisted; a file the manifest does not name is never overwritten or deleted, on a fresh
+  run, a resume or a clean-up.
 - **No links, no special files.** Inside the directory every component of a path is opened without
   following symbolic links, and only regular files and real directories are opened; a FIFO, a
   device or a link where gradleak expects its own file is one clear error (never a hang or a write
@@ -42,7 +43,7 @@ from gradleak.safeio import LIMITS, read_fd
 MANIFEST = ".gradleak"
 LOCK = ".lock"
 FORMAT = 1
-KINDS = ("run", "sweep", "attack", "disaggregation", "audit")
+KINDS = ("run", "sweep", "recommend", "attack", "disaggregation", "audit")
 
 # Called with (operation, relative path) just before every change to an owned directory: a seam
 # for fault injection (tests kill the process there to check that every state resumes).

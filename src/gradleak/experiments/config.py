@@ -127,20 +127,53 @@ class DisaggregationConfig(Section):
 
 
 class RecommendationConfig(Section):
-    """How a sweep's report picks the defence strength it recommends."""
+    """How a sweep's report, and `gradleak recommend`, pick the defence they recommend."""
 
     level: float = Field(
         0.0,
         description="RDLV that every audited client must reach or go below in every audited "
-        "round (`gradleak sweep/report --level` overrides it).",
+        "round, over every attack of the audit (`gradleak sweep/report/recommend --level` "
+        "overrides it).",
     )
     accuracy_budget: float = Field(
         0.05,
         ge=0,
         le=1,
-        description="Final test accuracy a defence may cost against the sweep's "
-        "baseline (its smallest swept value), as a fraction: 0.05 is 5 points "
+        description="Final test accuracy a defence may cost against the baseline (a sweep's "
+        "smallest swept value; recommend's run without defence), as a fraction: 0.05 is 5 points "
         "(`--accuracy-budget` overrides it).",
+    )
+    families: list[str] | None = Field(
+        None,
+        description="recommend: the defence families to search (adaptive-gaussian, gaussian, "
+        "laplace, dp-gaussian, prune, quantize, group-gaussian, bn-stats-local); null: all "
+        "(`--family` overrides it).",
+    )
+    ranges: dict[str, list[Any]] = Field(
+        default_factory=dict,
+        description="recommend: a family's search space replaced: [weakest, strongest] for a "
+        "numeric strength (e.g. {adaptive-gaussian: [0.1, 50]}), the settings weakest first for "
+        "a discrete one.",
+    )
+    fixed: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="recommend: further keys of a family's defenses: entry, e.g. {dp-gaussian: "
+        "{clip: 1.0}} (dp-gaussian's clip defaults to the median update norm of the run without "
+        "defence).",
+    )
+    tolerance: float = Field(
+        0.02,
+        gt=0,
+        lt=1,
+        description="recommend: a numeric strength is bisected until the bracket around the "
+        "weakest setting that holds is at most this fraction of its range (in log space for "
+        "scales).",
+    )
+    max_points: int = Field(
+        8,
+        ge=1,
+        description="recommend: the most settings evaluated per family (`--max-points` overrides "
+        "it).",
     )
 
 
@@ -271,8 +304,8 @@ class ExperimentConfig(Section):
     )
     recommendation: RecommendationConfig = Field(
         default_factory=RecommendationConfig,
-        description="For `gradleak sweep`: the leakage target and accuracy budget of the "
-        "recommendation.",
+        description="For `gradleak sweep` and `gradleak recommend`: the leakage target and "
+        "accuracy budget of the recommendation, and how recommend searches.",
     )
     sweep: dict[str, list[Any]] = Field(
         default_factory=dict,

@@ -152,3 +152,66 @@ def privacy_utility(points: list[dict[str, Any]], key: str, out: SubDir) -> byte
     ax.legend(h1 + h2, l1 + l2, fontsize="small", loc="upper right")
     ax.set_title("Privacy / utility")
     return save(fig, out, "privacy_utility")
+
+
+def pareto(points: list[dict[str, Any]], level: float, floor: float | None, out: SubDir) -> bytes:
+    """Worst leakage against final accuracy, one colour per family (the run without defence in
+    black); the Pareto front joined, the recommended point ringed, the leakage level and the
+    accuracy floor of the budget as lines. ``points`` are pareto.json's."""
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    shown = [
+        p for p in points if p.get("worst_leakage") is not None and p.get("accuracy") is not None
+    ]
+    families = list(dict.fromkeys(p["family"] for p in shown if p["family"] != "none"))
+    colours = plt.get_cmap("tab10")
+    for i, family in enumerate(families):
+        mine = [p for p in shown if p["family"] == family]
+        ax.scatter(
+            [p["worst_leakage"] for p in mine],
+            [p["accuracy"] for p in mine],
+            color=colours(i % 10),
+            label=family,
+            s=30,
+            zorder=3,
+        )
+    base = [p for p in shown if p["family"] == "none"]
+    if base:
+        ax.scatter(
+            [p["worst_leakage"] for p in base],
+            [p["accuracy"] for p in base],
+            color="black",
+            marker="s",
+            label="no defence",
+            zorder=3,
+        )
+    front = sorted((p for p in shown if p.get("pareto")), key=lambda p: p["worst_leakage"])
+    if len(front) > 1:
+        ax.plot(
+            [p["worst_leakage"] for p in front],
+            [p["accuracy"] for p in front],
+            color="gray",
+            linewidth=1,
+            zorder=2,
+            label="Pareto front",
+        )
+    chosen = [p for p in shown if p.get("recommended")]
+    if chosen:
+        ax.scatter(
+            [p["worst_leakage"] for p in chosen],
+            [p["accuracy"] for p in chosen],
+            s=220,
+            facecolors="none",
+            edgecolors="red",
+            linewidths=2,
+            label="recommended",
+            zorder=4,
+        )
+    ax.axvline(level, color="tab:red", linestyle=":", linewidth=1, label=f"level {level:g}")
+    if floor is not None:
+        ax.axhline(floor, color="tab:gray", linestyle="--", linewidth=1, label="accuracy budget")
+    ax.set_xlabel("worst RDLV (over audited clients, rounds and attacks)")
+    ax.set_ylabel("final test accuracy")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small", loc="best")
+    ax.set_title("Leakage against accuracy, per defence setting")
+    return save(fig, out, "pareto")

@@ -25,7 +25,7 @@ from gradleak.experiments.store import RunStore
 from gradleak.modality import RENDERERS, InputSpec, Renderer, load_modalities
 from gradleak.report import figures
 from gradleak.report.recommend import recommend
-from gradleak.rundir import OwnedDir, SubDir
+from gradleak.rundir import OwnedDir, SubDir, safe_component
 from gradleak.safeio import load_npz, parse_json
 
 # No script, no frames, no requests: images only from the page itself (data: URLs).
@@ -65,6 +65,7 @@ th,td{border:1px solid #ccc;padding:3px 8px;text-align:right}
 th{background:#f3f3f3}
 figure{display:inline-block;margin:0 1em 1em 0}
 pre{background:#f7f7f7;padding:1em;overflow:auto;font-size:12px}
+.side{display:flex;gap:2em;flex-wrap:wrap}
 """
 
 
@@ -571,5 +572,177 @@ def build_sweep_report(
 {_table(rows)}
 <p>Each run has its own report: <code>RUN/report/index.html</code>.</p>"""
     out.write_text("summary.json", json.dumps(summary, indent=2, default=str))
+    out.write_text("index.html", _page(title, body))
+    return out.path("index.html")
+
+
+class _Leak(_Record):
+    rdlv: float | None = None
+    attack: str | None = None
+    round: int | None = None
+
+
+class _Setting(_Record):
+    """One evaluated setting of ``gradleak recommend`` (pareto.json's points)."""
+
+    family: str
+    defense: dict[str, Any] | None
+    key: str | None = None
+    strength: str | float | bool | None = None
+    holds: bool
+    meets_level: bool
+    within_budget: bool
+    leakage: dict[str, _Leak]
+    worst_leakage: float | None
+    level: float
+    accuracy: float | None
+    accuracy_drop: float | None
+    epsilon: float | None = None
+    rero_bound: float | None = None
+    run_dir: str
+    pareto: bool
+    recommended: bool = False
+
+
+class _Recommendation(_Setting):
+    accuracy_budget: float
+    baseline_accuracy: float | None
+    baseline_run_dir: str
+    evaluated: int
+    sentence: str
+    reason: str
+    skipped: dict[str, str] = {}
+
+
+class _Pareto(_Record):
+    points: list[_Setting]
+
+
+def _read_record(owner: OwnedDir, rel: str, model: type[_Record]) -> Any:
+    """A JSON file of ``owner`` read into ``model``; missing or damaged: one ``DataError``."""
+    path = owner.path(rel)
+    if not owner.exists(rel):
+        raise DataError(
+            f"{path} not found: the search has not finished; run gradleak recommend again with "
+            "the same --out to continue it"
+        )
+    try:
+        return model.model_validate(parse_json(owner.read_bytes(rel, kind="json"), path))
+    except ValidationError as exc:
+        raise DataError(
+            f"{path} is damaged ({_first_problem(exc)}): run gradleak recommend again to rewrite it"
+        ) from None
+
+
+def _first_problem(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    return f"{'.'.join(map(str, err['loc'])) or 'top level'}: {err['msg']}"
+
+
+def _point_run(owner: OwnedDir, name: str) -> RunStore | None:
+    """The run directory ``name`` of a recommendation (one plain name, a real directory), or
+    None."""
+    try:
+        safe_component(name, "run_dir")
+    except GradleakError:
+        return None
+    if not owner.is_dir(name):
+        return None
+    store = RunStore(owner.root / name)
+    return store if store.exists() else None
+
+
+def _worst_examples(store: RunStore | None, setting: _Setting, client: str, alt: str) -> str:
+    """The saved reconstruction of ``client`` in the round of its worst RDLV at ``setting``."""
+    leak = setting.leakage.get(client)
+    if store is None or leak is None or leak.round is None:
+        return "<p>No reconstruction.</p>"
+    try:
+        config = store.read_config()
+        rows = [
+            r
+            for r in store.read_rows()[1]
+            if r["round"] == leak.round and str(r["client"]) == client
+        ]
+    except DataError as exc:
+        return f"<p>Left out: {esc(str(exc).splitlines()[0])}.</p>"
+    parts = _examples_section(
+        store.dir, _renderer(config), rows, "audit", alt, _audit_metric(config)
+    )
+    return "".join(parts) or "<p>No saved reconstruction.</p>"
+
+
+def build_recommend_report(out_dir: Path) -> Path:
+    """Write ``out_dir/report/index.html`` for a ``gradleak recommend`` directory: the
+    recommendation in one sentence with the section to paste, the leakage/accuracy plot of every
+    evaluated setting, the reconstructions with and without the recommended defence, and the
+    table of settings."""
+    owner = _owned(out_dir, "recommend")
+    rec = _read_record(owner, "recommendation.json", _Recommendation)
+    points = _read_record(owner, "pareto.json", _Pareto).points
+    out = owner.sub("report")
+    budget_floor = (
+        None if rec.baseline_accuracy is None else rec.baseline_accuracy - rec.accuracy_budget
+    )
+    plot = _img(
+        figures.pareto([p.model_dump() for p in points], rec.level, budget_floor, out),
+        "worst leakage against accuracy",
+    )
+    if rec.defense is not None:
+        label = "The section to add" if rec.holds else "The nearest setting (it does not hold)"
+        section = (
+            f"<h2>{label}</h2>\n<pre>"
+            f"{esc(yaml.safe_dump({'defenses': [rec.defense]}, sort_keys=False))}</pre>"
+        )
+    else:
+        section = ""
+    why = "" if rec.holds else f"<p>Why: {esc(rec.reason)}.</p>"
+    base_store = _point_run(owner, rec.baseline_run_dir)
+    chosen_store = _point_run(owner, rec.run_dir) if rec.defense is not None else None
+    baseline = next((p for p in points if p.family == "none"), None)
+    shown = sorted(rec.leakage, key=lambda c: int(c) if c.isdigit() else 0)[:GRID_CLIENTS]
+    pairs = []
+    if baseline is not None and chosen_store is not None:
+        what = "recommended" if rec.holds else "nearest"
+        for c in shown:
+            pairs.append(
+                f"<h3>Client {esc(c)}</h3><div class='side'><div><h4>Without defence</h4>"
+                f"{_worst_examples(base_store, baseline, c, f'client {c} without defence')}</div>"
+                f"<div><h4>With the {what} setting</h4>"
+                f"{_worst_examples(chosen_store, rec, c, f'client {c} with the {what} setting')}"
+                "</div></div>"
+            )
+    table = [
+        {
+            "family": p.family,
+            "setting": "" if p.key is None else f"{p.key} = {p.strength}",
+            "worst RDLV": "" if p.worst_leakage is None else p.worst_leakage,
+            "accuracy": "" if p.accuracy is None else p.accuracy,
+            "accuracy drop": "" if p.accuracy_drop is None else p.accuracy_drop,
+            "meets level": p.meets_level,
+            "within budget": p.within_budget,
+            "Pareto": p.pareto,
+            "epsilon": "" if p.epsilon is None else p.epsilon,
+            "rero bound": "" if p.rero_bound is None else p.rero_bound,
+            "run": p.run_dir,
+        }
+        for p in points
+    ]
+    skipped = "".join(f"<li>{esc(k)}: {esc(v)}</li>" for k, v in rec.skipped.items())
+    title = f"gradleak recommendation: {out_dir.name}"
+    body = f"""<h1>{esc(title)}</h1>
+<p><b>{esc(rec.sentence)}</b></p>
+{why}
+{section}
+<h2>Leakage against accuracy</h2>
+{plot}
+<p>{esc(rec.evaluated)} settings evaluated; a setting holds when every audited client's worst RDLV
+(over rounds and attacks) is at most {esc(rec.level)} and its accuracy is within
+{esc(100 * rec.accuracy_budget)} points of the run without defence.</p>
+{"<h2>Reconstructions</h2>" + "".join(pairs) if pairs else ""}
+<h2>Evaluated settings</h2>
+{_table(table)}
+{f"<p>Families not searched:</p><ul>{skipped}</ul>" if skipped else ""}
+<p>Each setting's run has its own report: <code>gradleak report DIR/RUN</code>.</p>"""
     out.write_text("index.html", _page(title, body))
     return out.path("index.html")
