@@ -71,6 +71,7 @@ class Scenario:
             out_dir=out_dir,
             defenses=cfg.defense_summary(),
             device=self.device,
+            secure_aggregation=cfg.aggregation.strategy == "secure-sum",
         )
 
     @property
