@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -270,6 +270,20 @@ class _Images:
 # -- the objective ---------------------------------------------------------------------------------
 
 
+class StatisticsTerm(NamedTuple):
+    """One batch-norm layer's part of the statistics term: the statistics the update reveals, the
+    scales its two distances are divided by, and their weights (the layer decay, times the share
+    of signal under known noise for an adaptive attack)."""
+
+    name: str
+    mean: torch.Tensor
+    var: torch.Tensor
+    scale_mean: float
+    scale_var: float
+    weight_mean: float
+    weight_var: float
+
+
 class _Objective:
     """The objective of one restart, ``(images, labels) -> (total, matching term)``, vmap-able."""
 
@@ -298,7 +312,7 @@ class _Objective:
                 )
             self.distance = UpdateDistance(target, weights, s.objective, bounds)
         # batch-norm statistics: what the buffers reveal, per layer, with its scales and weights
-        self.bn: list[tuple[str, torch.Tensor, torch.Tensor, float, float, float, float]] = []
+        self.bn: list[StatisticsTerm] = []
         if s.bn > 0 and replay.bn_mode == "train":
             revealed = replay.revealed_bn_stats()
             gains = (
@@ -315,7 +329,11 @@ class _Objective:
                     scale_v = float(var.norm().clamp_min(1e-12))
                 decay = s.bn_layer_decay**i
                 gain_m, gain_v = gains[name]
-                self.bn.append((name, mean, var, scale_m, scale_v, decay * gain_m, decay * gain_v))
+                self.bn.append(
+                    StatisticsTerm(
+                        name, mean, var, scale_m, scale_v, decay * gain_m, decay * gain_v
+                    )
+                )
         # feature inversion: the classifier's input, exact for one image in one step
         self.feature_target: torch.Tensor | None = None
         if s.features > 0 and replay.captures_features:
@@ -346,10 +364,11 @@ class _Objective:
         if self.bn:
             stats = self.replay.weighted_bn_stats(out.stats)
             bn = z.new_zeros(())
-            for name, mean_t, var_t, scale_m, scale_v, w_m, w_v in self.bn:
-                mean, var = stats[name]
-                d_m = torch.linalg.vector_norm(mean - mean_t) / scale_m
-                d_v = torch.linalg.vector_norm(var - var_t) / scale_v
+            for t in self.bn:
+                mean, var = stats[t.name]
+                d_m = torch.linalg.vector_norm(mean - t.mean) / t.scale_mean
+                d_v = torch.linalg.vector_norm(var - t.var) / t.scale_var
+                w_m, w_v = t.weight_mean, t.weight_var
                 bn = bn + (w_m * (d_m + d_v) if w_m == w_v else w_m * d_m + w_v * d_v)
             total = total + s.bn * bn
         if self.feature_target is not None and out.features is not None:
