@@ -114,13 +114,15 @@ def test_the_batch_norm_term_weighs_layers_by_decay_and_scale(photo) -> None:
     settings = preset("bn-statistics")
     terms = _Objective(settings, view, replay, torch.device("cpu")).bn
     assert len(terms) == 20  # resnet18: stem, 16 in the blocks, 3 shortcuts
-    assert [w for *_, w in terms] == pytest.approx([0.85**i for i in range(20)])
+    assert [t.weight_mean for t in terms] == pytest.approx([0.85**i for i in range(20)])
+    assert [t.weight_var for t in terms] == [t.weight_mean for t in terms]
     revealed = replay.revealed_bn_stats()
-    for name, _, var, scale_m, scale_v, _ in terms:
-        assert scale_m == pytest.approx(float(revealed[name][1].sqrt().norm()), rel=1e-6)
-        assert scale_v == pytest.approx(float(revealed[name][1].norm()), rel=1e-6)
+    for t in terms:
+        assert t.scale_mean == pytest.approx(float(revealed[t.name][1].sqrt().norm()), rel=1e-6)
+        assert t.scale_var == pytest.approx(float(revealed[t.name][1].norm()), rel=1e-6)
     plain = _Objective(preset("gradinversion"), view, replay, torch.device("cpu")).bn
-    assert all(sm == sv == w == 1.0 for *_, sm, sv, w in plain)  # NVFlare's term: a plain sum
+    # NVFlare's term: a plain sum
+    assert all(t.scale_mean == t.scale_var == t.weight_mean == 1.0 for t in plain)
 
 
 def test_coarse_scales_move_the_low_frequencies_further_per_step(photo) -> None:

@@ -208,3 +208,29 @@ def test_participation_fraction_is_seeded() -> None:
     assert all(len(p) == 3 for p in picks)
     assert len({tuple(p) for p in picks}) > 1  # changes between rounds
     assert picks == [[c.client_id for c in sim.participants(r)] for r in range(1, 6)]
+
+
+def test_recalibrated_statistics_are_those_of_the_public_examples() -> None:
+    """The first batch-norm layer's recomputed running mean and variance are the per-channel mean
+    and unbiased variance of the first convolution's output on the public examples; the weights
+    and the counters are the state's."""
+    from gradleak.fl.server import recalibrate_batch_norm
+
+    model = _model("convnet")
+    state = _state(model)
+    state["features.1.running_mean"] = torch.full_like(state["features.1.running_mean"], 5.0)
+    public = _client(n=40, seed=3).data
+    new = recalibrate_batch_norm(model, state, public, SPEC)
+    conv = model.features[0]
+    conv.weight.data.copy_(state["features.0.weight"])
+    with torch.no_grad():
+        out = conv((public.examples - 0.5) / 0.25).double()
+    assert torch.allclose(new["features.1.running_mean"].double(), out.mean((0, 2, 3)), atol=1e-5)
+    expected_var = out.transpose(0, 1).reshape(out.shape[1], -1).var(1, unbiased=True)
+    assert torch.allclose(new["features.1.running_var"].double(), expected_var, rtol=1e-4)
+    for k in state:
+        if not k.endswith(("running_mean", "running_var")):
+            assert torch.equal(new[k], state[k]), k
+    assert not torch.equal(new["features.4.running_var"], state["features.4.running_var"])
+    mlp = _model()
+    assert recalibrate_batch_norm(mlp, _state(mlp), public, SPEC).keys() == _state(mlp).keys()

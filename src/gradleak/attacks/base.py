@@ -17,6 +17,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import nn
 
+from gradleak.fl.knowledge import Known
 from gradleak.fl.update import ClientUpdate, UpdateMeta, UpdateMismatch, check_state
 from gradleak.modality import InputSpec
 from gradleak.registry import Registry
@@ -38,6 +39,9 @@ class ServerView:
     known_labels: torch.Tensor | None = (
         None  # only where the threat model says the server knows them
     )
+    # The defences the client's filters applied, as the (public) defence protocol tells the
+    # server: each filter's record, in order (``fl.knowledge``); read by the adaptive attacks.
+    known_defenses: tuple[Known, ...] = ()
 
     def __post_init__(self) -> None:
         reference = self.model.state_dict()
@@ -50,9 +54,10 @@ class ServerView:
     def of(
         cls, model: nn.Module, global_state: dict[str, torch.Tensor], update: ClientUpdate, **kwargs
     ) -> ServerView:
-        """The view of a simulated client's update (keyword arguments as the fields)."""
+        """The view of a simulated client's update (keyword arguments as the fields): what the
+        server receives of it (``ClientUpdate.sent``: no entry it sees only inside a secure sum)."""
         return cls(
-            model=model, global_state=global_state, update=update.delta, meta=update.meta, **kwargs
+            model=model, global_state=global_state, update=update.sent(), meta=update.meta, **kwargs
         )
 
     @property
@@ -158,3 +163,7 @@ class Attack(Protocol):
 
 # name -> a factory of the attack taking the settings it may change (``audit.attack``).
 ATTACKS: Registry[Callable[..., Attack]] = Registry("attack preset")
+
+# An attack registered as NAME + ADAPTIVE is NAME's counterpart that reads the view's known
+# defences; the audit runs it beside NAME whenever a defence is on.
+ADAPTIVE = "-adaptive"

@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from gradleak.attacks.base import Attack
+from gradleak.attacks.base import ADAPTIVE, Attack
 from gradleak.schema import Section
 
 
@@ -33,6 +33,13 @@ class AuditConfig(Section):
         "apply (e.g. [spear, cpa], the exact batch attacks); the row records each one's RDLV "
         "(rdlv_by_attack) "
         "and the worst, with the attack that reached it.",
+    )
+    adaptive: bool = Field(
+        True,
+        description="When a defence is on, also run each attack's counterpart that knows the "
+        "defences (NAME-adaptive, where one is registered: the optimisation presets), with the "
+        "same settings; the row records both in rdlv_by_attack and keeps the worst. A defence "
+        "holds only if both stay under the level.",
     )
     prior: str = Field(
         "mean-image",
@@ -73,6 +80,23 @@ class AuditConfig(Section):
         from gradleak.attacks.registry import attack_factory
 
         return {n: attack_factory(n, key="audit.also")() for n in self.also if n != self.preset}
+
+    def build_adaptive(self) -> dict[str, tuple[str, Attack]]:
+        """Per attack (the configured one and ``also``), its adaptive counterpart: (its name, the
+        attack), the configured one's with the same ``attack`` changes; attacks without one, or
+        that are adaptive themselves, are left out."""
+        from gradleak.attacks.base import ATTACKS
+        from gradleak.attacks.registry import attack_factory, load_attacks
+
+        load_attacks()
+        out: dict[str, tuple[str, Attack]] = {}
+        for name in [self.preset, *self.also]:
+            counterpart = f"{name}{ADAPTIVE}"
+            if name.endswith(ADAPTIVE) or counterpart not in ATTACKS or name in out:
+                continue
+            settings = self.attack if name == self.preset else {}
+            out[name] = (counterpart, attack_factory(counterpart)(**settings))
+        return out
 
     def applies(self, round: int, client_id: int) -> bool:
         if self.clients != "all" and client_id not in self.clients:

@@ -17,6 +17,7 @@ from gradleak.attacks.base import Attack, ServerView
 from gradleak.audit.config import AuditConfig
 from gradleak.audit.rdlv import rdlv
 from gradleak.fl.filters import FilterContext, Filtered
+from gradleak.fl.knowledge import Known, StatisticsWithheld
 from gradleak.fl.update import ClientUpdate
 from gradleak.metrics import assign, score
 from gradleak.modality import RENDERERS, InputSpec
@@ -37,11 +38,17 @@ class LeakageAudit:
         out_dir: SubDir | None,
         defenses: str,
         device: torch.device | str = "cpu",
+        secure_aggregation: bool = False,
     ) -> None:
+        """``secure_aggregation``: the server sees only round sums (``aggregation.strategy:
+        secure-sum``); the audit then says what it assumes (``audit_assumes``)."""
         self.config = config
         self.attack = config.build_attack()
         # the configured attack first, then the others it names (``also``), each by its name
         self.attacks: dict[str, Attack] = {config.preset: self.attack, **config.build_others()}
+        # attack name -> (its adaptive counterpart's name, the counterpart), run under a defence
+        self.adaptive = config.build_adaptive() if config.adaptive else {}
+        self.secure_aggregation = secure_aggregation
         self.model = copy.deepcopy(model)
         self.spec, self.num_classes = spec, num_classes
         self.prior = prior
@@ -50,19 +57,23 @@ class LeakageAudit:
         self.device = device
 
     def view(
-        self, global_state: dict[str, torch.Tensor], update: ClientUpdate, labels: torch.Tensor
+        self,
+        global_state: dict[str, torch.Tensor],
+        update: ClientUpdate,
+        labels: torch.Tensor,
+        known: tuple[Known, ...] = (),
     ) -> ServerView:
         """What the server sees of this update (the labels only where the threat model gives
-        them)."""
+        them), and what it knows of the defences that the filters before the audit applied."""
+        attacks = [*self.attacks.values(), *(a for _, a in self.adaptive.values())]
         return ServerView.of(
             self.model,
             global_state,
             update,
             spec=self.spec,
             num_classes=self.num_classes,
-            known_labels=labels.clone()
-            if any(a.wants_labels for a in self.attacks.values())
-            else None,
+            known_labels=labels.clone() if any(a.wants_labels for a in attacks) else None,
+            known_defenses=known,
         )
 
     def __call__(self, update: ClientUpdate, ctx: FilterContext) -> Filtered:
@@ -84,7 +95,7 @@ class LeakageAudit:
                     audit_note="update or global model not finite; not attacked",
                 ),
             )
-        view = self.view(ctx.global_state, update, labels)
+        view = self.view(ctx.global_state, update, labels, ctx.known)
         record = self.inspect(
             view, truth, labels, seed=derive_seed(ctx.seed, "audit", ctx.round, cid)
         )
@@ -114,12 +125,58 @@ class LeakageAudit:
         found: dict[str, tuple[dict[str, Any], torch.Tensor | None]] = {}
         for name, attack in self.attacks.items():
             found[name] = self._attack(name, attack, view, truth, labels, seed)
+            if view.known_defenses and name in self.adaptive:
+                adaptive, counterpart = self.adaptive[name]
+                found[adaptive] = self._adapted(name, adaptive, counterpart, found[name], view)
+                if found[adaptive] is None:
+                    found[adaptive] = self._attack(adaptive, counterpart, view, truth, labels, seed)
         scored = [n for n, (r, _) in found.items() if r.get("rdlv") is not None]
         worst = max(scored, key=lambda n: found[n][0]["rdlv"]) if scored else self.config.preset
         record, matched = found[worst]
-        if len(self.attacks) > 1:
+        if len(found) > 1:
             record = {**record, "rdlv_by_attack": {n: r.get("rdlv") for n, (r, _) in found.items()}}
+        assumes = self.assumptions(view)
+        if assumes:
+            record = {**record, "audit_assumes": assumes}
         return record, matched
+
+    @staticmethod
+    def _adapted(
+        stock: str,
+        name: str,
+        attack: Attack,
+        stock_found: tuple[dict[str, Any], torch.Tensor | None],
+        view: ServerView,
+    ) -> tuple[dict[str, Any], torch.Tensor | None] | None:
+        """The adaptive counterpart's result when it would be the stock attack's (the known
+        defences change nothing it uses): the stock result under its name; None: run it."""
+        adapts = getattr(attack, "adapts", None)
+        if adapts is None or adapts(view):
+            return None
+        record, matched = stock_found
+        note = f"{name}: the known defences change nothing it uses; the same as {stock}"
+        return {**record, "attack": name, "audit_note": note}, matched
+
+    def assumptions(self, view: ServerView) -> str:
+        """What the audit assumes of a server that does not see this update as it left the client
+        (secure aggregation), in a sentence; empty when it sees it."""
+        parts = []
+        if self.secure_aggregation:
+            parts.append(
+                "the server sees only round sums: the update is attacked as if gradient "
+                "disaggregation had recovered it exactly (an upper bound; the disaggregation: "
+                "section measures whether it does)"
+            )
+        if any(
+            isinstance(k, StatisticsWithheld) and k.mode == "secure-sum"
+            for k in view.known_defenses
+        ):
+            parts.append(
+                "the batch-norm statistics reach the server only inside round sums: attacked "
+                "without them (disaggregating those sums over rounds, possible only where "
+                "participation varies, is not attempted)"
+            )
+        return "; ".join(parts)
 
     def _attack(
         self,

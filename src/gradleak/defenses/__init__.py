@@ -7,19 +7,29 @@ from pydantic import Field
 from gradleak.defenses.base import DefenseConfig
 from gradleak.defenses.compress import Prune, Quantize
 from gradleak.defenses.dp import DPGaussian
-from gradleak.defenses.noise import AdaptiveGaussian, GaussianNoise, LaplaceNoise
+from gradleak.defenses.noise import AdaptiveGaussian, GaussianNoise, GroupGaussian, LaplaceNoise
+from gradleak.defenses.stats import BatchNormStatsLocal
 
 Defense = Annotated[
-    AdaptiveGaussian | GaussianNoise | LaplaceNoise | DPGaussian | Prune | Quantize,
+    AdaptiveGaussian
+    | GroupGaussian
+    | GaussianNoise
+    | LaplaceNoise
+    | DPGaussian
+    | Prune
+    | Quantize
+    | BatchNormStatsLocal,
     Field(discriminator="name"),
 ]
 
 __all__ = [
     "AdaptiveGaussian",
+    "BatchNormStatsLocal",
     "DPGaussian",
     "Defense",
     "DefenseConfig",
     "GaussianNoise",
+    "GroupGaussian",
     "LaplaceNoise",
     "Prune",
     "Quantize",

@@ -2,6 +2,8 @@
 
 Neither gives a formal guarantee: they remove or coarsen information an attack matches, and the
 audit measures how much that helps. Both act on trained parameters only; buffers pass unchanged.
+The server knows both (``fl.knowledge``): an adaptive attack matches only the coordinates a pruning
+kept, and each quantised value only up to its cell.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from pydantic import Field
 
 from gradleak.defenses.base import DefenseConfig, fields, trained, with_delta
 from gradleak.fl.filters import FilterContext, Filtered
+from gradleak.fl.knowledge import Pruned, Quantized
 from gradleak.fl.update import ClientUpdate
 
 
@@ -44,22 +47,28 @@ class _Prune:
     sparsity: float
 
     def __call__(self, update: ClientUpdate, ctx: FilterContext) -> Filtered:
-        changes = {k: prune_tensor(update.delta[k], self.sparsity) for k in trained(update)}
+        names = trained(update)
+        changes = {k: prune_tensor(update.delta[k], self.sparsity) for k in names}
         zeros = sum(int((v == 0).sum()) for v in changes.values())
         fraction = zeros / max(1, sum(v.numel() for v in changes.values()))
-        return Filtered(with_delta(update, changes), fields(self.index, pruned_fraction=fraction))
+        known = (Pruned(tuple(names), self.sparsity),) if self.sparsity > 0 else ()
+        return Filtered(
+            with_delta(update, changes),
+            fields(self.index, pruned_fraction=fraction),
+            known=known,
+        )
 
 
 @dataclass(frozen=True)
 class _Quantize:
     index: int
-    fmt: str
+    fmt: Literal["fp16", "int8"]
 
     def __call__(self, update: ClientUpdate, ctx: FilterContext) -> Filtered:
+        names = trained(update)
         return Filtered(
-            with_delta(
-                update, {k: quantize_tensor(update.delta[k], self.fmt) for k in trained(update)}
-            )
+            with_delta(update, {k: quantize_tensor(update.delta[k], self.fmt) for k in names}),
+            known=(Quantized(tuple(names), self.fmt),),
         )
 
 

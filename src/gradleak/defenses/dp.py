@@ -25,9 +25,17 @@ import torch
 from opacus.accountants import RDPAccountant
 from pydantic import Field
 
-from gradleak.defenses.base import DefenseConfig, fields, generator, trained, with_delta
+from gradleak.defenses.base import (
+    DefenseConfig,
+    fields,
+    float_buffers,
+    generator,
+    trained,
+    with_delta,
+)
 from gradleak.defenses.rero import rero_bound
 from gradleak.fl.filters import FilterContext, Filtered
+from gradleak.fl.knowledge import Noised, StatisticsWithheld
 from gradleak.fl.update import ClientUpdate
 
 
@@ -75,7 +83,11 @@ class _DPFilter:
             dp_norm_before_clip=norm,
             dp_clip_factor=factor,
         )
-        return Filtered(with_delta(update, changes), found)
+        known = (
+            Noised("gaussian", tuple((k, std) for k in names)) if std else None,
+            StatisticsWithheld(tuple(float_buffers(update)), "zeroed"),
+        )
+        return Filtered(with_delta(update, changes), found, known=tuple(k for k in known if k))
 
 
 class DPGaussian(DefenseConfig):

@@ -65,6 +65,13 @@ class AggregationConfig(Section):
         "server sees only each round's sum of updates and steps by their mean, all clients "
         "weighing the same).",
     )
+    recalibrate_bn: bool = Field(
+        False,
+        description="After each round the server recomputes the global model's batch-norm running "
+        "statistics on its public data (the test split's examples), for clients that keep theirs "
+        "(bn-stats-local in local mode), whose global statistics otherwise stay at their initial "
+        "values.",
+    )
 
     @field_validator("strategy")
     @classmethod

@@ -46,6 +46,10 @@ SECAGG_MODULUS = 2**32
 def check_config(config: Any, num_clients: int) -> None:
     """Refuse, before any training, an engine setting that cannot run with ``num_clients``."""
     engine = config.engine.name
+    for i, defense in enumerate(config.defenses):
+        problem = defense.engine_problem(engine)
+        if problem is not None:
+            raise ConfigError(f"defenses.{i}", f"{defense.name}: {problem}")
     if engine == "inprocess":
         if (config.engine.workers or 1) > 1 and config.engine.pool == "ray":
             check_installed("ray", "engine.pool")

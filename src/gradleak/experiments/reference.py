@@ -69,7 +69,9 @@ def config_reference() -> str:
         "# Attack settings",
         "",
         f"Every optimisation preset ({names}) is a set of these values; change any of them with",
-        "`audit.attack` in a config or `gradleak attack --preset NAME --set key=value`.",
+        "`audit.attack` in a config or `gradleak attack --preset NAME --set key=value`. Each",
+        "preset is also registered as `NAME-adaptive`: the same settings, adapted to the defences",
+        "the server knows of (see `audit.adaptive`).",
         "",
     ]
     _section(AttackSettings, "", "Settings", out)
@@ -81,11 +83,11 @@ def config_reference() -> str:
 def _other_attacks(out: list[str]) -> None:
     """The settings of every registered attack that is not an optimisation preset (a modality's
     own, such as text's), each its own table."""
-    from gradleak.attacks.base import ATTACKS
+    from gradleak.attacks.base import ADAPTIVE, ATTACKS
     from gradleak.attacks.registry import load_attacks
 
     load_attacks()
-    others = [n for n in ATTACKS.names() if n not in PRESETS]
+    others = [n for n in ATTACKS.names() if n.removesuffix(ADAPTIVE) not in PRESETS]
     if not others:
         return
     out += [

@@ -71,6 +71,7 @@ class Scenario:
             out_dir=out_dir,
             defenses=cfg.defense_summary(),
             device=self.device,
+            secure_aggregation=cfg.aggregation.strategy == "secure-sum",
         )
 
     @property
@@ -95,6 +96,7 @@ class Scenario:
             clients_per_round=t.clients_per_round,
             device=self.device,
             filters=self.filters(run),
+            recalibrate_bn=self.config.aggregation.recalibrate_bn,
         )
 
     def simulator(self, run: OwnedDir | None = None, engine: str | None = None) -> Simulator:

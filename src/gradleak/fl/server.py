@@ -77,6 +77,51 @@ def step(
     return new
 
 
+def recalibrate_batch_norm(
+    model: nn.Module,
+    state: dict[str, torch.Tensor],
+    public: Dataset,
+    spec: InputSpec,
+    *,
+    device: torch.device | str = "cpu",
+    batch_size: int = 256,
+) -> dict[str, torch.Tensor]:
+    """``state`` with every batch-norm layer's running mean and variance recomputed on the server's
+    public examples: the layers in train mode with a cumulative average (momentum None) over
+    batches of ``batch_size``, no gradient; parameters and counters as they were.
+
+    Where the clients keep their statistics (``bn-stats-local``), the global model's stay at their
+    initial values, and an evaluation in eval mode with them is meaningless; these are statistics of
+    the data's kind from no client's data. The server's public data here is the test split, so the
+    evaluation then normalises with its own examples' statistics: slightly optimistic."""
+    norms = {
+        n: m for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+    }
+    if not norms:
+        return state
+    model.load_state_dict(state)
+    model.to(device).eval()
+    momenta = {n: m.momentum for n, m in norms.items()}
+    try:
+        for m in norms.values():
+            m.reset_running_stats()
+            m.momentum = None
+            m.train()
+        x = spec.model_inputs(public.examples)
+        with torch.no_grad():
+            for start in range(0, len(x), batch_size):
+                model(x[start : start + batch_size].to(device))
+    finally:
+        for n, m in norms.items():
+            m.momentum = momenta[n]
+        model.eval()
+    new = dict(state)
+    for n, m in norms.items():
+        for buf in ("running_mean", "running_var"):
+            new[f"{n}.{buf}"] = getattr(m, buf).detach().cpu().to(state[f"{n}.{buf}"].dtype).clone()
+    return new
+
+
 def evaluate(
     model: nn.Module,
     state: dict[str, torch.Tensor],

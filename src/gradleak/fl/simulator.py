@@ -18,7 +18,7 @@ from gradleak.data.dataset import Dataset
 from gradleak.data.partition import ClientData
 from gradleak.fl.client import LocalTraining, train_client
 from gradleak.fl.filters import FilterContext, Filtered, UpdateFilter, apply_filters
-from gradleak.fl.server import Strategy, evaluate
+from gradleak.fl.server import Strategy, evaluate, recalibrate_batch_norm
 from gradleak.fl.update import ClientUpdate
 from gradleak.modality import InputSpec, Task
 from gradleak.seeding import numpy_rng
@@ -122,7 +122,10 @@ class Simulator:
         clients_per_round: float = 1.0,
         filters: Sequence[UpdateFilter] = (),
         device: torch.device | str = "cpu",
+        recalibrate_bn: bool = False,
     ) -> None:
+        """``recalibrate_bn``: after aggregating, the server recomputes the global model's
+        batch-norm running statistics on its public data (``fl.server.recalibrate_batch_norm``)."""
         self.model = model
         self.clients = list(clients)
         self.test = test
@@ -133,6 +136,7 @@ class Simulator:
         self.clients_per_round = clients_per_round
         self.filters = list(filters)
         self.device = device
+        self.recalibrate_bn = recalibrate_bn
 
     def participants(self, round: int) -> list[ClientData]:
         """The clients of a round: all, or a seeded random fraction (at least one)."""
@@ -240,6 +244,10 @@ class Simulator:
                 state = self.strategy.aggregate(state, kept)
             else:
                 state = self.strategy.aggregate_observed(state, observed, len(kept))
+            if self.recalibrate_bn:
+                state = recalibrate_batch_norm(
+                    self.model, state, self.test, self.spec, device=self.device
+                )
             acc, loss = evaluate(
                 self.model, state, self.test, self.spec, self.task, device=self.device
             )

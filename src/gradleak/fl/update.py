@@ -109,15 +109,27 @@ class ClientUpdate:
     """``delta[k] = local[k] - global[k]`` for every parameter and every buffer of the model.
 
     ``buffers`` names the entries that are buffers (batch-norm running statistics and counters),
-    not trained parameters, so that defences and aggregators can treat them apart.
+    not trained parameters, so that defences and aggregators can treat them apart. ``secure`` names
+    the entries the client sends only into a secure sum over the round's clients (``bn-stats-local``
+    with ``mode: secure-sum``): aggregation uses them like the others (the weighted mean that a
+    secure sum of ``num_samples x delta`` gives), but the server never sees one client's
+    (``sent``).
     """
 
     delta: dict[str, torch.Tensor]
     meta: UpdateMeta
     buffers: frozenset[str] = field(default_factory=frozenset)
+    secure: frozenset[str] = field(default_factory=frozenset)
 
     def parameters(self) -> dict[str, torch.Tensor]:
         return {k: v for k, v in self.delta.items() if k not in self.buffers}
+
+    def sent(self) -> dict[str, torch.Tensor]:
+        """What the server receives of this client: the delta, with the entries that reach it only
+        inside a secure sum as zeros."""
+        if not self.secure:
+            return self.delta
+        return {k: torch.zeros_like(v) if k in self.secure else v for k, v in self.delta.items()}
 
     def l2_norm(self) -> float:
         """L2 norm over the trained parameters (buffers excluded), independent of key order."""
@@ -128,6 +140,8 @@ class ClientUpdate:
         from gradleak.safeio import safetensors_bytes
 
         meta = {"meta": json.dumps(asdict(self.meta)), "buffers": json.dumps(sorted(self.buffers))}
+        if self.secure:
+            meta["secure"] = json.dumps(sorted(self.secure))
         return safetensors_bytes(self.delta, meta)
 
     @classmethod
@@ -140,8 +154,10 @@ class ClientUpdate:
             raise DataError(f"{where}: not a gradleak update (no metadata in its header)")
         meta = UpdateMeta.from_dict(parse_json(header["meta"].encode(), where), where)
         buffers = parse_json(header["buffers"].encode(), where)
-        if not isinstance(buffers, list) or not all(
-            isinstance(b, str) and b in delta for b in buffers
-        ):
-            raise DataError(f"{where}: the update's buffer names are not names of its tensors")
-        return cls(delta=delta, meta=meta, buffers=frozenset(buffers))
+        secure = parse_json(header["secure"].encode(), where) if "secure" in header else []
+        for names in (buffers, secure):
+            if not isinstance(names, list) or not all(
+                isinstance(b, str) and b in delta for b in names
+            ):
+                raise DataError(f"{where}: the update names tensors it does not hold")
+        return cls(delta=delta, meta=meta, buffers=frozenset(buffers), secure=frozenset(secure))

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -24,8 +24,9 @@ from torch.func import vmap
 from gradleak.attacks.base import Progress, Reconstruction, ServerView
 from gradleak.attacks.exact.analytic import linear_input
 from gradleak.attacks.exact.labels import recover_labels
+from gradleak.attacks.optimisation.adaptive import Adaptation
 from gradleak.attacks.optimisation.replay import ClientReplay, Replayed
-from gradleak.attacks.optimisation.settings import AttackSettings
+from gradleak.attacks.optimisation.settings import AttackSettings, without_statistics
 from gradleak.errors import ConfigError
 from gradleak.fl.update import UpdateMismatch
 
@@ -46,14 +47,20 @@ def total_variation(x: torch.Tensor, kind: str) -> torch.Tensor:
 CHUNK_ELEMENTS = 1 << 20
 
 
-def chunks(tensors: list[torch.Tensor], weights: list[float] | None = None) -> list[torch.Tensor]:
-    """Flat chunks of the tensors, in order, each tensor scaled by its weight (None: all 1)."""
+def chunks(
+    tensors: list[torch.Tensor], weights: list[float | torch.Tensor] | None = None
+) -> list[torch.Tensor]:
+    """Flat chunks of the tensors, in order, each tensor scaled by its weight (a number, or a
+    tensor of its shape: one weight per coordinate; None: all 1)."""
     out: list[torch.Tensor] = []
     run: list[torch.Tensor] = []
     size = 0
     for i, t in enumerate(tensors):
         flat = t.reshape(-1)
-        run.append(flat if weights is None else flat * weights[i])
+        if weights is not None:
+            w = weights[i]
+            flat = flat * (w.reshape(-1) if isinstance(w, torch.Tensor) else w)
+        run.append(flat)
         size += flat.numel()
         if size >= CHUNK_ELEMENTS:
             out.append(torch.cat(run) if len(run) > 1 else run[0])
@@ -65,35 +72,63 @@ def chunks(tensors: list[torch.Tensor], weights: list[float] | None = None) -> l
 
 class UpdateDistance:
     """Distance of simulated updates to one real update, both given tensor by tensor, tensor k
-    weighted by ``weights[k]`` (None: all 1):
+    weighted by ``weights[k]`` (a number, or one per coordinate; None: all 1):
 
     - ``l2``: ``sum_k w_k |s_k - t_k|^2``;  ``l1``: ``sum_k w_k |s_k - t_k|_1``;
     - ``cosine``: ``1 - <s, t>_w / (|s|_w |t|_w)`` with ``<s, t>_w = sum_k w_k <s_k, t_k>``.
 
+    With ``bounds`` (per tensor, the lower and upper bound of what each received value stands for,
+    as a quantisation's cells), ``t`` is the point of the bounds nearest the simulated update,
+    ``clamp(s, lower, upper)``: only the distance outside the cells counts.
+
     The target's chunks (and its norm) are prepared once; each call chunks the simulated update.
     """
 
-    def __init__(self, target: list[torch.Tensor], weights: list[float] | None, kind: str) -> None:
+    def __init__(
+        self,
+        target: list[torch.Tensor],
+        weights: list[float | torch.Tensor] | None,
+        kind: str,
+        bounds: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+    ) -> None:
         self.kind = kind
         # fold the weights into the tensors: their square roots for the quadratic forms
         self.scale = (
-            None
-            if weights is None
-            else (weights if kind == "l1" else [math.sqrt(w) for w in weights])
+            None if weights is None else (weights if kind == "l1" else [_sqrt(w) for w in weights])
         )
+        self.bounds = None
+        if bounds is not None:  # weights are >= 0, so clamping commutes with the scaling
+            self.bounds = (
+                chunks([lo.detach() for lo, _ in bounds], self.scale),
+                chunks([hi.detach() for _, hi in bounds], self.scale),
+            )
         self.target = chunks([t.detach() for t in target], self.scale)
         self.target_norm = math.sqrt(sum(float(torch.dot(t, t)) for t in self.target))
 
     def __call__(self, sim: list[torch.Tensor]) -> torch.Tensor:
-        parts = zip(chunks(sim, self.scale), self.target, strict=True)
+        sims = chunks(sim, self.scale)
+        targets = self.target
+        if self.bounds is not None:
+            targets = [
+                torch.minimum(torch.maximum(s, lo), hi)
+                for s, lo, hi in zip(sims, *self.bounds, strict=True)
+            ]
+        parts = zip(sims, targets, strict=True)
         if self.kind == "l2":
             return sum(F.mse_loss(s, t, reduction="sum") for s, t in parts)
         if self.kind == "l1":
             return sum(F.l1_loss(s, t, reduction="sum") for s, t in parts)
-        dot, ss = 0.0, 0.0
+        dot, ss, tt = 0.0, 0.0, 0.0
         for s, t in parts:
             dot, ss = dot + torch.dot(s, t), ss + torch.dot(s, s)
-        return 1 - dot / (ss.sqrt() * self.target_norm).clamp_min(1e-12)
+            if self.bounds is not None:
+                tt = tt + torch.dot(t, t)
+        t_norm = tt.sqrt() if self.bounds is not None else self.target_norm
+        return 1 - dot / (ss.sqrt() * t_norm).clamp_min(1e-12)
+
+
+def _sqrt(w: float | torch.Tensor) -> float | torch.Tensor:
+    return w.sqrt() if isinstance(w, torch.Tensor) else math.sqrt(w)
 
 
 def distance(
@@ -176,6 +211,13 @@ def _onednn(enabled: bool) -> Iterator[None]:
         torch.backends.mkldnn.enabled = before
 
 
+def batch_norm_layers(view: ServerView) -> list[str]:
+    """Names of the model's batch-norm layers, in the model's order."""
+    return [
+        n for n, m in view.model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+    ]
+
+
 # -- the image parameterisation --------------------------------------------------------------------
 
 
@@ -228,12 +270,33 @@ class _Images:
 # -- the objective ---------------------------------------------------------------------------------
 
 
+class StatisticsTerm(NamedTuple):
+    """One batch-norm layer's part of the statistics term: the statistics the update reveals, the
+    scales its two distances are divided by, and their weights (the layer decay, times the share
+    of signal under known noise for an adaptive attack)."""
+
+    name: str
+    mean: torch.Tensor
+    var: torch.Tensor
+    scale_mean: float
+    scale_var: float
+    weight_mean: float
+    weight_var: float
+
+
 class _Objective:
     """The objective of one restart, ``(images, labels) -> (total, matching term)``, vmap-able."""
 
     def __init__(
-        self, s: AttackSettings, view: ServerView, replay: ClientReplay, dev: torch.device
+        self,
+        s: AttackSettings,
+        view: ServerView,
+        replay: ClientReplay,
+        dev: torch.device,
+        adaptation: Adaptation | None = None,
     ) -> None:
+        """``adaptation``: the known defences (an adaptive attack); None: the update is taken at
+        face value."""
         self.s, self.replay = s, replay
         self.match_weight = s.match_weight  # the current (scheduled) weight, set by the loop
         self.names = view.parameter_names
@@ -241,18 +304,36 @@ class _Objective:
         if self.matching:
             pg = view.pseudo_gradient()
             target = [pg[n].to(dev) for n in self.names]
-            self.distance = UpdateDistance(
-                target, self._layer_weights(len(self.names)), s.objective
-            )
-        # batch-norm statistics: what the buffers reveal, per layer, with its scale and weight
-        self.bn: list[tuple[str, torch.Tensor, torch.Tensor, float, float, float]] = []
+            weights: list[float | torch.Tensor] | None = self._layer_weights(len(self.names))
+            bounds = None
+            if adaptation is not None:
+                weights, bounds = adaptation.matching(
+                    self.names, target, weights, view, s.objective
+                )
+            self.distance = UpdateDistance(target, weights, s.objective, bounds)
+        # batch-norm statistics: what the buffers reveal, per layer, with its scales and weights
+        self.bn: list[StatisticsTerm] = []
         if s.bn > 0 and replay.bn_mode == "train":
-            for i, (name, (mean, var)) in enumerate(replay.revealed_bn_stats().items()):
+            revealed = replay.revealed_bn_stats()
+            gains = (
+                adaptation.statistic_gains(view, list(revealed))
+                if adaptation is not None
+                else dict.fromkeys(revealed, (1.0, 1.0))
+            )
+            for i, (name, (mean, var)) in enumerate(revealed.items()):
+                if adaptation is not None:
+                    var = var.clamp_min(0)  # a variance is never negative, whatever the noise
                 scale_m, scale_v = 1.0, 1.0
                 if s.bn_normalize:
                     scale_m = float(var.clamp_min(0).sqrt().norm().clamp_min(1e-12))
                     scale_v = float(var.norm().clamp_min(1e-12))
-                self.bn.append((name, mean, var, scale_m, scale_v, s.bn_layer_decay**i))
+                decay = s.bn_layer_decay**i
+                gain_m, gain_v = gains[name]
+                self.bn.append(
+                    StatisticsTerm(
+                        name, mean, var, scale_m, scale_v, decay * gain_m, decay * gain_v
+                    )
+                )
         # feature inversion: the classifier's input, exact for one image in one step
         self.feature_target: torch.Tensor | None = None
         if s.features > 0 and replay.captures_features:
@@ -283,12 +364,12 @@ class _Objective:
         if self.bn:
             stats = self.replay.weighted_bn_stats(out.stats)
             bn = z.new_zeros(())
-            for name, mean_t, var_t, scale_m, scale_v, w in self.bn:
-                mean, var = stats[name]
-                bn = bn + w * (
-                    torch.linalg.vector_norm(mean - mean_t) / scale_m
-                    + torch.linalg.vector_norm(var - var_t) / scale_v
-                )
+            for t in self.bn:
+                mean, var = stats[t.name]
+                d_m = torch.linalg.vector_norm(mean - t.mean) / t.scale_mean
+                d_v = torch.linalg.vector_norm(var - t.var) / t.scale_var
+                w_m, w_v = t.weight_mean, t.weight_var
+                bn = bn + (w_m * (d_m + d_v) if w_m == w_v else w_m * d_m + w_v * d_v)
             total = total + s.bn * bn
         if self.feature_target is not None and out.features is not None:
             diff = out.features.reshape(-1) - self.feature_target
@@ -319,10 +400,41 @@ class GradientInversion:
     in [0, 1] map to, and returned de-normalised in [0, 1].
     """
 
-    def __init__(self, settings: AttackSettings, name: str = "gradient-inversion") -> None:
+    def __init__(
+        self, settings: AttackSettings, name: str = "gradient-inversion", *, adaptive: bool = False
+    ) -> None:
+        """``adaptive``: read the view's known defences and adapt the objective to them
+        (``attacks.optimisation.adaptive``); else take the update at face value (the stock
+        attack)."""
         self.settings = settings
         self.name = name
+        self.adaptive = adaptive
         self.wants_labels = settings.labels == "known"
+        self._adaptation: Adaptation | None = None  # set on the instance that attacks one view
+
+    # -- adapting to the known defences -------------------------------------------------------
+    def adapted(self, view: ServerView) -> GradientInversion:
+        """The attack as it runs on ``view``: itself (stock), or one with the settings and the
+        objective that the view's known defences call for (adaptive)."""
+        if not self.adaptive:
+            return self
+        adaptation = Adaptation.of(view)
+        settings = self.settings
+        if settings.bn > 0 and not adaptation.statistics_usable(view, batch_norm_layers(view)):
+            settings = without_statistics(settings)
+        out = GradientInversion(settings, self.name)
+        out._adaptation = adaptation
+        return out
+
+    def adapts(self, view: ServerView) -> bool:
+        """Whether the known defences make this attack differ from its stock version on ``view``
+        (False for a stock attack): an audit need not run both when they are the same."""
+        if not self.adaptive or not view.known_defenses:
+            return False
+        adaptation, s = Adaptation.of(view), self.settings
+        if s.bn > 0 and adaptation.changes_statistics(view, batch_norm_layers(view)):
+            return True
+        return s.match_weight > 0 and adaptation.changes_matching(view.parameter_names, view)
 
     # -- the attack protocol ------------------------------------------------------------------
     def applies(self, view: ServerView) -> str | None:
@@ -421,7 +533,8 @@ class GradientInversion:
         ).to(dev)
         images = _Images(z0, s.scales, (0 - mean) / std, (1 - mean) / std)
         y = y0.clone().requires_grad_(labels is None)
-        return _Setup(_Objective(s, view, replay, dev), images, y, labels, strategy, x0, mean, std)
+        objective = _Objective(s, view, replay, dev, self._adaptation)
+        return _Setup(objective, images, y, labels, strategy, x0, mean, std)
 
     def _optimise(self, run: _Setup, progress: Progress | None, trace: list[torch.Tensor]) -> int:
         """The optimisation loop; returns the iterations done (L-BFGS stops once it stalls)."""
@@ -494,6 +607,18 @@ class GradientInversion:
     ) -> Reconstruction:
         """Attack one update. ``prior``: a 1 x C x H x W (or N x C x H x W) image in [0, 1] to
         start from with ``init: prior`` (the dataset's mean colour when absent)."""
+        attack = self.adapted(view)
+        return attack._run(view, seed=seed, prior=prior, progress=progress, device=device)
+
+    def _run(
+        self,
+        view: ServerView,
+        *,
+        seed: int,
+        prior: torch.Tensor | None,
+        progress: Progress | None,
+        device: torch.device | str,
+    ) -> Reconstruction:
         start = time.perf_counter()
         dev = torch.device(device)
         trace: list[torch.Tensor] = []

@@ -245,6 +245,39 @@ PRESET_SOURCES = {
 }
 
 
+# What makes an attack match the update, taken from inverting-gradients when an attack that matched
+# only the batch-norm statistics finds them withheld.
+MATCHING_SETTINGS = (
+    "objective",
+    "layer_weights",
+    "match_weight",
+    "match_schedule",
+    "relu_surrogate",
+    "tv",
+    "tv_kind",
+    "l2",
+    "scales",
+    "optimizer",
+    "lr",
+    "signed",
+    "schedule",
+    "warmup",
+)
+
+
+def without_statistics(settings: AttackSettings) -> AttackSettings:
+    """The settings for an update whose batch-norm statistics were withheld: the statistics term
+    off, and, where nothing else tied the images to the update, Inverting Gradients' matching
+    (objective, priors, optimiser, schedule) in its place; iterations, restarts, start and labels
+    stay as they were."""
+    if settings.bn == 0:
+        return settings
+    if settings.match_weight > 0 or settings.features > 0:
+        return settings.model_copy(update={"bn": 0.0})
+    ig = PRESETS.get("inverting-gradients")
+    return settings.model_copy(update={"bn": 0.0, **{k: getattr(ig, k) for k in MATCHING_SETTINGS}})
+
+
 def preset(name: str, **overrides: object) -> AttackSettings:
     """A named preset, optionally with some settings changed."""
     base = PRESETS.get(name, key="attack.preset")
