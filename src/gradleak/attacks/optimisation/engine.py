@@ -445,6 +445,21 @@ class GradientInversion:
             view.classifier()
         except UpdateMismatch as exc:
             return str(exc)
+        s = self.settings
+        if not self.adaptive and s.bn > 0 and s.match_weight == 0:
+            stats = [
+                f"{layer}.{kind}"
+                for layer in batch_norm_layers(view)
+                for kind in ("running_mean", "running_var")
+                if f"{layer}.{kind}" in view.update
+            ]
+            if stats and not any(bool(view.update[n].any()) for n in stats):
+                # Fitting "no change" would fit the global model's own statistics: what the server
+                # could synthesise without any update, not this client's data.
+                return (
+                    "the update carries no batch-norm statistic change (withheld, or eval mode): "
+                    "nothing of the client's to fit"
+                )
         return None
 
     def refuses(self, training: Any) -> tuple[str, str] | None:
