@@ -255,3 +255,47 @@ def test_the_audit_does_not_rerun_an_adaptive_attack_that_would_change_nothing()
     ctx = FilterContext(round=1, client=client, global_state=state, seed=0, known=out.known)
     by = audit(out.update, ctx).record["rdlv_by_attack"]
     assert by["inverting-gradients-adaptive"] == by["inverting-gradients"]
+
+
+def test_noised_statistics_weigh_each_layer_by_its_known_noise() -> None:
+    """bn-statistics-adaptive under noise on the statistics: layer l's mean distance weighs
+    decay^l / (1 + rho^2), rho = sigma sqrt(C) / (1 - momentum) / |sqrt(var*)| (one step), var*
+    the revealed variance clamped at 0 -- computed here from the update alone."""
+    from gradleak.attacks.optimisation.engine import _Objective
+    from gradleak.attacks.optimisation.replay import ClientReplay
+    from gradleak.attacks.optimisation.settings import preset
+
+    torch.manual_seed(0)
+    model = build_model("convnet", spec=SPEC, num_classes=10, kwargs={"width": 4})
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    client = _client()
+    update, _ = train_client(
+        model,
+        state,
+        client,
+        round=1,
+        settings=LocalTraining(lr=0.1),
+        spec=SPEC,
+        task=Classification(),
+        seed=0,
+    )
+    defense = GroupGaussian(sigma0=0.5, groups={"weights": 0, "bn-affine": 0, "classifier": 0})
+    ctx = FilterContext(round=1, client=client, global_state=state, seed=1)
+    out = apply_filters([defense.build(index=0, sample_rate=1)], update, ctx)
+    sigma = out.record["noise_scale_bn_stats"]
+    view = ServerView.of(
+        model, state, out.update, spec=SPEC, num_classes=10, known_defenses=out.known
+    )
+    assert attack_factory("bn-statistics-adaptive")().adapts(view)
+    replay = ClientReplay(view, unroll=False, functional=False)
+    terms = _Objective(
+        preset("bn-statistics"), view, replay, torch.device("cpu"), Adaptation.of(view)
+    ).bn
+    assert 0.05 < min(t.weight_mean / 0.85**i for i, t in enumerate(terms)) < 0.95
+    for i, t in enumerate(terms):
+        g, u = state[f"{t.name}.running_var"], out.update.delta[f"{t.name}.running_var"]
+        var = ((g + u - 0.9 * g) / 0.1).clamp_min(0)
+        rho2 = sigma**2 * var.numel() / 0.1**2 / max(float(var.sqrt().norm()), 1e-12) ** 2
+        assert t.weight_mean == pytest.approx(0.85**i / (1 + rho2), rel=1e-5)
+    stock = _Objective(preset("bn-statistics"), view, replay, torch.device("cpu")).bn
+    assert [t.weight_mean for t in stock] == pytest.approx([0.85**i for i in range(len(stock))])

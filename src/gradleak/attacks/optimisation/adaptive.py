@@ -10,8 +10,9 @@ Learning", NeurIPS 2021). From the records, in the order the filters ran:
   penalised (the simulated update is compared with its nearest point in the cells);
 - noise: each tensor's residual is weighed by the inverse of its known noise variance (the Gaussian
   likelihood; Laplace by its variance too), normalised to a mean weight of 1; the batch-norm
-  statistics term weighs each layer by the share of its received statistic change that is signal
-  (1 - expected noise energy / received energy, at least 0);
+  statistics term weighs each layer's distances by 1 / (1 + rho^2), rho the known noise on the
+  revealed statistic relative to the scale the distance is divided by, and fits the variances to
+  targets clamped at 0;
 - statistics withheld (``bn-stats-local``, DP): the statistics term is dropped, and an attack that
   matched nothing else matches the update instead (``settings.without_statistics``).
 
@@ -115,36 +116,33 @@ class Adaptation:
         )
 
     # -- the batch-norm statistics term ----------------------------------------------------------
-    def statistic_gains(
-        self, view: ServerView, layers: list[str]
-    ) -> dict[str, tuple[float, float]]:
-        """Per batch-norm layer, the weights of its mean and variance distances: 1 - d sigma^2 /
-        |received delta|^2 (at least 0), the share of the received change that is signal; 1
-        where the statistic is not noised."""
-        out = {}
-        for layer in layers:
-            pair = []
-            for buf in ("running_mean", "running_var"):
-                key = f"{layer}.{buf}"
-                var = self.noise_var.get(key, 0.0)
-                energy = float(view.update[key].double().pow(2).sum())
-                noise = var * view.update[key].numel()
-                pair.append(1.0 if var == 0.0 else max(0.0, 1.0 - noise / max(energy, 1e-300)))
-            out[layer] = (pair[0], pair[1])
-        return out
+    def statistic_weights(
+        self, layer: str, channels: int, keep: float, scale_mean: float, scale_var: float
+    ) -> tuple[float, float]:
+        """The weights of one batch-norm layer's mean and variance distances under known noise:
+        1 / (1 + rho^2), rho being the norm of the noise on the revealed statistic (the buffer's
+        sigma / (1 - keep) per channel, ``keep`` the share of the global statistic the client's
+        steps kept) relative to the scale its distance is divided by; 1 where not noised. Only
+        known quantities enter: a per-layer signal estimate from the received deltas is itself
+        drowned in the noise at a few dozen channels."""
+        out = []
+        for buf, scale in (("running_mean", scale_mean), ("running_var", scale_var)):
+            var = self.noise_var.get(f"{layer}.{buf}", 0.0)
+            rho2 = var * channels / (1 - keep) ** 2 / max(scale, 1e-12) ** 2
+            out.append(1.0 / (1.0 + rho2))
+        return out[0], out[1]
 
-    def statistics_usable(self, view: ServerView, layers: list[str]) -> bool:
-        """False when the statistics were withheld, or every layer's is drowned in noise."""
-        if self.withheld is not None:
-            return False
-        gains = self.statistic_gains(view, layers)
-        return not gains or any(m > 0 or v > 0 for m, v in gains.values())
+    def statistics_usable(self) -> bool:
+        """False when the batch-norm statistics were withheld."""
+        return self.withheld is None
 
     def changes_statistics(self, view: ServerView, layers: list[str]) -> bool:
-        """Whether the known defences change the statistics term."""
-        if not self.statistics_usable(view, layers):
-            return True
-        return any(g != (1.0, 1.0) for g in self.statistic_gains(view, layers).values())
+        """Whether the known defences change the statistics term (withheld, or noised)."""
+        return not self.statistics_usable() or any(
+            self.noise_var.get(f"{layer}.{buf}", 0.0) > 0
+            for layer in layers
+            for buf in ("running_mean", "running_var")
+        )
 
 
 def cell(received: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:

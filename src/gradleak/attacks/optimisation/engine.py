@@ -314,12 +314,7 @@ class _Objective:
         # batch-norm statistics: what the buffers reveal, per layer, with its scales and weights
         self.bn: list[StatisticsTerm] = []
         if s.bn > 0 and replay.bn_mode == "train":
-            revealed = replay.revealed_bn_stats()
-            gains = (
-                adaptation.statistic_gains(view, list(revealed))
-                if adaptation is not None
-                else dict.fromkeys(revealed, (1.0, 1.0))
-            )
+            revealed, kept = replay.revealed_bn_stats(), replay.kept()
             for i, (name, (mean, var)) in enumerate(revealed.items()):
                 if adaptation is not None:
                     var = var.clamp_min(0)  # a variance is never negative, whatever the noise
@@ -328,7 +323,11 @@ class _Objective:
                     scale_m = float(var.clamp_min(0).sqrt().norm().clamp_min(1e-12))
                     scale_v = float(var.norm().clamp_min(1e-12))
                 decay = s.bn_layer_decay**i
-                gain_m, gain_v = gains[name]
+                gain_m, gain_v = (
+                    adaptation.statistic_weights(name, mean.numel(), kept[name], scale_m, scale_v)
+                    if adaptation is not None
+                    else (1.0, 1.0)
+                )
                 self.bn.append(
                     StatisticsTerm(
                         name, mean, var, scale_m, scale_v, decay * gain_m, decay * gain_v
@@ -420,7 +419,7 @@ class GradientInversion:
             return self
         adaptation = Adaptation.of(view)
         settings = self.settings
-        if settings.bn > 0 and not adaptation.statistics_usable(view, batch_norm_layers(view)):
+        if settings.bn > 0 and not adaptation.statistics_usable():
             settings = without_statistics(settings)
         out = GradientInversion(settings, self.name)
         out._adaptation = adaptation

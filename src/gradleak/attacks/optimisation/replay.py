@@ -126,6 +126,12 @@ class ClientReplay:
             keep *= 1 - m
         return weights[::-1], keep
 
+    def kept(self) -> dict[str, float]:
+        """Per batch-norm layer, the share of the global running statistics that the client's
+        steps kept (``keep`` of ``_step_weights``): a revealed statistic is the running one's
+        change divided by 1 - keep."""
+        return {layer.name: self._step_weights(layer)[1] for layer in self.bn_layers}
+
     def revealed_bn_stats(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """Per batch-norm layer, the momentum-weighted mean of the client's per-step batch
         statistics, exactly as its running-statistic deltas reveal it (train mode only):
