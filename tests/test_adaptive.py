@@ -205,6 +205,9 @@ def test_withheld_statistics_turn_the_statistics_attack_into_update_matching() -
     stock = attack_factory("bn-statistics")(iterations=7)
     adaptive = attack_factory("bn-statistics-adaptive")(iterations=7)
     assert stock.adapted(view) is stock
+    # "no change" would fit the global model's own statistics: nothing of the client's
+    assert "no batch-norm statistic change" in stock.applies(view)
+    assert adaptive.applies(view) is None
     assert adaptive.adapts(view)
     s = adaptive.adapted(view).settings
     assert (s.bn, s.match_weight, s.objective, s.iterations) == (0.0, 1.0, "cosine", 7)
