@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 from gradleak import rundir
 from gradleak.cli import app
 from gradleak.errors import ConfigError
+from gradleak.experiments.config import load_config
 from gradleak.experiments.families import FAMILIES, Choices, Family, Range, Switch, select
 from gradleak.experiments.recommend import Recommender, make_plan, measure, run_recommend
 from gradleak.experiments.search import done_future, explore, search
@@ -146,13 +147,16 @@ class FakeRecommender(Recommender):
 
     def __init__(self, plan, out, leak, accuracy) -> None:  # noqa: ANN001
         super().__init__(plan, out)
-        self.leak, self.accuracy, self.asked = leak, accuracy, []
+        self.leak, self.accuracy, self.asked, self.lists = leak, accuracy, [], []
 
-    def _evaluate(self, name, section):  # noqa: ANN001, ANN202
-        family = section["name"] if section else None
+    def _evaluate(self, name, defenses):  # noqa: ANN001, ANN202
+        # a family's name is its defences' names joined by '+' (the searched one last)
+        family = "+".join(d["name"] for d in defenses) or None
+        section = defenses[-1] if defenses else None
         key = FAMILIES[family].key if family else None
         value = section.get(key, True) if family and key else (True if family else None)
         self.asked.append((family, value))
+        self.lists.append(defenses)
         by_attack = self.leak(family, value)
         worst = max(by_attack, key=by_attack.get)
         row = _row(1, 1, by_attack[worst], attack=worst, rdlv_by_attack=by_attack)
@@ -201,6 +205,29 @@ def test_an_adaptive_attack_that_leaks_more_moves_the_recommendation(tmp_path) -
     assert worst["rdlv"] == pytest.approx(0.6 - adaptive["strength"])
 
 
+def test_a_combined_family_stacks_its_base_before_the_searched_defence(tmp_path) -> None:
+    # bn-stats-local alone leaks a little; with noise on the parameters it holds from sigma0 0.5.
+    def leak(family, value):  # noqa: ANN001, ANN202
+        found = {None: 2.0, "bn-stats-local": 0.05}
+        return {"ig": found[family] if family in found else 0.5 - value}
+
+    config = _config(tmp_path, recommendation={**CONFIG["recommendation"], "max_points": 10})
+    plan, _ = make_plan(config, [], families=["bn-stats-local", "bn-stats-local+adaptive-gaussian"])
+    fake = FakeRecommender(plan, tmp_path / "out", leak, lambda f, v: 0.9)
+    rec = fake.run()
+    assert rec["holds"] and rec["family"] == "bn-stats-local+adaptive-gaussian"
+    assert 0.5 <= rec["strength"] <= 0.6
+    assert rec["defense"] == {"name": "adaptive-gaussian", "sigma0": rec["strength"]}
+    assert rec["defenses"] == [{"name": "bn-stats-local"}, rec["defense"]]
+    combined = [d for d in fake.lists if len(d) == 2]
+    assert combined and all(d[0] == {"name": "bn-stats-local"} for d in combined)
+    # every list is a valid config: the base section and the searched one, in that order
+    used = load_config(config, plan.overrides(rec["defenses"])).defenses
+    assert [d.name for d in used] == ["bn-stats-local", "adaptive-gaussian"]
+    page = build_recommend_report(tmp_path / "out").read_text()
+    assert "name: bn-stats-local" in page and "name: adaptive-gaussian" in page
+
+
 def test_the_recommendation_has_the_smallest_accuracy_drop_among_points_that_hold(
     tmp_path,
 ) -> None:
@@ -219,7 +246,8 @@ def test_the_recommendation_has_the_smallest_accuracy_drop_among_points_that_hol
     assert rec["evaluated"] == 1 + 3 + 2  # baseline, gaussian's 3 points, quantize's 2
     pareto = json.loads((tmp_path / "out/pareto.json").read_text())
     keys = set(
-        "family defense key strength holds meets_level within_budget leakage worst_leakage level "
+        "family defense defenses key strength holds meets_level within_budget leakage "
+        "worst_leakage level "
         "accuracy accuracy_drop epsilon rero_bound rounds run_dir pareto recommended".split()
     )
     assert all(set(p) == keys for p in pareto["points"])
@@ -354,8 +382,9 @@ def test_end_to_end_on_a_tiny_federation_resumes_without_repeating_a_finished_po
         audited = [r for r in rows if r.get("audited")]
         assert p["worst_leakage"] == max(r["rdlv"] for r in audited)
         used = yaml.safe_load((out / p["run_dir"] / "config.yaml").read_text())["defenses"]
-        assert len(used) == (p["defense"] is not None)  # the config's own prune is replaced
-        assert not used or used[0] | p["defense"] == used[0]
+        assert len(used) == len(p["defenses"])  # the config's own prune is replaced
+        assert all(u | d == u for u, d in zip(used, p["defenses"], strict=True))
+        assert p["defenses"] == ([p["defense"]] if p["defense"] else [])
     assert rec["holds"] and rec["family"] == "gaussian"
     assert rec["sentence"].startswith(f"Recommended: gaussian with sigma = {rec['strength']}.")
     assert rec["accuracy_drop"] == pytest.approx(rec["baseline_accuracy"] - rec["accuracy"])

@@ -153,8 +153,9 @@ class RecommendationConfig(Section):
     families: list[str] | None = Field(
         None,
         description="recommend: the defence families to search (adaptive-gaussian, gaussian, "
-        "laplace, dp-gaussian, prune, quantize, group-gaussian, bn-stats-local); null: all "
-        "(`--family` overrides it).",
+        "laplace, dp-gaussian, prune, quantize, group-gaussian, bn-stats-local, and "
+        "bn-stats-local+adaptive-gaussian: the statistics kept local with noise searched on the "
+        "parameters); null: all (`--family` overrides it).",
     )
     ranges: dict[str, list[Any]] = Field(
         default_factory=dict,

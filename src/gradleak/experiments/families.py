@@ -9,8 +9,10 @@ strength and the space searched for it, weakest end first:
 - ``Switch()``: on or off (the off state is the baseline run, which has no defence).
 
 ``fixed`` holds the section's other keys; ``from_baseline`` derives keys from the rows of the
-undefended run (dp-gaussian's ``clip``). Adding a family is adding one entry to ``FAMILIES``; a
-family whose defence is not a registered ``defenses:`` entry is skipped with a note.
+undefended run (dp-gaussian's ``clip``); ``base`` holds sections stacked before the searched one
+at every strength (a combined family: the batch-norm statistics kept local, and noise searched on
+the rest). Adding a family is adding one entry to ``FAMILIES``; a family whose defences are not
+registered ``defenses:`` entries is skipped with a note.
 """
 
 from __future__ import annotations
@@ -96,6 +98,8 @@ class Family:
     # called with no rows to check the family's section before the baseline has run
     from_baseline: Callable[[list[dict[str, Any]]], dict[str, Any]] | None = None
     about: str = ""
+    # sections that come before the searched one in defenses:, unchanged at every strength
+    base: tuple[Mapping[str, Any], ...] = ()
 
     def section(self, value: Any, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """The ``defenses:`` entry at strength ``value``."""
@@ -103,6 +107,11 @@ class Family:
         if self.key is not None:
             out[self.key] = value
         return out
+
+    def defenses(self, value: Any, extra: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
+        """The whole ``defenses:`` list at strength ``value``: the base sections, then the
+        searched one."""
+        return [*(dict(b) for b in self.base), self.section(value, extra)]
 
     def with_space(self, space: Space) -> Family:
         from dataclasses import replace
@@ -170,6 +179,15 @@ FAMILIES: dict[str, Family] = {
             Switch(),
             about="batch-norm running statistics kept on the client",
         ),
+        Family(
+            "bn-stats-local+adaptive-gaussian",
+            "adaptive-gaussian",
+            "sigma0",
+            Range(0.01, 100.0),
+            base=({"name": "bn-stats-local"},),
+            about="batch-norm statistics kept on the client, and noise on the parameters "
+            "scaled to the update's 95th percentile",
+        ),
     )
 }
 
@@ -209,8 +227,9 @@ def select(
         if name not in wanted:
             continue
         family = FAMILIES[name]
-        if family.defense not in known:
-            skipped[name] = f"the defence {family.defense!r} is not available in this version"
+        missing = [d for d in (*(b["name"] for b in family.base), family.defense) if d not in known]
+        if missing:
+            skipped[name] = f"the defence {missing[0]!r} is not available in this version"
             continue
         if ranges and name in ranges:
             family = family.with_space(_space(family, ranges[name]))

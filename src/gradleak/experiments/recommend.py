@@ -129,13 +129,19 @@ class Point:
     family: str
     key: str | None
     strength: Any
-    defense: dict[str, Any] | None  # the defenses: entry (None: the baseline)
+    defense: dict[str, Any] | None  # the searched defenses: entry (None: the baseline)
     run_dir: str
     measured: Measured
     rank: tuple[int, float] = (0, 0.0)  # (family's position in the table, strength 0..1)
     meets_level: bool = False
     within_budget: bool = False
     pareto: bool = False
+    base: tuple[dict[str, Any], ...] = ()  # the family's sections before the searched one
+
+    @property
+    def defenses(self) -> list[dict[str, Any]]:
+        """The point's whole ``defenses:`` list (empty for the baseline)."""
+        return [] if self.defense is None else [*self.base, self.defense]
 
     @property
     def holds(self) -> bool:
@@ -147,6 +153,7 @@ class Point:
         return {
             "family": self.family,
             "defense": self.defense,
+            "defenses": self.defenses,
             "key": self.key,
             "strength": self.strength,
             "holds": self.holds,
@@ -347,12 +354,12 @@ class Plan:
     tolerance: float = 0.02
     max_points: int = 8
 
-    def overrides(self, section: dict[str, Any] | None) -> list[str]:
+    def overrides(self, defenses: list[dict[str, Any]]) -> list[str]:
         """The overrides of one point: the fixed ones and its defenses: list (the recommend and
         sweep settings reset, so that changing how the search runs keeps its finished points)."""
         return [
             *self.fixed,
-            f"defenses={json.dumps([section] if section else [])}",
+            f"defenses={json.dumps(defenses)}",
             "recommendation={}",
             "sweep={}",
         ]
@@ -418,7 +425,7 @@ def make_plan(
         extra = family.from_baseline([]) if family.from_baseline else {}
         extra.update(plan.fixed_keys.get(family.name, {}))
         for value in ends:
-            load_config(config_path, plan.overrides(family.section(value, extra)))
+            load_config(config_path, plan.overrides(family.defenses(value, extra)))
     return plan, base
 
 
@@ -444,10 +451,10 @@ class Recommender:
             self.jobs = jobs = cores()
         self.threads = max(1, cores() // jobs)
 
-    def _evaluate(self, name: str, section: dict[str, Any] | None) -> Future[Measured]:
+    def _evaluate(self, name: str, defenses: list[dict[str, Any]]) -> Future[Measured]:
         """Start one point: read back a finished run, else run (or continue) it."""
         path = self.out / name
-        overrides = self.plan.overrides(section)
+        overrides = self.plan.overrides(defenses)
         config = load_config(self.plan.config_path, overrides)
         store = RunStore(path)
         if self.owner.is_dir(name) and store.exists():
@@ -519,6 +526,7 @@ class Recommender:
                     "families": {
                         f.name: {
                             "defense": f.defense,
+                            "base": [dict(b) for b in f.base],
                             "key": f.key,
                             "space": f.space.describe(),
                             "fixed": {**f.fixed, **p.fixed_keys.get(f.name, {})},
@@ -535,7 +543,7 @@ class Recommender:
 
     def _search(self) -> tuple[Point, list[Point]]:
         plan = self.plan
-        measured = self._evaluate(BASELINE, None).result()
+        measured = self._evaluate(BASELINE, []).result()
         baseline = Point("none", None, None, None, BASELINE, measured, (-1, 0.0))
         self._seen(baseline)
         if meets_level(measured, plan.level) or not plan.families:
@@ -559,11 +567,14 @@ class Recommender:
                 point_dir(f, value, extras[name]),
                 m,
                 (order.index(name), strength_rank(f.space, value)),
+                base=tuple(dict(b) for b in f.base),
             )
 
         def evaluate(name: str, value: Any) -> Future[Measured]:
             f = families[name]
-            return self._evaluate(point_dir(f, value, extras[name]), f.section(value, extras[name]))
+            return self._evaluate(
+                point_dir(f, value, extras[name]), f.defenses(value, extras[name])
+            )
 
         trails: dict[str, Trail[Measured]] = explore(
             searches,

@@ -587,6 +587,7 @@ class _Setting(_Record):
 
     family: str
     defense: dict[str, Any] | None
+    defenses: list[dict[str, Any]] | None = None  # the whole list (older files: [defense])
     key: str | None = None
     strength: str | float | bool | None = None
     holds: bool
@@ -692,7 +693,8 @@ def build_recommend_report(out_dir: Path) -> Path:
         label = "The section to add" if rec.holds else "The nearest setting (it does not hold)"
         section = (
             f"<h2>{label}</h2>\n<pre>"
-            f"{esc(yaml.safe_dump({'defenses': [rec.defense]}, sort_keys=False))}</pre>"
+            f"{esc(yaml.safe_dump({'defenses': rec.defenses or [rec.defense]}, sort_keys=False))}"
+            "</pre>"
         )
     else:
         section = ""
