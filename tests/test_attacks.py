@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from gradleak.attacks import GradientInversion, ServerView, UpdateMismatch, preset
 from gradleak.attacks.exact.analytic import (
     batch_linear_inputs,
+    checked_linear_input,
     classifier_inputs,
     first_layer_images,
     linear_input,
@@ -130,6 +131,22 @@ def test_linear_input_and_classifier_inputs() -> None:
     got = classifier_inputs(gw, d_a + d_b, torch.tensor([0, 2]))
     assert set(got) == {0, 2}
     assert torch.allclose(got[0], a, atol=1e-6) and torch.allclose(got[2], b, atol=1e-6)
+
+
+def test_a_single_input_is_given_only_where_the_gradient_is_one_sample_s() -> None:
+    torch.manual_seed(0)
+    layer, h = torch.nn.Linear(16, 10), torch.rand(1, 16)
+    F.cross_entropy(layer(h), torch.tensor([3])).backward()
+    gw, gb = layer.weight.grad, layer.bias.grad
+    got = checked_linear_input(gw, gb)
+    assert got is not None and torch.allclose(got, h[0], atol=1e-5)
+    pruned = gw * (gw.abs() >= gw.abs().quantile(0.9))  # 90% of the weight gradient pruned
+    noised = gw + 0.05 * gw.abs().max() * torch.randn_like(gw)
+    assert checked_linear_input(pruned, gb) is None and checked_linear_input(noised, gb) is None
+    two = torch.rand(2, 16)  # a two-sample gradient is not one product
+    layer.zero_grad()
+    F.cross_entropy(layer(two), torch.tensor([3, 5])).backward()
+    assert checked_linear_input(layer.weight.grad, layer.bias.grad) is None
 
 
 def _classifier_inputs_of(view: ServerView, images: torch.Tensor, bn_mode: str) -> torch.Tensor:

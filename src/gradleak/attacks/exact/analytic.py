@@ -25,6 +25,22 @@ def linear_input(grad_weight: torch.Tensor, grad_bias: torch.Tensor) -> torch.Te
     return (gb @ gw / denom).to(grad_weight.dtype)
 
 
+def checked_linear_input(
+    grad_weight: torch.Tensor, grad_bias: torch.Tensor, *, tolerance: float = 1e-2
+) -> torch.Tensor | None:
+    """``linear_input`` where the gradient is one sample's, else None: the answer must explain the
+    weight gradient, ``g_W = g_b h^T`` to ``tolerance`` (relative). A defence that changed the
+    update (pruning, noise, coarse quantisation) breaks that product, and its "input" would be
+    wrong, not exact."""
+    gw, gb = grad_weight.detach().double(), grad_bias.detach().double()
+    if float(gb.pow(2).sum()) == 0.0 or not bool(torch.isfinite(gw).all()):
+        return None
+    h = linear_input(gw, gb)
+    if float((torch.outer(gb, h) - gw).norm() / gw.norm().clamp_min(1e-300)) > tolerance:
+        return None
+    return h.to(grad_weight.dtype)
+
+
 def batch_linear_inputs(
     grad_weight: torch.Tensor,
     grad_bias: torch.Tensor,

@@ -22,12 +22,13 @@ from torch import nn
 from torch.func import vmap
 
 from gradleak.attacks.base import Progress, Reconstruction, ServerView
-from gradleak.attacks.exact.analytic import batch_linear_inputs, linear_input
+from gradleak.attacks.exact.analytic import batch_linear_inputs, checked_linear_input
 from gradleak.attacks.exact.labels import recover_labels
 from gradleak.attacks.optimisation.adaptive import Adaptation
 from gradleak.attacks.optimisation.replay import ClientReplay, Replayed
 from gradleak.attacks.optimisation.settings import AttackSettings, without_statistics
 from gradleak.errors import ConfigError
+from gradleak.fl.knowledge import Noised, Pruned, Quantized
 from gradleak.fl.update import UpdateMismatch
 
 
@@ -284,6 +285,17 @@ class StatisticsTerm(NamedTuple):
     weight_var: float
 
 
+def _changed_by_defenses(view: ServerView) -> set[str]:
+    """The tensors whose values a known defence changed (pruned, quantised or noised)."""
+    out: set[str] = set()
+    for known in view.known_defenses:
+        if isinstance(known, Pruned | Quantized):
+            out.update(known.names)
+        elif isinstance(known, Noised):
+            out.update(name for name, scale in known.scales if scale > 0)
+    return out
+
+
 class _Objective:
     """The objective of one restart, ``(images, labels) -> (total, matching term)``, vmap-able."""
 
@@ -348,11 +360,13 @@ class _Objective:
     def _feature_target(view: ServerView, labels: torch.Tensor | None) -> torch.Tensor | None:
         """The classifier's inputs, flattened in the images' order: exact from its weight and bias
         gradients for one image, and for a batch whose labels are known or recovered (None where
-        the gradient does not determine them, or without labels)."""
+        the gradient does not determine them, without labels, or where a defence changed it)."""
         w_name, b_name = view.classifier()
+        if {w_name, b_name} & _changed_by_defenses(view):
+            return None  # not revealed: what the solve would give is the defence's artefact
         pg = view.pseudo_gradient()
         if view.num_examples == 1:
-            return linear_input(pg[w_name], pg[b_name])
+            return checked_linear_input(pg[w_name], pg[b_name])
         if labels is None:
             return None
         found = batch_linear_inputs(
