@@ -9,7 +9,13 @@ import torch
 import torch.nn.functional as F
 
 from gradleak.attacks import GradientInversion, ServerView, UpdateMismatch, preset
-from gradleak.attacks.exact.analytic import classifier_inputs, first_layer_images, linear_input
+from gradleak.attacks.exact.analytic import (
+    batch_linear_inputs,
+    checked_linear_input,
+    classifier_inputs,
+    first_layer_images,
+    linear_input,
+)
 from gradleak.attacks.exact.labels import idlg_label, label_counts, recover_labels
 from gradleak.attacks.optimisation.engine import distance, match_factor
 from gradleak.attacks.optimisation.replay import ClientReplay
@@ -125,6 +131,62 @@ def test_linear_input_and_classifier_inputs() -> None:
     got = classifier_inputs(gw, d_a + d_b, torch.tensor([0, 2]))
     assert set(got) == {0, 2}
     assert torch.allclose(got[0], a, atol=1e-6) and torch.allclose(got[2], b, atol=1e-6)
+
+
+def test_a_single_input_is_given_only_where_the_gradient_is_one_sample_s() -> None:
+    torch.manual_seed(0)
+    layer, h = torch.nn.Linear(16, 10), torch.rand(1, 16)
+    F.cross_entropy(layer(h), torch.tensor([3])).backward()
+    gw, gb = layer.weight.grad, layer.bias.grad
+    got = checked_linear_input(gw, gb)
+    assert got is not None and torch.allclose(got, h[0], atol=1e-5)
+    pruned = gw * (gw.abs() >= gw.abs().quantile(0.9))  # 90% of the weight gradient pruned
+    noised = gw + 0.05 * gw.abs().max() * torch.randn_like(gw)
+    assert checked_linear_input(pruned, gb) is None and checked_linear_input(noised, gb) is None
+    two = torch.rand(2, 16)  # a two-sample gradient is not one product
+    layer.zero_grad()
+    F.cross_entropy(layer(two), torch.tensor([3, 5])).backward()
+    assert checked_linear_input(layer.weight.grad, layer.bias.grad) is None
+
+
+def _classifier_inputs_of(view: ServerView, images: torch.Tensor, bn_mode: str) -> torch.Tensor:
+    """What the global model's classifier layer takes for these images (the client's BN mode)."""
+    model = build_model(
+        "convnet", spec=view.spec, num_classes=view.num_classes, kwargs={"width": 4}
+    )
+    model.load_state_dict(view.global_state)
+    model.train(bn_mode == "train")
+    seen: list[torch.Tensor] = []
+    model.head.register_forward_pre_hook(lambda _, inputs: seen.append(inputs[0]))
+    with torch.no_grad():
+        model(normalize(images, view.spec.mean, view.spec.std))
+    return seen[0]
+
+
+@pytest.mark.parametrize("batch_norm", ["eval", "train"])
+def test_batch_classifier_inputs_are_exact_with_known_labels(batch_norm) -> None:
+    *_, client, _, view = _setup(
+        "convnet", n=4, bs=4, labels=[1, 4, 6, 9], kwargs={"width": 4}, batch_norm=batch_norm
+    )
+    pg, (w, b) = view.pseudo_gradient(), view.classifier()
+    args = (pg[w], pg[b], view.global_state[w], view.global_state[b])
+    truth = _classifier_inputs_of(view, client.data.examples, batch_norm)
+    got = batch_linear_inputs(*args, client.data.targets)
+    assert got is not None and got.shape == truth.shape
+    assert float((got - truth).norm() / truth.norm()) < 1e-4
+    # Wrong labels do not reproduce the gradients; more images than classes cannot be solved.
+    assert batch_linear_inputs(*args, torch.tensor([1, 4, 6, 8])) is None
+    assert batch_linear_inputs(*args, torch.arange(11) % 10) is None
+
+
+def test_batch_classifier_inputs_refuse_a_repeated_label() -> None:
+    # Two images of class 4: their columns of (P - Y) differ only by the small softmax differences.
+    *_, client, _, view = _setup(
+        "convnet", n=4, bs=4, labels=[1, 4, 4, 9], kwargs={"width": 4}, batch_norm="eval"
+    )
+    pg, (w, b) = view.pseudo_gradient(), view.classifier()
+    args = (pg[w], pg[b], view.global_state[w], view.global_state[b])
+    assert batch_linear_inputs(*args, client.data.targets) is None
 
 
 # -- the replay -----------------------------------------------------------------------------------
@@ -383,6 +445,30 @@ def test_batches_of_images_are_reconstructed_and_matched() -> None:
     s = score(rec.examples, client.data.examples, view.spec, rec.labels, client.data.targets)
     assert rec.label_strategy == "ilrg" and s.label_accuracy == 1.0
     assert float(s.psnr.mean()) > float(psnr(rec.start, client.data.examples).mean()) + 3
+
+
+def test_feature_inversion_of_a_batch_brings_each_image_to_its_revealed_input() -> None:
+    # A batch of 4 with known labels in one step: the classifier inputs of every image are revealed
+    # (batch_linear_inputs); with the feature term on, each reconstructed image's input comes
+    # close to its own true one, which plain matching leaves far off.
+    model, state, client, update, view = _setup(
+        "convnet", n=4, bs=4, labels=[1, 4, 6, 9], kwargs={"width": 4}, batch_norm="eval"
+    )
+    view = ServerView.of(
+        model, state, update, spec=view.spec, num_classes=10, known_labels=client.data.targets
+    )
+    truth = _classifier_inputs_of(view, client.data.examples, "eval")
+
+    def feature_error(weight: float) -> torch.Tensor:
+        rec = GradientInversion(
+            preset("inverting-gradients", labels="known", features=weight, iterations=100)
+        ).run(view, seed=0)
+        assert rec.labels.tolist() == client.data.targets.tolist()
+        got = _classifier_inputs_of(view, rec.examples, "eval")
+        return (got - truth).norm(dim=1) / truth.norm(dim=1)
+
+    on, off = feature_error(1.0), feature_error(0.0)
+    assert float(on.max()) < 0.05 and float(on.mean()) < 0.3 * float(off.mean())
 
 
 # -- the update distance and the convolution back end ---------------------------------------------

@@ -22,12 +22,13 @@ from torch import nn
 from torch.func import vmap
 
 from gradleak.attacks.base import Progress, Reconstruction, ServerView
-from gradleak.attacks.exact.analytic import linear_input
+from gradleak.attacks.exact.analytic import batch_linear_inputs, checked_linear_input
 from gradleak.attacks.exact.labels import recover_labels
 from gradleak.attacks.optimisation.adaptive import Adaptation
 from gradleak.attacks.optimisation.replay import ClientReplay, Replayed
 from gradleak.attacks.optimisation.settings import AttackSettings, without_statistics
 from gradleak.errors import ConfigError
+from gradleak.fl.knowledge import Noised, Pruned, Quantized
 from gradleak.fl.update import UpdateMismatch
 
 
@@ -284,6 +285,17 @@ class StatisticsTerm(NamedTuple):
     weight_var: float
 
 
+def _changed_by_defenses(view: ServerView) -> set[str]:
+    """The tensors whose values a known defence changed (pruned, quantised or noised)."""
+    out: set[str] = set()
+    for known in view.known_defenses:
+        if isinstance(known, Pruned | Quantized):
+            out.update(known.names)
+        elif isinstance(known, Noised):
+            out.update(name for name, scale in known.scales if scale > 0)
+    return out
+
+
 class _Objective:
     """The objective of one restart, ``(images, labels) -> (total, matching term)``, vmap-able."""
 
@@ -294,6 +306,7 @@ class _Objective:
         replay: ClientReplay,
         dev: torch.device,
         adaptation: Adaptation | None = None,
+        labels: torch.Tensor | None = None,
     ) -> None:
         """``adaptation``: the known defences (an adaptive attack); None: the update is taken at
         face value."""
@@ -333,13 +346,37 @@ class _Objective:
                         name, mean, var, scale_m, scale_v, decay * gain_m, decay * gain_v
                     )
                 )
-        # feature inversion: the classifier's input, exact for one image in one step
+        # feature inversion: the classifier's input of every image, where one step reveals it
         self.feature_target: torch.Tensor | None = None
         if s.features > 0 and replay.captures_features:
-            w_name, b_name = view.classifier()
-            pg = view.pseudo_gradient()
-            self.feature_target = linear_input(pg[w_name], pg[b_name]).to(dev)
-            self.feature_scale = float(self.feature_target.pow(2).sum().clamp_min(1e-24))
+            self.feature_target = self._feature_target(view, labels)
+            if self.feature_target is None:
+                replay.captures_features = False
+            else:
+                self.feature_target = self.feature_target.to(dev)
+                self.feature_scale = float(self.feature_target.pow(2).sum().clamp_min(1e-24))
+
+    @staticmethod
+    def _feature_target(view: ServerView, labels: torch.Tensor | None) -> torch.Tensor | None:
+        """The classifier's inputs, flattened in the images' order: exact from its weight and bias
+        gradients for one image, and for a batch whose labels are known or recovered (None where
+        the gradient does not determine them, without labels, or where a defence changed it)."""
+        w_name, b_name = view.classifier()
+        if {w_name, b_name} & _changed_by_defenses(view):
+            return None  # not revealed: what the solve would give is the defence's artefact
+        pg = view.pseudo_gradient()
+        if view.num_examples == 1:
+            return checked_linear_input(pg[w_name], pg[b_name])
+        if labels is None:
+            return None
+        found = batch_linear_inputs(
+            pg[w_name],
+            pg[b_name],
+            view.global_state[w_name],
+            view.global_state[b_name],
+            labels,
+        )
+        return None if found is None else found.reshape(-1)
 
     def _layer_weights(self, count: int) -> list[float] | None:
         """Per-tensor weights of the distance (None when all are equal)."""
@@ -500,9 +537,7 @@ class GradientInversion:
         serve."""
         s = self.settings
         unroll = {"always": True, "never": False, "auto": view.meta.steps > 1}[s.unroll]
-        exact_features = (
-            view.num_examples == 1 and view.meta.steps == 1 and view.classifier()[1] is not None
-        )
+        exact_features = view.meta.steps == 1 and view.classifier()[1] is not None
         replay = ClientReplay(
             view,
             unroll=unroll,
@@ -511,7 +546,7 @@ class GradientInversion:
             relu_beta=s.relu_surrogate if s.match_weight > 0 else 0.0,
             features=s.features > 0 and exact_features,
         )
-        if s.bn > 0 and not replay.bn_layers:
+        if s.bn > 0 and not replay.bn_layers and not s.bn_if_revealed:
             raise ConfigError(
                 "attack.bn", "batch-norm matching needs a model with batch-norm layers"
             )
@@ -547,7 +582,7 @@ class GradientInversion:
         ).to(dev)
         images = _Images(z0, s.scales, (0 - mean) / std, (1 - mean) / std)
         y = y0.clone().requires_grad_(labels is None)
-        objective = _Objective(s, view, replay, dev, self._adaptation)
+        objective = _Objective(s, view, replay, dev, self._adaptation, labels)
         return _Setup(objective, images, y, labels, strategy, x0, mean, std)
 
     def _optimise(self, run: _Setup, progress: Progress | None, trace: list[torch.Tensor]) -> int:

@@ -63,7 +63,8 @@ class ClientReplay:
         """``functional``: gradients by ``torch.func.grad`` (needed under ``vmap``), else by
         ``torch.autograd.grad(create_graph=True)``, which has less overhead per operation.
         ``relu_beta > 0``: ReLUs get a surrogate second derivative (``attacks.surrogate``).
-        ``features``: capture the classifier's input (``Replayed.features``)."""
+        ``features``: capture the classifier's input (``Replayed.features``); setting
+        ``captures_features`` to False later stops the capture."""
         self.view = view
         self.relu_beta = relu_beta
         self.unroll = unroll
