@@ -202,7 +202,7 @@ def test_unrolled_steps_without_matching_keep_every_statistic_exact() -> None:
 def test_an_eval_mode_update_is_matched_by_inverting_gradients() -> None:
     client, view = _view(seed=1, width=8, batch_norm="eval")
     assert view.bn_mode == "eval"
-    # the paper's attack alone (no feature or statistics term): its matching is the replay's to judge
+    # the paper's attack alone (no feature or statistics term): the replay's matching is judged
     paper = preset("inverting-gradients", iterations=300, features=0.0, bn=0.0)
     rec = GradientInversion(paper).run(view, seed=0)
     assert rec.match_scores[0] < 0.01  # final 1 - cosine: the replay normalises as the client did
