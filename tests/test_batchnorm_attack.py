@@ -220,3 +220,26 @@ def test_bn_statistics_refuse_an_eval_mode_update_before_any_work() -> None:
         ConfigError, match="attack.bn: the client ran its batch-norm layers in eval mode"
     ):
         GradientInversion(preset("bn-statistics")).run(view)
+
+
+def test_inverting_gradients_uses_the_statistics_only_where_they_moved() -> None:
+    # The preset's statistics term (bn_if_revealed) on a train-mode update: it changes the result;
+    # with the running statistics withheld (all changes zero) it is dropped, and the attack is the
+    # one without it, to the bit.
+    import dataclasses
+
+    _, view = _view(seed=2, width=4)
+    withheld = dataclasses.replace(
+        view,
+        update={k: (torch.zeros_like(v) if "running" in k else v) for k, v in view.update.items()},
+    )
+
+    def run(v: ServerView, **over) -> torch.Tensor:
+        return (
+            GradientInversion(preset("inverting-gradients", iterations=15, **over))
+            .run(v, seed=0)
+            .examples
+        )
+
+    assert not torch.equal(run(view), run(view, bn=0.0))
+    assert torch.equal(run(withheld), run(withheld, bn=0.0))

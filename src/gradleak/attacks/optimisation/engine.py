@@ -219,6 +219,19 @@ def batch_norm_layers(view: ServerView) -> list[str]:
     ]
 
 
+def statistics_unmoved(view: ServerView) -> bool:
+    """Whether the update carries batch-norm running statistics and none of them changed
+    (withheld by a defence, or the client ran batch norm in eval mode): nothing of the client's
+    data is in them."""
+    stats = [
+        f"{layer}.{kind}"
+        for layer in batch_norm_layers(view)
+        for kind in ("running_mean", "running_var")
+        if f"{layer}.{kind}" in view.update
+    ]
+    return bool(stats) and not any(bool(view.update[n].any()) for n in stats)
+
+
 # -- the image parameterisation --------------------------------------------------------------------
 
 
@@ -326,7 +339,11 @@ class _Objective:
             self.distance = UpdateDistance(target, weights, s.objective, bounds)
         # batch-norm statistics: what the buffers reveal, per layer, with its scales and weights
         self.bn: list[StatisticsTerm] = []
-        if s.bn > 0 and replay.bn_mode == "train":
+        if (
+            s.bn > 0
+            and replay.bn_mode == "train"
+            and not (s.bn_if_revealed and statistics_unmoved(view))
+        ):
             revealed, kept = replay.revealed_bn_stats(), replay.kept()
             for i, (name, (mean, var)) in enumerate(revealed.items()):
                 if adaptation is not None:
@@ -483,13 +500,7 @@ class GradientInversion:
             return str(exc)
         s = self.settings
         if not self.adaptive and s.bn > 0 and s.match_weight == 0:
-            stats = [
-                f"{layer}.{kind}"
-                for layer in batch_norm_layers(view)
-                for kind in ("running_mean", "running_var")
-                if f"{layer}.{kind}" in view.update
-            ]
-            if stats and not any(bool(view.update[n].any()) for n in stats):
+            if statistics_unmoved(view):
                 # Fitting "no change" would fit the global model's own statistics: what the server
                 # could synthesise without any update, not this client's data.
                 return (

@@ -55,8 +55,9 @@ class AttackSettings(Section):
     bn_if_revealed: bool = Field(
         False,
         description="Apply the batch-norm statistics term only where the update reveals "
-        "statistics (batch-norm layers run in train mode) and drop it elsewhere (no batch-norm "
-        "layers, or eval mode), instead of refusing such updates.",
+        "statistics (batch-norm layers run in train mode, and their running statistics moved) and "
+        "drop it elsewhere (no batch-norm layers, eval mode, statistics withheld by a defence), "
+        "instead of refusing such updates.",
     )
     bn_normalize: bool = Field(
         False,
