@@ -64,6 +64,11 @@ class Adaptation:
                 out.withheld = record.mode
         return out
 
+    def changed(self) -> set[str]:
+        """The tensors whose received values a defence changed (pruned, quantised or noised)."""
+        noised = {n for n, v in self.noise_var.items() if v > 0}
+        return self.pruned | set(self.quantized) | noised
+
     # -- the update-matching term ----------------------------------------------------------------
     def noise_weights(self, names: list[str], view: ServerView, power: int) -> list[float] | None:
         """Per tensor, (sigma_ref / sigma)^power, normalised to an element-weighted mean of 1;

@@ -28,7 +28,6 @@ from gradleak.attacks.optimisation.adaptive import Adaptation
 from gradleak.attacks.optimisation.replay import ClientReplay, Replayed
 from gradleak.attacks.optimisation.settings import AttackSettings, without_statistics
 from gradleak.errors import ConfigError
-from gradleak.fl.knowledge import Noised, Pruned, Quantized
 from gradleak.fl.update import UpdateMismatch
 
 
@@ -298,17 +297,6 @@ class StatisticsTerm(NamedTuple):
     weight_var: float
 
 
-def _changed_by_defenses(view: ServerView) -> set[str]:
-    """The tensors whose values a known defence changed (pruned, quantised or noised)."""
-    out: set[str] = set()
-    for known in view.known_defenses:
-        if isinstance(known, Pruned | Quantized):
-            out.update(known.names)
-        elif isinstance(known, Noised):
-            out.update(name for name, scale in known.scales if scale > 0)
-    return out
-
-
 class _Objective:
     """The objective of one restart, ``(images, labels) -> (total, matching term)``, vmap-able."""
 
@@ -379,7 +367,7 @@ class _Objective:
         gradients for one image, and for a batch whose labels are known or recovered (None where
         the gradient does not determine them, without labels, or where a defence changed it)."""
         w_name, b_name = view.classifier()
-        if {w_name, b_name} & _changed_by_defenses(view):
+        if {w_name, b_name} & Adaptation.of(view).changed():
             return None  # not revealed: what the solve would give is the defence's artefact
         pg = view.pseudo_gradient()
         if view.num_examples == 1:
