@@ -103,7 +103,23 @@ class DagerSettings(Section):
     )
 
 
-class Dager:
+class _TextAttack:
+    """What every text attack shares: its settings, no labels wanted, applicable to a text
+    update (``_text_view``), no training setting refused."""
+
+    wants_labels = False
+
+    def __init__(self, settings: Any) -> None:
+        self.settings = settings
+
+    def applies(self, view: ServerView) -> str | None:
+        return _text_view(view)
+
+    def refuses(self, training: Any) -> tuple[str, str] | None:
+        return None
+
+
+class Dager(_TextAttack):
     """Exact recovery of a text batch (DAGER): the span of each linear layer's inputs from its
     weight gradient (the update's float32 rounding counted as noise), the token sets of layer 1,
     then whole sequences through layer 2 (decoders, position by position) or by search
@@ -112,16 +128,7 @@ class Dager:
     confidence is the gap between true and false distances."""
 
     name = "dager"
-    wants_labels = False
-
-    def __init__(self, settings: DagerSettings) -> None:
-        self.settings = settings
-
-    def applies(self, view: ServerView) -> str | None:
-        return _text_view(view)
-
-    def refuses(self, training: Any) -> tuple[str, str] | None:
-        return None
+    settings: DagerSettings
 
     def run(
         self,
@@ -195,7 +202,7 @@ class TokenSetSettings(Section):
     """The token set has no settings; the section exists so that ``audit.attack`` is checked."""
 
 
-class TokenSet:
+class TokenSet(_TextAttack):
     """The batch's tokens from the rows of the input embedding that moved (an untied table: LLaMA,
     BERT; not GPT-2, whose table is tied to the output layer). A set without order or positions:
     every reconstructed row holds the whole set (most moved first), so a sentence's
@@ -205,16 +212,7 @@ class TokenSet:
     has tokens (noise)."""
 
     name = "token-set"
-    wants_labels = False
-
-    def __init__(self, settings: TokenSetSettings) -> None:
-        self.settings = settings
-
-    def applies(self, view: ServerView) -> str | None:
-        return _text_view(view)
-
-    def refuses(self, training: Any) -> tuple[str, str] | None:
-        return None
+    settings: TokenSetSettings
 
     def run(
         self,
@@ -266,26 +264,20 @@ class TagSettings(Section):
     )
 
 
-class Tag:
+class Tag(_TextAttack):
     """Gradient matching on soft input embeddings, projected to the nearest tokens (TAG, LAMP
     without its language-model prior): the optimisation baseline for causal LMs. It always
     returns text; its confidence is not calibrated (the final gradient cosine is kept in
     ``match_scores``)."""
 
     name = "tag"
-    wants_labels = False
-
-    def __init__(self, settings: TagSettings) -> None:
-        self.settings = settings
+    settings: TagSettings
 
     def applies(self, view: ServerView) -> str | None:
         why = _text_view(view)
         if why is None and getattr(view.spec, "task", None) != "causal-lm":
             return "the baseline matches a causal language model's update"
         return why
-
-    def refuses(self, training: Any) -> tuple[str, str] | None:
-        return None
 
     def run(
         self,
