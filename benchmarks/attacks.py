@@ -368,13 +368,35 @@ BATCH4_GRADLEAK = {
 }
 
 
+def _normalisation(view: ServerView) -> tuple[torch.Tensor, torch.Tensor]:
+    """The mean and std the model sees, C x 1 x 1."""
+    c = view.spec.shape[0]
+    return (
+        torch.tensor(view.spec.mean).view(c, 1, 1),
+        torch.tensor(view.spec.std).view(c, 1, 1),
+    )
+
+
+def _batch4_record(
+    view: ServerView, client: ClientData, pixels: torch.Tensor, normalised: torch.Tensor, **rest
+) -> dict:
+    """One run's figures: gradleak's metrics on the pixels, inversefed's PSNR on the normalised
+    images, and ``rest`` (match, seconds)."""
+    mean, std = _normalisation(view)
+    s = score(pixels, client.data.examples, TILES.spec)
+    return {
+        **s.summary(),
+        "psnr_per_image": [float(v) for v in s.values["psnr"]],
+        "inversefed_psnr": _inversefed_psnr(normalised, client, mean, std),
+        **rest,
+    }
+
+
 def _batch4_reference(view: ServerView, client: ClientData, tv: float, seed: int) -> dict:
     model = copy.deepcopy(view.model)
     model.load_state_dict(view.global_state)  # the client's training left its own weights there
     pg = view.pseudo_gradient()
-    c = view.spec.shape[0]
-    mean = torch.tensor(view.spec.mean).view(c, 1, 1)
-    std = torch.tensor(view.spec.std).view(c, 1, 1)
+    mean, std = _normalisation(view)
     out = inversefed_reference.reconstruct(
         model,
         [pg[n] for n in view.parameter_names],
@@ -386,16 +408,15 @@ def _batch4_reference(view: ServerView, client: ClientData, tv: float, seed: int
         eval=view.bn_mode == "eval",
         seed=seed,
     )
-    images = (out.images * std + mean).clamp(0, 1)
-    s = score(images, client.data.examples, TILES.spec)
-    return {
-        **s.summary(),
-        "psnr_per_image": [float(v) for v in s.values["psnr"]],
-        "inversefed_psnr": _inversefed_psnr(out.images, client, mean, std),
-        "final_match": out.cost,
-        "seconds": out.seconds,
-        "cpu_seconds": out.cpu_seconds,
-    }
+    return _batch4_record(
+        view,
+        client,
+        (out.images * std + mean).clamp(0, 1),
+        out.images,
+        final_match=out.cost,
+        seconds=out.seconds,
+        cpu_seconds=out.cpu_seconds,
+    )
 
 
 def _inversefed_psnr(normalised: torch.Tensor, client: ClientData, mean, std) -> float:
@@ -413,18 +434,16 @@ def _batch4_gradleak(view: ServerView, client: ClientData, over: dict, seed: int
         view, device=DEVICE, seed=seed
     )
     cpu = time.process_time() - cpu
-    s = score(rec.examples, client.data.examples, TILES.spec)
-    c = view.spec.shape[0]
-    mean = torch.tensor(view.spec.mean).view(c, 1, 1)
-    std = torch.tensor(view.spec.std).view(c, 1, 1)
-    return {
-        **s.summary(),
-        "psnr_per_image": [float(v) for v in s.values["psnr"]],
-        "inversefed_psnr": _inversefed_psnr((rec.examples - mean) / std, client, mean, std),
-        "final_match": rec.match_scores[int(torch.tensor(rec.restart_scores).argmin())],
-        "seconds": rec.seconds,
-        "cpu_seconds": cpu,
-    }
+    mean, std = _normalisation(view)
+    return _batch4_record(
+        view,
+        client,
+        rec.examples,
+        (rec.examples - mean) / std,
+        final_match=rec.match_scores[int(torch.tensor(rec.restart_scores).argmin())],
+        seconds=rec.seconds,
+        cpu_seconds=cpu,
+    )
 
 
 def _batch4(bn: str) -> dict:
